@@ -1,0 +1,250 @@
+"""Typed clinic configuration (one YAML file per clinic) and secret resolution.
+
+The YAML keys are the contract of issue #2 and SPEC section 4 (defaults in brackets there).
+Validation happens once, at load, and errors name the key path (``rules.value_window_days``),
+never a value, because a misplaced secret or address in YAML must not end up in a log line.
+Secrets never live in YAML: the opaque-ID key comes from ``MEDSPA_ID_SECRET``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zoneinfo
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from etl.errors import ConfigError
+
+ID_SECRET_ENV = "MEDSPA_ID_SECRET"
+# Used only for dry runs without a configured secret; the CLI labels every such run loudly and
+# a real send refuses it (see ``resolve_id_secret``).
+DEVELOPMENT_ID_SECRET = "medspa-conversions-DEVELOPMENT-KEY-not-for-real-sends"
+
+ProfileName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+_GENERIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Model):
+    """Where one export comes from: a CSV file, or a SQL query against a database."""
+
+    path: Path | None = Field(None, description="CSV export; relative to the YAML file's folder.")
+    profile: ProfileName = Field("generic", description="Column/status mapping: generic, zenoti, mindbody.")
+    encoding: str | None = Field(None, description="Force a text encoding; default: UTF-8, then cp1252.")
+    sql_url: str | None = Field(None, description="SQLAlchemy URL of the source database.")
+    query: Path | None = Field(
+        None, description="SQL file (bound parameters :clinic_id, :start, :end); relative to YAML."
+    )
+
+    @field_validator("query", "path")
+    @classmethod
+    def _not_empty(cls, value: Path | None) -> Path | None:
+        if value is not None and not str(value).strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceConfig:
+        if (self.path is None) == (self.sql_url is None):
+            raise ValueError("give exactly one of 'path' (CSV) or 'sql_url' + 'query' (SQL)")
+        if self.sql_url is not None and self.query is None:
+            raise ValueError("'sql_url' needs 'query' (a .sql file)")
+        return self
+
+
+class Sources(_Model):
+    appointments: SourceConfig
+    leads: SourceConfig
+
+
+class Rules(_Model):
+    """SPEC section 4 knobs; every window is in days."""
+
+    attribution_window_days: int = Field(90, ge=1, le=3650)
+    value_window_days: int = Field(30, ge=0, le=3650)
+    existing_patient_lookback_days: int = Field(365, ge=0, le=3650)
+    late_arrival_days: int = Field(7, ge=0, le=365)
+    suppression_lookback_days: int = Field(365, ge=1, le=3650)
+    suppression_requires_consent: bool = True
+    consultation_value: float | None = Field(None, ge=0)
+
+
+class Exclude(_Model):
+    email_domains: list[str] = Field(default_factory=lambda: ["example.com", "test.com"])
+    name_patterns: list[str] = Field(default_factory=lambda: ["^test$", "^do not use$"])
+
+    @field_validator("name_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {i} is not a valid regular expression ({exc.msg})") from None
+        return patterns
+
+
+class ConversionActions(_Model):
+    consultation: str = Field(pattern=r"^customers/\d+/conversionActions/\d+$")
+    purchase: str = Field(pattern=r"^customers/\d+/conversionActions/\d+$")
+
+
+class GoogleAds(_Model):
+    customer_id: str = Field(pattern=r"^\d{10}$")
+    conversion_actions: ConversionActions
+    suppression_user_list: str | None = Field(None, pattern=r"^customers/\d+/userLists/\d+$")
+    enhanced_conversions_for_leads: bool = True
+    click_window_days: int = Field(90, ge=1, le=90)
+    api: Literal["data_manager", "google_ads"] = "data_manager"
+    suppression_enabled: bool = Field(
+        True,
+        description="Send Customer Match exclusion lists; Google's personalized-ads policy counts "
+        "exclusion as targeting, so a clinic may have to turn this off.",
+    )
+    login_customer_id: str | None = Field(None, pattern=r"^\d{10}$")
+
+
+class EventNames(_Model):
+    consultation: str = "ConsultationAttended"
+    purchase: str = "Purchase"
+
+    @field_validator("consultation", "purchase")
+    @classmethod
+    def _generic(cls, name: str) -> str:
+        if not _GENERIC_NAME.match(name):
+            raise ValueError("must be a generic name: letters, digits and '_' (no spaces)")
+        return name
+
+
+class Meta(_Model):
+    pixel_id: str = Field(pattern=r"^\d{5,20}$")
+    suppression_audience_id: str | None = Field(None, pattern=r"^\d{5,20}$")
+    event_names: EventNames = Field(default_factory=EventNames)
+    action_source: Literal[
+        "physical_store", "system_generated", "phone_call", "email", "website", "app", "chat", "other"
+    ] = "physical_store"
+    max_event_age_days: int | None = Field(
+        None, ge=1, le=62, description="Default: 62 for physical_store, 7 otherwise."
+    )
+    limited_data_use: bool = False
+    suppression_enabled: bool = True
+
+    @property
+    def event_age_limit_days(self) -> int:
+        if self.max_event_age_days is not None:
+            return self.max_event_age_days
+        return 62 if self.action_source == "physical_store" else 7
+
+
+class ClinicConfig(_Model):
+    clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    timezone: str
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    default_region: str = Field("US", pattern=r"^[A-Z]{2}$")
+    database_url: str | None = None
+    sources: Sources
+    rules: Rules = Field(default_factory=Rules)
+    exclude: Exclude = Field(default_factory=Exclude)
+    google_ads: GoogleAds | None = None
+    meta: Meta | None = None
+    # Folder of the YAML file; relative paths in the file resolve against it.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone name (e.g. America/Los_Angeles)") from None
+        return name
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def resolved_database_url(self, override: str | None = None) -> str:
+        """The staging database: ``--database`` wins, then YAML, then a SQLite file beside the YAML.
+
+        A relative SQLite path in YAML resolves against the YAML's folder like every other path.
+        """
+        url = override or self.database_url
+        if url is None:
+            return f"sqlite:///{self.base_dir / 'var' / (self.clinic_id + '.sqlite')}"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+            return prefix + str(self.base_dir / url[len(prefix) :])
+        return url
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def load_config(path: str | Path) -> ClinicConfig:
+    """Load and validate one clinic YAML.
+
+    Raises:
+        ConfigError: naming the file and every offending key path with the reason; values are
+            never echoed (a YAML may carry an address or a misplaced secret).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        return ClinicConfig.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        problems = [f"{_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"{path}: invalid config\n  " + "\n  ".join(problems)) from None
+
+
+def resolve_id_secret(*, real_send: bool, environ: dict[str, str] | None = None) -> tuple[bytes, bool]:
+    """Return the HMAC key for opaque IDs and whether it is the development key.
+
+    Raises:
+        ConfigError: on a real send without ``MEDSPA_ID_SECRET``, because IDs made with the
+            public development key would be guessable by anyone holding the source code.
+    """
+    env = os.environ if environ is None else environ
+    secret = env.get(ID_SECRET_ENV, "")
+    if secret:
+        if len(secret) < 16:
+            raise ConfigError(f"{ID_SECRET_ENV} is too short: use at least 16 characters")
+        return secret.encode("utf-8"), False
+    if real_send:
+        raise ConfigError(
+            f"{ID_SECRET_ENV} is not set: a real send refuses the development key. "
+            "Set it to a long random value kept outside the repository."
+        )
+    return DEVELOPMENT_ID_SECRET.encode("utf-8"), True

@@ -1,0 +1,1 @@
+"""Ad-platform adapters: each sends outbox-shaped rows and returns per-row results."""

@@ -1,0 +1,87 @@
+"""Domain exceptions.
+
+Every message names where (file, line, column, key path, field path) and why (a stable reason
+code), and gives counts; none ever carries a value from the data, because exceptions end up in
+logs, Airflow task summaries and on-failure notifications (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MedspaError(Exception):
+    """Base of every error this package raises on purpose; the CLI prints these without traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(MedspaError):
+    """The clinic YAML or the environment is wrong; nothing was read or sent."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One bad cell: where it is and why, never what it holds."""
+
+    file: str
+    line: int | None
+    column: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f", line {self.line}"
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        return f"{where}: {self.reason}"
+
+
+class InputError(MedspaError):
+    """An export cannot be read as its profile says; collected per file, raised once.
+
+    Args:
+        problems: every problem found (the message shows the first few and the total).
+    """
+
+    def __init__(self, problems: list[RowProblem], *, shown: int = 10) -> None:
+        self.problems = problems
+        head = "\n  ".join(str(p) for p in problems[:shown])
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} input {noun}:\n  {head}{more}")
+
+
+class GateViolation(MedspaError):
+    """The PHI egress gate refused a payload: nothing was written to the outbox or sent."""
+
+    exit_code = 3
+
+    def __init__(self, destination: str, violations: list[tuple[str, str]], *, shown: int = 10) -> None:
+        self.destination = destination
+        self.violations = violations
+        head = "\n  ".join(f"{path}: {reason}" for path, reason in violations[:shown])
+        more = f"\n  ... and {len(violations) - shown} more" if len(violations) > shown else ""
+        super().__init__(
+            f"PHI egress gate stopped the run ({destination}, {len(violations)} violations; "
+            f"nothing written or sent):\n  {head}{more}"
+        )
+
+
+class QualityGateFailed(MedspaError):
+    """A critical data-quality expectation failed; the run stopped before the outbox."""
+
+    exit_code = 4
+
+
+class DestinationConfigError(MedspaError):
+    """The ad platform says the account is not set up (auth, terms, action missing): stop the run."""
+
+    exit_code = 5
+
+
+class QuotaExhausted(MedspaError):
+    """The platform's daily quota is spent: what is unsent stays planned for the next run."""
+
+    exit_code = 6
