@@ -140,7 +140,9 @@ class Meta(_Model):
     max_event_age_days: int | None = Field(
         None, ge=1, le=62, description="Default: 62 for physical_store, 7 otherwise."
     )
-    limited_data_use: bool = False
+    limited_data_use: bool = Field(False, description="Send Meta's Limited Data Use flag with events.")
+    ldu_country: int = Field(1, description="data_processing_options_country (1 = US, 0 = geolocate).")
+    ldu_state: int = Field(1000, description="data_processing_options_state (1000 = California).")
     suppression_enabled: bool = True
 
     @property

@@ -1,0 +1,21 @@
+# Two doors for a fresh clone: `make demo` runs the main job, `make test` runs every test.
+# Both set up .venv/ first (scripts/setup, idempotent).
+.PHONY: setup demo test lint lock bench
+
+setup:
+	@scripts/setup
+
+demo: setup
+	@scripts/demo
+
+test: setup
+	@scripts/test
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+
+lock:
+	.venv/bin/uv pip compile requirements.in --python-version 3.11 -o requirements.lock --no-header
+
+bench: setup
+	.venv/bin/python bench/bench_pipeline.py

@@ -1,0 +1,177 @@
+"""``medspa-conversions``: the command-line door into ``etl.pipeline`` (the DAG is the other).
+
+Progress and logs go to stderr; stdout carries only the run summary (counts, never PHI), so
+``medspa-conversions run ... --json | jq`` works. The CLI is the one place that reads the
+wall clock: for default dates and for audit timestamps in the ledger, never for a rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from etl.config import ClinicConfig, load_config, resolve_id_secret
+from etl.errors import ConfigError, MedspaError
+
+app = typer.Typer(
+    name="medspa-conversions",
+    help=(
+        "PHI-safe offline conversions for medical spas.\n\n"
+        "Reads a clinic's CRM lead export and practice-management appointment export, keeps "
+        "attended visits, links leads to patients, hashes identifiers per platform, checks every "
+        "outbound row against the PHI allowlist, and writes (dry run) or sends the conversions "
+        "and existing-patient suppression lists to Google Ads and Meta, once each."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+class Target(StrEnum):
+    sandbox = "sandbox"
+    live = "live"
+
+
+def parse_boundary(text: str, config: ClinicConfig) -> datetime:
+    """A date is the clinic-local midnight starting it; an ISO datetime needs an offset."""
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=config.tz)
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"'{text}' is not a date (2026-11-23) or ISO datetime with offset") from None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=config.tz)
+    return value
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # third-party clients log request bodies (hashes, click IDs) or URLs (tokens) at DEBUG/INFO
+    for noisy in ("google.ads", "googleapiclient", "urllib3", "facebook_business", "grpc",
+                  "great_expectations", "sqlalchemy"):  # fmt: skip
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: MedspaError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    return typer.Exit(code=exc.exit_code)
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary['run_id']}", show_lines=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for stage, n in summary["stages"].items():
+        table.add_row(f"conversions: {stage}", str(n))
+    for reason, n in summary["drops"].items():
+        if n:
+            table.add_row(f"dropped: {reason}", str(n))
+    for dest, counts in summary["destinations"].items():
+        table.add_row(f"{dest}", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return table
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.", exists=False)],
+    start: Annotated[str | None, typer.Option(help="Interval start: a clinic-local date (2026-10-01) or ISO datetime with offset. Default: the day before --end.")] = None,
+    end: Annotated[str | None, typer.Option(help="Interval end (exclusive), the run's 'now'. Default: today's clinic-local midnight.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the outbox only; send nothing and write nothing to the ledger.")] = False,
+    target: Annotated[Target, typer.Option(help="Where a real run sends: 'sandbox' (local protocol-true fakes) or 'live'.")] = Target.sandbox,
+    outbox: Annotated[Path | None, typer.Option(help="Outbox folder. Default: <yaml folder>/var/outbox/<run id>.")] = None,
+    database: Annotated[str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database (overrides database_url).")] = None,
+    full_resync: Annotated[bool, typer.Option("--full-resync", help="Replace whole suppression lists instead of sending adds/removes.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of a table.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")] = False,
+) -> None:
+    """Run one interval [start, end) for one clinic.
+
+    Conversions whose ready time falls in [start - late_arrival_days, end) are considered;
+    anything already in the send ledger is left out (counted as already_sent). Example:
+
+        medspa-conversions run --config clinics/demo/clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
+    """
+    from etl import pipeline, store
+    from etl.rules.stages import RunWindow
+
+    _setup_logging(verbose)
+    try:
+        cfg = load_config(config)
+        end_at = parse_boundary(end, cfg) if end else _today_midnight(cfg)
+        start_at = parse_boundary(start, cfg) if start else end_at - timedelta(days=1)
+        if start_at >= end_at:
+            raise ConfigError("--start must be before --end")
+        secret, development = resolve_id_secret(real_send=not dry_run)
+        if development:
+            err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; using the public DEVELOPMENT key. "
+                      "Opaque IDs from this run are guessable; a real send refuses this key.[/]")  # fmt: skip
+        if not dry_run:
+            raise ConfigError("sending is not available yet in this build: use --dry-run")
+        window = RunWindow(start=start_at, end=end_at)
+        timings = pipeline.Timings(on_step=lambda name: err.print(f"[dim]… {name}[/]"))
+        with store.engine_for(cfg.resolved_database_url(database)) as engine:
+            inputs = pipeline.stage_sources(cfg, engine, window, timings)
+            plan = pipeline.plan_run(cfg, engine, window, secret=secret, target="none", dry_run=True,
+                                     full_resync=full_resync, timings=timings, inputs=inputs)  # fmt: skip
+            directory = outbox or pipeline.default_outbox_dir(cfg, plan.run_id)
+            pipeline.write_plan(plan, directory)
+            store.record_summary(engine, plan.summary, run_id=plan.run_id, at=datetime.now(UTC))
+    except MedspaError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        out.print_json(json.dumps(plan.summary))
+    else:
+        out.print(_summary_table(plan.summary))
+    err.print(f"outbox: {directory}")
+    err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.seconds.items()))
+
+
+def _today_midnight(cfg: ClinicConfig) -> datetime:
+    now = datetime.now(cfg.tz)
+    return datetime(now.year, now.month, now.day, tzinfo=cfg.tz)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write exports/ and clinic.yaml into.")],
+    appointments: Annotated[int, typer.Option(help="Number of appointment rows.")] = 5000,
+    leads: Annotated[int, typer.Option(help="Number of lead rows.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 7,
+    end: Annotated[str, typer.Option(help="Last day covered by the data (exclusive).")] = "2026-11-23",
+) -> None:
+    """Write a synthetic clinic (both CSV exports + clinic.yaml) with every SPEC edge case in it.
+
+    All names, emails and phones are fake. Used by the demo, the tests and the benchmark.
+    """
+    from etl.synth import write_synthetic_clinic
+
+    result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed,
+                                    end=date.fromisoformat(end))  # fmt: skip
+    err.print(f"wrote synthetic clinic to {out_dir}")
+    out.print(json.dumps({k: str(v) for k, v in vars(result).items()}, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""PHI egress gate (SPEC section 2): the one check every outbound row passes, fail closed.
+
+Each destination has an allowlist written as a small schema tree: a key either maps to a value
+check or to a nested tree; any key not in the tree, any value failing its check, and any
+container of the wrong shape is a violation. The gate runs on the final rows, before the outbox
+is written and before anything is sent, and raises ``GateViolation`` naming field paths and
+reasons, never values: a violation message may reach a log, a task summary or a pager.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from etl.config import ClinicConfig
+from etl.errors import GateViolation
+from etl.payloads import META_AUDIENCE_BATCH, META_AUDIENCE_SCHEMA
+
+Check = Callable[[Any], str | None]  # returns a reason, or None when the value may leave
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CLICK = re.compile(r"^[A-Za-z0-9_\-.]{1,512}$")
+_FBC = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-.]{1,500}$")
+_FBP = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}$")
+_GOOGLE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_POSTAL = re.compile(r"^[0-9A-Za-z]{3,10}$")
+
+# ISO 4217 active codes (2026); a currency outside this list is a data error, not a new currency.
+ISO_4217 = frozenset(
+    """AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP
+    BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP
+    GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR
+    KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK
+    MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR
+    SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS
+    UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
+)
+
+
+def _pattern(regex: re.Pattern[str], reason: str) -> Check:
+    return lambda v: None if isinstance(v, str) and regex.match(v) else reason
+
+
+def _one_of(allowed: Iterable[Any], reason: str) -> Check:
+    allowed_set = frozenset(allowed)
+    return lambda v: None if isinstance(v, str) and v in allowed_set else reason
+
+
+def _number(v: Any) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return None if ok else "not a finite number"
+
+
+def _epoch_seconds(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and 10**9 <= v < 10**10
+    return None if ok else "not Unix seconds"
+
+
+def _small_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100_000 else "not a code"
+
+
+HASH = _pattern(_HEX64, "not a 64-hex SHA-256")
+CURRENCY: Check = _one_of(ISO_4217, "not an ISO 4217 code")
+
+
+class ListOf:
+    """A list whose items all pass ``item`` (a check or a tree), with a maximum length."""
+
+    def __init__(self, item: Check | Mapping[str, Any] | ListOf, *, max_len: int, min_len: int = 1):
+        self.item, self.max_len, self.min_len = item, max_len, min_len
+
+
+class Exactly:
+    """A value that must equal a fixed constant (e.g. the audience schema)."""
+
+    def __init__(self, value: Any, reason: str):
+        self.value, self.reason = value, reason
+
+
+class OneKey:
+    """A dict with exactly one key of the tree (protobuf ``oneof`` as in ``UserIdentifier``)."""
+
+    def __init__(self, tree: Mapping[str, Any]):
+        self.tree = tree
+
+
+Spec = Check | Mapping[str, Any] | ListOf | Exactly | OneKey
+
+
+def _walk(value: Any, spec: Spec, path: str, out: list[tuple[str, str]]) -> None:
+    if isinstance(spec, Exactly):
+        if value != spec.value:
+            out.append((path, spec.reason))
+    elif isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            out.append((path, "not a list"))
+            return
+        if not spec.min_len <= len(value) <= spec.max_len:
+            out.append((path, f"list length outside {spec.min_len}..{spec.max_len}"))
+        for i, item in enumerate(value):
+            _walk(item, spec.item, f"{path}[{i}]", out)
+    elif isinstance(spec, OneKey):
+        if not isinstance(value, dict) or len(value) != 1:
+            out.append((path, "must hold exactly one identifier"))
+            return
+        _walk(value, spec.tree, path, out)
+    elif isinstance(spec, Mapping):
+        if not isinstance(value, dict):
+            out.append((path, "not an object"))
+            return
+        for key in value:
+            if key not in spec:
+                out.append((f"{path}.{key}", "field not in the allowlist"))
+        for key, sub in spec.items():
+            if key in value:
+                _walk(value[key], sub, f"{path}.{key}", out)
+    else:
+        reason = spec(value)
+        if reason:
+            out.append((path, reason))
+
+
+def _google_conversion_spec(config: ClinicConfig) -> Mapping[str, Any]:
+    assert config.google_ads is not None
+    actions = config.google_ads.conversion_actions.model_dump().values()
+    consent = _one_of(("GRANTED", "DENIED"), "not GRANTED/DENIED")
+    return {
+        "conversion_action": _one_of(actions, "not a configured conversion action"),
+        "conversion_date_time": _pattern(_GOOGLE_TIME, "not yyyy-mm-dd hh:mm:ss+hh:mm"),
+        "conversion_value": _number,
+        "currency_code": CURRENCY,
+        "order_id": _pattern(_HEX64, "not an opaque ID"),
+        "gclid": _pattern(_CLICK, "not a click-ID charset"),
+        "gbraid": _pattern(_CLICK, "not a click-ID charset"),
+        "wbraid": _pattern(_CLICK, "not a click-ID charset"),
+        "user_identifiers": ListOf(OneKey({"hashed_email": HASH, "hashed_phone_number": HASH}), max_len=5),
+        "consent": {"ad_user_data": consent, "ad_personalization": consent},
+    }
+
+
+def _meta_event_spec(config: ClinicConfig) -> Mapping[str, Any]:
+    assert config.meta is not None
+    hashes = ListOf(HASH, max_len=10)
+    return {
+        "event_name": _one_of(config.meta.event_names.model_dump().values(), "not a configured event name"),
+        "event_time": _epoch_seconds,
+        "event_id": _pattern(_HEX64, "not an opaque ID"),
+        "action_source": _one_of((config.meta.action_source,), "not the configured action_source"),
+        "user_data": {
+            **{key: hashes for key in ("em", "ph", "fn", "ln", "ct", "st", "zp", "country", "external_id")},
+            "fbc": _pattern(_FBC, "not an fbc value"),
+            "fbp": _pattern(_FBP, "not an fbp value"),
+        },
+        "custom_data": {"value": _number, "currency": CURRENCY},
+        "data_processing_options": ListOf(_one_of(("LDU",), "not LDU"), max_len=1, min_len=0),
+        "data_processing_options_country": _small_int,
+        "data_processing_options_state": _small_int,
+    }
+
+
+_GOOGLE_MEMBER = {
+    "operation": _one_of(("create", "remove"), "not create/remove"),
+    "user_identifiers": ListOf(
+        OneKey(
+            {
+                "hashed_email": HASH,
+                "hashed_phone_number": HASH,
+                "address_info": {
+                    "hashed_first_name": HASH,
+                    "hashed_last_name": HASH,
+                    "country_code": _pattern(_COUNTRY, "not an ISO 3166 alpha-2 code"),
+                    "postal_code": _pattern(_POSTAL, "not a postal code"),
+                },
+            }
+        ),
+        max_len=20,
+    ),
+}
+
+_AUDIENCE_CELL: Check = lambda v: None if v == "" or (isinstance(v, str) and _HEX64.match(v)) else (  # noqa: E731
+    "not a 64-hex SHA-256 or empty"
+)
+_META_AUDIENCE = {
+    "operation": _one_of(("add", "remove"), "not add/remove"),
+    "schema": Exactly(META_AUDIENCE_SCHEMA, "not the configured multi-key schema"),
+    "data": ListOf(ListOf(_AUDIENCE_CELL, max_len=8, min_len=8), max_len=META_AUDIENCE_BATCH),
+}
+
+
+def specs_for(config: ClinicConfig) -> dict[str, Spec]:
+    specs: dict[str, Spec] = {"google_customer_match": _GOOGLE_MEMBER, "meta_audience": _META_AUDIENCE}
+    if config.google_ads is not None:
+        specs["google_conversions"] = _google_conversion_spec(config)
+    if config.meta is not None:
+        specs["meta_events"] = _meta_event_spec(config)
+    return specs
+
+
+def find_violations(destination: str, rows: Sequence[Any], spec: Spec) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for i, row in enumerate(rows):
+        _walk(row, spec, f"{destination}[{i}]", out)
+    return out
+
+
+def check_outbound(config: ClinicConfig, outbound: Mapping[str, Sequence[Any]]) -> None:
+    """Stop the run if any row of any destination carries anything outside the allowlist.
+
+    Raises:
+        GateViolation: for the first destination with violations, listing field paths and
+            reasons (never values); nothing has been written or sent at that point.
+    """
+    specs = specs_for(config)
+    for destination, rows in outbound.items():
+        if not rows:
+            continue
+        spec = specs.get(destination)
+        if spec is None:
+            raise GateViolation(destination, [(destination, "destination not configured for this clinic")])
+        violations = find_violations(destination, rows, spec)
+        if violations:
+            raise GateViolation(destination, violations)

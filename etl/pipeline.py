@@ -1,0 +1,319 @@
+"""The stages in order: stage sources, plan conversions, gate, write the outbox (then deliver).
+
+The CLI and the Airflow DAG are two doors into these functions, so nothing is implemented
+twice. Each function takes plain values (config, window, engine, secret) and returns counts or
+paths; none reads the clock: ``window.end`` is "now" for every rule, and audit timestamps
+(``recorded_at``) are handed in by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from etl import extract, payloads, store
+from etl.config import ClinicConfig
+from etl.gate import check_outbound
+from etl.identifiers import hash_identifiers
+from etl.outbox import write_outbox
+from etl.rules.consent import consent_events
+from etl.rules.journeys import build_journeys
+from etl.rules.persons import link_persons
+from etl.rules.records import flag_test_records
+from etl.rules.stages import RunWindow, build_conversions, opaque_id
+from etl.rules.suppression import suppression_members
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = (
+    "not_attended", "test_record", "no_lead", "existing_patient", "no_consent", "consent_revoked",
+    "no_identifiers", "outside_window", "duplicate_in_journey", "no_revenue", "too_old_for_google",
+    "too_old_for_meta", "already_sent",
+)  # fmt: skip
+CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")
+AUDIENCE_DESTINATIONS = ("google_customer_match", "meta_audience")
+_ID_COLUMN = {"google_conversions": "order_id", "meta_events": "event_id"}
+
+
+@dataclass
+class Timings:
+    """Wall time per stage, for progress output and the benchmark (never in summary.json)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    on_step: Callable[[str], None] | None = None
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self.on_step is not None:
+            self.on_step(name)
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+
+@dataclass
+class AudienceDelta:
+    adds: dict[str, Any]
+    removes: dict[str, Any]
+    full_resync: bool
+
+
+@dataclass
+class Plan:
+    """Everything a run would send, already gated; ``summary`` holds counts only."""
+
+    run_id: str
+    outbound: dict[str, list[dict[str, Any]]]
+    audiences: dict[str, AudienceDelta]
+    summary: dict[str, Any]
+    stages: dict[str, dict[str, str]]  # destination -> opaque id -> stage, for the ledger
+
+
+def run_id_for(config: ClinicConfig, window: RunWindow) -> str:
+    fmt = "%Y%m%dT%H%M%z"
+    return f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
+
+
+def stage_sources(config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings) -> dict[str, int]:
+    """Extract both exports, flag test records, hash identifiers, upsert into staging.
+
+    Raw identifiers live only inside this function's frames: what reaches the database is the
+    ``is_test`` flag and the per-platform hashes.
+    """
+    counts: dict[str, int] = {}
+    readers = {"appointments": extract.read_appointments, "leads": extract.read_leads}
+    for kind, reader in readers.items():
+        source = getattr(config.sources, kind)
+        with timings.step(f"extract_{kind}"):
+            frame = reader(source, config, start=window.start, end=window.end)
+        with timings.step(f"hash_{kind}"):
+            frame["is_test"] = flag_test_records(frame, config.exclude).to_numpy()
+            frame = hash_identifiers(frame, config.default_region)
+        with timings.step(f"stage_{kind}"):
+            counts[f"{kind}_rows"] = store.upsert_staged(engine, kind, config.clinic_id, frame)
+        if kind == "appointments":
+            counts["unknown_statuses"] = int((~frame["status_known"].astype(bool)).sum())
+        log.info("staged %s: %d rows", kind, counts[f"{kind}_rows"])
+    return counts
+
+
+def _window_mask(times: pd.Series, lo: pd.Timestamp, hi: pd.Timestamp) -> np.ndarray:
+    t = pd.to_datetime(times, utc=True)
+    return ((t >= lo) & (t < hi)).to_numpy()
+
+
+def _row_drops(appts: pd.DataFrame, leads: pd.DataFrame, appt_class: np.ndarray,
+               lo: pd.Timestamp, hi: pd.Timestamp) -> Counter[str]:  # fmt: skip
+    """Row-level reasons for appointments (and test leads) in ``[start - late_arrival, end)``."""
+    drops: Counter[str] = Counter()
+    in_window = _window_mask(appts["start_at"], lo, hi)
+    is_test = appts["is_test"].to_numpy(dtype=bool)
+    drops["test_record"] += int((in_window & is_test).sum())
+    drops["test_record"] += int((_window_mask(leads["created_at"], lo, hi) & leads["is_test"].to_numpy(dtype=bool)).sum())
+    real = in_window & ~is_test
+    drops["not_attended"] += int((real & (appts["status"].to_numpy() != "attended")).sum())
+    for reason in ("no_lead", "outside_window", "duplicate_in_journey"):
+        drops[reason] += int((real & (appt_class == reason)).sum())
+    return drops
+
+
+def plan_run(
+    config: ClinicConfig,
+    engine: Engine,
+    window: RunWindow,
+    *,
+    secret: bytes,
+    target: str,
+    dry_run: bool,
+    full_resync: bool = False,
+    timings: Timings | None = None,
+    inputs: dict[str, int] | None = None,
+) -> Plan:
+    """Apply SPEC section 4 to everything staged before ``end`` and build the gated rows.
+
+    Raises:
+        GateViolation: a row would carry something outside the allowlist; nothing was written.
+    """
+    timings = timings or Timings()
+    run_id = run_id_for(config, window)
+    end = window.end_ts
+    with timings.step("read_staged"):
+        appts = store.read_staged(engine, "appointments", config.clinic_id, before=window.end)
+        leads = store.read_staged(engine, "leads", config.clinic_id, before=window.end)
+    with timings.step("link_persons"):
+        usable_a = ~appts["is_test"].to_numpy(dtype=bool)
+        usable_l = ~leads["is_test"].to_numpy(dtype=bool)
+        appt_person, lead_person = link_persons(appts[usable_a], leads[usable_l])
+        a_person = np.full(len(appts), -1, dtype=np.int64)
+        l_person = np.full(len(leads), -1, dtype=np.int64)
+        a_person[usable_a], l_person[usable_l] = appt_person, lead_person
+        attended = usable_a & (appts["status"].to_numpy() == "attended")
+        consent = consent_events(appts[usable_a], appt_person, leads[usable_l], lead_person)
+    with timings.step("journeys"):
+        journeys = build_journeys(
+            appts, a_person, attended, leads, l_person, usable_l,
+            attribution_window_days=config.rules.attribution_window_days,
+            existing_patient_lookback_days=config.rules.existing_patient_lookback_days,
+        )  # fmt: skip
+    with timings.step("conversions"):
+        conv = build_conversions(
+            config=config, window=window, secret=secret, journeys=journeys.frame,
+            lead_journey=journeys.lead_journey, appts=appts, appt_person=a_person,
+            attended=attended, leads=leads, consent=consent,
+        )  # fmt: skip
+        outbound = {
+            "google_conversions": payloads.google_conversion_rows(conv, config),
+            "meta_events": payloads.meta_event_rows(conv, config),
+        }
+    drops = _row_drops(appts, leads, journeys.appt_class,
+                       window.start_ts - pd.Timedelta(days=config.rules.late_arrival_days), end)  # fmt: skip
+    drops.update(conv.loc[conv["drop"] != "", "drop"].value_counts().to_dict())
+    for dest in ("google", "meta"):
+        drops[f"too_old_for_{dest}"] += int((conv[dest] == f"too_old_for_{dest}").sum())
+    destinations: dict[str, dict[str, int]] = {}
+    stages: dict[str, dict[str, str]] = {}
+    with timings.step("ledger"):
+        for dest in CONVERSION_DESTINATIONS:
+            ledger = store.read_ledger(engine, config.clinic_id, dest)
+            id_col = _ID_COLUMN[dest]
+            fresh = [r for r in outbound[dest] if not _is_final(ledger.get(r[id_col]))]
+            already = len(outbound[dest]) - len(fresh)
+            outbound[dest] = fresh
+            drops["already_sent"] += already
+            destinations[dest] = {"planned": len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
+                                  "already_sent": already, "deferred": 0}  # fmt: skip
+            stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
+            stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
+    with timings.step("suppression"):
+        members = suppression_members(
+            appts=appts, appt_person=a_person, attended=attended, leads=leads, lead_person=l_person,
+            lead_usable=usable_l, consent=consent, end=end,
+            lookback_days=config.rules.suppression_lookback_days,
+            requires_consent=config.rules.suppression_requires_consent,
+        )  # fmt: skip
+        audiences = _audience_deltas(config, engine, members, full_resync=full_resync)
+        outbound["google_customer_match"] = payloads.google_audience_lines(
+            list(audiences["google_customer_match"].adds.values()) if "google_customer_match" in audiences else [],
+            list(audiences["google_customer_match"].removes.values()) if "google_customer_match" in audiences else [],
+        )
+        meta_delta = audiences.get("meta_audience")
+        outbound["meta_audience"] = payloads.meta_audience_lines(
+            list(meta_delta.adds.values()) if meta_delta else [],
+            list(meta_delta.removes.values()) if meta_delta else [],
+        )
+        for dest in AUDIENCE_DESTINATIONS:
+            delta = audiences.get(dest)
+            destinations[dest] = {"adds": len(delta.adds) if delta else 0,
+                                  "removes": len(delta.removes) if delta else 0,
+                                  "members": len(members)}  # fmt: skip
+    with timings.step("gate"):
+        check_outbound(config, outbound)
+    kept = conv[conv["drop"] == ""]
+    summary: dict[str, Any] = {
+        "clinic_id": config.clinic_id,
+        "run_id": run_id,
+        "start": window.start.isoformat(),
+        "end": window.end.isoformat(),
+        "dry_run": dry_run,
+        "target": target,
+        "full_resync": full_resync,
+        "inputs": inputs or {},
+        "stages": {stage: int((kept["stage"] == stage).sum()) for stage in ("consultation", "purchase")},
+        "drops": {reason: int(drops.get(reason, 0)) for reason in DROP_REASONS},
+        "destinations": destinations,
+    }
+    with timings.step("derived_tables"):
+        _store_derived(engine, config, secret, run_id, appts, leads, a_person, l_person, conv)
+    log.info("planned run %s: %s", run_id, {k: v.get("planned", v.get("adds")) for k, v in destinations.items()})
+    return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages)
+
+
+def _is_final(entry: store.LedgerEntry | None) -> bool:
+    return entry is not None and entry.status in store.FINAL_STATES
+
+
+def _audience_deltas(config: ClinicConfig, engine: Engine, members: pd.DataFrame, *,
+                     full_resync: bool) -> dict[str, AudienceDelta]:  # fmt: skip
+    """Adds and removes against the last synced membership (SPEC rule 12), per enabled list."""
+    current: dict[str, dict[str, Any]] = {}
+    google, meta = config.google_ads, config.meta
+    if google is not None and google.suppression_user_list and google.suppression_enabled:
+        current["google_customer_match"] = dict(payloads.google_member_rows(members))
+    if meta is not None and meta.suppression_audience_id and meta.suppression_enabled:
+        current["meta_audience"] = dict(payloads.meta_member_rows(members))
+    deltas: dict[str, AudienceDelta] = {}
+    for dest, now_members in current.items():
+        synced = store.read_audience_state(engine, config.clinic_id, dest)
+        if full_resync:
+            adds = dict(sorted(now_members.items()))
+            removes: dict[str, Any] = {}
+        else:
+            adds = {k: v for k, v in sorted(now_members.items()) if k not in synced}
+            removes = {k: _stored_payload(dest, synced[k]) for k in sorted(synced) if k not in now_members}
+        deltas[dest] = AudienceDelta(adds=adds, removes=removes, full_resync=full_resync)
+    return deltas
+
+
+def _stored_payload(dest: str, text: str) -> Any:
+    import json
+
+    value = json.loads(text)
+    if dest == "google_customer_match":
+        return {"operation": "remove", "user_identifiers": value["user_identifiers"]}
+    return value
+
+
+def _store_derived(engine: Engine, config: ClinicConfig, secret: bytes, run_id: str, appts: pd.DataFrame,
+                   leads: pd.DataFrame, a_person: np.ndarray, l_person: np.ndarray, conv: pd.DataFrame) -> None:  # fmt: skip
+    """Persons and conversions for inspection; person keys are opaque (HMAC of a member record)."""
+    rows = pd.concat(
+        [
+            pd.DataFrame({"person": a_person, "record": "a:" + appts["appointment_id"].astype(str), "is_appt": 1}),
+            pd.DataFrame({"person": l_person, "record": "l:" + leads["lead_id"].astype(str), "is_appt": 0}),
+        ],
+        ignore_index=True,
+    )
+    rows = rows[rows["person"] >= 0]
+    grouped = rows.groupby("person").agg(record=("record", "min"), appointments=("is_appt", "sum"),
+                                         total=("is_appt", "size"))  # fmt: skip
+    keys = {p: opaque_id(secret, config.clinic_id, "person", r) for p, r in grouped["record"].items()}
+    person_frame = pd.DataFrame(
+        {
+            "person_key": [keys[p] for p in grouped.index],
+            "appointments": grouped["appointments"].astype(int).to_numpy(),
+            "leads": (grouped["total"] - grouped["appointments"]).astype(int).to_numpy(),
+        }
+    )
+    conv_frame = pd.DataFrame(
+        {
+            "opaque_id": conv["opaque_id"],
+            "stage": conv["stage"],
+            "person_key": [keys[p] for p in conv["person"]],
+            "event_time": store.to_epoch_us(conv["event_time"]),
+            "ready_at": store.to_epoch_us(conv["ready_at"]),
+            "value": conv["value"],
+            "outcome": [d or "kept" for d in conv["drop"]],
+        }
+    )
+    store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)
+
+
+def default_outbox_dir(config: ClinicConfig, run_id: str) -> Path:
+    return config.base_dir / "var" / "outbox" / run_id
+
+
+def write_plan(plan: Plan, directory: Path) -> Path:
+    """Write the gated rows and the summary; only after the gate (and, later, quality checks) passed."""
+    return write_outbox(directory, plan.outbound, plan.summary)

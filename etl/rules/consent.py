@@ -1,0 +1,67 @@
+"""Rule 6: a person's marketing authorization state at any time, from leads and appointments.
+
+A grant is an event at ``consent_at`` on a row whose ``consent_marketing`` is true (falling back
+to the lead's ``created_at`` or the appointment's ``start_at`` when the export has no consent
+time: the authorization was on the form that created the row). A revocation is an event at
+``consent_revoked_at``. The state at T is the latest event at or before T; at equal times the
+revocation wins. No event at all means no authorization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+_GRANT, _REVOKE = 0, 1
+
+def utc_ns(values: pd.Series) -> pd.Series:
+    """One time resolution everywhere: pandas refuses to merge us- and ns-resolution keys."""
+    return pd.to_datetime(values, utc=True).astype("datetime64[ns, UTC]")
+  # sort order: at equal times the revocation comes last, so it wins
+
+
+def consent_events(
+    appts: pd.DataFrame, appt_person: np.ndarray, leads: pd.DataFrame, lead_person: np.ndarray
+) -> pd.DataFrame:
+    """One row per consent event: ``person``, ``time`` (UTC), ``kind`` (0 grant, 1 revoke)."""
+    parts = []
+    for frame, person, fallback in ((appts, appt_person, "start_at"), (leads, lead_person, "created_at")):
+        granted = frame["consent_marketing"].to_numpy(dtype=bool)
+        grant_time = frame["consent_at"].where(frame["consent_at"].notna(), frame[fallback])
+        parts.append(
+            pd.DataFrame({"person": person[granted], "time": grant_time[granted].to_numpy(), "kind": _GRANT})
+        )
+        revoked = frame["consent_revoked_at"].notna().to_numpy()
+        parts.append(
+            pd.DataFrame(
+                {"person": person[revoked], "time": frame["consent_revoked_at"][revoked].to_numpy(), "kind": _REVOKE}
+            )
+        )
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame({"person": pd.Series(dtype="int64"), "time": pd.Series(dtype="datetime64[ns, UTC]"),
+                             "kind": pd.Series(dtype="int64")})  # fmt: skip
+    events = pd.concat(parts, ignore_index=True)
+    events["time"] = utc_ns(events["time"])
+    return events.sort_values(["time", "kind", "person"], kind="stable", ignore_index=True)
+
+
+def consent_state(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:
+    """Per query row: 1 granted, 0 revoked, -1 no authorization event yet, at time ``at``."""
+    query = pd.DataFrame({"person": person, "time": at, "_q": np.arange(len(person))})
+    query["time"] = utc_ns(query["time"])
+    if query.empty:
+        return np.empty(0, dtype=np.int8)
+    if events.empty:
+        return np.full(len(query), -1, dtype=np.int8)
+    merged = pd.merge_asof(
+        query.sort_values("time", kind="stable"),
+        events[["person", "time", "kind"]],
+        on="time",
+        by="person",
+        direction="backward",
+        allow_exact_matches=True,
+    ).sort_values("_q")
+    kind = merged["kind"].to_numpy(dtype="float64")
+    out = np.where(np.isnan(kind), -1, np.where(kind == _GRANT, 1, 0))
+    return out.astype(np.int8)

@@ -1,0 +1,55 @@
+"""Rule 12: existing-patient suppression list membership at the run's ``end``.
+
+Members are people with an attended appointment in ``[end - suppression_lookback, end)`` whose
+authorization is granted at ``end`` (when ``suppression_requires_consent``). Identifiers come
+from all of the person's rows, most recent first. The mirror (adds/removes against the last
+synced state) is computed in ``etl.pipeline`` from the payloads, because the platforms hold
+identifier sets, not our person numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from etl.rules.consent import consent_state
+
+_LIST_CAP = 3
+_FIRSTS = ("fn_g", "ln_g", "country_code", "postal_code", "em_m", "ph_m", "fn_m", "ln_m", "zp_m", "ct_m", "st_m", "country_m")
+
+
+def suppression_members(
+    *,
+    appts: pd.DataFrame,
+    appt_person: np.ndarray,
+    attended: np.ndarray,
+    leads: pd.DataFrame,
+    lead_person: np.ndarray,
+    lead_usable: np.ndarray,
+    consent: pd.DataFrame,
+    end: pd.Timestamp,
+    lookback_days: int,
+    requires_consent: bool,
+) -> pd.DataFrame:
+    """One row per member: ``person``, ``em_g``/``ph_g`` lists and the first non-null of each other hash."""
+    start_at = pd.to_datetime(appts["start_at"], utc=True)
+    recent = attended & (start_at >= end - pd.Timedelta(days=lookback_days)).to_numpy() & (start_at < end).to_numpy()
+    people = np.unique(appt_person[recent])
+    if requires_consent and len(people):
+        granted = consent_state(consent, people, end) == 1
+        people = people[granted]
+    usable_appts = appts.assign(person=appt_person, _t=start_at)[appts["is_test"].to_numpy() == False]  # noqa: E712
+    usable_leads = leads.assign(person=lead_person, _t=pd.to_datetime(leads["created_at"], utc=True))[lead_usable]
+    cols = ["person", "_t", "em_g", "ph_g", *_FIRSTS]
+    rows = pd.concat(
+        [usable_appts.reindex(columns=cols), usable_leads.reindex(columns=cols)], ignore_index=True
+    )
+    rows = rows[rows["person"].isin(people)].sort_values(["person", "_t"], ascending=[True, False], kind="stable")
+    out = pd.DataFrame({"person": people}).set_index("person")
+    for col in ("em_g", "ph_g"):
+        vals = rows[["person", col]].dropna().drop_duplicates()
+        lists = vals.groupby("person", sort=False)[col].agg(lambda s: list(s)[:_LIST_CAP])
+        out[col] = lists.reindex(out.index)
+        out[col] = out[col].apply(lambda v: v if isinstance(v, list) else [])
+    out = out.join(rows.groupby("person")[list(_FIRSTS)].first())
+    return out.reset_index()

@@ -1,0 +1,447 @@
+"""Staging database: tables, bulk latest-wins upserts, the send ledger and audience sync state.
+
+SQLite (a file beside the clinic YAML) is the embedded default; any SQLAlchemy URL works, and
+PostgreSQL is the deployment target (issue #2, item 4). The DDL is kept in ``sql/schema.sql``
+for readers and DBAs; these Core tables are the source of truth and create it.
+
+Staged rows hold **hashed identifiers only**: raw emails, phones, names and addresses are hashed
+in ``etl.identifiers`` before anything is written, and PHI-only columns are dropped at extract,
+so the staging database holds pseudonymous data plus the clinic's own record IDs. Timestamps in
+the bulk tables are UTC epoch microseconds (``BigInteger``): portable across SQLite and
+PostgreSQL and several times faster to load and read back than text dates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+
+HASH_COLUMNS = (
+    "em_g", "em_m", "ph_g", "ph_m", "fn_g", "ln_g", "fn_m", "ln_m",
+    "ct_m", "st_m", "zp_m", "country_m", "postal_code", "country_code",
+)  # fmt: skip
+_CONSENT = ("consent_marketing", "consent_at", "consent_revoked_at")
+
+
+def _hash_columns() -> list[sa.Column[Any]]:
+    return [sa.Column(name, sa.String(64)) for name in HASH_COLUMNS]
+
+
+appointments = sa.Table(
+    "appointments",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("appointment_id", sa.String(128), primary_key=True),
+    sa.Column("patient_id", sa.String(128)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status_known", sa.Boolean, nullable=False),
+    sa.Column("start_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger),
+    sa.Column("revenue", sa.Float, nullable=False),
+    sa.Column("currency", sa.String(3)),
+    sa.Column("location_id", sa.String(128)),
+    sa.Column("consent_marketing", sa.Boolean, nullable=False),
+    sa.Column("consent_at", sa.BigInteger),
+    sa.Column("consent_revoked_at", sa.BigInteger),
+    sa.Column("is_test", sa.Boolean, nullable=False),
+    *_hash_columns(),
+    sa.Column("load_seq", sa.BigInteger, nullable=False),
+)
+
+leads = sa.Table(
+    "leads",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("lead_id", sa.String(128), primary_key=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("gclid", sa.String(256)),
+    sa.Column("gbraid", sa.String(256)),
+    sa.Column("wbraid", sa.String(256)),
+    sa.Column("fbclid", sa.String(512)),
+    sa.Column("fbc", sa.String(512)),
+    sa.Column("fbp", sa.String(256)),
+    sa.Column("consent_marketing", sa.Boolean, nullable=False),
+    sa.Column("consent_at", sa.BigInteger),
+    sa.Column("consent_revoked_at", sa.BigInteger),
+    sa.Column("is_test", sa.Boolean, nullable=False),
+    *_hash_columns(),
+    sa.Column("load_seq", sa.BigInteger, nullable=False),
+)
+
+persons = sa.Table(
+    "persons",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("person_key", sa.String(64), primary_key=True),
+    sa.Column("appointments", sa.Integer, nullable=False),
+    sa.Column("leads", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+)
+
+conversions = sa.Table(
+    "conversions",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("opaque_id", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("person_key", sa.String(64), nullable=False),
+    sa.Column("event_time", sa.BigInteger, nullable=False),
+    sa.Column("ready_at", sa.BigInteger, nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+)
+
+send_ledger = sa.Table(
+    "send_ledger",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("opaque_id", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(16)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("code", sa.String(64)),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("planned_at", sa.DateTime(timezone=True)),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+audience_state = sa.Table(
+    "audience_state",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("member_key", sa.String(64), primary_key=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+run_summaries = sa.Table(
+    "run_summaries",
+    metadata,
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("clinic_id", sa.String(64), nullable=False),
+    sa.Column("start", sa.String(40), nullable=False),
+    sa.Column("end", sa.String(40), nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+)
+
+# Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
+# "planned" (written before a request, never answered) and "deferred" are sent again.
+FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
+
+_BULK_TIMES = {
+    "appointments": ("start_at", "updated_at", "consent_at", "consent_revoked_at"),
+    "leads": ("created_at", "consent_at", "consent_revoked_at"),
+}
+_CHUNK = 50_000
+
+
+def open_engine(url: str) -> Engine:
+    """Create the engine and the tables (idempotent), creating a SQLite file's folder if needed."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        from pathlib import Path
+
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def to_epoch_us(series: pd.Series) -> pd.Series:
+    """UTC datetimes -> nullable Int64 microseconds since the epoch."""
+    values = pd.to_datetime(series, utc=True)
+    out = values.astype("int64") // 1000
+    return out.astype("Int64").where(values.notna(), pd.NA)
+
+
+def from_epoch_us(series: pd.Series) -> pd.Series:
+    return pd.to_datetime(series.astype("float64"), unit="us", utc=True).astype("datetime64[ns, UTC]")
+
+
+def _records(frame: pd.DataFrame) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of row dicts with pandas nulls turned into None for the DB driver."""
+    for lo in range(0, len(frame), _CHUNK):
+        chunk = frame.iloc[lo : lo + _CHUNK].astype(object)
+        chunk = chunk.where(chunk.notna(), None)
+        yield chunk.to_dict("records")
+
+
+def _next_load_seq(conn: Connection, table: sa.Table, clinic_id: str) -> int:
+    current = conn.execute(
+        sa.select(sa.func.max(table.c.load_seq)).where(table.c.clinic_id == clinic_id)
+    ).scalar()
+    return int(current or 0) + 1
+
+
+def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame) -> int:
+    """Bulk-load one export into staging, latest wins.
+
+    Appointments replace a stored row when their ``updated_at`` is at least as new (a row with
+    no ``updated_at`` counts as newest, since a later export is the best evidence we have);
+    leads always replace (SPEC section 3: position in a later export is newer). Rows go to a
+    temporary table in chunks, then one ``INSERT ... SELECT ... ON CONFLICT`` merges them, which
+    both SQLite and PostgreSQL run set-wise.
+
+    Returns:
+        the number of rows in the export.
+    """
+    table = appointments if kind == "appointments" else leads
+    key = "appointment_id" if kind == "appointments" else "lead_id"
+    cols = [c.name for c in table.columns]
+    with engine.begin() as conn:
+        seq = _next_load_seq(conn, table, clinic_id)
+        staged = frame.copy()
+        for col in _BULK_TIMES[kind]:
+            staged[col] = to_epoch_us(staged[col])
+        staged["clinic_id"] = clinic_id
+        staged["load_seq"] = seq
+        staged = staged[cols]
+        tmp = sa.Table(
+            f"tmp_{kind}",
+            sa.MetaData(),
+            *[sa.Column(c.name, c.type) for c in table.columns],
+            prefixes=["TEMPORARY"],
+        )
+        tmp.drop(conn, checkfirst=True)
+        tmp.create(conn)
+        for chunk in _records(staged):
+            conn.execute(tmp.insert(), chunk)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
+        newer = ""
+        if kind == "appointments":
+            newer = (
+                " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
+                " OR excluded.updated_at >= appointments.updated_at"
+            )
+        col_list = ", ".join(cols)
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} "
+                f"WHERE true ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
+            )
+        )
+        tmp.drop(conn)
+    return len(frame)
+
+
+def read_staged(engine: Engine, kind: str, clinic_id: str, *, before: datetime) -> pd.DataFrame:
+    """All staged rows of a clinic whose event time is before the run's ``end``.
+
+    Rows from the future of ``end`` are invisible, so a backfill sees what a nightly run at that
+    time would have seen of the event history (statuses are today's, latest wins).
+    """
+    table = appointments if kind == "appointments" else leads
+    time_col = "start_at" if kind == "appointments" else "created_at"
+    before_us = int(before.timestamp() * 1_000_000)
+    query = sa.select(table).where(
+        table.c.clinic_id == clinic_id, table.c[time_col] < before_us
+    )
+    with engine.connect() as conn:
+        frame = pd.read_sql(query, conn)
+    for col in _BULK_TIMES[kind]:
+        frame[col] = from_epoch_us(frame[col])
+    for col in ("is_test", "consent_marketing", *(("status_known",) if kind == "appointments" else ())):
+        frame[col] = frame[col].astype(bool)
+    return frame.drop(columns=["clinic_id", "load_seq"])
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    status: str
+    code: str | None
+
+
+def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(send_ledger.c.opaque_id, send_ledger.c.status, send_ledger.c.code).where(
+                send_ledger.c.clinic_id == clinic_id, send_ledger.c.destination == destination
+            )
+        )
+        return {r.opaque_id: LedgerEntry(r.status, r.code) for r in rows}
+
+
+def write_ledger(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    entries: Iterable[Mapping[str, Any]],
+    *,
+    run_id: str,
+    at: datetime,
+) -> None:
+    """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent).
+
+    Each call commits on its own: the pipeline calls it before and after every batch, so a
+    process killed between batches leaves an exact record of what went out.
+    """
+    rows = []
+    for entry in entries:
+        status = entry["status"]
+        rows.append(
+            {
+                "clinic_id": clinic_id,
+                "destination": destination,
+                "opaque_id": entry["opaque_id"],
+                "stage": entry.get("stage"),
+                "status": status,
+                "code": entry.get("code"),
+                "request_id": entry.get("request_id"),
+                "run_id": run_id,
+                "planned_at": at if status == "planned" else None,
+                "sent_at": None if status in ("planned", "deferred") else at,
+                "updated_at": at,
+            }
+        )
+    if not rows:
+        return
+    with engine.begin() as conn:
+        insert = _dialect_insert(conn, send_ledger)
+        stmt = insert.on_conflict_do_update(
+            index_elements=["clinic_id", "destination", "opaque_id"],
+            set_={
+                "status": insert.excluded.status,
+                "code": insert.excluded.code,
+                "request_id": insert.excluded.request_id,
+                "run_id": insert.excluded.run_id,
+                "sent_at": sa.func.coalesce(insert.excluded.sent_at, send_ledger.c.sent_at),
+                "planned_at": sa.func.coalesce(send_ledger.c.planned_at, insert.excluded.planned_at),
+                "updated_at": insert.excluded.updated_at,
+                "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),
+            },
+        )
+        for lo in range(0, len(rows), _CHUNK):
+            conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def read_audience_state(engine: Engine, clinic_id: str, destination: str) -> dict[str, str]:
+    """member_key -> payload JSON of the last synced membership."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(audience_state.c.member_key, audience_state.c.payload).where(
+                audience_state.c.clinic_id == clinic_id,
+                audience_state.c.destination == destination,
+            )
+        )
+        return {r.member_key: r.payload for r in rows}
+
+
+def apply_audience_delta(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    *,
+    added: Mapping[str, str],
+    removed: Sequence[str],
+    at: datetime,
+    replace_all: bool = False,
+) -> None:
+    """Record what the platform now holds, after it confirmed the sync."""
+    where = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
+    with engine.begin() as conn:
+        if replace_all:
+            conn.execute(audience_state.delete().where(where))
+        for lo in range(0, len(removed), 500):
+            conn.execute(
+                audience_state.delete().where(
+                    where & audience_state.c.member_key.in_(list(removed[lo : lo + 500]))
+                )
+            )
+        rows = [
+            {"clinic_id": clinic_id, "destination": destination, "member_key": k,
+             "payload": v, "synced_at": at}
+            for k, v in added.items()
+        ]  # fmt: skip
+        if rows:
+            insert = _dialect_insert(conn, audience_state)
+            stmt = insert.on_conflict_do_update(
+                index_elements=["clinic_id", "destination", "member_key"],
+                set_={"payload": insert.excluded.payload, "synced_at": insert.excluded.synced_at},
+            )
+            for lo in range(0, len(rows), _CHUNK):
+                conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def replace_derived(
+    engine: Engine, clinic_id: str, run_id: str, person_frame: pd.DataFrame, conv_frame: pd.DataFrame
+) -> None:
+    """Replace the clinic's derived persons and conversions with this run's view (for inspection)."""
+    with engine.begin() as conn:
+        conn.execute(persons.delete().where(persons.c.clinic_id == clinic_id))
+        conn.execute(conversions.delete().where(conversions.c.clinic_id == clinic_id))
+        for table, frame in ((persons, person_frame), (conversions, conv_frame)):
+            if frame.empty:
+                continue
+            staged = frame.assign(clinic_id=clinic_id, run_id=run_id)[[c.name for c in table.columns]]
+            for chunk in _records(staged):
+                conn.execute(table.insert(), chunk)
+
+
+def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, at: datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            run_summaries.insert(),
+            {
+                "run_id": run_id,
+                "recorded_at": at,
+                "clinic_id": summary["clinic_id"],
+                "start": summary["start"],
+                "end": summary["end"],
+                "dry_run": bool(summary["dry_run"]),
+                "target": summary["target"],
+                "summary": json.dumps(summary, sort_keys=True),
+            },
+        )
+
+
+@contextmanager
+def engine_for(url: str) -> Iterator[Engine]:
+    engine = open_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def utc(dt: datetime) -> datetime:
+    return dt.astimezone(UTC)
+
+
+def epoch_us_array(series: pd.Series) -> np.ndarray:
+    return series.to_numpy(dtype="int64")

@@ -1,0 +1,102 @@
+"""Shared fixtures: a clean environment per test and a small-clinic runner over committed CSVs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etl import pipeline, store
+from etl.config import ClinicConfig
+from etl.outbox import OUTBOX_FILES, read_rows
+from etl.rules.stages import RunWindow
+
+DATA = Path(__file__).parent / "data"
+SECRET = b"test-secret-0123456789abcdef"
+
+BASE_CONFIG: dict[str, Any] = {
+    "clinic_id": "sunrise-medspa",
+    "timezone": "America/Los_Angeles",
+    "currency": "USD",
+    "default_region": "US",
+    "sources": {
+        "appointments": {"path": "appointments.csv", "profile": "generic"},
+        "leads": {"path": "leads.csv", "profile": "generic"},
+    },
+    "google_ads": {
+        "customer_id": "1234567890",
+        "conversion_actions": {
+            "consultation": "customers/1234567890/conversionActions/111",
+            "purchase": "customers/1234567890/conversionActions/222",
+        },
+        "suppression_user_list": "customers/1234567890/userLists/333",
+    },
+    "meta": {
+        "pixel_id": "123456789012345",
+        "suppression_audience_id": "23850000000000000",
+        "event_names": {"consultation": "ConsultationAttended", "purchase": "Purchase"},
+        "action_source": "physical_store",
+        "max_event_age_days": 62,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts without our secrets in the environment and restores what it changes."""
+    saved = dict(os.environ)
+    for name in ("MEDSPA_ID_SECRET", "META_ACCESS_TOKEN", "META_APP_SECRET", "GOOGLE_ADS_DEVELOPER_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def make_config(base_dir: Path, **overrides: Any) -> ClinicConfig:
+    raw = json.loads(json.dumps(BASE_CONFIG))
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return ClinicConfig.model_validate({**raw, "base_dir": base_dir})
+
+
+def local(text: str, config: ClinicConfig) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=config.tz)
+
+
+@dataclass
+class CaseRun:
+    summary: dict[str, Any]
+    rows: dict[str, list[dict[str, Any]]]
+    outbox: Path
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return {k: v for k, v in self.summary["drops"].items() if v}
+
+
+def run_dry(config: ClinicConfig, start: str, end: str, tmp_path: Path, *, db_url: str | None = None,
+            appointments: str | None = None) -> CaseRun:  # fmt: skip
+    """Stage the clinic's exports and write a dry-run outbox for ``[start, end)`` (local dates)."""
+    if appointments is not None:
+        sources = config.sources.model_copy(
+            update={"appointments": config.sources.appointments.model_copy(update={"path": Path(appointments)})}
+        )
+        config = config.model_copy(update={"sources": sources})
+    window = RunWindow(start=local(start, config), end=local(end, config))
+    url = db_url or f"sqlite:///{tmp_path / 'stage.sqlite'}"
+    with store.engine_for(url) as engine:
+        inputs = pipeline.stage_sources(config, engine, window, pipeline.Timings())
+        plan = pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, inputs=inputs)
+    outbox = pipeline.write_plan(plan, tmp_path / "outbox" / plan.run_id)
+    rows = {dest: list(read_rows(outbox, dest)) for dest in OUTBOX_FILES}
+    return CaseRun(summary=plan.summary, rows=rows, outbox=outbox)

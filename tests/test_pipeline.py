@@ -1,0 +1,130 @@
+"""Whole-interval behaviour: determinism, the ledger, the suppression mirror, staging backends."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from etl import pipeline, store
+from etl.outbox import OUTBOX_FILES
+from etl.rules.stages import RunWindow
+from tests.conftest import DATA, SECRET, make_config, run_dry
+
+NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_clinic(out, appointments=3000, leads=1200, seed=11)
+    return out
+
+
+def test_same_dry_run_twice_gives_byte_identical_outboxes(synthetic: Path, tmp_path: Path) -> None:
+    from etl.config import load_config
+
+    config = load_config(synthetic / "clinic.yaml")
+    first = run_dry(config, "2026-09-01", "2026-11-23", tmp_path / "one")
+    second = run_dry(config, "2026-09-01", "2026-11-23", tmp_path / "two")
+    names = [*OUTBOX_FILES.values(), "summary.json"]
+    match, mismatch, errors = filecmp.cmpfiles(first.outbox, second.outbox, names, shallow=False)
+    assert mismatch == [] and errors == []
+    assert len(match) == 5
+    # and the demo data exercises both platforms and most drop reasons
+    assert first.rows["google_conversions"] and first.rows["meta_events"]
+    assert first.rows["google_customer_match"] and first.rows["meta_audience"]
+    drops = first.summary["drops"]
+    for reason in ("not_attended", "test_record", "no_lead", "no_consent", "duplicate_in_journey"):
+        assert drops[reason] > 0, reason
+
+
+def _plan(config, engine, start: str, end: str, **kwargs) -> pipeline.Plan:
+    window = RunWindow(
+        start=datetime.fromisoformat(start).replace(tzinfo=config.tz),
+        end=datetime.fromisoformat(end).replace(tzinfo=config.tz),
+    )
+    pipeline.stage_sources(config, engine, window, pipeline.Timings())
+    return pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, **kwargs)
+
+
+def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) -> None:
+    config = make_config(DATA / "rules" / "reschedule")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        first = _plan(config, engine, "2026-05-01", "2026-06-30")
+        google = first.outbound["google_conversions"]
+        assert len(google) == 2
+        sent = google[0]["order_id"]
+        assert store.read_ledger(engine, config.clinic_id, "google_conversions") == {}  # dry run wrote nothing
+        store.write_ledger(engine, config.clinic_id, "google_conversions",
+                           [{"opaque_id": sent, "status": "accepted"}], run_id="r1", at=NOW)  # fmt: skip
+        second = _plan(config, engine, "2026-05-01", "2026-06-30")
+    assert [r["order_id"] for r in second.outbound["google_conversions"]] == [google[1]["order_id"]]
+    assert second.summary["destinations"]["google_conversions"]["already_sent"] == 1
+    assert second.summary["drops"]["already_sent"] == 1
+    assert len(second.outbound["meta_events"]) == 2  # the ledger is per destination
+
+
+@pytest.mark.parametrize("status", ["planned", "deferred"])
+def test_unfinished_ledger_states_are_sent_again(status: str, tmp_path: Path) -> None:
+    config = make_config(DATA / "rules" / "reschedule")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        first = _plan(config, engine, "2026-05-01", "2026-06-30")
+        oid = first.outbound["meta_events"][0]["event_id"]
+        store.write_ledger(engine, config.clinic_id, "meta_events", [{"opaque_id": oid, "status": status}],
+                           run_id="r1", at=NOW)  # fmt: skip
+        second = _plan(config, engine, "2026-05-01", "2026-06-30")
+    assert len(second.outbound["meta_events"]) == 2
+
+
+def test_suppression_mirror_adds_then_removes(tmp_path: Path) -> None:
+    config = make_config(DATA / "rules" / "reexport_downgrade")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        first = _plan(config, engine, "2026-05-01", "2026-06-30")
+        for dest, delta in first.audiences.items():
+            assert len(delta.adds) == 1 and not delta.removes
+            store.apply_audience_delta(engine, config.clinic_id, dest, at=NOW, removed=[],
+                                       added={k: json.dumps(v) for k, v in delta.adds.items()})  # fmt: skip
+        unchanged = _plan(config, engine, "2026-05-01", "2026-06-30")
+        assert all(not d.adds and not d.removes for d in unchanged.audiences.values())
+        resync = _plan(config, engine, "2026-05-01", "2026-06-30", full_resync=True)
+        assert all(len(d.adds) == 1 for d in resync.audiences.values())
+        # the visit is re-exported as cancelled: the person is no longer a patient to suppress
+        downgraded = config.model_copy(update={"sources": config.sources.model_copy(update={
+            "appointments": config.sources.appointments.model_copy(update={"path": Path("appointments_reexport.csv")})})})  # fmt: skip
+        after = _plan(downgraded, engine, "2026-05-01", "2026-06-30")
+    assert {d: len(x.removes) for d, x in after.audiences.items()} == {"google_customer_match": 1, "meta_audience": 1}
+    removal = after.outbound["google_customer_match"]
+    assert [r["operation"] for r in removal] == ["remove"]
+    assert removal[0]["user_identifiers"] == first.outbound["google_customer_match"][0]["user_identifiers"]
+    assert [r["operation"] for r in after.outbound["meta_audience"]] == ["remove"]
+
+
+def test_suppression_lists_respect_the_clinic_switches(tmp_path: Path) -> None:
+    config = make_config(DATA / "rules" / "existing_patient", google_ads__suppression_enabled=False)
+    run = run_dry(config, "2026-05-01", "2026-06-30", tmp_path)
+    assert run.rows["google_customer_match"] == []
+    assert len(run.rows["meta_audience"]) == 1
+
+
+def test_failed_gate_writes_no_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from etl import payloads
+    from etl.errors import GateViolation
+
+    real = payloads.meta_event_rows
+
+    def leaky(conv, config):
+        rows = real(conv, config)
+        rows[0]["custom_data"] = {**rows[0].get("custom_data", {}), "content_name": "Botox"}
+        return rows
+
+    monkeypatch.setattr(payloads, "meta_event_rows", leaky)
+    config = make_config(DATA / "rules" / "reschedule")
+    with pytest.raises(GateViolation):
+        run_dry(config, "2026-05-01", "2026-06-30", tmp_path)
+    assert not (tmp_path / "outbox").exists()
