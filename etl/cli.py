@@ -91,25 +91,28 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.", exists=False)],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
     start: Annotated[str | None, typer.Option(help="Interval start: a clinic-local date (2026-10-01) or ISO datetime with offset. Default: the day before --end.")] = None,
     end: Annotated[str | None, typer.Option(help="Interval end (exclusive), the run's 'now'. Default: today's clinic-local midnight.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the outbox only; send nothing and write nothing to the ledger.")] = False,
-    target: Annotated[Target, typer.Option(help="Where a real run sends: 'sandbox' (local protocol-true fakes) or 'live'.")] = Target.sandbox,
-    outbox: Annotated[Path | None, typer.Option(help="Outbox folder. Default: <yaml folder>/var/outbox/<run id>.")] = None,
+    target: Annotated[Target, typer.Option(help="Where a real run sends: 'sandbox' (local protocol-true fakes of Google and Meta) or 'live'.")] = Target.sandbox,
+    outbox: Annotated[Path | None, typer.Option(help="Outbox folder. Default: <yaml folder>/var/runs/<run id>/outbox.")] = None,
     database: Annotated[str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database (overrides database_url).")] = None,
     full_resync: Annotated[bool, typer.Option("--full-resync", help="Replace whole suppression lists instead of sending adds/removes.")] = False,
+    validate_only: Annotated[bool, typer.Option("--validate-only", help="Ask the platforms to validate without storing anything; the ledger is not written.")] = False,
+    meta_test_event_code: Annotated[str | None, typer.Option("--meta-test-event-code", help="Route Meta events to Events Manager's Test Events tool.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of a table.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")] = False,
 ) -> None:
-    """Run one interval [start, end) for one clinic.
+    """Run one interval [start, end) for one clinic: extract, stage, plan, gate, outbox, send.
 
     Conversions whose ready time falls in [start - late_arrival_days, end) are considered;
-    anything already in the send ledger is left out (counted as already_sent). Example:
+    anything already in the send ledger is left out (counted as already_sent). Examples:
 
-        medspa-conversions run --config clinics/demo/clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
+        medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
+
+        medspa-conversions run --config clinic.yaml --start 2026-11-22 --end 2026-11-23 --target live
     """
-    from etl import pipeline, store
     from etl.rules.stages import RunWindow
 
     _setup_logging(verbose)
@@ -119,29 +122,78 @@ def run(
         start_at = parse_boundary(start, cfg) if start else end_at - timedelta(days=1)
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
-        secret, development = resolve_id_secret(real_send=not dry_run)
+        secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)
         if development:
             err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; using the public DEVELOPMENT key. "
-                      "Opaque IDs from this run are guessable; a real send refuses this key.[/]")  # fmt: skip
-        if not dry_run:
-            raise ConfigError("sending is not available yet in this build: use --dry-run")
-        window = RunWindow(start=start_at, end=end_at)
-        timings = pipeline.Timings(on_step=lambda name: err.print(f"[dim]… {name}[/]"))
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
-            inputs = pipeline.stage_sources(cfg, engine, window, timings)
-            plan = pipeline.plan_run(cfg, engine, window, secret=secret, target="none", dry_run=True,
-                                     full_resync=full_resync, timings=timings, inputs=inputs)  # fmt: skip
-            directory = outbox or pipeline.default_outbox_dir(cfg, plan.run_id)
-            pipeline.write_plan(plan, directory)
-            store.record_summary(engine, plan.summary, run_id=plan.run_id, at=datetime.now(UTC))
+                      "Opaque IDs from this run are guessable; a live send refuses this key.[/]")  # fmt: skip
+        summary, directory, seconds = execute_run(
+            cfg, RunWindow(start=start_at, end=end_at), secret=secret, dry_run=dry_run, target=str(target),
+            outbox=outbox, database=database, full_resync=full_resync, validate_only=validate_only,
+            meta_test_event_code=meta_test_event_code, on_step=lambda name: err.print(f"[dim]… {name}[/]"),
+        )  # fmt: skip
     except MedspaError as exc:
         raise _fail(exc) from None
     if json_out:
-        out.print_json(json.dumps(plan.summary))
+        out.print_json(json.dumps(summary))
     else:
-        out.print(_summary_table(plan.summary))
+        out.print(_summary_table(summary))
     err.print(f"outbox: {directory}")
-    err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.seconds.items()))
+    err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+
+
+def execute_run(
+    cfg: ClinicConfig,
+    window: Any,
+    *,
+    secret: bytes,
+    dry_run: bool,
+    target: str,
+    outbox: Path | None = None,
+    database: str | None = None,
+    full_resync: bool = False,
+    validate_only: bool = False,
+    meta_test_event_code: str | None = None,
+    on_step: Any = None,
+    sandboxes: dict[str, Any] | None = None,
+    retry_wait: float | None = None,
+) -> tuple[dict[str, Any], Path, dict[str, float]]:
+    """All stages in one process, in the DAG's order; returns (summary, outbox, stage seconds)."""
+    from etl import deliver, pipeline, store
+
+    timings = pipeline.Timings(on_step=on_step)
+    paths = pipeline.paths_for(cfg, window, outbox)
+    clock = lambda: datetime.now(UTC)  # noqa: E731 - audit stamps only, never a rule input
+    with store.engine_for(cfg.resolved_database_url(database)) as engine:
+        inputs = pipeline.extract_sources(cfg, window, paths, timings)
+        pipeline.stage_extracts(cfg, engine, paths, timings)
+        plan = pipeline.plan_run(cfg, engine, window, secret=secret, target="none" if dry_run else target,
+                                 dry_run=dry_run, full_resync=full_resync, timings=timings, inputs=inputs)  # fmt: skip
+        pipeline.build_pending(plan, paths)
+        with timings.step("publish_outbox"):
+            pipeline.publish_outbox(cfg, paths)
+        if not dry_run:
+            import shutil
+
+            from etl.targets import open_destinations
+
+            shutil.rmtree(paths.results, ignore_errors=True)
+            with open_destinations(cfg, "live" if target == "live" else "sandbox", now=window.end,
+                                   test_event_code=meta_test_event_code, retry_wait=retry_wait,
+                                   sandboxes=sandboxes) as dests:  # fmt: skip
+                for name, destination in dests.conversions.items():
+                    with timings.step(f"upload_{name}"):
+                        counts = deliver.upload_conversions(cfg, engine, paths.outbox, destination,
+                                                            run_id=plan.run_id, clock=clock,
+                                                            validate_only=validate_only)  # fmt: skip
+                    deliver.write_result(paths.results, name, counts)
+                for name, audience in dests.audiences.items():
+                    with timings.step(f"sync_{name}"):
+                        counts = deliver.sync_audience(cfg, engine, paths.outbox, audience, full_resync=full_resync,
+                                                       clock=clock, validate_only=validate_only)  # fmt: skip
+                    deliver.write_result(paths.results, name, counts)
+        summary = pipeline.finalize_summary(paths, plan.summary)
+        store.record_summary(engine, summary, run_id=plan.run_id, at=clock())
+    return summary, paths.outbox, timings.seconds
 
 
 def _today_midnight(cfg: ClinicConfig) -> datetime:

@@ -86,14 +86,44 @@ def run_id_for(config: ClinicConfig, window: RunWindow) -> str:
     return f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
 
 
-def stage_sources(config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings) -> dict[str, int]:
-    """Extract both exports, flag test records, hash identifiers, upsert into staging.
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run keeps its files: hashed extracts, the pending plan, the outbox, results.
 
-    Raw identifiers live only inside this function's frames: what reaches the database is the
-    ``is_test`` flag and the per-platform hashes.
+    Everything under ``run_dir`` is pseudonymous (hashes, opaque IDs, counts): raw identifiers
+    are hashed inside ``extract_sources`` before the first byte is written.
+    """
+
+    run_dir: Path
+    outbox: Path
+
+    @property
+    def extracts(self) -> Path:
+        return self.run_dir / "extract"
+
+    @property
+    def pending(self) -> Path:
+        return self.outbox.with_name(f".{self.outbox.name}.pending")
+
+    @property
+    def results(self) -> Path:
+        return self.run_dir / "results"
+
+
+def paths_for(config: ClinicConfig, window: RunWindow, outbox: Path | None = None) -> RunPaths:
+    run_dir = config.base_dir / "var" / "runs" / run_id_for(config, window)
+    return RunPaths(run_dir=run_dir, outbox=outbox or run_dir / "outbox")
+
+
+def extract_sources(config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings) -> dict[str, int]:
+    """Read both exports, flag test records, hash identifiers; write hashed Parquet extracts.
+
+    Raw identifiers live only inside this function's frames: what reaches disk is the
+    ``is_test`` flag and the per-platform hashes (plus the clinic's own record IDs).
     """
     counts: dict[str, int] = {}
     readers = {"appointments": extract.read_appointments, "leads": extract.read_leads}
+    paths.extracts.mkdir(parents=True, exist_ok=True)
     for kind, reader in readers.items():
         source = getattr(config.sources, kind)
         with timings.step(f"extract_{kind}"):
@@ -101,11 +131,29 @@ def stage_sources(config: ClinicConfig, engine: Engine, window: RunWindow, timin
         with timings.step(f"hash_{kind}"):
             frame["is_test"] = flag_test_records(frame, config.exclude).to_numpy()
             frame = hash_identifiers(frame, config.default_region)
-        with timings.step(f"stage_{kind}"):
-            counts[f"{kind}_rows"] = store.upsert_staged(engine, kind, config.clinic_id, frame)
+            frame.to_parquet(paths.extracts / f"{kind}.parquet", index=False)
+        counts[f"{kind}_rows"] = len(frame)
         if kind == "appointments":
             counts["unknown_statuses"] = int((~frame["status_known"].astype(bool)).sum())
-        log.info("staged %s: %d rows", kind, counts[f"{kind}_rows"])
+        log.info("extracted %s: %d rows", kind, len(frame))
+    return counts
+
+
+def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timings: Timings) -> dict[str, int]:
+    """Upsert the hashed extracts into staging (latest wins); returns rows loaded per kind."""
+    counts: dict[str, int] = {}
+    for kind in ("appointments", "leads"):
+        with timings.step(f"stage_{kind}"):
+            frame = pd.read_parquet(paths.extracts / f"{kind}.parquet")
+            counts[f"{kind}_staged"] = store.upsert_staged(engine, kind, config.clinic_id, frame)
+    return counts
+
+
+def stage_sources(config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings,
+                  paths: RunPaths) -> dict[str, int]:  # fmt: skip
+    """Extract then stage, in one call."""
+    counts = extract_sources(config, window, paths, timings)
+    stage_extracts(config, engine, paths, timings)
     return counts
 
 
@@ -310,10 +358,72 @@ def _store_derived(engine: Engine, config: ClinicConfig, secret: bytes, run_id: 
     store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)
 
 
-def default_outbox_dir(config: ClinicConfig, run_id: str) -> Path:
-    return config.base_dir / "var" / "outbox" / run_id
-
-
 def write_plan(plan: Plan, directory: Path) -> Path:
-    """Write the gated rows and the summary; only after the gate (and, later, quality checks) passed."""
+    """Gate (again, on exactly what is written) and write the outbox atomically."""
     return write_outbox(directory, plan.outbound, plan.summary)
+
+
+def build_pending(plan: Plan, paths: RunPaths) -> Path:
+    """Write the gated plan where ``validate_outbound`` will look; not yet an outbox."""
+    return write_outbox(paths.pending, plan.outbound, plan.summary)
+
+
+def publish_outbox(config: ClinicConfig, paths: RunPaths, checks: Callable[[Path], None] | None = None) -> Path:
+    """Re-check the pending plan (PHI gate, then any data-quality checks) and make it the outbox.
+
+    The gate runs on the rows as read back from disk, so what the uploaders will read is
+    exactly what was checked. On any failure the pending plan is deleted: no outbox appears.
+    """
+    import shutil
+
+    from etl.outbox import OUTBOX_FILES, read_rows
+
+    try:
+        outbound = {dest: list(read_rows(paths.pending, dest)) for dest in OUTBOX_FILES}
+        check_outbound(config, outbound)
+        if checks is not None:
+            checks(paths.pending)
+    except BaseException:
+        shutil.rmtree(paths.pending, ignore_errors=True)
+        raise
+    old = paths.outbox.with_name(f".{paths.outbox.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if paths.outbox.exists():
+        paths.outbox.rename(old)
+    paths.pending.rename(paths.outbox)
+    shutil.rmtree(old, ignore_errors=True)
+    return paths.outbox
+
+
+def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]:
+    """Fold upload results (``results/*.json``) into the plan's summary and rewrite summary.json.
+
+    ``planned`` stays what the plan held; ``already_sent`` adds rows the ledger or the platform
+    reported as already there at upload time to those left out while planning.
+    """
+    import json
+
+    from etl.outbox import write_summary
+
+    merged = json.loads(json.dumps(summary))
+    for dest, counts in merged["destinations"].items():
+        result_file = paths.results / f"{dest}.json"
+        if not result_file.exists():
+            continue
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        if dest in CONVERSION_DESTINATIONS:
+            for key in ("sent", "accepted", "rejected", "deferred"):
+                counts[key] = int(result.get(key, 0))
+            counts["already_sent"] += int(result.get("already_sent", 0))
+            counts["requests"] = int(result.get("requests", 0))
+            if result.get("rejected_codes"):
+                counts["rejected_codes"] = result["rejected_codes"]
+            if result.get("stopped"):
+                counts["stopped"] = result["stopped"]
+        else:
+            counts["sent_adds"] = int(result.get("adds", 0))
+            counts["sent_removes"] = int(result.get("removes", 0))
+            counts["rejected"] = int(result.get("rejected", 0))
+    if paths.outbox.exists():
+        write_summary(paths.outbox, merged)
+    return merged

@@ -94,9 +94,11 @@ def run_dry(config: ClinicConfig, start: str, end: str, tmp_path: Path, *, db_ur
         config = config.model_copy(update={"sources": sources})
     window = RunWindow(start=local(start, config), end=local(end, config))
     url = db_url or f"sqlite:///{tmp_path / 'stage.sqlite'}"
+    paths = pipeline.RunPaths(run_dir=tmp_path / "run", outbox=tmp_path / "outbox" / pipeline.run_id_for(config, window))
     with store.engine_for(url) as engine:
-        inputs = pipeline.stage_sources(config, engine, window, pipeline.Timings())
+        inputs = pipeline.stage_sources(config, engine, window, pipeline.Timings(), paths)
         plan = pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, inputs=inputs)
-    outbox = pipeline.write_plan(plan, tmp_path / "outbox" / plan.run_id)
+    pipeline.build_pending(plan, paths)
+    outbox = pipeline.publish_outbox(config, paths)
     rows = {dest: list(read_rows(outbox, dest)) for dest in OUTBOX_FILES}
     return CaseRun(summary=plan.summary, rows=rows, outbox=outbox)

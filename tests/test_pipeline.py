@@ -44,12 +44,15 @@ def test_same_dry_run_twice_gives_byte_identical_outboxes(synthetic: Path, tmp_p
         assert drops[reason] > 0, reason
 
 
-def _plan(config, engine, start: str, end: str, **kwargs) -> pipeline.Plan:
+def _plan(config, engine, start: str, end: str, tmp: Path | None = None, **kwargs) -> pipeline.Plan:
     window = RunWindow(
         start=datetime.fromisoformat(start).replace(tzinfo=config.tz),
         end=datetime.fromisoformat(end).replace(tzinfo=config.tz),
     )
-    pipeline.stage_sources(config, engine, window, pipeline.Timings())
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(dir=tmp)) if tmp else Path(tempfile.mkdtemp())
+    pipeline.stage_sources(config, engine, window, pipeline.Timings(), pipeline.RunPaths(run_dir, run_dir / "outbox"))
     return pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, **kwargs)
 
 

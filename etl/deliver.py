@@ -1,0 +1,153 @@
+"""Send a published outbox through destination adapters, exactly once, recording every outcome.
+
+Exactly-once rests on three things: opaque IDs derived from the source record (so a re-send is
+the same ``order_id``/``event_id`` and the platform de-duplicates it), the ledger written around
+every batch (``planned`` committed before the request, the outcome committed after), and rows
+in a final ledger state never being sent again. A process killed between two batches therefore
+re-sends nothing it recorded; one killed during a request re-sends that batch, which the
+platform answers as already there. Results per destination go to ``results/<name>.json`` so
+parallel upload tasks never write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from etl import store
+from etl.config import ClinicConfig
+from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome
+from etl.errors import QuotaExhausted
+from etl.outbox import read_rows
+from etl.payloads import canonical_json, google_member_key, meta_member_key
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+_ID_FIELD = {"google_conversions": "order_id", "meta_events": "event_id"}
+
+
+def _stage_of(config: ClinicConfig, destination: str, row: dict[str, Any]) -> str | None:
+    if destination == "google_conversions" and config.google_ads is not None:
+        actions = config.google_ads.conversion_actions.model_dump()
+        return next((s for s, a in actions.items() if a == row.get("conversion_action")), None)
+    if destination == "meta_events" and config.meta is not None:
+        names = config.meta.event_names.model_dump()
+        return next((s for s, n in names.items() if n == row.get("event_name")), None)
+    return None
+
+
+def write_result(results_dir: Path, name: str, counts: dict[str, Any]) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tmp = results_dir / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(counts, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(results_dir / f"{name}.json")
+
+
+def upload_conversions(
+    config: ClinicConfig,
+    engine: Engine,
+    outbox: Path,
+    destination: ConversionDestination,
+    *,
+    run_id: str,
+    clock: Clock,
+    validate_only: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Send every outbox row of one destination not yet final in the ledger, batch by batch.
+
+    Returns:
+        counts ``planned, sent, accepted, rejected, already_sent, deferred`` (plus
+        ``stopped: "daily_quota"`` when the platform's daily quota ran out; the unsent rows stay
+        ``planned`` in the ledger and go out on the next run).
+    """
+    name = destination.name
+    rows = list(read_rows(outbox, name))
+    id_field = _ID_FIELD[name]
+    ledger = store.read_ledger(engine, config.clinic_id, name)
+    todo = [r for r in rows if not (r[id_field] in ledger and ledger[r[id_field]].status in store.FINAL_STATES)]
+    counts: dict[str, Any] = {"planned": len(rows), "sent": 0, "accepted": 0, "rejected": 0,
+                              "already_sent": len(rows) - len(todo), "deferred": 0, "requests": 0}  # fmt: skip
+    rejected_codes: dict[str, int] = {}
+    batches = [todo[lo : lo + destination.max_batch] for lo in range(0, len(todo), destination.max_batch)]
+    for number, batch in enumerate(batches, start=1):
+        stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
+        if not validate_only:
+            store.write_ledger(engine, config.clinic_id, name,
+                               [{"opaque_id": k, "stage": s, "status": "planned"} for k, s in stages.items()],
+                               run_id=run_id, at=clock())  # fmt: skip
+        try:
+            results = destination.send(batch, validate_only=validate_only)
+        except QuotaExhausted:
+            counts["stopped"] = "daily_quota"
+            log.warning("%s: daily quota exhausted after %d of %d batches; the rest stays planned",
+                        name, number - 1, len(batches))  # fmt: skip
+            break
+        counts["requests"] += 1
+        counts["sent"] += len(batch)
+        entries = []
+        for result in results:
+            counts[str(result.outcome)] += 1
+            if result.outcome is Outcome.REJECTED:
+                rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
+            entries.append({"opaque_id": result.key, "stage": stages.get(result.key), "status": str(result.outcome),
+                            "code": result.code, "request_id": result.request_id})  # fmt: skip
+        if not validate_only:
+            store.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
+        if on_batch is not None:
+            on_batch(number, len(batches))
+    counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
+    if validate_only:
+        counts["validate_only"] = True
+    log.info("%s: %s", name, {k: v for k, v in counts.items() if k != "rejected_codes"})
+    return counts
+
+
+def _audience_rows(outbox: Path, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = list(read_rows(outbox, name))
+    add_op = "create" if name == "google_customer_match" else "add"
+    return [r for r in rows if r["operation"] == add_op], [r for r in rows if r["operation"] == "remove"]
+
+
+def _member_keys(name: str, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """member_key -> stored payload, the same keys ``etl.pipeline`` diffs against."""
+    if name == "google_customer_match":
+        return {google_member_key(r): canonical_json({"operation": "create", "user_identifiers": r["user_identifiers"]})
+                for r in rows}  # fmt: skip
+    return {meta_member_key(d): canonical_json(d) for r in rows for d in r["data"]}
+
+
+def sync_audience(
+    config: ClinicConfig,
+    engine: Engine,
+    outbox: Path,
+    destination: AudienceDestination,
+    *,
+    full_resync: bool,
+    clock: Clock,
+    validate_only: bool = False,
+) -> dict[str, Any]:
+    """Apply the outbox's membership delta, then record the platform's new state.
+
+    The synced state changes only after the adapter returned, so a failed sync is recomputed
+    and re-sent whole by the next run (adds and removes are idempotent on both platforms).
+    """
+    name = destination.name
+    adds, removes = _audience_rows(outbox, name)
+    result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
+    if not validate_only:
+        store.apply_audience_delta(
+            engine, config.clinic_id, name, at=clock(), replace_all=full_resync,
+            added=_member_keys(name, adds), removed=list(_member_keys(name, removes)),
+        )  # fmt: skip
+    counts = {"adds": result.adds, "removes": result.removes, "rejected": result.rejected,
+              "codes": dict(sorted(result.codes.items())), "requests": len(result.request_ids)}  # fmt: skip
+    log.info("%s: %s", name, counts)
+    return counts

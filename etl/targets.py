@@ -1,0 +1,77 @@
+"""One switch picks the adapter set: local protocol-true sandboxes, or the live platforms.
+
+``--target sandbox`` starts the in-process Google gRPC sandbox and Meta Graph sandbox for the
+duration of the run and points the real SDK clients at them; ``--target live`` builds the same
+adapters with credentials from the environment. Either way the pipeline sees only the
+``ConversionDestination``/``AudienceDestination`` interfaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from etl.config import ClinicConfig
+from etl.destinations.base import AudienceDestination, ConversionDestination
+
+
+@dataclass
+class Destinations:
+    conversions: dict[str, ConversionDestination] = field(default_factory=dict)
+    audiences: dict[str, AudienceDestination] = field(default_factory=dict)
+    sandboxes: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def open_destinations(
+    config: ClinicConfig,
+    target: Literal["sandbox", "live"],
+    *,
+    now: datetime,
+    test_event_code: str | None = None,
+    retry_wait: float | None = None,
+    sandboxes: dict[str, Any] | None = None,
+) -> Iterator[Destinations]:
+    """Build the clinic's destinations; sandboxes started here are stopped on exit.
+
+    Args:
+        now: the run's end; Meta's event-age check is relative to it, never to the clock.
+        sandboxes: already started sandboxes to reuse (tests), keyed "google" / "meta".
+    """
+    out = Destinations()
+    with ExitStack() as stack:
+        if config.google_ads is not None:
+            from etl.destinations.google_setup import make_google_destinations
+
+            google_sandbox = None
+            if target == "sandbox":
+                google_sandbox = (sandboxes or {}).get("google")
+                if google_sandbox is None:
+                    from etl.sandbox.google import GoogleSandbox
+
+                    google_sandbox = stack.enter_context(GoogleSandbox())
+                out.sandboxes["google"] = google_sandbox
+            conv, aud = make_google_destinations(config, target=target, sandbox=google_sandbox, retry_wait=retry_wait)
+            out.conversions[conv.name] = conv
+            if config.google_ads.suppression_user_list and config.google_ads.suppression_enabled:
+                out.audiences[aud.name] = aud
+        if config.meta is not None:
+            from etl.destinations.meta import make_meta_destinations
+
+            meta_sandbox = None
+            if target == "sandbox":
+                meta_sandbox = (sandboxes or {}).get("meta")
+                if meta_sandbox is None:
+                    from etl.sandbox.meta import MetaSandbox
+
+                    meta_sandbox = stack.enter_context(MetaSandbox(now=now))
+                out.sandboxes["meta"] = meta_sandbox
+            conv, aud = make_meta_destinations(config, target=target, now=now, sandbox=meta_sandbox,
+                                               test_event_code=test_event_code, retry_wait=retry_wait)  # fmt: skip
+            out.conversions[conv.name] = conv
+            if config.meta.suppression_audience_id and config.meta.suppression_enabled:
+                out.audiences[aud.name] = aud
+        yield out
