@@ -333,9 +333,9 @@ def _store_derived(engine: Engine, config: ClinicConfig, secret: bytes, run_id: 
         ],
         ignore_index=True,
     )
-    rows = rows[rows["person"] >= 0]
-    grouped = rows.groupby("person").agg(record=("record", "min"), appointments=("is_appt", "sum"),
-                                         total=("is_appt", "size"))  # fmt: skip
+    rows = rows[rows["person"] >= 0].sort_values(["person", "record"], kind="stable")
+    grouped = rows.groupby("person").agg(appointments=("is_appt", "sum"), total=("is_appt", "size"))
+    grouped["record"] = rows.drop_duplicates("person").set_index("person")["record"]
     keys = {p: opaque_id(secret, config.clinic_id, "person", r) for p, r in grouped["record"].items()}
     person_frame = pd.DataFrame(
         {

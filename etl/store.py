@@ -142,6 +142,21 @@ run_summaries = sa.Table(
     sa.Column("summary", sa.Text, nullable=False),
 )
 
+# One row per expectation per run (etl.quality): names and counts only, never a value.
+quality_results = sa.Table(
+    "quality_results",
+    metadata,
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("suite", sa.String(64), primary_key=True),
+    sa.Column("expectation", sa.String(64), primary_key=True),
+    sa.Column("clinic_id", sa.String(64), nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("success", sa.Boolean, nullable=False),
+    sa.Column("unexpected_count", sa.BigInteger),
+    sa.Column("element_count", sa.BigInteger),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
 FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
@@ -258,8 +273,8 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
     Appointments replace a stored row when their ``updated_at`` is at least as new (a row with
     no ``updated_at`` counts as newest, since a later export is the best evidence we have);
     leads always replace (SPEC section 3: position in a later export is newer). Rows go to a
-    temporary table in chunks, then one ``INSERT ... SELECT ... ON CONFLICT`` merges them, which
-    both SQLite and PostgreSQL run set-wise.
+    temporary table (COPY on PostgreSQL), then one ``INSERT ... SELECT ... ON CONFLICT`` merges
+    them set-wise; on SQLite the driver's ``executemany`` upserts directly in one pass.
 
     Returns:
         the number of rows in the export.
@@ -275,6 +290,25 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
         staged["clinic_id"] = clinic_id
         staged["load_seq"] = seq
         staged = staged[cols]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
+        newer = ""
+        if kind == "appointments":
+            newer = (
+                " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
+                " OR excluded.updated_at >= appointments.updated_at"
+            )
+        conflict = f"ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
+        col_list = ", ".join(cols)
+        if conn.dialect.name == "sqlite":
+            # one pass: SQLite runs the upsert per row inside the driver's executemany
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            sql = f"INSERT INTO {table.name} ({col_list}) VALUES ({', '.join('?' for _ in cols)}) {conflict}"
+            cur = raw.cursor()
+            for chunk in _tuples(staged):
+                cur.executemany(sql, chunk)
+            cur.close()
+            return len(frame)
         tmp = sa.Table(
             f"tmp_{kind}",
             sa.MetaData(),
@@ -284,19 +318,8 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
         tmp.drop(conn, checkfirst=True)
         tmp.create(conn)
         bulk_insert(conn, tmp, staged)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
-        newer = ""
-        if kind == "appointments":
-            newer = (
-                " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
-                " OR excluded.updated_at >= appointments.updated_at"
-            )
-        col_list = ", ".join(cols)
         conn.execute(
-            sa.text(
-                f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} "
-                f"WHERE true ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
-            )
+            sa.text(f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} WHERE true {conflict}")
         )
         tmp.drop(conn)
     return len(frame)

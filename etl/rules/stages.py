@@ -18,6 +18,7 @@ import pandas as pd
 
 from etl.config import ClinicConfig
 from etl.rules.consent import consent_state
+from etl.rules.frames import ordered_lists
 
 STAGES = ("consultation", "purchase")
 _MAX_EMAILS, _MAX_PHONES = 3, 2  # Google allows 5 identifiers per conversion in all
@@ -137,10 +138,7 @@ def _identifiers(
     cand = pd.concat([from_appt, lead_part], ignore_index=True).sort_values(["conv", "prio"], kind="stable")
     out = pd.DataFrame(index=pd.RangeIndex(len(conv)))
     for col, cap in (("em_g", _MAX_EMAILS), ("ph_g", _MAX_PHONES), ("em_m", 5), ("ph_m", 5)):
-        vals = cand[["conv", col]].dropna().drop_duplicates()
-        lists = vals.groupby("conv", sort=False)[col].agg(lambda s, cap=cap: list(s)[:cap])
-        out[col] = lists.reindex(out.index)
-        out[col] = out[col].apply(lambda v: v if isinstance(v, list) else [])
+        out[col] = ordered_lists(cand, "conv", col, cap, out.index)
     firsts = cand.groupby("conv")[["fn_m", "ln_m", "ct_m", "st_m", "zp_m", "country_m"]].first()
     return out.join(firsts)
 
@@ -196,7 +194,7 @@ def build_conversions(
     state_at_end = consent_state(consent, conv["person"].to_numpy(), window.end_ts)
     has_google_click = conv[["gclid", "gbraid", "wbraid"]].notna().any(axis=1)
     has_any_click = has_google_click | conv["fbc"].notna()
-    has_ids = (conv["em_g"].str.len() > 0) | (conv["ph_g"].str.len() > 0)
+    has_ids = (conv["em_g"].map(len) > 0) | (conv["ph_g"].map(len) > 0)
 
     drop = pd.Series("", index=conv.index, dtype=object)
     rules_in_order = [
@@ -245,8 +243,8 @@ def _meta_route(conv: pd.DataFrame, config: ClinicConfig, window: RunWindow) -> 
     if meta is None:
         return route
     kept = (conv["drop"] == "") & (
-        (conv["em_m"].str.len() > 0)
-        | (conv["ph_m"].str.len() > 0)
+        (conv["em_m"].map(len) > 0)
+        | (conv["ph_m"].map(len) > 0)
         | conv["fbc"].notna()
         | conv["fbp"].notna()
     )

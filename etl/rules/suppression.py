@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from etl.rules.consent import consent_state
+from etl.rules.frames import ordered_lists
 
 _LIST_CAP = 3
 _FIRSTS = ("fn_g", "ln_g", "country_code", "postal_code", "em_m", "ph_m", "fn_m", "ln_m", "zp_m", "ct_m", "st_m", "country_m")
@@ -47,9 +48,6 @@ def suppression_members(
     rows = rows[rows["person"].isin(people)].sort_values(["person", "_t"], ascending=[True, False], kind="stable")
     out = pd.DataFrame({"person": people}).set_index("person")
     for col in ("em_g", "ph_g"):
-        vals = rows[["person", col]].dropna().drop_duplicates()
-        lists = vals.groupby("person", sort=False)[col].agg(lambda s: list(s)[:_LIST_CAP])
-        out[col] = lists.reindex(out.index)
-        out[col] = out[col].apply(lambda v: v if isinstance(v, list) else [])
+        out[col] = ordered_lists(rows, "person", col, _LIST_CAP, out.index)
     out = out.join(rows.groupby("person")[list(_FIRSTS)].first())
     return out.reset_index()

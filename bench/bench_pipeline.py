@@ -1,0 +1,179 @@
+"""Benchmark: a dry run on 1M appointments + 400k leads against a floor measured in the same run.
+
+The floor is the least any implementation must do: read both CSVs with pyarrow and SHA-256 the
+email and phone columns with hashlib. Targets (issue #2): dry-run wall time <= 3x the floor,
+peak RSS <= 2 GiB, per-row cost at 1M within 1.3x of the cost at 100k. A second part measures
+upload throughput against the local sandboxes (issues #3 and #4). Figures are ratios from one
+run on one machine; absolute seconds vary with the machine's load.
+
+Usage: .venv/bin/python bench/bench_pipeline.py [--appointments N] [--leads M] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "2026-08-01", "2026-11-23"
+
+
+def floor_seconds(folder: Path) -> float:
+    """Read both exports with pyarrow and hash email and phone with hashlib: the floor."""
+    import pyarrow.csv as pacsv
+
+    began = time.perf_counter()
+    for name in ("appointments.csv", "leads.csv"):
+        table = pacsv.read_csv(folder / "exports" / name)
+        for column in ("email", "phone"):
+            for value in table.column(column).to_pylist():
+                if value:
+                    hashlib.sha256(str(value).encode()).hexdigest()
+    return time.perf_counter() - began
+
+
+def child(config: str, database: str, mode: str) -> None:
+    """Runs in a fresh process so wall time and peak RSS belong to the pipeline alone."""
+    from etl import pipeline, tasks
+    from etl.config import load_config, resolve_id_secret
+
+    cfg = load_config(config)
+    tz = cfg.tz
+    start = datetime.fromisoformat(START).replace(tzinfo=tz)
+    end = datetime.fromisoformat(END).replace(tzinfo=tz)
+    spec = tasks.spec_for(cfg, start, end, database=database)
+    timings = pipeline.Timings()
+    secret, _ = resolve_id_secret(real_send=False)
+    began = time.perf_counter()
+    out: dict[str, Any] = {}
+    if mode == "dry_run":
+        inputs = tasks.extract(spec, timings)
+        inputs.pop("run_id")
+        tasks.stage(spec, timings)
+        built = tasks.build_conversions(spec, secret=secret, dry_run=True, target="none", inputs=inputs,
+                                        timings=timings)  # fmt: skip
+        with timings.step("validate_outbound"):
+            tasks.validate_outbound(spec)
+        out["planned"] = built["planned"]
+    else:
+        from etl.targets import started_sandboxes
+
+        with started_sandboxes(cfg, now=end) as sandboxes:
+            for family in ("google", "meta"):
+                with timings.step(f"upload_{family}"):
+                    out[family] = tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes)  # type: ignore[arg-type]
+            with timings.step("sync_suppression"):
+                out["suppression"] = tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes)
+    out["wall"] = time.perf_counter() - began
+    out["stages"] = timings.seconds
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out, default=str))
+
+
+def run_child(config: Path, database: str, mode: str) -> dict[str, Any]:
+    began = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(config), database, mode],
+        stdout=subprocess.PIPE, cwd=ROOT, text=True,
+    )  # fmt: skip
+    stdout, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child failed ({mode}, exit {proc.returncode})")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    result["process_wall"] = time.perf_counter() - began
+    return result
+
+
+def synth(folder: Path, appointments: int, leads: int) -> float:
+    from etl.synth import write_synthetic_clinic
+
+    began = time.perf_counter()
+    if not (folder / "clinic.yaml").exists():
+        write_synthetic_clinic(folder, appointments=appointments, leads=leads, seed=1)
+    return time.perf_counter() - began
+
+
+def measure(folder: Path, label: str, appointments: int) -> dict[str, Any]:
+    database = f"sqlite:///{folder / f'bench-{label}.sqlite'}"
+    Path(folder / f"bench-{label}.sqlite").unlink(missing_ok=True)
+    dry = run_child(folder / "clinic.yaml", database, "dry_run")
+    floor = floor_seconds(folder)
+    return {
+        "label": label,
+        "appointments": appointments,
+        "dry_run_seconds": round(dry["wall"], 2),
+        "process_seconds": round(dry["process_wall"], 2),
+        "floor_seconds": round(floor, 2),
+        "ratio_to_floor": round(dry["wall"] / floor, 2),
+        "rows_per_second": round(appointments / dry["wall"]),
+        "us_per_appointment": round(dry["wall"] / appointments * 1e6, 2),
+        "peak_rss_mib": round(dry["peak_rss_mib"]),
+        "stages": {k: round(v, 2) for k, v in dry["stages"].items()},
+        "planned": dry["planned"],
+        "database": database,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--appointments", type=int, default=1_000_000)
+    parser.add_argument("--leads", type=int, default=400_000)
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench")
+    parser.add_argument("--skip-uploads", action="store_true")
+    args = parser.parse_args()
+    small_n, small_l = max(args.appointments // 10, 1000), max(args.leads // 10, 400)
+    small_dir, big_dir = args.out / f"clinic-{small_n}", args.out / f"clinic-{args.appointments}"
+    print(f"synth {small_n:,} + {args.appointments:,} appointments ...", file=sys.stderr)
+    synth(small_dir, small_n, small_l)
+    synth(big_dir, args.appointments, args.leads)
+    print("small dry run ...", file=sys.stderr)
+    small = measure(small_dir, "small", small_n)
+    print("large dry run ...", file=sys.stderr)
+    big = measure(big_dir, "large", args.appointments)
+    results: dict[str, Any] = {"small": small, "large": big}
+    results["targets"] = {
+        "ratio_to_floor <= 3": big["ratio_to_floor"] <= 3,
+        "peak_rss <= 2048 MiB": big["peak_rss_mib"] <= 2048,
+        "per-row cost 1M / 100k <= 1.3": round(big["us_per_appointment"] / small["us_per_appointment"], 2),
+    }
+    if not args.skip_uploads:
+        print("uploads to the sandboxes (small clinic) ...", file=sys.stderr)
+        up = run_child(small_dir / "clinic.yaml", small["database"], "upload")
+        rows = {
+            "google_conversions": up["google"].get("google_conversions", {}).get("sent", 0),
+            "meta_events": up["meta"].get("meta_events", {}).get("sent", 0),
+        }
+        results["uploads"] = {
+            "seconds": {k: round(v, 2) for k, v in up["stages"].items()},
+            "rows": rows,
+            "rows_per_second": {
+                "google_conversions": round(rows["google_conversions"] / up["stages"]["upload_google"]),
+                "meta_events": round(rows["meta_events"] / up["stages"]["upload_meta"]),
+            },
+            "requests": {
+                "google_conversions": up["google"].get("google_conversions", {}).get("requests"),
+                "expected_google": math.ceil(rows["google_conversions"] / 2000),
+                "meta_events": up["meta"].get("meta_events", {}).get("requests"),
+                "expected_meta": math.ceil(rows["meta_events"] / 1000),
+            },
+            "suppression": up["suppression"],
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        main()
