@@ -33,7 +33,8 @@ def floor_seconds(folder: Path) -> float:
 
     began = time.perf_counter()
     for name in ("appointments.csv", "leads.csv"):
-        table = pacsv.read_csv(folder / "exports" / name)
+        options = pacsv.ParseOptions(newlines_in_values=True)  # synth writes quoted newlines
+        table = pacsv.read_csv(folder / "exports" / name, parse_options=options)
         for column in ("email", "phone"):
             for value in table.column(column).to_pylist():
                 if value:
@@ -59,8 +60,9 @@ def child(config: str, database: str, mode: str) -> None:
         inputs = tasks.extract(spec, timings)
         inputs.pop("run_id")
         tasks.stage(spec, timings)
-        built = tasks.build_conversions(spec, secret=secret, dry_run=True, target="none", inputs=inputs,
-                                        timings=timings)  # fmt: skip
+        built = tasks.build_conversions(
+            spec, secret=secret, dry_run=True, target="none", inputs=inputs, timings=timings
+        )
         with timings.step("validate_outbound"):
             tasks.validate_outbound(spec)
         out["planned"] = built["planned"]
@@ -83,8 +85,10 @@ def run_child(config: Path, database: str, mode: str) -> dict[str, Any]:
     began = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", str(config), database, mode],
-        stdout=subprocess.PIPE, cwd=ROOT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
     stdout, _ = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child failed ({mode}, exit {proc.returncode})")

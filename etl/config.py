@@ -135,7 +135,14 @@ class Meta(_Model):
     suppression_audience_id: str | None = Field(None, pattern=r"^\d{5,20}$")
     event_names: EventNames = Field(default_factory=EventNames)
     action_source: Literal[
-        "physical_store", "system_generated", "phone_call", "email", "website", "app", "chat", "other"
+        "physical_store",
+        "system_generated",
+        "phone_call",
+        "email",
+        "website",
+        "app",
+        "chat",
+        "other",
     ] = "physical_store"
     max_event_age_days: int | None = Field(
         None, ge=1, le=62, description="Default: 62 for physical_store, 7 otherwise."
@@ -158,6 +165,11 @@ class ClinicConfig(_Model):
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
     default_region: str = Field("US", pattern=r"^[A-Z]{2}$")
     database_url: str | None = None
+    schedule: str = Field(
+        "0 3 * * *",
+        pattern=r"^\S+( \S+){4}$",
+        description="Cron (5 fields) of the nightly Airflow run, in the clinic's time zone.",
+    )
     sources: Sources
     rules: Rules = Field(default_factory=Rules)
     exclude: Exclude = Field(default_factory=Exclude)

@@ -72,23 +72,41 @@ def upload_conversions(
     rows = list(read_rows(outbox, name))
     id_field = _ID_FIELD[name]
     ledger = store.read_ledger(engine, config.clinic_id, name)
-    todo = [r for r in rows if not (r[id_field] in ledger and ledger[r[id_field]].status in store.FINAL_STATES)]
-    counts: dict[str, Any] = {"planned": len(rows), "sent": 0, "accepted": 0, "rejected": 0,
-                              "already_sent": len(rows) - len(todo), "deferred": 0, "requests": 0}  # fmt: skip
+    todo = [
+        r for r in rows if not (r[id_field] in ledger and ledger[r[id_field]].status in store.FINAL_STATES)
+    ]
+    counts: dict[str, Any] = {
+        "planned": len(rows),
+        "sent": 0,
+        "accepted": 0,
+        "rejected": 0,
+        "already_sent": len(rows) - len(todo),
+        "deferred": 0,
+        "requests": 0,
+    }
     rejected_codes: dict[str, int] = {}
     batches = [todo[lo : lo + destination.max_batch] for lo in range(0, len(todo), destination.max_batch)]
     for number, batch in enumerate(batches, start=1):
         stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
         if not validate_only:
-            store.write_ledger(engine, config.clinic_id, name,
-                               [{"opaque_id": k, "stage": s, "status": "planned"} for k, s in stages.items()],
-                               run_id=run_id, at=clock())  # fmt: skip
+            store.write_ledger(
+                engine,
+                config.clinic_id,
+                name,
+                [{"opaque_id": k, "stage": s, "status": "planned"} for k, s in stages.items()],
+                run_id=run_id,
+                at=clock(),
+            )
         try:
             results = destination.send(batch, validate_only=validate_only)
         except QuotaExhausted:
             counts["stopped"] = "daily_quota"
-            log.warning("%s: daily quota exhausted after %d of %d batches; the rest stays planned",
-                        name, number - 1, len(batches))  # fmt: skip
+            log.warning(
+                "%s: daily quota exhausted after %d of %d batches; the rest stays planned",
+                name,
+                number - 1,
+                len(batches),
+            )
             break
         counts["requests"] += 1
         counts["sent"] += len(batch)
@@ -97,8 +115,15 @@ def upload_conversions(
             counts[str(result.outcome)] += 1
             if result.outcome is Outcome.REJECTED:
                 rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
-            entries.append({"opaque_id": result.key, "stage": stages.get(result.key), "status": str(result.outcome),
-                            "code": result.code, "request_id": result.request_id})  # fmt: skip
+            entries.append(
+                {
+                    "opaque_id": result.key,
+                    "stage": stages.get(result.key),
+                    "status": str(result.outcome),
+                    "code": result.code,
+                    "request_id": result.request_id,
+                }
+            )
         if not validate_only:
             store.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:
@@ -119,8 +144,12 @@ def _audience_rows(outbox: Path, name: str) -> tuple[list[dict[str, Any]], list[
 def _member_keys(name: str, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """member_key -> stored payload, the same keys ``etl.pipeline`` diffs against."""
     if name == "google_customer_match":
-        return {google_member_key(r): canonical_json({"operation": "create", "user_identifiers": r["user_identifiers"]})
-                for r in rows}  # fmt: skip
+        return {
+            google_member_key(r): canonical_json(
+                {"operation": "create", "user_identifiers": r["user_identifiers"]}
+            )
+            for r in rows
+        }
     return {meta_member_key(d): canonical_json(d) for r in rows for d in r["data"]}
 
 
@@ -144,10 +173,20 @@ def sync_audience(
     result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
     if not validate_only:
         store.apply_audience_delta(
-            engine, config.clinic_id, name, at=clock(), replace_all=full_resync,
-            added=_member_keys(name, adds), removed=list(_member_keys(name, removes)),
-        )  # fmt: skip
-    counts = {"adds": result.adds, "removes": result.removes, "rejected": result.rejected,
-              "codes": dict(sorted(result.codes.items())), "requests": len(result.request_ids)}  # fmt: skip
+            engine,
+            config.clinic_id,
+            name,
+            at=clock(),
+            replace_all=full_resync,
+            added=_member_keys(name, adds),
+            removed=list(_member_keys(name, removes)),
+        )
+    counts = {
+        "adds": result.adds,
+        "removes": result.removes,
+        "rejected": result.rejected,
+        "codes": dict(sorted(result.codes.items())),
+        "requests": len(result.request_ids),
+    }
     log.info("%s: %s", name, counts)
     return counts

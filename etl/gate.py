@@ -30,13 +30,164 @@ _POSTAL = re.compile(r"^[0-9A-Za-z]{3,10}$")
 
 # ISO 4217 active codes (2026); a currency outside this list is a data error, not a new currency.
 ISO_4217 = frozenset(
-    """AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP
-    BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP
-    GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR
-    KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK
-    MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR
-    SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS
-    UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
+    [
+        "AED",
+        "AFN",
+        "ALL",
+        "AMD",
+        "ANG",
+        "AOA",
+        "ARS",
+        "AUD",
+        "AWG",
+        "AZN",
+        "BAM",
+        "BBD",
+        "BDT",
+        "BGN",
+        "BHD",
+        "BIF",
+        "BMD",
+        "BND",
+        "BOB",
+        "BRL",
+        "BSD",
+        "BTN",
+        "BWP",
+        "BYN",
+        "BZD",
+        "CAD",
+        "CDF",
+        "CHF",
+        "CLP",
+        "CNY",
+        "COP",
+        "CRC",
+        "CUP",
+        "CVE",
+        "CZK",
+        "DJF",
+        "DKK",
+        "DOP",
+        "DZD",
+        "EGP",
+        "ERN",
+        "ETB",
+        "EUR",
+        "FJD",
+        "FKP",
+        "GBP",
+        "GEL",
+        "GHS",
+        "GIP",
+        "GMD",
+        "GNF",
+        "GTQ",
+        "GYD",
+        "HKD",
+        "HNL",
+        "HTG",
+        "HUF",
+        "IDR",
+        "ILS",
+        "INR",
+        "IQD",
+        "IRR",
+        "ISK",
+        "JMD",
+        "JOD",
+        "JPY",
+        "KES",
+        "KGS",
+        "KHR",
+        "KMF",
+        "KPW",
+        "KRW",
+        "KWD",
+        "KYD",
+        "KZT",
+        "LAK",
+        "LBP",
+        "LKR",
+        "LRD",
+        "LSL",
+        "LYD",
+        "MAD",
+        "MDL",
+        "MGA",
+        "MKD",
+        "MMK",
+        "MNT",
+        "MOP",
+        "MRU",
+        "MUR",
+        "MVR",
+        "MWK",
+        "MXN",
+        "MYR",
+        "MZN",
+        "NAD",
+        "NGN",
+        "NIO",
+        "NOK",
+        "NPR",
+        "NZD",
+        "OMR",
+        "PAB",
+        "PEN",
+        "PGK",
+        "PHP",
+        "PKR",
+        "PLN",
+        "PYG",
+        "QAR",
+        "RON",
+        "RSD",
+        "RUB",
+        "RWF",
+        "SAR",
+        "SBD",
+        "SCR",
+        "SDG",
+        "SEK",
+        "SGD",
+        "SHP",
+        "SLE",
+        "SOS",
+        "SRD",
+        "SSP",
+        "STN",
+        "SVC",
+        "SYP",
+        "SZL",
+        "THB",
+        "TJS",
+        "TMT",
+        "TND",
+        "TOP",
+        "TRY",
+        "TTD",
+        "TWD",
+        "TZS",
+        "UAH",
+        "UGX",
+        "USD",
+        "UYU",
+        "UZS",
+        "VES",
+        "VND",
+        "VUV",
+        "WST",
+        "XAF",
+        "XCD",
+        "XCG",
+        "XOF",
+        "XPF",
+        "YER",
+        "ZAR",
+        "ZMW",
+        "ZWG",
+    ]
 )
 
 
@@ -70,7 +221,7 @@ CURRENCY: Check = _one_of(ISO_4217, "not an ISO 4217 code")
 class ListOf:
     """A list whose items all pass ``item`` (a check or a tree), with a maximum length."""
 
-    def __init__(self, item: Check | Mapping[str, Any] | ListOf, *, max_len: int, min_len: int = 1):
+    def __init__(self, item: Spec, *, max_len: int, min_len: int = 1):
         self.item, self.max_len, self.min_len = item, max_len, min_len
 
 
@@ -181,18 +332,24 @@ _GOOGLE_MEMBER = {
     ),
 }
 
-_AUDIENCE_CELL: Check = lambda v: None if v == "" or (isinstance(v, str) and _HEX64.match(v)) else (  # noqa: E731
-    "not a 64-hex SHA-256 or empty"
-)
+
+def _audience_cell(v: Any) -> str | None:
+    ok = v == "" or (isinstance(v, str) and _HEX64.match(v))
+    return None if ok else "not a 64-hex SHA-256 or empty"
+
+
 _META_AUDIENCE = {
     "operation": _one_of(("add", "remove"), "not add/remove"),
     "schema": Exactly(META_AUDIENCE_SCHEMA, "not the configured multi-key schema"),
-    "data": ListOf(ListOf(_AUDIENCE_CELL, max_len=8, min_len=8), max_len=META_AUDIENCE_BATCH),
+    "data": ListOf(ListOf(_audience_cell, max_len=8, min_len=8), max_len=META_AUDIENCE_BATCH),
 }
 
 
 def specs_for(config: ClinicConfig) -> dict[str, Spec]:
-    specs: dict[str, Spec] = {"google_customer_match": _GOOGLE_MEMBER, "meta_audience": _META_AUDIENCE}
+    specs: dict[str, Spec] = {
+        "google_customer_match": _GOOGLE_MEMBER,
+        "meta_audience": _META_AUDIENCE,
+    }
     if config.google_ads is not None:
         specs["google_conversions"] = _google_conversion_spec(config)
     if config.meta is not None:

@@ -27,8 +27,9 @@ def _line(row: Mapping[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def write_outbox(directory: Path, outbound: Mapping[str, Sequence[Mapping[str, Any]]],
-                 summary: Mapping[str, Any]) -> Path:  # fmt: skip
+def write_outbox(
+    directory: Path, outbound: Mapping[str, Sequence[Mapping[str, Any]]], summary: Mapping[str, Any]
+) -> Path:
     """Atomically (re)place ``directory`` with the four JSONL files and ``summary.json``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

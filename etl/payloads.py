@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,11 @@ def google_date_time(ts: pd.Timestamp, tz: Any) -> str:
     return local.isoformat(sep=" ", timespec="seconds")
 
 
+def _records(frame: pd.DataFrame) -> Iterator[Any]:
+    """Rows as named tuples typed ``Any``: the columns are ours, the stubs cannot know them."""
+    return iter(frame.itertuples(index=False))
+
+
 def _interleave(emails: list[str], phones: list[str], cap: int = 5) -> list[Row]:
     out: list[Row] = []
     for i in range(max(len(emails), len(phones))):
@@ -60,7 +65,7 @@ def google_conversion_rows(conv: pd.DataFrame, config: ClinicConfig) -> list[Row
     sel = conv[conv["google"] == "send"].sort_values(["event_time", "opaque_id"])
     actions = google.conversion_actions.model_dump()
     rows: list[Row] = []
-    for rec in sel.itertuples(index=False):
+    for rec in _records(sel):
         row: Row = {
             "conversion_action": actions[rec.stage],
             "conversion_date_time": google_date_time(rec.event_time, config.tz),
@@ -90,14 +95,21 @@ def meta_event_rows(conv: pd.DataFrame, config: ClinicConfig) -> list[Row]:
     sel = conv[conv["meta"] == "send"].sort_values(["event_time", "opaque_id"])
     names = meta.event_names.model_dump()
     rows: list[Row] = []
-    for rec in sel.itertuples(index=False):
+    for rec in _records(sel):
         user: Row = {}
         if rec.em_m:
             user["em"] = list(rec.em_m)
         if rec.ph_m:
             user["ph"] = list(rec.ph_m)
-        for key, col in (("fn", "fn_m"), ("ln", "ln_m"), ("ct", "ct_m"), ("st", "st_m"),
-                         ("zp", "zp_m"), ("country", "country_m"), ("external_id", "external_id")):  # fmt: skip
+        for key, col in (
+            ("fn", "fn_m"),
+            ("ln", "ln_m"),
+            ("ct", "ct_m"),
+            ("st", "st_m"),
+            ("zp", "zp_m"),
+            ("country", "country_m"),
+            ("external_id", "external_id"),
+        ):
             value = getattr(rec, col)
             if isinstance(value, str) and value:
                 user[key] = [value]
@@ -125,7 +137,7 @@ def meta_event_rows(conv: pd.DataFrame, config: ClinicConfig) -> list[Row]:
 def google_member_rows(members: pd.DataFrame) -> dict[str, Row]:
     """member_key -> ``{"operation": "create", "user_identifiers": [...]}`` for each usable member."""
     out: dict[str, Row] = {}
-    for rec in members.itertuples(index=False):
+    for rec in _records(members):
         identifiers: list[Row] = [{"hashed_email": e} for e in rec.em_g]
         identifiers += [{"hashed_phone_number": p} for p in rec.ph_g]
         address = {
@@ -147,7 +159,7 @@ def meta_member_rows(members: pd.DataFrame) -> dict[str, list[str]]:
     """member_key -> one multi-key data row (``""`` where a key is unknown); needs email or phone."""
     out: dict[str, list[str]] = {}
     cols = ("em_m", "ph_m", "fn_m", "ln_m", "zp_m", "ct_m", "st_m", "country_m")
-    for rec in members.itertuples(index=False):
+    for rec in _records(members):
         values = [getattr(rec, c) for c in cols]
         data = [v if isinstance(v, str) else "" for v in values]
         if not (data[0] or data[1]):
@@ -168,7 +180,10 @@ def meta_audience_lines(adds: list[list[str]], removes: list[list[str]]) -> list
     for operation, data in (("add", adds), ("remove", removes)):
         for lo in range(0, len(data), META_AUDIENCE_BATCH):
             lines.append(
-                {"operation": operation, "schema": list(META_AUDIENCE_SCHEMA),
-                 "data": data[lo : lo + META_AUDIENCE_BATCH]}
-            )  # fmt: skip
+                {
+                    "operation": operation,
+                    "schema": list(META_AUDIENCE_SCHEMA),
+                    "data": data[lo : lo + META_AUDIENCE_BATCH],
+                }
+            )
     return lines

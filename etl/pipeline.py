@@ -36,10 +36,20 @@ from etl.rules.suppression import suppression_members
 log = logging.getLogger(__name__)
 
 DROP_REASONS = (
-    "not_attended", "test_record", "no_lead", "existing_patient", "no_consent", "consent_revoked",
-    "no_identifiers", "outside_window", "duplicate_in_journey", "no_revenue", "too_old_for_google",
-    "too_old_for_meta", "already_sent",
-)  # fmt: skip
+    "not_attended",
+    "test_record",
+    "no_lead",
+    "existing_patient",
+    "no_consent",
+    "consent_revoked",
+    "no_identifiers",
+    "outside_window",
+    "duplicate_in_journey",
+    "no_revenue",
+    "too_old_for_google",
+    "too_old_for_meta",
+    "already_sent",
+)
 CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")
 AUDIENCE_DESTINATIONS = ("google_customer_match", "meta_audience")
 _ID_COLUMN = {"google_conversions": "order_id", "meta_events": "event_id"}
@@ -115,7 +125,9 @@ def paths_for(config: ClinicConfig, window: RunWindow, outbox: Path | None = Non
     return RunPaths(run_dir=run_dir, outbox=outbox or run_dir / "outbox")
 
 
-def extract_sources(config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings) -> dict[str, int]:
+def extract_sources(
+    config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings
+) -> dict[str, int]:
     """Read both exports, flag test records, hash identifiers; write hashed Parquet extracts.
 
     Raw identifiers live only inside this function's frames: what reaches disk is the
@@ -149,8 +161,9 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
     return counts
 
 
-def stage_sources(config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings,
-                  paths: RunPaths) -> dict[str, int]:  # fmt: skip
+def stage_sources(
+    config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings, paths: RunPaths
+) -> dict[str, int]:
     """Extract then stage, in one call."""
     counts = extract_sources(config, window, paths, timings)
     stage_extracts(config, engine, paths, timings)
@@ -162,14 +175,21 @@ def _window_mask(times: pd.Series, lo: pd.Timestamp, hi: pd.Timestamp) -> np.nda
     return ((t >= lo) & (t < hi)).to_numpy()
 
 
-def _row_drops(appts: pd.DataFrame, leads: pd.DataFrame, appt_class: np.ndarray,
-               lo: pd.Timestamp, hi: pd.Timestamp) -> Counter[str]:  # fmt: skip
+def _row_drops(
+    appts: pd.DataFrame,
+    leads: pd.DataFrame,
+    appt_class: np.ndarray,
+    lo: pd.Timestamp,
+    hi: pd.Timestamp,
+) -> Counter[str]:
     """Row-level reasons for appointments (and test leads) in ``[start - late_arrival, end)``."""
     drops: Counter[str] = Counter()
     in_window = _window_mask(appts["start_at"], lo, hi)
     is_test = appts["is_test"].to_numpy(dtype=bool)
     drops["test_record"] += int((in_window & is_test).sum())
-    drops["test_record"] += int((_window_mask(leads["created_at"], lo, hi) & leads["is_test"].to_numpy(dtype=bool)).sum())
+    drops["test_record"] += int(
+        (_window_mask(leads["created_at"], lo, hi) & leads["is_test"].to_numpy(dtype=bool)).sum()
+    )
     real = in_window & ~is_test
     drops["not_attended"] += int((real & (appts["status"].to_numpy() != "attended")).sum())
     for reason in ("no_lead", "outside_window", "duplicate_in_journey"):
@@ -211,23 +231,40 @@ def plan_run(
         consent = consent_events(appts[usable_a], appt_person, leads[usable_l], lead_person)
     with timings.step("journeys"):
         journeys = build_journeys(
-            appts, a_person, attended, leads, l_person, usable_l,
+            appts,
+            a_person,
+            attended,
+            leads,
+            l_person,
+            usable_l,
             attribution_window_days=config.rules.attribution_window_days,
             existing_patient_lookback_days=config.rules.existing_patient_lookback_days,
-        )  # fmt: skip
+        )
     with timings.step("conversions"):
         conv = build_conversions(
-            config=config, window=window, secret=secret, journeys=journeys.frame,
-            lead_journey=journeys.lead_journey, appts=appts, appt_person=a_person,
-            attended=attended, leads=leads, consent=consent,
-        )  # fmt: skip
+            config=config,
+            window=window,
+            secret=secret,
+            journeys=journeys.frame,
+            lead_journey=journeys.lead_journey,
+            appts=appts,
+            appt_person=a_person,
+            attended=attended,
+            leads=leads,
+            consent=consent,
+        )
         outbound = {
             "google_conversions": payloads.google_conversion_rows(conv, config),
             "meta_events": payloads.meta_event_rows(conv, config),
         }
-    drops = _row_drops(appts, leads, journeys.appt_class,
-                       window.start_ts - pd.Timedelta(days=config.rules.late_arrival_days), end)  # fmt: skip
-    drops.update(conv.loc[conv["drop"] != "", "drop"].value_counts().to_dict())
+    drops = _row_drops(
+        appts,
+        leads,
+        journeys.appt_class,
+        window.start_ts - pd.Timedelta(days=config.rules.late_arrival_days),
+        end,
+    )
+    drops.update({str(k): int(v) for k, v in conv.loc[conv["drop"] != "", "drop"].value_counts().items()})
     for dest in ("google", "meta"):
         drops[f"too_old_for_{dest}"] += int((conv[dest] == f"too_old_for_{dest}").sum())
     destinations: dict[str, dict[str, int]] = {}
@@ -240,21 +277,37 @@ def plan_run(
             already = len(outbound[dest]) - len(fresh)
             outbound[dest] = fresh
             drops["already_sent"] += already
-            destinations[dest] = {"planned": len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
-                                  "already_sent": already, "deferred": 0}  # fmt: skip
+            destinations[dest] = {
+                "planned": len(fresh),
+                "sent": 0,
+                "accepted": 0,
+                "rejected": 0,
+                "already_sent": already,
+                "deferred": 0,
+            }
             stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
             stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
     with timings.step("suppression"):
         members = suppression_members(
-            appts=appts, appt_person=a_person, attended=attended, leads=leads, lead_person=l_person,
-            lead_usable=usable_l, consent=consent, end=end,
+            appts=appts,
+            appt_person=a_person,
+            attended=attended,
+            leads=leads,
+            lead_person=l_person,
+            lead_usable=usable_l,
+            consent=consent,
+            end=end,
             lookback_days=config.rules.suppression_lookback_days,
             requires_consent=config.rules.suppression_requires_consent,
-        )  # fmt: skip
+        )
         audiences = _audience_deltas(config, engine, members, full_resync=full_resync)
         outbound["google_customer_match"] = payloads.google_audience_lines(
-            list(audiences["google_customer_match"].adds.values()) if "google_customer_match" in audiences else [],
-            list(audiences["google_customer_match"].removes.values()) if "google_customer_match" in audiences else [],
+            list(audiences["google_customer_match"].adds.values())
+            if "google_customer_match" in audiences
+            else [],
+            list(audiences["google_customer_match"].removes.values())
+            if "google_customer_match" in audiences
+            else [],
         )
         meta_delta = audiences.get("meta_audience")
         outbound["meta_audience"] = payloads.meta_audience_lines(
@@ -263,9 +316,11 @@ def plan_run(
         )
         for dest in AUDIENCE_DESTINATIONS:
             delta = audiences.get(dest)
-            destinations[dest] = {"adds": len(delta.adds) if delta else 0,
-                                  "removes": len(delta.removes) if delta else 0,
-                                  "members": len(members)}  # fmt: skip
+            destinations[dest] = {
+                "adds": len(delta.adds) if delta else 0,
+                "removes": len(delta.removes) if delta else 0,
+                "members": len(members),
+            }
     with timings.step("gate"):
         check_outbound(config, outbound)
     kept = conv[conv["drop"] == ""]
@@ -284,7 +339,11 @@ def plan_run(
     }
     with timings.step("derived_tables"):
         _store_derived(engine, config, secret, run_id, appts, leads, a_person, l_person, conv)
-    log.info("planned run %s: %s", run_id, {k: v.get("planned", v.get("adds")) for k, v in destinations.items()})
+    log.info(
+        "planned run %s: %s",
+        run_id,
+        {k: v.get("planned", v.get("adds")) for k, v in destinations.items()},
+    )
     return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages)
 
 
@@ -292,8 +351,9 @@ def _is_final(entry: store.LedgerEntry | None) -> bool:
     return entry is not None and entry.status in store.FINAL_STATES
 
 
-def _audience_deltas(config: ClinicConfig, engine: Engine, members: pd.DataFrame, *,
-                     full_resync: bool) -> dict[str, AudienceDelta]:  # fmt: skip
+def _audience_deltas(
+    config: ClinicConfig, engine: Engine, members: pd.DataFrame, *, full_resync: bool
+) -> dict[str, AudienceDelta]:
     """Adds and removes against the last synced membership (SPEC rule 12), per enabled list."""
     current: dict[str, dict[str, Any]] = {}
     google, meta = config.google_ads, config.meta
@@ -323,12 +383,27 @@ def _stored_payload(dest: str, text: str) -> Any:
     return value
 
 
-def _store_derived(engine: Engine, config: ClinicConfig, secret: bytes, run_id: str, appts: pd.DataFrame,
-                   leads: pd.DataFrame, a_person: np.ndarray, l_person: np.ndarray, conv: pd.DataFrame) -> None:  # fmt: skip
+def _store_derived(
+    engine: Engine,
+    config: ClinicConfig,
+    secret: bytes,
+    run_id: str,
+    appts: pd.DataFrame,
+    leads: pd.DataFrame,
+    a_person: np.ndarray,
+    l_person: np.ndarray,
+    conv: pd.DataFrame,
+) -> None:
     """Persons and conversions for inspection; person keys are opaque (HMAC of a member record)."""
     rows = pd.concat(
         [
-            pd.DataFrame({"person": a_person, "record": "a:" + appts["appointment_id"].astype(str), "is_appt": 1}),
+            pd.DataFrame(
+                {
+                    "person": a_person,
+                    "record": "a:" + appts["appointment_id"].astype(str),
+                    "is_appt": 1,
+                }
+            ),
             pd.DataFrame({"person": l_person, "record": "l:" + leads["lead_id"].astype(str), "is_appt": 0}),
         ],
         ignore_index=True,
@@ -368,7 +443,9 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
     return write_outbox(paths.pending, plan.outbound, plan.summary)
 
 
-def publish_outbox(config: ClinicConfig, paths: RunPaths, checks: Callable[[Path], None] | None = None) -> Path:
+def publish_outbox(
+    config: ClinicConfig, paths: RunPaths, checks: Callable[[Path], None] | None = None
+) -> Path:
     """Re-check the pending plan (PHI gate, then any data-quality checks) and make it the outbox.
 
     The gate runs on the rows as read back from disk, so what the uploaders will read is

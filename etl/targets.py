@@ -8,7 +8,7 @@ adapters with credentials from the environment. Either way the pipeline sees onl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,16 +34,21 @@ def open_destinations(
     test_event_code: str | None = None,
     retry_wait: float | None = None,
     sandboxes: dict[str, Any] | None = None,
+    only: Literal["google", "meta"] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Iterator[Destinations]:
     """Build the clinic's destinations; sandboxes started here are stopped on exit.
 
     Args:
         now: the run's end; Meta's event-age check is relative to it, never to the clock.
-        sandboxes: already started sandboxes to reuse (tests), keyed "google" / "meta".
+        sandboxes: already started sandboxes to reuse, keyed "google" / "meta".
+        only: build one platform's adapters (an upload task needs only its own).
+        environ: where live credentials are read (default ``os.environ``); the DAG passes a
+            mapping built from Airflow connections instead of exporting them.
     """
     out = Destinations()
     with ExitStack() as stack:
-        if config.google_ads is not None:
+        if config.google_ads is not None and only in (None, "google"):
             from etl.destinations.google_setup import make_google_destinations
 
             google_sandbox = None
@@ -54,11 +59,17 @@ def open_destinations(
 
                     google_sandbox = stack.enter_context(GoogleSandbox())
                 out.sandboxes["google"] = google_sandbox
-            conv, aud = make_google_destinations(config, target=target, sandbox=google_sandbox, retry_wait=retry_wait)
+            conv, aud = make_google_destinations(
+                config,
+                target=target,
+                sandbox=google_sandbox,
+                retry_wait=retry_wait,
+                environ=environ,
+            )
             out.conversions[conv.name] = conv
             if config.google_ads.suppression_user_list and config.google_ads.suppression_enabled:
                 out.audiences[aud.name] = aud
-        if config.meta is not None:
+        if config.meta is not None and only in (None, "meta"):
             from etl.destinations.meta import make_meta_destinations
 
             meta_sandbox = None
@@ -69,9 +80,32 @@ def open_destinations(
 
                     meta_sandbox = stack.enter_context(MetaSandbox(now=now))
                 out.sandboxes["meta"] = meta_sandbox
-            conv, aud = make_meta_destinations(config, target=target, now=now, sandbox=meta_sandbox,
-                                               test_event_code=test_event_code, retry_wait=retry_wait)  # fmt: skip
+            conv, aud = make_meta_destinations(
+                config,
+                target=target,
+                now=now,
+                sandbox=meta_sandbox,
+                test_event_code=test_event_code,
+                retry_wait=retry_wait,
+                environ=environ,
+            )
             out.conversions[conv.name] = conv
             if config.meta.suppression_audience_id and config.meta.suppression_enabled:
                 out.audiences[aud.name] = aud
         yield out
+
+
+@contextmanager
+def started_sandboxes(config: ClinicConfig, *, now: datetime) -> Iterator[dict[str, Any]]:
+    """Start the sandboxes a clinic needs once, for several steps in one process (CLI, tests)."""
+    with ExitStack() as stack:
+        started: dict[str, Any] = {}
+        if config.google_ads is not None:
+            from etl.sandbox.google import GoogleSandbox
+
+            started["google"] = stack.enter_context(GoogleSandbox())
+        if config.meta is not None:
+            from etl.sandbox.meta import MetaSandbox
+
+            started["meta"] = stack.enter_context(MetaSandbox(now=now))
+        yield started

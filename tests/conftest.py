@@ -51,7 +51,12 @@ BASE_CONFIG: dict[str, Any] = {
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test starts without our secrets in the environment and restores what it changes."""
     saved = dict(os.environ)
-    for name in ("MEDSPA_ID_SECRET", "META_ACCESS_TOKEN", "META_APP_SECRET", "GOOGLE_ADS_DEVELOPER_TOKEN"):
+    for name in (
+        "MEDSPA_ID_SECRET",
+        "META_ACCESS_TOKEN",
+        "META_APP_SECRET",
+        "GOOGLE_ADS_DEVELOPER_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield
     os.environ.clear()
@@ -84,20 +89,33 @@ class CaseRun:
         return {k: v for k, v in self.summary["drops"].items() if v}
 
 
-def run_dry(config: ClinicConfig, start: str, end: str, tmp_path: Path, *, db_url: str | None = None,
-            appointments: str | None = None) -> CaseRun:  # fmt: skip
+def run_dry(
+    config: ClinicConfig,
+    start: str,
+    end: str,
+    tmp_path: Path,
+    *,
+    db_url: str | None = None,
+    appointments: str | None = None,
+) -> CaseRun:
     """Stage the clinic's exports and write a dry-run outbox for ``[start, end)`` (local dates)."""
     if appointments is not None:
         sources = config.sources.model_copy(
-            update={"appointments": config.sources.appointments.model_copy(update={"path": Path(appointments)})}
+            update={
+                "appointments": config.sources.appointments.model_copy(update={"path": Path(appointments)})
+            }
         )
         config = config.model_copy(update={"sources": sources})
     window = RunWindow(start=local(start, config), end=local(end, config))
     url = db_url or f"sqlite:///{tmp_path / 'stage.sqlite'}"
-    paths = pipeline.RunPaths(run_dir=tmp_path / "run", outbox=tmp_path / "outbox" / pipeline.run_id_for(config, window))
+    paths = pipeline.RunPaths(
+        run_dir=tmp_path / "run", outbox=tmp_path / "outbox" / pipeline.run_id_for(config, window)
+    )
     with store.engine_for(url) as engine:
         inputs = pipeline.stage_sources(config, engine, window, pipeline.Timings(), paths)
-        plan = pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, inputs=inputs)
+        plan = pipeline.plan_run(
+            config, engine, window, secret=SECRET, target="none", dry_run=True, inputs=inputs
+        )
     pipeline.build_pending(plan, paths)
     outbox = pipeline.publish_outbox(config, paths)
     rows = {dest: list(read_rows(outbox, dest)) for dest in OUTBOX_FILES}

@@ -15,10 +15,50 @@ from typer.testing import CliRunner
 
 from etl.cli import app
 
-A_COLS = ("appointment_id,patient_id,first_name,last_name,email,phone,zip,city,state,country,service,status,"
-          "start_at,revenue,currency,location_id,updated_at,consent_marketing,consent_at,consent_revoked_at").split(",")  # fmt: skip
-L_COLS = ("lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
-          "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url").split(",")  # fmt: skip
+A_COLS = [
+    "appointment_id",
+    "patient_id",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "zip",
+    "city",
+    "state",
+    "country",
+    "service",
+    "status",
+    "start_at",
+    "revenue",
+    "currency",
+    "location_id",
+    "updated_at",
+    "consent_marketing",
+    "consent_at",
+    "consent_revoked_at",
+]
+L_COLS = [
+    "lead_id",
+    "created_at",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "zip",
+    "gclid",
+    "gbraid",
+    "wbraid",
+    "fbclid",
+    "fbc",
+    "fbp",
+    "consent_marketing",
+    "consent_at",
+    "consent_revoked_at",
+    "source",
+    "treatment_interest",
+    "notes",
+    "landing_page_url",
+]
 
 # each canary is unique and would be recognisable anywhere it leaked, in any letter case
 CANARIES = {
@@ -38,25 +78,56 @@ CANARIES = {
     "landing_page_url": "https://cnry.example/botox?utm_content=CNRYURL",
 }
 # forms in which a raw value could escape besides verbatim
-DERIVED = ["cnrymailboxq7x", "cnry.mailbox.q7x", "4155550177", "cnryfirstqz", "cnrylastqz", "cnrycityville"]
+DERIVED = [
+    "cnrymailboxq7x",
+    "cnry.mailbox.q7x",
+    "4155550177",
+    "cnryfirstqz",
+    "cnrylastqz",
+    "cnrycityville",
+]
 
 
 def write_clinic(folder: Path) -> Path:
     c = CANARIES
     appointment = {
-        "appointment_id": c["appointment_id"], "patient_id": c["patient_id"], "first_name": c["first_name"],
-        "last_name": c["last_name"], "email": c["email"], "phone": c["phone"], "zip": "94110",
-        "city": c["city"], "state": "CA", "country": "US", "service": c["service"], "status": "Completed",
-        "start_at": "2026-05-05 10:00", "revenue": "$1,250.00", "currency": "USD", "location_id": c["location_id"],
-        "updated_at": "2026-05-05 12:00", "consent_marketing": "yes", "consent_at": "2026-05-01 09:00",
-    }  # fmt: skip
+        "appointment_id": c["appointment_id"],
+        "patient_id": c["patient_id"],
+        "first_name": c["first_name"],
+        "last_name": c["last_name"],
+        "email": c["email"],
+        "phone": c["phone"],
+        "zip": "94110",
+        "city": c["city"],
+        "state": "CA",
+        "country": "US",
+        "service": c["service"],
+        "status": "Completed",
+        "start_at": "2026-05-05 10:00",
+        "revenue": "$1,250.00",
+        "currency": "USD",
+        "location_id": c["location_id"],
+        "updated_at": "2026-05-05 12:00",
+        "consent_marketing": "yes",
+        "consent_at": "2026-05-01 09:00",
+    }
     lead = {
-        "lead_id": c["lead_id"], "created_at": "2026-05-01 09:00", "first_name": c["first_name"],
-        "last_name": c["last_name"], "email": c["email"], "phone": c["phone"], "zip": "94110",
-        "gclid": "Cj0KCQ-click-ok", "fbclid": "IwAR-click-ok", "consent_marketing": "yes",
-        "consent_at": "2026-05-01 09:00", "source": c["source"], "treatment_interest": c["treatment_interest"],
-        "notes": c["notes"], "landing_page_url": c["landing_page_url"],
-    }  # fmt: skip
+        "lead_id": c["lead_id"],
+        "created_at": "2026-05-01 09:00",
+        "first_name": c["first_name"],
+        "last_name": c["last_name"],
+        "email": c["email"],
+        "phone": c["phone"],
+        "zip": "94110",
+        "gclid": "Cj0KCQ-click-ok",
+        "fbclid": "IwAR-click-ok",
+        "consent_marketing": "yes",
+        "consent_at": "2026-05-01 09:00",
+        "source": c["source"],
+        "treatment_interest": c["treatment_interest"],
+        "notes": c["notes"],
+        "landing_page_url": c["landing_page_url"],
+    }
     for name, cols, row in (("appointments.csv", A_COLS, appointment), ("leads.csv", L_COLS, lead)):
         with (folder / name).open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=cols)
@@ -79,7 +150,16 @@ def test_no_planted_value_escapes(mode: str, tmp_path: Path, caplog: pytest.LogC
         pytest.importorskip("etl.sandbox.google")
     config = write_clinic(tmp_path)
     caplog.set_level(logging.DEBUG)
-    args = ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30", "--json"]
+    args = [
+        "run",
+        "--config",
+        str(config),
+        "--start",
+        "2026-05-01",
+        "--end",
+        "2026-06-30",
+        "--json",
+    ]
     args += ["--dry-run"] if mode == "dry-run" else ["--target", "sandbox"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -100,8 +180,19 @@ def test_bad_input_error_names_place_not_value(tmp_path: Path) -> None:
     config = write_clinic(tmp_path)
     text = (tmp_path / "appointments.csv").read_text().replace("2026-05-05 10:00", "CNRY-not-a-date")
     (tmp_path / "appointments.csv").write_text(text)
-    result = CliRunner().invoke(app, ["run", "--config", str(config), "--start", "2026-05-01",
-                                      "--end", "2026-06-30", "--dry-run"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--config",
+            str(config),
+            "--start",
+            "2026-05-01",
+            "--end",
+            "2026-06-30",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code != 0
     assert "appointments.csv" in result.stderr and "line 2" in result.stderr and "start_at" in result.stderr
     assert "CNRY" not in result.stderr and "CNRY" not in result.stdout

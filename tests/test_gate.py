@@ -30,15 +30,29 @@ GOOD = {
         "event_time": 1778000000,
         "event_id": H,
         "action_source": "physical_store",
-        "user_data": {"em": [H], "ph": [H], "fn": [H], "country": [H], "external_id": [H],
-                      "fbc": "fb.1.1777100000000.IwAR-x", "fbp": "fb.1.1777100000000.123"},  # fmt: skip
+        "user_data": {
+            "em": [H],
+            "ph": [H],
+            "fn": [H],
+            "country": [H],
+            "external_id": [H],
+            "fbc": "fb.1.1777100000000.IwAR-x",
+            "fbp": "fb.1.1777100000000.123",
+        },
         "custom_data": {"value": 450.0, "currency": "USD"},
     },
     "google_customer_match": {
         "operation": "create",
         "user_identifiers": [
             {"hashed_email": H},
-            {"address_info": {"hashed_first_name": H, "hashed_last_name": H, "country_code": "US", "postal_code": "94110"}},
+            {
+                "address_info": {
+                    "hashed_first_name": H,
+                    "hashed_last_name": H,
+                    "country_code": "US",
+                    "postal_code": "94110",
+                }
+            },
         ],
     },
     "meta_audience": {
@@ -56,19 +70,44 @@ def test_good_rows_pass() -> None:
 @pytest.mark.parametrize(
     ("dest", "path", "value", "reason"),
     [
-        ("google_conversions", ("user_identifiers", 0, "hashed_email"), "Jane.Doe@gmail.com", "not a 64-hex SHA-256"),
+        (
+            "google_conversions",
+            ("user_identifiers", 0, "hashed_email"),
+            "Jane.Doe@gmail.com",
+            "not a 64-hex SHA-256",
+        ),
         ("google_conversions", ("order_id",), "APPT-12345", "not an opaque ID"),
-        ("google_conversions", ("conversion_action",), "customers/1/conversionActions/9", "not a configured conversion action"),
-        ("google_conversions", ("conversion_date_time",), "2026-05-05 10:00:00-0700", "not yyyy-mm-dd hh:mm:ss+hh:mm"),
+        (
+            "google_conversions",
+            ("conversion_action",),
+            "customers/1/conversionActions/9",
+            "not a configured conversion action",
+        ),
+        (
+            "google_conversions",
+            ("conversion_date_time",),
+            "2026-05-05 10:00:00-0700",
+            "not yyyy-mm-dd hh:mm:ss+hh:mm",
+        ),
         ("google_conversions", ("currency_code",), "usd", "not an ISO 4217 code"),
         ("google_conversions", ("conversion_value",), "450", "not a finite number"),
-        ("google_conversions", ("gclid",), "https://spa.example/botox?x=1", "not a click-ID charset"),
+        (
+            "google_conversions",
+            ("gclid",),
+            "https://spa.example/botox?x=1",
+            "not a click-ID charset",
+        ),
         ("meta_events", ("event_name",), "Botox", "not a configured event name"),
         ("meta_events", ("user_data", "em", 0), "jane@gmail.com", "not a 64-hex SHA-256"),
         ("meta_events", ("custom_data", "currency"), "XXX", "not an ISO 4217 code"),
         ("meta_events", ("event_time",), 1778000000.5, "not Unix seconds"),
         ("meta_events", ("action_source",), "website", "not the configured action_source"),
-        ("google_customer_match", ("user_identifiers", 1, "address_info", "postal_code"), "94110 San Francisco", "not a postal code"),
+        (
+            "google_customer_match",
+            ("user_identifiers", 1, "address_info", "postal_code"),
+            "94110 San Francisco",
+            "not a postal code",
+        ),
         ("meta_audience", ("data", 0, 1), "4155550123", "not a 64-hex SHA-256 or empty"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 30 and " " not in v else None,
@@ -92,7 +131,10 @@ def test_bad_values_stop_the_run_naming_the_path_not_the_value(dest, path, value
     [
         ("google_conversions", {"service": "Botox for hyperhidrosis"}),
         ("meta_events", {"event_source_url": "https://spa.example/botox"}),
-        ("meta_events", {"custom_data": {"value": 1.0, "currency": "USD", "content_name": "Botox"}}),
+        (
+            "meta_events",
+            {"custom_data": {"value": 1.0, "currency": "USD", "content_name": "Botox"}},
+        ),
         ("google_customer_match", {"notes": "sweaty palms"}),
     ],
 )

@@ -52,7 +52,9 @@ def _plan(config, engine, start: str, end: str, tmp: Path | None = None, **kwarg
     import tempfile
 
     run_dir = Path(tempfile.mkdtemp(dir=tmp)) if tmp else Path(tempfile.mkdtemp())
-    pipeline.stage_sources(config, engine, window, pipeline.Timings(), pipeline.RunPaths(run_dir, run_dir / "outbox"))
+    pipeline.stage_sources(
+        config, engine, window, pipeline.Timings(), pipeline.RunPaths(run_dir, run_dir / "outbox")
+    )
     return pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, **kwargs)
 
 
@@ -63,9 +65,17 @@ def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) 
         google = first.outbound["google_conversions"]
         assert len(google) == 2
         sent = google[0]["order_id"]
-        assert store.read_ledger(engine, config.clinic_id, "google_conversions") == {}  # dry run wrote nothing
-        store.write_ledger(engine, config.clinic_id, "google_conversions",
-                           [{"opaque_id": sent, "status": "accepted"}], run_id="r1", at=NOW)  # fmt: skip
+        assert (
+            store.read_ledger(engine, config.clinic_id, "google_conversions") == {}
+        )  # dry run wrote nothing
+        store.write_ledger(
+            engine,
+            config.clinic_id,
+            "google_conversions",
+            [{"opaque_id": sent, "status": "accepted"}],
+            run_id="r1",
+            at=NOW,
+        )
         second = _plan(config, engine, "2026-05-01", "2026-06-30")
     assert [r["order_id"] for r in second.outbound["google_conversions"]] == [google[1]["order_id"]]
     assert second.summary["destinations"]["google_conversions"]["already_sent"] == 1
@@ -79,8 +89,14 @@ def test_unfinished_ledger_states_are_sent_again(status: str, tmp_path: Path) ->
     with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
         first = _plan(config, engine, "2026-05-01", "2026-06-30")
         oid = first.outbound["meta_events"][0]["event_id"]
-        store.write_ledger(engine, config.clinic_id, "meta_events", [{"opaque_id": oid, "status": status}],
-                           run_id="r1", at=NOW)  # fmt: skip
+        store.write_ledger(
+            engine,
+            config.clinic_id,
+            "meta_events",
+            [{"opaque_id": oid, "status": status}],
+            run_id="r1",
+            at=NOW,
+        )
         second = _plan(config, engine, "2026-05-01", "2026-06-30")
     assert len(second.outbound["meta_events"]) == 2
 
@@ -91,17 +107,35 @@ def test_suppression_mirror_adds_then_removes(tmp_path: Path) -> None:
         first = _plan(config, engine, "2026-05-01", "2026-06-30")
         for dest, delta in first.audiences.items():
             assert len(delta.adds) == 1 and not delta.removes
-            store.apply_audience_delta(engine, config.clinic_id, dest, at=NOW, removed=[],
-                                       added={k: json.dumps(v) for k, v in delta.adds.items()})  # fmt: skip
+            store.apply_audience_delta(
+                engine,
+                config.clinic_id,
+                dest,
+                at=NOW,
+                removed=[],
+                added={k: json.dumps(v) for k, v in delta.adds.items()},
+            )
         unchanged = _plan(config, engine, "2026-05-01", "2026-06-30")
         assert all(not d.adds and not d.removes for d in unchanged.audiences.values())
         resync = _plan(config, engine, "2026-05-01", "2026-06-30", full_resync=True)
         assert all(len(d.adds) == 1 for d in resync.audiences.values())
         # the visit is re-exported as cancelled: the person is no longer a patient to suppress
-        downgraded = config.model_copy(update={"sources": config.sources.model_copy(update={
-            "appointments": config.sources.appointments.model_copy(update={"path": Path("appointments_reexport.csv")})})})  # fmt: skip
+        downgraded = config.model_copy(
+            update={
+                "sources": config.sources.model_copy(
+                    update={
+                        "appointments": config.sources.appointments.model_copy(
+                            update={"path": Path("appointments_reexport.csv")}
+                        )
+                    }
+                )
+            }
+        )
         after = _plan(downgraded, engine, "2026-05-01", "2026-06-30")
-    assert {d: len(x.removes) for d, x in after.audiences.items()} == {"google_customer_match": 1, "meta_audience": 1}
+    assert {d: len(x.removes) for d, x in after.audiences.items()} == {
+        "google_customer_match": 1,
+        "meta_audience": 1,
+    }
     removal = after.outbound["google_customer_match"]
     assert [r["operation"] for r in removal] == ["remove"]
     assert removal[0]["user_identifiers"] == first.outbound["google_customer_match"][0]["user_identifiers"]

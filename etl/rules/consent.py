@@ -14,10 +14,13 @@ import pandas as pd
 
 _GRANT, _REVOKE = 0, 1
 
+
 def utc_ns(values: pd.Series) -> pd.Series:
     """One time resolution everywhere: pandas refuses to merge us- and ns-resolution keys."""
     return pd.to_datetime(values, utc=True).astype("datetime64[ns, UTC]")
-  # sort order: at equal times the revocation comes last, so it wins
+
+
+# sort order: at equal times the revocation comes last, so it wins
 
 
 def consent_events(
@@ -25,7 +28,10 @@ def consent_events(
 ) -> pd.DataFrame:
     """One row per consent event: ``person``, ``time`` (UTC), ``kind`` (0 grant, 1 revoke)."""
     parts = []
-    for frame, person, fallback in ((appts, appt_person, "start_at"), (leads, lead_person, "created_at")):
+    for frame, person, fallback in (
+        (appts, appt_person, "start_at"),
+        (leads, lead_person, "created_at"),
+    ):
         granted = frame["consent_marketing"].to_numpy(dtype=bool)
         grant_time = frame["consent_at"].where(frame["consent_at"].notna(), frame[fallback])
         parts.append(
@@ -34,13 +40,22 @@ def consent_events(
         revoked = frame["consent_revoked_at"].notna().to_numpy()
         parts.append(
             pd.DataFrame(
-                {"person": person[revoked], "time": frame["consent_revoked_at"][revoked].to_numpy(), "kind": _REVOKE}
+                {
+                    "person": person[revoked],
+                    "time": frame["consent_revoked_at"][revoked].to_numpy(),
+                    "kind": _REVOKE,
+                }
             )
         )
     parts = [p for p in parts if len(p)]
     if not parts:
-        return pd.DataFrame({"person": pd.Series(dtype="int64"), "time": pd.Series(dtype="datetime64[ns, UTC]"),
-                             "kind": pd.Series(dtype="int64")})  # fmt: skip
+        return pd.DataFrame(
+            {
+                "person": pd.Series(dtype="int64"),
+                "time": pd.Series(dtype="datetime64[ns, UTC]"),
+                "kind": pd.Series(dtype="int64"),
+            }
+        )
     events = pd.concat(parts, ignore_index=True)
     events["time"] = utc_ns(events["time"])
     return events.sort_values(["time", "kind", "person"], kind="stable", ignore_index=True)

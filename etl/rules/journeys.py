@@ -22,7 +22,12 @@ import pandas as pd
 NS_PER_DAY = 86_400 * 10**9
 
 # classification of attended appointments
-CONVERSION, DUPLICATE, OUTSIDE, NO_LEAD = "conversion", "duplicate_in_journey", "outside_window", "no_lead"
+CONVERSION, DUPLICATE, OUTSIDE, NO_LEAD = (
+    "conversion",
+    "duplicate_in_journey",
+    "outside_window",
+    "no_lead",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,9 @@ def _ns(series: pd.Series) -> np.ndarray:
     return series.to_numpy(dtype="datetime64[ns]").astype("int64")
 
 
-def _groups(person: np.ndarray, times: np.ndarray, rows: np.ndarray) -> dict[int, tuple[list[int], list[int]]]:
+def _groups(
+    person: np.ndarray, times: np.ndarray, rows: np.ndarray
+) -> dict[int, tuple[list[int], list[int]]]:
     t = times[rows]
     order = np.lexsort((rows, t, person[rows]))
     sorted_rows = rows[order]

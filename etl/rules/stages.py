@@ -71,7 +71,11 @@ def _candidates(journeys: pd.DataFrame, appts: pd.DataFrame, config: ClinicConfi
 
 
 def _purchase_values(
-    conv: pd.DataFrame, appts: pd.DataFrame, appt_person: np.ndarray, attended: np.ndarray, days: int
+    conv: pd.DataFrame,
+    appts: pd.DataFrame,
+    appt_person: np.ndarray,
+    attended: np.ndarray,
+    days: int,
 ) -> pd.Series:
     """Sum of attended revenue in ``[event, event + value_window)`` for each purchase row."""
     purchases = conv.loc[conv["stage"] == "purchase", ["person", "event_time"]].reset_index()
@@ -117,14 +121,26 @@ def _effective_fbc(leads: pd.DataFrame) -> pd.Series:
     ms = (leads["created_at"].to_numpy(dtype="datetime64[ns]").astype("int64") // 1_000_000).astype(str)
     built = "fb.1." + pd.Series(ms, index=leads.index) + "." + leads["fbclid"].astype("string")
     has_fbc = leads["fbc"].notna() & (leads["fbc"].astype("string") != "")
-    return leads["fbc"].where(has_fbc, built.where(leads["fbclid"].notna(), None))
+    fallback = built.astype(object).mask(leads["fbclid"].isna().to_numpy())
+    return leads["fbc"].astype(object).where(has_fbc.to_numpy(dtype=bool), fallback)
 
 
 def _identifiers(
     conv: pd.DataFrame, appts: pd.DataFrame, leads: pd.DataFrame, pairs: pd.DataFrame
 ) -> pd.DataFrame:
     """Identifier hashes per conversion: the converting visit first, then the journey's leads by recency."""
-    hash_cols = ["em_g", "ph_g", "em_m", "ph_m", "fn_m", "ln_m", "ct_m", "st_m", "zp_m", "country_m"]
+    hash_cols = [
+        "em_g",
+        "ph_g",
+        "em_m",
+        "ph_m",
+        "fn_m",
+        "ln_m",
+        "ct_m",
+        "st_m",
+        "zp_m",
+        "country_m",
+    ]
     from_appt = appts.iloc[conv["appt_row"].to_numpy()][hash_cols].reset_index(drop=True)
     from_appt["conv"] = np.arange(len(conv))
     from_appt["prio"] = 0
@@ -177,9 +193,9 @@ def build_conversions(
     conv["value"] = values
 
     pairs = _journey_leads(conv, leads, lead_journey)
-    clicks = [
-        _most_recent(pairs, leads[col], col) for col in ("gclid", "gbraid", "wbraid", "fbp")
-    ] + [_most_recent(pairs, _effective_fbc(leads), "fbc")]
+    clicks = [_most_recent(pairs, leads[col], col) for col in ("gclid", "gbraid", "wbraid", "fbp")] + [
+        _most_recent(pairs, _effective_fbc(leads), "fbc")
+    ]
     for frame in clicks:
         conv = conv.join(frame)
     # only one Google click ID is sent: gclid, else gbraid, else wbraid
@@ -221,7 +237,11 @@ def build_conversions(
 
 
 def _google_route(
-    conv: pd.DataFrame, config: ClinicConfig, window: RunWindow, has_click: pd.Series, has_ids: pd.Series
+    conv: pd.DataFrame,
+    config: ClinicConfig,
+    window: RunWindow,
+    has_click: pd.Series,
+    has_ids: pd.Series,
 ) -> pd.Series:
     route = pd.Series("", index=conv.index, dtype=object)
     google = config.google_ads
@@ -231,7 +251,9 @@ def _google_route(
     eligible = has_click | (has_ids & google.enhanced_conversions_for_leads)
     click_limit = window.end_ts - pd.Timedelta(days=google.click_window_days)
     conv_limit = window.end_ts - pd.Timedelta(days=90)
-    too_old = (has_click & (conv["click_at"] < click_limit)) | (~has_click & (conv["event_time"] < conv_limit))
+    too_old = (has_click & (conv["click_at"] < click_limit)) | (
+        ~has_click & (conv["event_time"] < conv_limit)
+    )
     route[kept & eligible] = "send"
     route[kept & eligible & too_old] = "too_old_for_google"
     return route
@@ -243,10 +265,7 @@ def _meta_route(conv: pd.DataFrame, config: ClinicConfig, window: RunWindow) -> 
     if meta is None:
         return route
     kept = (conv["drop"] == "") & (
-        (conv["em_m"].map(len) > 0)
-        | (conv["ph_m"].map(len) > 0)
-        | conv["fbc"].notna()
-        | conv["fbp"].notna()
+        (conv["em_m"].map(len) > 0) | (conv["ph_m"].map(len) > 0) | conv["fbc"].notna() | conv["fbp"].notna()
     )
     limit = window.end_ts - pd.Timedelta(days=meta.event_age_limit_days)
     route[kept] = "send"

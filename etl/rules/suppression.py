@@ -16,7 +16,20 @@ from etl.rules.consent import consent_state
 from etl.rules.frames import ordered_lists
 
 _LIST_CAP = 3
-_FIRSTS = ("fn_g", "ln_g", "country_code", "postal_code", "em_m", "ph_m", "fn_m", "ln_m", "zp_m", "ct_m", "st_m", "country_m")
+_FIRSTS = (
+    "fn_g",
+    "ln_g",
+    "country_code",
+    "postal_code",
+    "em_m",
+    "ph_m",
+    "fn_m",
+    "ln_m",
+    "zp_m",
+    "ct_m",
+    "st_m",
+    "country_m",
+)
 
 
 def suppression_members(
@@ -34,18 +47,26 @@ def suppression_members(
 ) -> pd.DataFrame:
     """One row per member: ``person``, ``em_g``/``ph_g`` lists and the first non-null of each other hash."""
     start_at = pd.to_datetime(appts["start_at"], utc=True)
-    recent = attended & (start_at >= end - pd.Timedelta(days=lookback_days)).to_numpy() & (start_at < end).to_numpy()
+    recent = (
+        attended
+        & (start_at >= end - pd.Timedelta(days=lookback_days)).to_numpy()
+        & (start_at < end).to_numpy()
+    )
     people = np.unique(appt_person[recent])
     if requires_consent and len(people):
         granted = consent_state(consent, people, end) == 1
         people = people[granted]
-    usable_appts = appts.assign(person=appt_person, _t=start_at)[appts["is_test"].to_numpy() == False]  # noqa: E712
-    usable_leads = leads.assign(person=lead_person, _t=pd.to_datetime(leads["created_at"], utc=True))[lead_usable]
+    usable_appts = appts.assign(person=appt_person, _t=start_at)[~appts["is_test"].to_numpy(dtype=bool)]
+    usable_leads = leads.assign(person=lead_person, _t=pd.to_datetime(leads["created_at"], utc=True))[
+        lead_usable
+    ]
     cols = ["person", "_t", "em_g", "ph_g", *_FIRSTS]
     rows = pd.concat(
         [usable_appts.reindex(columns=cols), usable_leads.reindex(columns=cols)], ignore_index=True
     )
-    rows = rows[rows["person"].isin(people)].sort_values(["person", "_t"], ascending=[True, False], kind="stable")
+    rows = rows[rows["person"].isin(people)].sort_values(
+        ["person", "_t"], ascending=[True, False], kind="stable"
+    )
     out = pd.DataFrame({"person": people}).set_index("person")
     for col in ("em_g", "ph_g"):
         out[col] = ordered_lists(rows, "person", col, _LIST_CAP, out.index)

@@ -21,7 +21,9 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def case(name: str, tmp_path: Path, start: str = "2026-05-01", end: str = "2026-06-30", **overrides) -> CaseRun:
+def case(
+    name: str, tmp_path: Path, start: str = "2026-05-01", end: str = "2026-06-30", **overrides
+) -> CaseRun:
     return run_dry(make_config(CASES / name, **overrides), start, end, tmp_path)
 
 
@@ -31,7 +33,11 @@ def stages(run: CaseRun) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("cancellation", "not_attended"), ("late_cancel_fee", "not_attended"), ("no_show", "not_attended")],
+    [
+        ("cancellation", "not_attended"),
+        ("late_cancel_fee", "not_attended"),
+        ("no_show", "not_attended"),
+    ],
 )
 def test_only_attended_visits_convert(name: str, reason: str, tmp_path: Path) -> None:
     run = case(name, tmp_path)
@@ -71,8 +77,14 @@ def test_reexport_latest_wins(first: str, second: str, expected: int, tmp_path: 
     config = make_config(CASES / name)
     db = f"sqlite:///{tmp_path / 'stage.sqlite'}"
     before = run_dry(config, "2026-05-01", "2026-06-30", tmp_path / "a", db_url=db)
-    after = run_dry(config, "2026-05-01", "2026-06-30", tmp_path / "b", db_url=db,
-                    appointments="appointments_reexport.csv")  # fmt: skip
+    after = run_dry(
+        config,
+        "2026-05-01",
+        "2026-06-30",
+        tmp_path / "b",
+        db_url=db,
+        appointments="appointments_reexport.csv",
+    )
     assert stages(before)["consultation"] == 1 - expected
     assert stages(after) == {"consultation": expected, "purchase": expected}
     assert after.drops == ({} if expected else {"not_attended": 1})
@@ -88,7 +100,10 @@ def test_gmail_dot_and_plus_variants_link(tmp_path: Path) -> None:
     assert {"hashed_email": sha("janedoe@gmail.com")} in google["user_identifiers"]
     meta = run.rows["meta_events"][0]
     # Meta keeps dots and plus tags: both spellings go as separate hashes
-    assert set(meta["user_data"]["em"]) == {sha("janedoe@gmail.com"), sha("jane.doe+spring@gmail.com")}
+    assert set(meta["user_data"]["em"]) == {
+        sha("janedoe@gmail.com"),
+        sha("jane.doe+spring@gmail.com"),
+    }
 
 
 def test_phone_formats_link_and_hash_per_platform(tmp_path: Path) -> None:
@@ -120,8 +135,11 @@ def test_walk_in_has_no_lead(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "reason", "member"),
-    [("consent_missing", "no_consent", False), ("consent_revoked", "consent_revoked", False),
-     ("consent_after_event", "no_consent", True)],  # fmt: skip
+    [
+        ("consent_missing", "no_consent", False),
+        ("consent_revoked", "consent_revoked", False),
+        ("consent_after_event", "no_consent", True),
+    ],
 )
 def test_consent(name: str, reason: str, member: bool, tmp_path: Path) -> None:
     run = case(name, tmp_path)
@@ -142,14 +160,18 @@ def test_event_in_the_spring_forward_gap_shifts_forward(tmp_path: Path) -> None:
     run = case("dst_spring_forward", tmp_path, start="2026-03-01", end="2026-04-15")
     google = run.rows["google_conversions"][0]
     assert google["conversion_date_time"] == "2026-03-08 03:30:00-07:00"
-    assert run.rows["meta_events"][0]["event_time"] == int(datetime(2026, 3, 8, 10, 30, tzinfo=UTC).timestamp())
+    assert run.rows["meta_events"][0]["event_time"] == int(
+        datetime(2026, 3, 8, 10, 30, tzinfo=UTC).timestamp()
+    )
 
 
 def test_ambiguous_fall_back_time_takes_the_first_occurrence(tmp_path: Path) -> None:
     run = case("dst_fall_back", tmp_path, start="2025-11-01", end="2025-12-15")
     google = run.rows["google_conversions"][0]
     assert google["conversion_date_time"] == "2025-11-02 01:30:00-07:00"
-    assert run.rows["meta_events"][0]["event_time"] == int(datetime(2025, 11, 2, 8, 30, tzinfo=UTC).timestamp())
+    assert run.rows["meta_events"][0]["event_time"] == int(
+        datetime(2025, 11, 2, 8, 30, tzinfo=UTC).timestamp()
+    )
 
 
 def test_lead_created_after_the_visit_does_not_convert(tmp_path: Path) -> None:
@@ -162,7 +184,9 @@ def test_too_old_per_platform(tmp_path: Path) -> None:
     run = case("too_old", tmp_path, start="2026-03-01", end="2026-06-25")
     assert run.drops == {"too_old_for_google": 2, "too_old_for_meta": 2}
     google_times = {r["conversion_date_time"][:10] for r in run.rows["google_conversions"]}
-    meta_times = {datetime.fromtimestamp(r["event_time"], UTC).date().isoformat() for r in run.rows["meta_events"]}
+    meta_times = {
+        datetime.fromtimestamp(r["event_time"], UTC).date().isoformat() for r in run.rows["meta_events"]
+    }
     assert google_times == {"2026-04-20"}  # click 85 days old, event 66 days: Google yes, Meta no
     assert meta_times == {"2026-05-01"}  # click 144 days old, event 55 days: Meta yes, Google no
 

@@ -1,0 +1,115 @@
+"""Run a source query (SQL file + SQLAlchemy URL) and hand back its rows as export-like text.
+
+The SQL source of SPEC section 3 and the extract brief: the query lives in ``sql/*.sql`` and gets
+the clinic and the run's window only as bound parameters (``:clinic_id``, ``:start``, ``:end``;
+STYLE rule 4). Values come back as the text a CSV export would hold, so ``etl.extract`` maps and
+parses them exactly like a file; a row's "line" is its 1-based row number. Parameters are hidden
+from SQLAlchemy's error messages and no message carries a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import DateTime, String, bindparam, create_engine, text
+from sqlalchemy.exc import ArgumentError
+
+from etl.errors import ConfigError, InputError, RowProblem
+
+PARAMETERS = ("clinic_id", "start", "end")
+
+
+def _aware_utc(value: datetime | None, label: str) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"{label} must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+def as_text(value: object) -> str:
+    """A database value as the text a CSV export would hold (naive times stay naive)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float | Decimal):
+        return format(value, "f")  # never exponent notation, which no amount pattern accepts
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The rows of one source query; ``name`` is the query file's name, for messages."""
+
+    name: str
+    header: list[str]
+    rows: list[Sequence[Any]]
+
+    @classmethod
+    def run(
+        cls,
+        sql_url: str,
+        query: Path,
+        *,
+        clinic_id: str,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> QueryResult:
+        """Execute ``query`` with whichever of the three parameters it uses.
+
+        Raises:
+            InputError: the query file does not exist.
+            ConfigError: the URL is invalid, or the query binds an unknown parameter or one
+                that was not given (binding NULL would silently select nothing).
+            ValueError: ``start`` or ``end`` is naive.
+        """
+        try:
+            sql = query.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError([RowProblem(query.name, None, None, "file not found")]) from None
+        statement = text(sql)
+        wanted = sorted(statement.compile().params)
+        given: dict[str, object] = {
+            "clinic_id": clinic_id,
+            "start": _aware_utc(start, "start"),
+            "end": _aware_utc(end, "end"),
+        }
+        if unknown := [p for p in wanted if p not in PARAMETERS]:
+            raise ConfigError(f"{query.name}: unknown parameters {unknown}; allowed: {PARAMETERS}")
+        if unset := [p for p in wanted if given[p] is None]:
+            raise ConfigError(f"{query.name}: the query binds {unset} but no value was given")
+        instant = DateTime(timezone=True)
+        statement = statement.bindparams(
+            *(bindparam(p, given[p], String() if p == "clinic_id" else instant) for p in wanted)
+        )
+        try:
+            engine = create_engine(sql_url, hide_parameters=True)
+        except ArgumentError:
+            raise ConfigError("sql_url is not a valid SQLAlchemy URL") from None
+        try:
+            with engine.connect() as connection:
+                result = connection.execute(statement)
+                return cls(query.name, list(result.keys()), list(result.fetchall()))
+        finally:
+            engine.dispose()
+
+    def read(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray]:
+        """The result columns at ``indices`` as text, and each row's number (from 1)."""
+        arrays = [pa.array([as_text(row[i]) for row in self.rows], pa.string()) for i in indices]
+        return arrays, np.arange(1, len(self.rows) + 1, dtype=np.int64)

@@ -1,0 +1,62 @@
+-- Appointments of one clinic changed in the run's window: the example query of a SQL source
+-- (clinic YAML: sources.appointments.sql_url + query; read by etl.extract.read_appointments).
+--
+-- Table layout assumed (a reporting replica or warehouse view of the PMS; adapt the FROM and
+-- WHERE to the real schema, keep the output aliases, which are the generic profile's columns):
+--
+--   patients (
+--     patient_id          text primary key,
+--     clinic_id           text not null,
+--     first_name, last_name, email, phone, zip, city, state, country   text,
+--     consent_marketing   boolean,        -- HIPAA marketing authorization on file (SPEC rule 6)
+--     consent_at          timestamptz,
+--     consent_revoked_at  timestamptz,
+--     date_of_birth       date            -- PHI, never selected
+--   )
+--   appointments (
+--     appointment_id      text primary key,
+--     clinic_id           text not null,
+--     patient_id          text references patients (patient_id),
+--     status              text not null,  -- the PMS's own status word, mapped by the profile
+--     start_at            timestamptz not null,
+--     paid_total          numeric(12, 2), -- invoice/payment total, refunds negative; not list price
+--     currency            char(3),
+--     location_id         text,
+--     updated_at          timestamptz not null,
+--     service, provider, notes             text   -- PHI, never selected
+--   )
+--
+-- Bound parameters (SQLAlchemy text, never string formatting): clinic_id and the run's window
+-- [start, end) as timezone-aware UTC timestamps. The window is on updated_at, so a visit
+-- closed, cancelled or refunded after its start date is picked up by the night it changed;
+-- staging keeps the history and the newest updated_at wins.
+-- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
+-- Comments name parameters without their colon: text() would bind a colon-prefixed word.
+
+SELECT
+    a.appointment_id,
+    a.patient_id,
+    p.first_name,
+    p.last_name,
+    p.email,
+    p.phone,
+    p.zip,
+    p.city,
+    p.state,
+    p.country,
+    a.status,
+    a.start_at,
+    a.paid_total AS revenue,
+    a.currency,
+    a.location_id,
+    a.updated_at,
+    p.consent_marketing,
+    p.consent_at,
+    p.consent_revoked_at
+FROM appointments AS a
+LEFT JOIN patients AS p
+    ON p.patient_id = a.patient_id
+WHERE a.clinic_id = :clinic_id
+    AND a.updated_at >= :start
+    AND a.updated_at < :end
+ORDER BY a.updated_at, a.appointment_id

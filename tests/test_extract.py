@@ -1,0 +1,555 @@
+"""etl.extract against small committed exports (tests/data/extract, one file per edge case).
+
+The contract is docs/architecture.md "Canonical frames" and SPEC section 3.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from etl import cells, extract
+from etl.config import ClinicConfig
+from etl.csvread import CsvExport
+from etl.errors import ConfigError, InputError
+
+DATA = Path(__file__).parent / "data" / "extract"
+SQL = Path(__file__).parents[1] / "sql"
+LA = "America/Los_Angeles"
+
+
+def make_config(tmp_base: Path = DATA, **sources: dict[str, object]) -> ClinicConfig:
+    defaults: dict[str, dict[str, object]] = {
+        "appointments": {"path": "header_only.csv"},
+        "leads": {"path": "booleans.csv"},
+    }
+    return ClinicConfig.model_validate(
+        {
+            "clinic_id": "spa-one",
+            "timezone": LA,
+            "base_dir": tmp_base,
+            "sources": {**defaults, **sources},
+        }
+    )
+
+
+def appointments(name: str, profile: str = "generic", **extra: object) -> pd.DataFrame:
+    config = make_config(appointments={"path": name, "profile": profile, **extra})
+    return extract.read_appointments(config.sources.appointments, config)
+
+
+def leads(name: str) -> pd.DataFrame:
+    config = make_config(leads={"path": name})
+    return extract.read_leads(config.sources.leads, config)
+
+
+def input_error(name: str, profile: str = "generic", **extra: object) -> InputError:
+    with pytest.raises(InputError) as info:
+        appointments(name, profile, **extra)
+    return info.value
+
+
+def utc(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+def assert_canonical(frame: pd.DataFrame, kind: extract.Kind) -> None:
+    assert list(frame.columns) == extract.columns_of(kind)
+    for column, how in extract.FIELDS[kind].items():
+        expected = {
+            "text": "string",
+            "status": "string",
+            "time": "datetime64[ns, UTC]",
+            "money": "float64",
+            "flag": "bool",
+        }[how]
+        assert frame[column].dtype == expected, column
+    assert frame["source_file"].dtype == "string"
+    assert frame["source_line"].dtype == np.int64
+    if kind == "appointments":
+        assert frame["status_known"].dtype == bool
+
+
+def test_bom_is_stripped_from_the_first_header():
+    frame = appointments("bom.csv")
+    assert_canonical(frame, "appointments")
+    assert frame["appointment_id"].tolist() == ["A1"]
+    assert frame["source_file"].tolist() == ["bom.csv"]
+
+
+def test_crlf_line_ends():
+    frame = appointments("crlf.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2"]
+    assert frame["updated_at"].iloc[1] == utc("2026-03-02 20:00")
+    assert frame["source_line"].tolist() == [2, 3]
+    assert not frame["appointment_id"].str.contains("\r").any()
+
+
+def test_quoted_newlines_keep_physical_start_lines():
+    frame = appointments("quoted_newline.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    assert frame["source_line"].tolist() == [2, 5, 7]
+
+
+def test_quoted_newline_then_bad_date_reports_physical_line():
+    error = input_error("quoted_newline_then_bad_date.csv")
+    assert [(p.file, p.line, p.column) for p in error.problems] == [
+        ("quoted_newline_then_bad_date.csv", 7, "start_at")
+    ]
+
+
+def test_revenue_forms():
+    frame = appointments("money.csv")
+    assert frame["revenue"].tolist() == [1200.0, 1200.0, -45.5, -45.5, 0.0, 75.0]
+
+
+def test_unparseable_revenue_is_reported_without_value():
+    error = input_error("bad_money.csv")
+    assert [(p.line, p.reason) for p in error.problems] == [
+        (2, "not a decimal amount"),
+        (3, "not a decimal amount"),
+    ]
+    assert "dollars" not in str(error) and "1.2.3" not in str(error)
+
+
+def test_blank_lines_are_skipped():
+    frame = appointments("blank_lines.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    assert frame["source_line"].tolist() == [3, 6, 8]
+
+
+def test_cp1252_file_from_excel():
+    raw = (DATA / "cp1252.csv").read_bytes()
+    assert "José".encode("cp1252") in raw
+    frame = appointments("cp1252.csv")
+    assert frame["first_name"].tolist() == ["José"]
+    assert frame["last_name"].tolist() == ["Muñoz"]
+
+
+def test_forced_wrong_encoding_names_file_and_line():
+    error = input_error("cp1252.csv", encoding="utf-8")
+    assert [(p.file, p.line) for p in error.problems] == [("cp1252.csv", 2)]
+    assert "José" not in str(error) and "Jos" not in str(error)
+
+
+def test_missing_required_column_names_file_and_column_not_values():
+    error = input_error("missing_column.csv")
+    assert [(p.file, p.column, p.reason) for p in error.problems] == [
+        ("missing_column.csv", "start_at", "missing required column")
+    ]
+    assert "missing_column.csv" in str(error) and "start_at" in str(error)
+    assert "P-SECRET-1" not in str(error)
+
+
+def test_bad_dates_name_file_line_column_and_never_the_value():
+    error = input_error("bad_date.csv")
+    assert [(p.file, p.line, p.column, p.reason) for p in error.problems] == [
+        ("bad_date.csv", 3, "start_at", "not an ISO 8601 timestamp"),
+        ("bad_date.csv", 4, "start_at", "not an ISO 8601 timestamp"),
+        ("bad_date.csv", 5, "appointment_id", "missing value"),
+        ("bad_date.csv", 5, "start_at", "missing value"),
+    ]
+    message = str(error)
+    assert "bad_date.csv, line 3, column 'start_at'" in message
+    for value in ("03/08/2026", "2:30 PM", "2026-02-30"):
+        assert value not in message
+
+
+def test_duplicate_header_names_the_column():
+    error = input_error("duplicate_header.csv")
+    assert [(p.column, p.reason) for p in error.problems] == [("status", "duplicate column header")]
+
+
+def test_empty_file_is_an_error():
+    error = input_error("empty.csv")
+    assert [(p.file, p.reason) for p in error.problems] == [
+        ("empty.csv", "file is empty (no header)")
+    ]
+
+
+def test_header_only_gives_an_empty_canonical_frame():
+    frame = appointments("header_only.csv")
+    assert len(frame) == 0
+    assert_canonical(frame, "appointments")
+
+
+def test_dst_gap_shifts_forward_and_ambiguous_takes_first_occurrence():
+    frame = appointments("dst.csv")
+    assert frame["start_at"].tolist() == [
+        utc("2026-03-08 10:30"),  # 02:30 does not exist; read as 02:30 PST = 03:30 PDT
+        utc("2026-11-01 08:30"),  # 01:30 happens twice; the first is PDT (-07:00)
+        utc("2026-07-01 19:00"),
+    ]
+    assert frame["updated_at"].tolist() == [
+        utc("2026-03-08 10:30"),
+        utc("2026-11-01 08:30"),
+        utc("2026-07-01 07:00"),  # a date alone is local midnight
+    ]
+
+
+def test_offset_bearing_timestamps_ignore_the_clinic_zone():
+    frame = appointments("offsets.csv")
+    assert frame["start_at"].tolist() == [
+        utc("2026-03-02 18:00"),
+        utc("2026-03-02 18:00"),
+        utc("2026-03-02 18:00"),
+        utc("2026-03-02 08:00"),
+        utc("2026-03-02 18:00:00.250"),
+    ]
+
+
+def test_generic_status_vocabulary():
+    frame = appointments("statuses_generic.csv")
+    expected = (
+        ["attended"] * 6
+        + ["cancelled"] * 2
+        + ["late_cancel"] * 2
+        + ["no_show"] * 4
+        + ["rescheduled"]
+        + ["scheduled"] * 4
+        + ["attended", "unknown"]
+    )
+    assert frame["status"].tolist() == expected
+    assert frame["status_known"].tolist() == [True] * 20 + [False]
+
+
+def test_zenoti_profile():
+    frame = appointments("zenoti.csv", profile="zenoti")
+    assert_canonical(frame, "appointments")
+    assert frame["appointment_id"].tolist() == [f"Z{i}" for i in range(1, 8)]
+    assert frame["patient_id"].iloc[0] == "G1"
+    assert frame["status"].tolist() == [
+        "attended",
+        "scheduled",  # checked in, not closed
+        "attended",
+        "cancelled",
+        "no_show",
+        "scheduled",
+        "unknown",  # Time Elapsed: unmapped until a sample export says what it means
+    ]
+    assert frame["status_known"].tolist() == [True] * 6 + [False]
+    # the UTC column wins over the local one
+    assert frame["start_at"].iloc[0] == utc("2026-03-02 18:00")
+    assert frame["revenue"].iloc[0] == 1200.0
+    assert frame["location_id"].iloc[0] == "C1"
+    assert frame["consent_marketing"].tolist() == [False] * 7
+
+
+def test_mindbody_profile():
+    frame = appointments("mindbody.csv", profile="mindbody")
+    assert_canonical(frame, "appointments")
+    assert frame["status"].tolist() == [
+        "attended",
+        "scheduled",  # Arrived
+        "no_show",
+        "late_cancel",
+        "cancelled",
+        "scheduled",  # the literal status "None"
+        "scheduled",
+        "unknown",
+    ]
+    assert frame["status_known"].tolist() == [True] * 7 + [False]
+    assert frame["start_at"].iloc[0] == utc("2026-03-02 18:00")
+    assert frame["revenue"].tolist()[:2] == [350.0, 0.0]
+
+
+def test_generic_csv_rejected_by_vendor_profile_names_vendor_columns():
+    error = input_error("statuses_generic.csv", profile="zenoti")
+    # "status" matches "Status": headers compare without case
+    assert {p.column for p in error.problems} == {"Appointment Id", "Start Time (UTC)"}
+    assert "nor 'Start Time'" in str(error)
+
+
+def test_latest_updated_at_wins_within_a_file():
+    frame = appointments("latest_wins.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    assert frame["status"].tolist() == ["attended", "attended", "no_show"]
+    assert frame["revenue"].tolist() == [300.0, 200.0, 0.0]
+    assert frame["source_line"].tolist() == [4, 5, 8]
+
+
+def test_later_row_wins_without_updated_at():
+    frame = appointments("latest_wins_no_updated_at.csv")
+    assert frame["status"].tolist() == ["cancelled"]
+
+
+def test_later_lead_row_wins():
+    frame = leads("leads_latest_wins.csv")
+    assert frame["lead_id"].tolist() == ["L2", "L1"]
+    assert frame["gclid"].tolist() == [pd.NA, "Cj0-later"]
+
+
+def test_phi_only_columns_are_absent_from_leads():
+    frame = leads("leads_phi.csv")
+    assert_canonical(frame, "leads")
+    for column in ("source", "treatment_interest", "notes", "landing_page_url", "utm_content"):
+        assert column not in frame.columns
+    cells_text = frame.astype(str).to_numpy().ravel().tolist()
+    for value in ("Botox", "pregnancy", "spa.test", "Laser", "lips-ad", "google"):
+        assert not any(value in cell for cell in cells_text)
+    assert frame["consent_marketing"].tolist() == [True, False]
+    assert frame["gclid"].tolist() == ["Cj0abc", pd.NA]
+    assert frame["consent_revoked_at"].isna().all()
+
+
+def test_phi_only_columns_are_absent_from_appointments():
+    frame = appointments("appointments_phi.csv")
+    assert "service" not in frame.columns and "provider" not in frame.columns
+    assert not frame.astype(str).isin(["Botox 20 units", "Dr Secret"]).any().any()
+
+
+def test_booleans():
+    frame = leads("booleans.csv")
+    assert frame["consent_marketing"].tolist() == [True, False, True, False] * 2 + [False]
+
+
+def test_unreadable_boolean_is_reported():
+    config = make_config(leads={"path": "bad_boolean.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_leads(config.sources.leads, config)
+    assert [(p.line, p.column) for p in info.value.problems] == [(2, "consent_marketing")]
+    assert "opted" not in str(info.value)
+
+
+def test_ragged_rows_are_reported_by_line():
+    error = input_error("ragged_row.csv")
+    assert [(p.line, p.reason) for p in error.problems] == [
+        (3, "expected 3 fields, found 2"),
+        (4, "expected 3 fields, found 4"),
+    ]
+    assert "extra" not in str(error)
+
+
+def test_stray_quote_in_unquoted_field_falls_back_to_exact_reader():
+    frame = appointments("stray_quote.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    assert frame["source_line"].tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["quoted_newline.csv", "blank_lines.csv", "crlf.csv", "bom.csv"])
+def test_fast_and_exact_readers_agree(name):
+    export = CsvExport(DATA / name)
+    indices = list(range(len(export.header)))
+    fast = export._read_fast(indices)
+    assert fast is not None
+    exact = export._read_exact(indices)
+    assert [a.to_pylist() for a in fast[0]] == [a.to_pylist() for a in exact[0]]
+    assert fast[1].tolist() == exact[1].tolist()
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ("2026-03-08 02:30", "2026-03-08 10:30"),
+        ("2026-03-08T02:30:00", "2026-03-08 10:30"),
+        ("2026-03-08T03:00", "2026-03-08 10:00"),
+        ("2026-11-01 01:30:00", "2026-11-01 08:30"),
+        ("2026-11-01 02:30", "2026-11-01 10:30"),
+        ("2026-11-01T01:30:00-08:00", "2026-11-01 09:30"),
+        ("2026-03-08", "2026-03-08 08:00"),
+        ("2026-03-08T10:30Z", "2026-03-08 10:30"),
+    ],
+    ids=[
+        "gap",
+        "gap-T-seconds",
+        "after-gap",
+        "ambiguous",
+        "after-fold",
+        "explicit-second",
+        "date",
+        "zulu",
+    ],
+)
+def test_timestamp_cells(cell, expected):
+    parsed, bad = cells.timestamps(pa.array([cell]), ZoneInfo(LA))
+    assert not bad.any()
+    assert parsed.iloc[0] == utc(expected)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "2026-3-8",
+        "8/3/2026",
+        "2026-03-08T24:00",
+        "2026-02-29",
+        "2026-03-08 2:30",
+        "yesterday",
+        "0001-01-01",
+    ],
+)
+def test_bad_timestamp_cells(cell):
+    parsed, bad = cells.timestamps(pa.array([cell, "2026-03-08"]), None)
+    assert bad.tolist() == [True, False]
+    assert parsed.isna().tolist() == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ("$1,200.00", 1200.0),
+        ("(45.50)", -45.5),
+        ("-$45", -45.0),
+        ("$-45", -45.0),
+        ("", 0.0),
+        (".5", 0.5),
+    ],
+)
+def test_money_cells(cell, expected):
+    amounts, bad = cells.money(pa.array([cell]))
+    assert amounts.tolist() == [expected] and not bad.any()
+
+
+@pytest.mark.parametrize("cell", ["$", "1,20", "(-45)", "1e5", "nan", "--5", "12 USD"])
+def test_bad_money_cells(cell):
+    _, bad = cells.money(pa.array([cell]))
+    assert bad.tolist() == [True]
+
+
+@pytest.mark.parametrize("name", ["generic", "zenoti", "mindbody"])
+def test_every_profile_keeps_the_contract(name):
+    profile = extract.load_profile(name)
+    assert profile.appointments is not None
+    for kind in ("appointments", "leads"):
+        section = getattr(profile, kind)
+        if section is None:
+            continue
+        assert set(extract.MIN_REQUIRED[kind]) <= set(section.required)
+        assert set(section.columns) <= set(extract.FIELDS[kind])
+        assert not {"service", "notes", "treatment_interest", "landing_page_url", "source"} & set(
+            section.columns
+        )
+    assert set(profile.appointments.status_map().values()) <= {
+        "attended",
+        "cancelled",
+        "late_cancel",
+        "no_show",
+        "rescheduled",
+        "scheduled",
+    }
+
+
+def test_unknown_profile_and_missing_leads_section():
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        extract.load_profile("nope")
+    config = make_config(leads={"path": "booleans.csv", "profile": "zenoti"})
+    with pytest.raises(ConfigError, match="no leads mapping"):
+        extract.read_leads(config.sources.leads, config)
+
+
+@pytest.fixture
+def source_db(tmp_path: Path) -> str:
+    path = tmp_path / "pms.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE patients (patient_id TEXT PRIMARY KEY, clinic_id TEXT, first_name TEXT,
+              last_name TEXT, email TEXT, phone TEXT, zip TEXT, city TEXT, state TEXT,
+              country TEXT, consent_marketing INTEGER, consent_at TEXT, consent_revoked_at TEXT,
+              date_of_birth TEXT);
+            CREATE TABLE appointments (appointment_id TEXT PRIMARY KEY, clinic_id TEXT,
+              patient_id TEXT, status TEXT, start_at TEXT, paid_total REAL, currency TEXT,
+              location_id TEXT, updated_at TEXT, service TEXT, provider TEXT, notes TEXT);
+            CREATE TABLE leads (lead_id TEXT PRIMARY KEY, clinic_id TEXT, created_at TEXT,
+              updated_at TEXT, first_name TEXT, last_name TEXT, email TEXT, phone TEXT, zip TEXT,
+              gclid TEXT, gbraid TEXT, wbraid TEXT, fbclid TEXT, fbc TEXT, fbp TEXT,
+              consent_marketing INTEGER, consent_at TEXT, consent_revoked_at TEXT, source TEXT,
+              treatment_interest TEXT, notes TEXT, landing_page_url TEXT);
+            INSERT INTO patients VALUES
+              ('P1', 'spa-one', 'Ana', 'Ruiz', 'ana@mail.test', '5550001', '90210', 'LA', 'CA',
+               'US', 1, '2026-02-01 10:00:00+00:00', NULL, '1980-01-01');
+            INSERT INTO appointments VALUES
+              ('A1', 'spa-one', 'P1', 'completed', '2026-03-02 18:00:00+00:00', 350.5, 'USD',
+               'L1', '2026-03-02 20:00:00+00:00', 'Botox', 'Dr X', 'secret note'),
+              ('A2', 'spa-one', 'P1', 'booked', '2026-03-09 18:00:00+00:00', NULL, 'USD',
+               'L1', '2026-03-03 09:00:00+00:00', 'Botox', 'Dr X', NULL),
+              ('A3', 'spa-one', 'P1', 'completed', '2026-01-02 18:00:00+00:00', 99, 'USD',
+               'L1', '2026-01-02 20:00:00+00:00', 'Peel', 'Dr X', NULL),
+              ('A4', 'spa-two', NULL, 'completed', '2026-03-02 18:00:00+00:00', 10, 'USD',
+               'L9', '2026-03-02 20:00:00+00:00', 'Peel', 'Dr Y', NULL);
+            INSERT INTO leads VALUES
+              ('L1', 'spa-one', '2026-03-01 17:00:00+00:00', '2026-03-01 17:00:00+00:00', 'Ana',
+               'Ruiz', 'ana@mail.test', '5550001', '90210', 'Cj0abc', NULL, NULL, NULL, NULL,
+               NULL, 1, '2026-03-01 17:00:00+00:00', NULL, 'google', 'Botox', 'note',
+               'https://spa.test/botox'),
+              ('L2', 'spa-two', '2026-03-01 17:00:00+00:00', '2026-03-01 17:00:00+00:00', 'Bo',
+               'Li', 'bo@mail.test', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL,
+               NULL, 'meta', 'Laser', NULL, NULL);
+            """
+        )
+    return f"sqlite:///{path}"
+
+
+WINDOW = {"start": datetime(2026, 3, 1, tzinfo=UTC), "end": datetime(2026, 3, 8, tzinfo=UTC)}
+
+
+def test_sql_source_binds_clinic_and_window(source_db: str):
+    config = make_config(
+        SQL,
+        appointments={"sql_url": source_db, "query": "appointments.sql"},
+        leads={"sql_url": source_db, "query": "leads.sql"},
+    )
+    frame = extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    assert_canonical(frame, "appointments")
+    assert frame["appointment_id"].tolist() == ["A1", "A2"]
+    assert frame["status"].tolist() == ["attended", "scheduled"]
+    assert frame["revenue"].tolist() == [350.5, 0.0]
+    assert frame["start_at"].iloc[0] == utc("2026-03-02 18:00")
+    assert frame["consent_marketing"].tolist() == [True, True]
+    assert frame["source_file"].tolist() == ["appointments.sql"] * 2
+    assert frame["source_line"].tolist() == [1, 2]
+
+    lead_frame = extract.read_leads(config.sources.leads, config, **WINDOW)
+    assert_canonical(lead_frame, "leads")
+    assert lead_frame["lead_id"].tolist() == ["L1"]
+    assert lead_frame["gclid"].tolist() == ["Cj0abc"]
+    assert lead_frame["created_at"].tolist() == [utc("2026-03-01 17:00")]
+
+
+def test_sql_source_needs_the_window_it_binds(source_db: str):
+    config = make_config(SQL, appointments={"sql_url": source_db, "query": "appointments.sql"})
+    with pytest.raises(ConfigError, match="binds"):
+        extract.read_appointments(config.sources.appointments, config)
+
+
+def test_sql_source_without_window_parameters(source_db: str, tmp_path: Path):
+    (tmp_path / "all.sql").write_text(
+        "SELECT appointment_id, status, start_at FROM appointments "
+        "WHERE clinic_id = :clinic_id ORDER BY appointment_id"
+    )
+    config = make_config(tmp_path, appointments={"sql_url": source_db, "query": "all.sql"})
+    frame = extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    assert frame["source_file"].tolist() == ["all.sql"] * 3
+
+
+def test_bare_cr_line_ends_from_old_excel():
+    frame = appointments("bare_cr.csv")
+    assert frame["appointment_id"].tolist() == ["A1", "A2"]
+    assert frame["source_line"].tolist() == [2, 3]
+
+
+def test_zenoti_without_utc_column_reads_local_time():
+    frame = appointments("zenoti_local_time.csv", profile="zenoti")
+    assert frame["start_at"].tolist() == [utc("2026-03-02 18:00")]
+    assert frame["status"].tolist() == ["attended"]  # the newer "Last Updated" row wins
+
+
+def test_utf16_with_bom_is_detected():
+    frame = appointments("utf16_bom.csv")
+    assert frame["appointment_id"].tolist() == ["A1"]
+    assert frame["source_line"].tolist() == [2]
+
+
+def test_neither_utf8_nor_cp1252_names_file_and_line():
+    error = input_error("undecodable.csv")
+    assert [(p.file, p.line, p.reason) for p in error.problems] == [
+        ("undecodable.csv", 3, "neither UTF-8 nor cp1252 text")
+    ]
