@@ -16,7 +16,6 @@ so it is not in any URL that urllib3 logs at DEBUG or a proxy writes to its acce
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -105,8 +104,9 @@ def member_key(data_row: Sequence[str]) -> str:
     ``sha256(json.dumps(data_row, separators=(",", ":")))`` as lowercase hex; the sandbox keys
     membership the same way, so tests and the pipeline's sync state can compare members.
     """
-    compact = json.dumps(list(data_row), separators=(",", ":"))
-    return hashlib.sha256(compact.encode("utf-8")).hexdigest()
+    from etl.payloads import meta_member_key
+
+    return meta_member_key(list(data_row))
 
 
 @dataclass(frozen=True)
@@ -301,9 +301,7 @@ class MetaGraphClient:
         self, method: str, path: tuple[str, ...], params: Mapping[str, Any], in_body: bool
     ) -> tuple[dict[str, Any], str | None]:
         retrying = Retrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, GraphCallError) and e.failure.transient
-            ),
+            retry=retry_if_exception(lambda e: isinstance(e, GraphCallError) and e.failure.transient),
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_random_exponential(multiplier=self.retry_wait, max=self.retry_wait * 30),
             sleep=self._transient_sleep,
@@ -464,9 +462,7 @@ class MetaEvents:
         """The Graph client (``requests_sent``, ``waits``, ``sandbox``) for reports and tests."""
         return self._client
 
-    def send(
-        self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False
-    ) -> list[RowResult]:
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
         """Send events (chunks of ``max_batch``); one result per row.
 
         ``validate_only`` runs the local checks only (Meta has no validate-only mode for CAPI;
@@ -508,9 +504,7 @@ class MetaEvents:
         )
         return results
 
-    def _deliver(
-        self, batch: list[tuple[str, Event]], out: list[RowResult], budget: list[int]
-    ) -> None:
+    def _deliver(self, batch: list[tuple[str, Event]], out: list[RowResult], budget: list[int]) -> None:
         if self._paused is not None:
             out += _all(batch, Outcome.DEFERRED, f"throttled/{self._paused.label}")
             return
@@ -525,9 +519,7 @@ class MetaEvents:
         )
         failure: GraphFailure | None = None
         try:
-            body, trace = self._client.request(
-                "POST", (self._pixel_id, "events"), request.get_params()
-            )
+            body, trace = self._client.request("POST", (self._pixel_id, "events"), request.get_params())
         except GraphCallError as exc:
             failure = exc.failure
         if failure is not None:
@@ -568,8 +560,7 @@ class MetaEvents:
             out += _all(batch, Outcome.REJECTED, failure.label, failure.fbtrace_id)
         elif failure.code == 100:
             log.info(
-                "meta_events: %s rejected a request of %d events (code %s, fbtrace_id %s); "
-                "bisecting",
+                "meta_events: %s rejected a request of %d events (code %s, fbtrace_id %s); bisecting",
                 self._target,
                 len(batch),
                 failure.label,
@@ -633,9 +624,7 @@ class MetaEvents:
                 fbp=user.get("fbp"),
             ),
             custom_data=(
-                CustomData(value=float(custom["value"]), currency=custom["currency"])
-                if custom
-                else None
+                CustomData(value=float(custom["value"]), currency=custom["currency"]) if custom else None
             ),
             data_processing_options=options,
             data_processing_options_country=country,
@@ -693,10 +682,7 @@ def _valid_custom_data(custom: Any, required: bool) -> bool:
 def _valid_ldu(row: Mapping[str, Any]) -> bool:
     options = row.get("data_processing_options")
     if options is None:
-        return (
-            "data_processing_options_country" not in row
-            and "data_processing_options_state" not in row
-        )
+        return "data_processing_options_country" not in row and "data_processing_options_state" not in row
     if not isinstance(options, list) or any(o != "LDU" for o in options):
         return False
     if not options:

@@ -177,9 +177,7 @@ class MetaAudience:
             )
         except GraphCallError as exc:
             self._raise_for(exc.failure)
-            log.warning(
-                "meta_audience: could not read %s status (%s)", self._target, exc.failure.label
-            )
+            log.warning("meta_audience: could not read %s status (%s)", self._target, exc.failure.label)
             return
         if trace:
             result.request_ids.append(trace)
@@ -188,9 +186,7 @@ class MetaAudience:
         if code == HEALTH_FLAG_STATUS:
             raise MetaDestinationConfigError(HEALTH_FLAG_MESSAGE.format(target=self._target))
 
-    def _upload(
-        self, kind: str, schema: Schema, members: list[list[str]], result: AudienceResult
-    ) -> None:
+    def _upload(self, kind: str, schema: Schema, members: list[list[str]], result: AudienceResult) -> None:
         """One upload session: batches of ``max_rows`` with ``batch_seq`` 1..n."""
         batches = [members[i : i + self._max_rows] for i in range(0, len(members), self._max_rows)]
         session_id = self._session_id(kind, schema)
@@ -224,8 +220,7 @@ class MetaAudience:
                 left = sum(len(b) for b in batches[seq - 1 :])
                 # a session with a missing batch cannot be continued: stop it here
                 log.warning(
-                    "meta_audience: %s %s session stopped at batch %d of %d (code %s); %d rows "
-                    "not applied",
+                    "meta_audience: %s %s session stopped at batch %d of %d (code %s); %d rows not applied",
                     self._target,
                     kind,
                     seq,

@@ -1,0 +1,253 @@
+"""Sandbox Google: one in-process gRPC server over TLS speaking both Google upload APIs.
+
+Contract: issue #3 (item 5) and ``docs/google.md`` ("The sandbox"). It serves, with the
+libraries' own message types, the Google Ads API v26 methods the adapters use
+(``ConversionUploadService.UploadClickConversions``; ``OfflineUserDataJobService`` Create / Add /
+Run; ``GoogleAdsService.Search`` for job status) and the Data Manager ``IngestionService``
+(``IngestEvents``, ``IngestAudienceMembers``, ``RemoveAudienceMembers``,
+``RemoveAllAudienceMembers``), validates requests the way Google does, and records everything.
+
+TLS: the real google-ads client only opens secure channels, so the server uses a self-signed
+certificate (``etl.sandbox.tls``). gRPC reads ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` once per
+process, at the first secure channel: ``start`` (and ``__enter__``) sets it, so start the
+sandbox before creating any gRPC channel in the process. The Data Manager client reaches the
+same port through a secure channel built with ``root_certificates`` (no variable needed).
+
+Deterministic click rule (``docs/google.md``): a click id starting with ``unknown`` is
+CLICK_NOT_FOUND, ``recent`` is TOO_RECENT_EVENT, ``expired`` is EXPIRED_EVENT; once
+``register_clicks`` has been called, any click id not registered is CLICK_NOT_FOUND too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from etl.destinations.google_common import member_key
+from etl.sandbox.tls import sandbox_tls
+
+ADS_METHODS = (
+    "UploadClickConversions",
+    "CreateOfflineUserDataJob",
+    "AddOfflineUserDataJobOperations",
+    "RunOfflineUserDataJob",
+    "Search",
+)
+DM_METHODS = (
+    "IngestEvents",
+    "IngestAudienceMembers",
+    "RemoveAudienceMembers",
+    "RemoveAllAudienceMembers",
+)
+FAILURE_KINDS = (
+    "transient",  # InternalError.TRANSIENT_ERROR / INTERNAL_ERROR reason
+    "internal",  # InternalError.INTERNAL_ERROR
+    "unavailable",  # gRPC UNAVAILABLE, no details
+    "deadline",  # gRPC DEADLINE_EXCEEDED
+    "rate_limit",  # per-minute limit: RESOURCE_TEMPORARILY_EXHAUSTED / RequestsPerMinute
+    "daily_quota",  # QuotaError.RESOURCE_EXHAUSTED / RequestsPerDay
+    "concurrent",  # DatabaseError.CONCURRENT_MODIFICATION (gRPC ABORTED)
+    "unauthorized",  # UNAUTHORIZED_CUSTOMER / PERMISSION_DENIED
+    "terms",  # customer data / Customer Match terms not accepted
+    "no_action",  # NO_CONVERSION_ACTION_FOUND / INVALID_CONVERSION_ACTION_ID
+    "permission_denied",  # gRPC PERMISSION_DENIED
+    "unauthenticated",  # gRPC UNAUTHENTICATED
+    "too_recent_action",  # TOO_RECENT_CONVERSION_ACTION / CONVERSION_ACTION_TOO_RECENTLY_CREATED
+)
+
+
+@dataclass
+class SandboxJob:
+    """An ``OfflineUserDataJob`` as the sandbox holds it."""
+
+    resource_name: str
+    user_list: str
+    consent_granted: bool
+    direction: str | None = None  # "create" | "remove", fixed by the first such operation
+    remove_all: bool = False
+    operations: list[tuple[str, str]] = field(default_factory=list)  # (direction, member key)
+    status: str = "PENDING"
+    polls_left: int = 0
+
+
+class GoogleSandbox:
+    """A local stand-in for Google's upload endpoints; a context manager.
+
+    Args:
+        job_polls: status polls a run Customer Match job answers RUNNING before SUCCESS.
+    """
+
+    def __init__(self, *, job_polls: int = 1) -> None:
+        self.received: list[tuple[str, Any]] = []
+        self.job_polls = job_polls
+        self.lock = threading.RLock()
+        self.jobs: dict[str, SandboxJob] = {}
+        self.members: dict[str, set[str]] = {}
+        self.used_orders: set[tuple[str, str]] = set()  # (conversion action, order id)
+        self.click_conversions: set[tuple[str, str, str]] = set()  # (click, time, action)
+        self.accepted: Counter[str] = Counter()
+        self._failures: dict[str, list[str]] = {}
+        self._clicks: dict[str, bool] = {}  # click id -> recent
+        self._recent_actions: set[str] = set()
+        self._ids = itertools.count(1)
+        self._server: grpc.Server | None = None
+        self._port = 0
+        self._cert = b""
+
+    # lifecycle
+
+    def start(self) -> GoogleSandbox:
+        """Start serving on 127.0.0.1 (a free port); sets the gRPC roots variable first."""
+        from etl.sandbox.google_ads_api import upload_handlers
+        from etl.sandbox.google_ads_jobs import job_handlers
+        from etl.sandbox.google_datamanager_api import datamanager_handlers
+
+        if self._server is not None:
+            return self
+        tls = sandbox_tls()
+        self._cert = tls.cert_pem
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="gsandbox"),
+            # Google takes requests far above gRPC's 4 MB default (100,000 identifiers ~ 7 MB)
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        )
+        server.add_generic_rpc_handlers(
+            (*upload_handlers(self), *job_handlers(self), *datamanager_handlers(self))
+        )
+        credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+        self._port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None)
+            self._server = None
+
+    def __enter__(self) -> GoogleSandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("GoogleSandbox is not started")
+        return f"127.0.0.1:{self._port}"
+
+    @property
+    def root_certificates(self) -> bytes:
+        """PEM of the sandbox certificate, for a Data Manager secure channel."""
+        return self._cert
+
+    # knobs
+
+    def fail_next(self, method: str, kind: str, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``method`` fail with ``kind`` (see FAILURE_KINDS)."""
+        if method not in ADS_METHODS + DM_METHODS:
+            raise ValueError(f"unknown method {method!r}; one of {ADS_METHODS + DM_METHODS}")
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}; one of {FAILURE_KINDS}")
+        with self.lock:
+            self._failures.setdefault(method, []).extend([kind] * times)
+
+    def register_clicks(self, click_ids: list[str], *, recent: bool = False) -> None:
+        """Known click ids; from the first call on, unregistered click ids are not found.
+
+        ``recent=True`` registers clicks younger than 6 hours (TOO_RECENT_EVENT).
+        """
+        with self.lock:
+            for click in click_ids:
+                self._clicks[click] = recent
+
+    def mark_conversion_action_recent(self, action: str) -> None:
+        """Treat a conversion action (resource name or id) as created less than 6 hours ago."""
+        with self.lock:
+            self._recent_actions.add(action.rsplit("/", 1)[-1])
+
+    # record
+
+    def requests(self, method: str) -> list[Any]:
+        """Every request received for ``method``, in order (failed ones included)."""
+        with self.lock:
+            return [request for name, request in self.received if name == method]
+
+    def accepted_order_ids(self) -> Counter[str]:
+        """How many times each order id / transaction id was accepted (not validate_only)."""
+        with self.lock:
+            return Counter(self.accepted)
+
+    def list_members(self, user_list: str) -> set[str]:
+        """``member_key``s currently in a Customer Match list (``customers/C/userLists/L``)."""
+        with self.lock:
+            return set(self.members.get(user_list, set()))
+
+    def reset(self) -> None:
+        """Forget everything received and held (knobs included); keep serving."""
+        with self.lock:
+            self.received.clear()
+            self.jobs.clear()
+            self.members.clear()
+            self.used_orders.clear()
+            self.click_conversions.clear()
+            self.accepted.clear()
+            self._failures.clear()
+            self._clicks.clear()
+            self._recent_actions.clear()
+
+    # used by the service modules
+
+    def record(self, method: str, request: Any) -> str:
+        """Keep the request; return a fresh request id."""
+        with self.lock:
+            self.received.append((method, request))
+            return f"sandbox-{method}-{next(self._ids)}"
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def take_failure(self, method: str) -> str | None:
+        with self.lock:
+            queue = self._failures.get(method)
+            return queue.pop(0) if queue else None
+
+    def click_problem(self, click: str) -> str | None:
+        """The Google Ads error for a click id under the documented rule, or None."""
+        with self.lock:
+            if click.startswith("unknown"):
+                return "CLICK_NOT_FOUND"
+            if self._clicks and click not in self._clicks:
+                return "CLICK_NOT_FOUND"
+            if click.startswith("recent") or self._clicks.get(click):
+                return "TOO_RECENT_EVENT"
+            if click.startswith("expired"):
+                return "EXPIRED_EVENT"
+        return None
+
+    def action_is_recent(self, action_id: str) -> bool:
+        with self.lock:
+            return action_id in self._recent_actions
+
+    def apply_members(self, user_list: str, changes: list[tuple[str, str]], *, clear: bool) -> None:
+        with self.lock:
+            current = self.members.setdefault(user_list, set())
+            if clear:
+                current.clear()
+            for direction, key in changes:
+                if direction == "create":
+                    current.add(key)
+                else:
+                    current.discard(key)
+
+
+def identifiers_key(identifiers: list[dict[str, Any]]) -> str:
+    """``member_key`` of an identifier list already turned back into outbox-row form."""
+    return member_key({"user_identifiers": identifiers})

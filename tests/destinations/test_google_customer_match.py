@@ -1,0 +1,188 @@
+"""Customer Match (suppression list) sync through both real Google clients against the sandbox.
+
+Google Ads API: offline user data jobs (one per direction, ``remove_all`` first in its own job,
+about 10,000 identifiers per add call, run and polled). Data Manager API: audience members
+ingest/remove in requests of at most 10,000, bisected when one member is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from etl.destinations.google_common import make_google_destinations, member_key
+from etl.errors import DestinationConfigError, QuotaExhausted
+
+BOTH = ["google_ads", "data_manager"]
+LIST = "customers/1234567890/userLists/555"
+
+
+def audience(google_config: Any, sandbox: Any, api: str, **google: Any) -> Any:
+    _, destination = make_google_destinations(
+        google_config(api, **google), target="sandbox", sandbox=sandbox, retry_wait=0
+    )
+    return destination
+
+
+def jobs_sent(sandbox: Any) -> list[list[str]]:
+    """Per created job, the kinds of operations added to it, in order."""
+    kinds: dict[str, list[str]] = {}
+    for request in sandbox.requests("AddOfflineUserDataJobOperations"):
+        for op in request.operations:
+            kinds.setdefault(request.resource_name, []).append(type(op).pb(op).WhichOneof("operation"))
+    return list(kinds.values())
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_adds_then_removes_mirror_the_list(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    members = [google_member(f"m{i}") for i in range(5)]
+
+    added = destination.sync(members, [])
+    assert (added.adds, added.removes, added.rejected) == (5, 0, 0)
+    assert google_sandbox.list_members(LIST) == {member_key(m) for m in members}
+
+    leaving = [google_member(f"m{i}", "remove") for i in range(2)]
+    removed = destination.sync([google_member("m9")], leaving)
+    assert (removed.adds, removed.removes, removed.rejected) == (1, 2, 0)
+    expected = {member_key(m) for m in members[2:]} | {member_key(google_member("m9"))}
+    assert google_sandbox.list_members(LIST) == expected
+    assert destination.name == "google_customer_match"
+
+
+def test_google_ads_uses_separate_jobs_and_consent_on_create_only(
+    google_sandbox, google_config, google_member
+):
+    destination = audience(google_config, google_sandbox, "google_ads")
+    destination.sync([google_member("a1"), google_member("a2")], [google_member("r1", "remove")])
+
+    creates = google_sandbox.requests("CreateOfflineUserDataJob")
+    assert len(creates) == 2 and len(google_sandbox.requests("RunOfflineUserDataJob")) == 2
+    remove_job, create_job = (c.job for c in creates)
+    assert remove_job.type_.name == create_job.type_.name == "CUSTOMER_MATCH_USER_LIST"
+    assert create_job.customer_match_user_list_metadata.user_list == LIST
+    assert create_job.customer_match_user_list_metadata.consent.ad_user_data.name == "GRANTED"
+    assert remove_job.customer_match_user_list_metadata.consent.ad_user_data.name == "UNSPECIFIED"
+    assert jobs_sent(google_sandbox) == [["remove"], ["create", "create"]]
+    assert all(r.enable_partial_failure for r in google_sandbox.requests("AddOfflineUserDataJobOperations"))
+    assert google_sandbox.requests("Search")  # polled to a terminal state
+    assert all(job.status == "SUCCESS" for job in google_sandbox.jobs.values())
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_remove_all_only_with_full_resync(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    destination.sync([google_member(f"old{i}") for i in range(3)], [])
+    remove_all = "AddOfflineUserDataJobOperations" if api == "google_ads" else "RemoveAllAudienceMembers"
+    before = len(google_sandbox.requests(remove_all))
+    if api == "data_manager":
+        assert before == 0
+
+    fresh = [google_member("new1"), google_member("new2")]
+    result = destination.sync(fresh, [], full_resync=True)
+
+    assert result.adds == 2 and result.codes.get("REMOVE_ALL", 1) == 1
+    assert google_sandbox.list_members(LIST) == {member_key(m) for m in fresh}
+    if api == "google_ads":
+        assert jobs_sent(google_sandbox) == [["create"] * 3, ["remove_all", "create", "create"]]
+    else:
+        assert len(google_sandbox.requests("RemoveAllAudienceMembers")) == 1
+        order = [m for m, _ in google_sandbox.received]
+        assert order.index("RemoveAllAudienceMembers") < len(order) - 1
+        assert order[-1] == "IngestAudienceMembers"
+
+
+def test_google_ads_add_calls_hold_about_ten_thousand_identifiers(
+    google_sandbox, google_config, google_member
+):
+    destination = audience(google_config, google_sandbox, "google_ads")
+    members = [google_member(f"big{i}") for i in range(6000)]  # 2 identifiers each
+    result = destination.sync(members, [])
+    calls = google_sandbox.requests("AddOfflineUserDataJobOperations")
+    assert [len(c.operations) for c in calls] == [5000, 1000]
+    assert result.adds == 6000 and len(google_sandbox.list_members(LIST)) == 6000
+
+
+def test_data_manager_requests_hold_at_most_ten_thousand_members(
+    google_sandbox, google_config, google_member
+):
+    destination = audience(google_config, google_sandbox, "data_manager")
+    members = [google_member(f"big{i}", address=False) for i in range(12_000)]
+    result = destination.sync(members, [])
+    sizes = [len(r.audience_members) for r in google_sandbox.requests("IngestAudienceMembers")]
+    assert sizes == [10_000, 2_000] and result.adds == 12_000
+
+
+def test_google_ads_rejected_members_are_reported_by_key(google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, "google_ads")
+    bad = google_member("bad")
+    bad["user_identifiers"][0] = {"hashed_email": "not-a-sha256"}
+    good = google_member("good")
+    result = destination.sync([good, bad], [])
+    assert (result.adds, result.rejected) == (1, 1)
+    assert result.codes == {"INVALID_SHA256_FORMAT": 1}
+    assert [(r.key, r.code) for r in result.rejected_members] == [(member_key(bad), "INVALID_SHA256_FORMAT")]
+    assert google_sandbox.list_members(LIST) == {member_key(good)}
+
+
+def test_data_manager_bisects_a_refused_member(google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, "data_manager")
+    members = [google_member(f"z{i}") for i in range(10)]
+    # passes the local check, but Google wants a 5-digit US ZIP
+    members[3] = google_member("z3", postal_code="9404")
+    result = destination.sync(members, [])
+    assert (result.adds, result.rejected) == (9, 1)
+    assert [(r.key, r.code) for r in result.rejected_members] == [
+        (member_key(members[3]), "INVALID_POSTAL_CODE")
+    ]
+    assert google_sandbox.list_members(LIST) == {member_key(m) for i, m in enumerate(members) if i != 3}
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_members_are_checked_before_sending(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    extra_key = google_member("x", note="PHI")
+    result = destination.sync([extra_key, google_member("ok")], [])
+    assert result.adds == 1 and result.codes == {"INVALID_AUDIENCE_MEMBER": 1}
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_validate_only_changes_nothing(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    destination.sync([google_member("v1")], [], validate_only=True)
+    assert google_sandbox.list_members(LIST) == set()
+    method = "AddOfflineUserDataJobOperations" if api == "google_ads" else "IngestAudienceMembers"
+    assert all(r.validate_only for r in google_sandbox.requests(method))
+    assert not google_sandbox.requests("RunOfflineUserDataJob")
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_transient_error_is_retried(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    method = "AddOfflineUserDataJobOperations" if api == "google_ads" else "IngestAudienceMembers"
+    google_sandbox.fail_next(method, "unavailable", times=2)
+    result = destination.sync([google_member("t1")], [])
+    assert result.adds == 1 and len(google_sandbox.requests(method)) == 3
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_account_problems_and_quota_stop_the_sync(api, google_sandbox, google_config, google_member):
+    destination = audience(google_config, google_sandbox, api)
+    method = "CreateOfflineUserDataJob" if api == "google_ads" else "IngestAudienceMembers"
+    google_sandbox.fail_next(method, "terms")
+    with pytest.raises(DestinationConfigError, match="1234567890"):
+        destination.sync([google_member("c1")], [])
+    google_sandbox.fail_next(method, "daily_quota")
+    with pytest.raises(QuotaExhausted):
+        destination.sync([google_member("c2")], [])
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_suppression_disabled_or_unset(api, google_sandbox, google_config, google_member):
+    disabled = audience(google_config, google_sandbox, api, suppression_enabled=False)
+    assert disabled.sync([google_member("d1")], []).adds == 0
+    assert google_sandbox.received == []
+    unset = audience(google_config, google_sandbox, api, suppression_user_list=None)
+    with pytest.raises(DestinationConfigError, match="suppression_user_list"):
+        unset.sync([google_member("d2")], [])

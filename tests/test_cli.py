@@ -1,0 +1,91 @@
+"""The command line as a user meets it: help that teaches, one clear error per bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from etl.cli import app
+from tests.conftest import BASE_CONFIG, DATA
+
+RUNNER = CliRunner()
+GOOD = DATA / "rules" / "reschedule"
+
+
+def clinic(tmp_path: Path, appointments: Path, encoding: str | None = None) -> Path:
+    """A clinic whose appointment export is ``appointments`` and whose leads are a good file."""
+    shutil.copy(appointments, tmp_path / "appointments.csv")
+    shutil.copy(GOOD / "leads.csv", tmp_path / "leads.csv")
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    if encoding:
+        raw["sources"]["appointments"]["encoding"] = encoding
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "clinic.yaml"
+
+
+def run(config: Path) -> object:
+    return RUNNER.invoke(
+        app,
+        ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30", "--dry-run"],
+    )
+
+
+def test_help_teaches() -> None:
+    result = RUNNER.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    for word in ("--dry-run", "--target", "--start", "late_arrival_days", "already_sent"):
+        assert word in result.stdout
+
+
+def test_good_run_prints_counts_and_the_outbox(tmp_path: Path) -> None:
+    result = run(clinic(tmp_path, GOOD / "appointments.csv"))
+    assert result.exit_code == 0, result.output
+    assert "conversions: consultation" in result.stdout
+    assert "outbox:" in result.stderr
+    assert (tmp_path / "var" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("fixture", "encoding", "expected"),
+    [
+        ("missing_column.csv", None, "column 'start_at': missing required column"),
+        ("bad_date.csv", None, "column 'start_at': not an ISO 8601"),
+        ("undecodable.csv", None, "neither UTF-8 nor cp1252 text"),
+        ("cp1252.csv", "utf-8", "appointments.csv"),
+        ("empty.csv", None, "file is empty"),
+        ("duplicate_header.csv", None, "column 'status': duplicate column header"),
+    ],
+    ids=["missing_column", "bad_date", "undecodable", "wrong_encoding", "empty_file", "duplicate_header"],
+)
+def test_bad_input_gives_one_clear_error_and_no_outbox(
+    fixture: str, encoding: str | None, expected: str, tmp_path: Path
+) -> None:
+    result = run(clinic(tmp_path, DATA / "extract" / fixture, encoding))
+    assert result.exit_code == 2
+    assert "appointments.csv" in result.stderr and expected in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "var").rglob("*.jsonl")) if (tmp_path / "var").exists() else True
+
+
+def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["rules"] = {"value_window_days": -3}
+    raw["meta"]["pixel_id"] = "not-a-pixel"
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(tmp_path / "clinic.yaml")
+    assert result.exit_code == 2
+    assert "rules.value_window_days" in result.stderr and "meta.pixel_id" in result.stderr
+    assert "not-a-pixel" not in result.stderr
+
+
+def test_live_send_refuses_the_development_key(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--end", "2026-06-30", "--target", "live"])
+    assert result.exit_code == 2
+    assert "MEDSPA_ID_SECRET" in result.stderr
+    assert not (tmp_path / "var").exists()
