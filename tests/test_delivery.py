@@ -1,0 +1,173 @@
+"""Exactly-once delivery through the real SDKs against the sandboxes: kills, reruns, backfills.
+
+Every assertion about "once" is made on the sandbox's own record of what it received and
+accepted, not on our ledger alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from etl import deliver, store, tasks
+from etl.config import ClinicConfig, load_config
+from etl.targets import open_destinations, started_sandboxes
+from tests.conftest import SECRET
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing of ours can catch and tidy up."""
+
+
+@pytest.fixture(scope="module")
+def clinic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("deliver")
+    write_synthetic_clinic(out, appointments=4000, leads=1600, seed=5)
+    return out
+
+
+def config_for(clinic_dir: Path, api: str) -> ClinicConfig:
+    cfg = load_config(clinic_dir / "clinic.yaml")
+    assert cfg.google_ads is not None
+    return cfg.model_copy(update={"google_ads": cfg.google_ads.model_copy(update={"api": api})})
+
+
+def build(cfg: ClinicConfig, start: str, end: str, db: str, tmp: Path) -> tasks.RunSpec:
+    spec = tasks.spec_for(
+        cfg,
+        datetime.fromisoformat(start).replace(tzinfo=cfg.tz),
+        datetime.fromisoformat(end).replace(tzinfo=cfg.tz),
+        database=db,
+        outbox=tmp / f"outbox-{start}-{end}",
+    )
+    sources = spec.config.sources.model_copy(
+        update={
+            kind: getattr(spec.config.sources, kind).model_copy(
+                update={"path": spec.config.resolve(getattr(spec.config.sources, kind).path)}
+            )
+            for kind in ("appointments", "leads")
+        }
+    )
+    spec = tasks.RunSpec(
+        config=spec.config.model_copy(update={"base_dir": tmp, "sources": sources}),
+        window=spec.window,
+        database=db,
+        outbox=spec.outbox,
+    )
+    tasks.extract(spec)
+    tasks.stage(spec)
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox")
+    tasks.validate_outbound(spec)
+    return spec
+
+
+@pytest.fixture
+def sandboxes(clinic_dir: Path) -> Iterator[dict[str, Any]]:
+    cfg = load_config(clinic_dir / "clinic.yaml")
+    with started_sandboxes(cfg, now=datetime(2026, 11, 23, tzinfo=cfg.tz)) as started:
+        yield started
+
+
+def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch: int,
+           kill_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One platform's upload with small batches; optionally 'killed' after ``kill_after`` batches."""
+
+    def on_batch(number: int, total: int) -> None:
+        if kill_after is not None and number == kill_after:
+            raise Killed
+
+    with (
+        store.engine_for(spec.config.resolved_database_url(spec.database)) as engine,
+        open_destinations(spec.config, "sandbox", now=spec.window.end, sandboxes=sandboxes,
+                          only=family, retry_wait=0) as dests,  # type: ignore[arg-type]
+    ):  # fmt: skip
+        (destination,) = dests.conversions.values()
+        destination.max_batch = batch  # type: ignore[misc]
+        return deliver.upload_conversions(
+            spec.config, engine, spec.paths.outbox, destination, run_id=spec.run_id,
+            clock=lambda: spec.window.end, on_batch=on_batch,
+        )  # fmt: skip
+
+
+def sent_once(sandboxes: dict[str, Any], family: str) -> Any:
+    if family == "meta":
+        return sandboxes["meta"].event_ids_received()
+    return sandboxes["google"].accepted_order_ids()
+
+
+FAMILIES = [("google", "data_manager"), ("google", "google_ads"), ("meta", "data_manager")]
+IDS = ["google-data-manager", "google-ads-api", "meta"]
+
+
+@pytest.mark.parametrize(("family", "api"), FAMILIES, ids=IDS)
+def test_killed_between_batches_then_rerun_sends_each_once(
+    family: str, api: str, clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, api)
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    name = "meta_events" if family == "meta" else "google_conversions"
+    planned = [r["event_id" if family == "meta" else "order_id"] for r in _rows(spec, name)]
+    assert len(planned) > 60, "the fixture must need several batches"
+    with pytest.raises(Killed):
+        upload(spec, family, sandboxes, batch=25, kill_after=2)
+    assert sum(sent_once(sandboxes, family).values()) == 50
+    counts = upload(spec, family, sandboxes, batch=25)
+    received = sent_once(sandboxes, family)
+    assert set(received) == set(planned)
+    assert max(received.values()) == 1
+    assert counts["already_sent"] == 50 and counts["sent"] == len(planned) - 50
+
+
+@pytest.mark.parametrize(("family", "api"), FAMILIES, ids=IDS)
+def test_rerun_and_overlapping_backfill_send_only_what_is_missing(
+    family: str, api: str, clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, api)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    name = "meta_events" if family == "meta" else "google_conversions"
+    first = build(cfg, "2026-08-15", "2026-10-15", db, tmp_path)
+    upload(first, family, sandboxes, batch=500)
+    again = build(cfg, "2026-08-15", "2026-10-15", db, tmp_path / "again")
+    assert _rows(again, name) == []  # the ledger left everything out while planning
+    assert upload(again, family, sandboxes, batch=500)["sent"] == 0
+    overlap = build(cfg, "2026-10-01", "2026-11-23", db, tmp_path / "overlap")
+    new_ids = {r["event_id" if family == "meta" else "order_id"] for r in _rows(overlap, name)}
+    before = set(sent_once(sandboxes, family))
+    assert new_ids and not (new_ids & before)
+    upload(overlap, family, sandboxes, batch=500)
+    received = sent_once(sandboxes, family)
+    assert max(received.values()) == 1
+    assert set(received) == before | new_ids
+
+
+def _rows(spec: tasks.RunSpec, name: str) -> list[dict[str, Any]]:
+    from etl.outbox import read_rows
+
+    return list(read_rows(spec.paths.outbox, name))
+
+
+def test_ledger_records_outcomes_with_codes(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, "google_ads")
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    clicks = sorted(r["gclid"] for r in _rows(spec, "google_conversions") if "gclid" in r)
+    sandboxes["google"].register_clicks(clicks[::2])  # Google knows every other click
+    counts = upload(spec, "google", sandboxes, batch=2000)
+    with sa.create_engine(spec.config.resolved_database_url(spec.database)).connect() as conn:
+        rows = conn.execute(sa.select(store.send_ledger)).mappings().all()
+    statuses = {r["status"] for r in rows}
+    assert statuses <= {"accepted", "rejected", "deferred", "already_sent"}
+    assert len(rows) == counts["planned"]
+    assert all(r["sent_at"] is not None for r in rows if r["status"] == "accepted")
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == counts["rejected"] >= len(clicks) // 2
+    assert {r["code"] for r in rejected} == {"CLICK_NOT_FOUND"}
+    assert all(r["request_id"] for r in rejected)
