@@ -196,3 +196,41 @@ def test_bad_input_error_names_place_not_value(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "appointments.csv" in result.stderr and "line 2" in result.stderr and "start_at" in result.stderr
     assert "CNRY" not in result.stderr and "CNRY" not in result.stdout
+
+
+def test_uploads_carry_no_planted_value(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What the sandboxes received and what the ledger holds: hashes and opaque IDs only."""
+    from datetime import datetime
+
+    import sqlalchemy as sa
+
+    from etl import store, tasks
+    from etl.config import load_config
+    from etl.targets import started_sandboxes
+    from tests.conftest import SECRET
+
+    caplog.set_level(logging.DEBUG)
+    config = load_config(write_clinic(tmp_path))
+    start = datetime(2026, 5, 1, tzinfo=config.tz)
+    end = datetime(2026, 6, 30, tzinfo=config.tz)
+    spec = tasks.spec_for(config, start, end)
+    tasks.extract(spec)
+    tasks.stage(spec)
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox")
+    tasks.validate_outbound(spec)
+    with started_sandboxes(config, now=end) as sandboxes:
+        for family in ("google", "meta"):
+            tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes)
+        tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes)
+        google, meta = sandboxes["google"], sandboxes["meta"]
+        assert sum(google.accepted_order_ids().values()) == 2
+        assert sum(meta.event_ids_received().values()) == 2
+        assert_no_canary(repr(google.received), "requests received by the Google sandbox")
+        assert_no_canary(repr(meta.received), "requests received by the Meta sandbox")
+    with store.engine_for(config.resolved_database_url()) as engine, engine.connect() as conn:
+        for table in (store.send_ledger, store.audience_state, store.run_summaries, store.conversions):
+            dump = repr(conn.execute(sa.select(table)).all())
+            assert_no_canary(dump, f"table {table.name}")
+        assert len(conn.execute(sa.select(store.send_ledger)).all()) == 4
+    for record in caplog.records:
+        assert_no_canary(record.getMessage(), f"log record {record.name}")
