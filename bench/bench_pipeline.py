@@ -69,6 +69,12 @@ def child(config: str, database: str, mode: str) -> None:
     else:
         from etl.targets import started_sandboxes
 
+        # a real (non-dry) plan on a fresh database, then the uploads alone are timed
+        tasks.extract(spec)
+        tasks.stage(spec)
+        tasks.build_conversions(spec, secret=secret, dry_run=False, target="sandbox")
+        tasks.validate_outbound(spec)
+        began = time.perf_counter()
         with started_sandboxes(cfg, now=end) as sandboxes:
             for family in ("google", "meta"):
                 with timings.step(f"upload_{family}"):
@@ -151,7 +157,9 @@ def main() -> None:
     }
     if not args.skip_uploads:
         print("uploads to the sandboxes (small clinic) ...", file=sys.stderr)
-        up = run_child(small_dir / "clinic.yaml", small["database"], "upload")
+        upload_db = small_dir / "bench-upload.sqlite"
+        upload_db.unlink(missing_ok=True)
+        up = run_child(small_dir / "clinic.yaml", f"sqlite:///{upload_db}", "upload")
         rows = {
             "google_conversions": up["google"].get("google_conversions", {}).get("sent", 0),
             "meta_events": up["meta"].get("meta_events", {}).get("sent", 0),

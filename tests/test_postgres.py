@@ -1,0 +1,104 @@
+"""Staging on a real PostgreSQL server (the deployment backend) gives what SQLite gives.
+
+A throwaway cluster is made with the machine's ``initdb`` on a loopback port and removed after;
+the test is skipped only where no PostgreSQL server binaries exist.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from etl import store
+from etl.config import load_config
+from etl.outbox import OUTBOX_FILES
+from tests.conftest import run_dry
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root
+    if os.geteuid() == 0 and shutil.which("runuser"):
+        return ["runuser", "-u", "postgres", "--", *args]
+    return args
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    # not under pytest's tmp folder: that one is private to root, and the server runs as postgres
+    base = Path(tempfile.mkdtemp(prefix="medspa-pg-"))
+    data = base / "data"
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    port = _free_port()
+    subprocess.run(_as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)  # fmt: skip
+    log = base / "server.log"
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                      f"-h 127.0.0.1 -p {port} -k {base}", "start"]),
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with sa.create_engine(url).connect() as conn:
+                    conn.execute(sa.text("select 1"))
+                break
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        subprocess.run(
+            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("pg-synth")
+    write_synthetic_clinic(out, appointments=2500, leads=1000, seed=3)
+    return out
+
+
+def test_postgres_staging_gives_the_same_outbox_as_sqlite(
+    postgres_url: str, synthetic: Path, tmp_path: Path
+) -> None:
+    config = load_config(synthetic / "clinic.yaml")
+    on_sqlite = run_dry(config, "2026-09-01", "2026-11-23", tmp_path / "sqlite")
+    on_postgres = run_dry(config, "2026-09-01", "2026-11-23", tmp_path / "pg", db_url=postgres_url)
+    names = [*OUTBOX_FILES.values(), "summary.json"]
+    _, mismatch, errors = filecmp.cmpfiles(on_sqlite.outbox, on_postgres.outbox, names, shallow=False)
+    assert mismatch == [] and errors == []
+    assert on_postgres.rows["google_conversions"]
+    # a second load of the same exports upserts in place
+    again = run_dry(config, "2026-09-01", "2026-11-23", tmp_path / "pg2", db_url=postgres_url)
+    assert again.summary == on_postgres.summary
+    with store.engine_for(postgres_url) as engine, engine.connect() as conn:
+        staged = conn.execute(sa.select(sa.func.count()).select_from(store.appointments)).scalar()
+    assert staged == on_postgres.summary["inputs"]["appointments_rows"]
