@@ -1,0 +1,61 @@
+"""``medspa-conversions doctor``: say what is missing or wrong before a live run, without secrets.
+
+Every check returns ``(name, status)`` where status starts with ``ok``, ``missing`` or
+``invalid``; no status ever contains a secret or a value from the data, so the output can be
+pasted into a ticket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from etl.config import ID_SECRET_ENV, ClinicConfig
+
+
+def _source_checks(config: ClinicConfig) -> list[tuple[str, str]]:
+    checks = []
+    for kind in ("appointments", "leads"):
+        source = getattr(config.sources, kind)
+        if source.path is not None:
+            path: Path = config.resolve(source.path)
+            status = "ok" if path.is_file() else f"missing file {path.name}"
+        else:
+            query = config.resolve(source.query) if source.query else None
+            status = "ok" if query is not None and query.is_file() else "missing query file"
+        checks.append((f"sources.{kind}", status))
+    return checks
+
+
+def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, str]:
+    url = config.resolved_database_url(database)
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+    except Exception as exc:  # the class name is enough to act on; the text may carry a password
+        return ("staging database", f"invalid: cannot connect ({type(exc).__name__})")
+    return ("staging database", f"ok ({sa.engine.make_url(url).get_backend_name()})")
+
+
+def run_checks(config: ClinicConfig, environ: Mapping[str, str], *, database: str | None = None) -> list[tuple[str, str]]:
+    """All readiness checks for a live run of one clinic."""
+    from etl.destinations.google_setup import doctor_google
+    from etl.destinations.meta import doctor_meta
+
+    secret = environ.get(ID_SECRET_ENV, "")
+    checks = [("config", "ok"), *_source_checks(config), _database_check(config, database)]
+    if not secret:
+        checks.append((ID_SECRET_ENV, f"missing {ID_SECRET_ENV} (a live send refuses the development key)"))
+    elif len(secret) < 16:
+        checks.append((ID_SECRET_ENV, "invalid: shorter than 16 characters"))
+    else:
+        checks.append((ID_SECRET_ENV, "ok"))
+    if config.google_ads is not None:
+        checks.extend(doctor_google(config, environ))
+    if config.meta is not None:
+        checks.extend(doctor_meta(config, environ))
+    return checks
