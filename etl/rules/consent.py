@@ -35,14 +35,20 @@ def consent_events(
         granted = frame["consent_marketing"].to_numpy(dtype=bool)
         grant_time = frame["consent_at"].where(frame["consent_at"].notna(), frame[fallback])
         parts.append(
-            pd.DataFrame({"person": person[granted], "time": grant_time[granted].to_numpy(), "kind": _GRANT})
+            pd.DataFrame(
+                {
+                    "person": person[granted],
+                    "time": grant_time[granted].to_numpy(dtype="datetime64[ns]"),
+                    "kind": _GRANT,
+                }
+            )
         )
         revoked = frame["consent_revoked_at"].notna().to_numpy()
         parts.append(
             pd.DataFrame(
                 {
                     "person": person[revoked],
-                    "time": frame["consent_revoked_at"][revoked].to_numpy(),
+                    "time": frame["consent_revoked_at"][revoked].to_numpy(dtype="datetime64[ns]"),
                     "kind": _REVOKE,
                 }
             )

@@ -57,7 +57,7 @@ def _candidates(journeys: pd.DataFrame, appts: pd.DataFrame, config: ClinicConfi
             "appt_row": rows,
             "appointment_id": appts["appointment_id"].to_numpy()[rows],
             "patient_id": appts["patient_id"].to_numpy()[rows],
-            "event_time": appts["start_at"].to_numpy()[rows],
+            "event_time": appts["start_at"].to_numpy(dtype="datetime64[ns]")[rows],
             "currency": appts["currency"].fillna(config.currency).to_numpy()[rows],
         }
     )
@@ -82,7 +82,7 @@ def _purchase_values(
     visits = pd.DataFrame(
         {
             "person": appt_person[attended],
-            "visit_at": appts["start_at"].to_numpy()[attended],
+            "visit_at": appts["start_at"].to_numpy(dtype="datetime64[ns]")[attended],
             "revenue": appts["revenue"].to_numpy()[attended],
         }
     )
@@ -100,7 +100,9 @@ def _journey_leads(conv: pd.DataFrame, leads: pd.DataFrame, lead_journey: np.nda
     usable = lead_journey >= 0
     lead_rows = pd.DataFrame({"journey": lead_journey[usable], "lead_row": np.flatnonzero(usable)})
     pairs = conv[["journey", "event_time"]].reset_index(names="conv").merge(lead_rows, on="journey")
-    created = pd.to_datetime(leads["created_at"].to_numpy()[pairs["lead_row"].to_numpy()], utc=True)
+    created = pd.to_datetime(
+        leads["created_at"].to_numpy(dtype="datetime64[ns]")[pairs["lead_row"].to_numpy()], utc=True
+    )
     pairs["created_at"] = created
     pairs = pairs[pairs["created_at"] <= pairs["event_time"]]
     return pairs.drop(columns=["journey", "event_time"])
