@@ -76,9 +76,10 @@ def child(config: str, database: str, mode: str) -> None:
         tasks.validate_outbound(spec)
         began = time.perf_counter()
         with started_sandboxes(cfg, now=end) as sandboxes:
-            for family in ("google", "meta"):
+            families: tuple[tasks.Family, ...] = ("google", "meta")
+            for family in families:
                 with timings.step(f"upload_{family}"):
-                    out[family] = tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes)  # type: ignore[arg-type]
+                    out[family] = tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes)
             with timings.step("sync_suppression"):
                 out["suppression"] = tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes)
     out["wall"] = time.perf_counter() - began
