@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
 from etl.errors import ConfigError, MedspaError
 
@@ -65,8 +66,15 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     # third-party clients log request bodies (hashes, click IDs) or URLs (tokens) at DEBUG/INFO
-    for noisy in ("google.ads", "googleapiclient", "urllib3", "facebook_business", "grpc",
-                  "great_expectations", "sqlalchemy"):  # fmt: skip
+    for noisy in (
+        "google.ads",
+        "googleapiclient",
+        "urllib3",
+        "facebook_business",
+        "grpc",
+        "great_expectations",
+        "sqlalchemy",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -92,17 +100,63 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
-    start: Annotated[str | None, typer.Option(help="Interval start: a clinic-local date (2026-10-01) or ISO datetime with offset. Default: the day before --end.")] = None,
-    end: Annotated[str | None, typer.Option(help="Interval end (exclusive), the run's 'now'. Default: today's clinic-local midnight.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the outbox only; send nothing and write nothing to the ledger.")] = False,
-    target: Annotated[Target, typer.Option(help="Where a real run sends: 'sandbox' (local protocol-true fakes of Google and Meta) or 'live'.")] = Target.sandbox,
-    outbox: Annotated[Path | None, typer.Option(help="Outbox folder. Default: <yaml folder>/var/runs/<run id>/outbox.")] = None,
-    database: Annotated[str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database (overrides database_url).")] = None,
-    full_resync: Annotated[bool, typer.Option("--full-resync", help="Replace whole suppression lists instead of sending adds/removes.")] = False,
-    validate_only: Annotated[bool, typer.Option("--validate-only", help="Ask the platforms to validate without storing anything; the ledger is not written.")] = False,
-    meta_test_event_code: Annotated[str | None, typer.Option("--meta-test-event-code", help="Route Meta events to Events Manager's Test Events tool.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of a table.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")] = False,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="Interval start: a clinic-local date (2026-10-01) or ISO datetime with offset. Default: the day before --end."
+        ),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            help="Interval end (exclusive), the run's 'now'. Default: today's clinic-local midnight."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Write the outbox only; send nothing and write nothing to the ledger."
+        ),
+    ] = False,
+    target: Annotated[
+        Target,
+        typer.Option(
+            help="Where a real run sends: 'sandbox' (local protocol-true fakes of Google and Meta) or 'live'."
+        ),
+    ] = Target.sandbox,
+    outbox: Annotated[
+        Path | None,
+        typer.Option(help="Outbox folder. Default: <yaml folder>/var/runs/<run id>/outbox."),
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", help="SQLAlchemy URL of the staging database (overrides database_url)."),
+    ] = None,
+    full_resync: Annotated[
+        bool,
+        typer.Option(
+            "--full-resync", help="Replace whole suppression lists instead of sending adds/removes."
+        ),
+    ] = False,
+    validate_only: Annotated[
+        bool,
+        typer.Option(
+            "--validate-only",
+            help="Ask the platforms to validate without storing anything; the ledger is not written.",
+        ),
+    ] = False,
+    meta_test_event_code: Annotated[
+        str | None,
+        typer.Option(
+            "--meta-test-event-code", help="Route Meta events to Events Manager's Test Events tool."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print summary.json to stdout instead of a table.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")
+    ] = False,
 ) -> None:
     """Run one interval [start, end) for one clinic: extract, stage, plan, gate, outbox, send.
 
@@ -113,6 +167,7 @@ def run(
 
         medspa-conversions run --config clinic.yaml --start 2026-11-22 --end 2026-11-23 --target live
     """
+    from etl.report import report_path
     from etl.rules.stages import RunWindow
 
     _setup_logging(verbose)
@@ -124,13 +179,23 @@ def run(
             raise ConfigError("--start must be before --end")
         secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)
         if development:
-            err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; using the public DEVELOPMENT key. "
-                      "Opaque IDs from this run are guessable; a live send refuses this key.[/]")  # fmt: skip
+            err.print(
+                "[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; using the public DEVELOPMENT key. "
+                "Opaque IDs from this run are guessable; a live send refuses this key.[/]"
+            )
         summary, directory, seconds = execute_run(
-            cfg, RunWindow(start=start_at, end=end_at), secret=secret, dry_run=dry_run, target=str(target),
-            outbox=outbox, database=database, full_resync=full_resync, validate_only=validate_only,
-            meta_test_event_code=meta_test_event_code, on_step=lambda name: err.print(f"[dim]… {name}[/]"),
-        )  # fmt: skip
+            cfg,
+            RunWindow(start=start_at, end=end_at),
+            secret=secret,
+            dry_run=dry_run,
+            target=str(target),
+            outbox=outbox,
+            database=database,
+            full_resync=full_resync,
+            validate_only=validate_only,
+            meta_test_event_code=meta_test_event_code,
+            on_step=lambda name: err.print(f"[dim]… {name}[/]"),
+        )
     except MedspaError as exc:
         raise _fail(exc) from None
     if json_out:
@@ -138,6 +203,7 @@ def run(
     else:
         out.print(_summary_table(summary))
     err.print(f"outbox: {directory}")
+    err.print(f"report: {report_path(cfg, RunWindow(start=start_at, end=end_at), outbox)}", soft_wrap=True)
     err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
 
 
@@ -157,43 +223,56 @@ def execute_run(
     sandboxes: dict[str, Any] | None = None,
     retry_wait: float | None = None,
 ) -> tuple[dict[str, Any], Path, dict[str, float]]:
-    """All stages in one process, in the DAG's order; returns (summary, outbox, stage seconds)."""
-    from etl import deliver, pipeline, store
+    """Every step in one process, in the DAG's order; returns (summary, outbox, stage seconds)."""
+    from contextlib import ExitStack
+
+    from etl import pipeline, tasks
+    from etl.targets import started_sandboxes
 
     timings = pipeline.Timings(on_step=on_step)
-    paths = pipeline.paths_for(cfg, window, outbox)
-    clock = lambda: datetime.now(UTC)  # noqa: E731 - audit stamps only, never a rule input
-    with store.engine_for(cfg.resolved_database_url(database)) as engine:
-        inputs = pipeline.extract_sources(cfg, window, paths, timings)
-        pipeline.stage_extracts(cfg, engine, paths, timings)
-        plan = pipeline.plan_run(cfg, engine, window, secret=secret, target="none" if dry_run else target,
-                                 dry_run=dry_run, full_resync=full_resync, timings=timings, inputs=inputs)  # fmt: skip
-        pipeline.build_pending(plan, paths)
-        with timings.step("publish_outbox"):
-            pipeline.publish_outbox(cfg, paths)
-        if not dry_run:
-            import shutil
-
-            from etl.targets import open_destinations
-
-            shutil.rmtree(paths.results, ignore_errors=True)
-            with open_destinations(cfg, "live" if target == "live" else "sandbox", now=window.end,
-                                   test_event_code=meta_test_event_code, retry_wait=retry_wait,
-                                   sandboxes=sandboxes) as dests:  # fmt: skip
-                for name, destination in dests.conversions.items():
-                    with timings.step(f"upload_{name}"):
-                        counts = deliver.upload_conversions(cfg, engine, paths.outbox, destination,
-                                                            run_id=plan.run_id, clock=clock,
-                                                            validate_only=validate_only)  # fmt: skip
-                    deliver.write_result(paths.results, name, counts)
-                for name, audience in dests.audiences.items():
-                    with timings.step(f"sync_{name}"):
-                        counts = deliver.sync_audience(cfg, engine, paths.outbox, audience, full_resync=full_resync,
-                                                       clock=clock, validate_only=validate_only)  # fmt: skip
-                    deliver.write_result(paths.results, name, counts)
-        summary = pipeline.finalize_summary(paths, plan.summary)
-        store.record_summary(engine, summary, run_id=plan.run_id, at=clock())
-    return summary, paths.outbox, timings.seconds
+    spec = tasks.RunSpec(config=cfg, window=window, database=database, outbox=outbox)
+    inputs = tasks.extract(spec, timings)
+    tasks.stage(spec, timings)
+    with timings.step("validate_inputs"):
+        tasks.validate_inputs(spec)
+    inputs.pop("run_id")
+    tasks.build_conversions(
+        spec,
+        secret=secret,
+        dry_run=dry_run,
+        target=target,
+        full_resync=full_resync,
+        inputs=inputs,
+        timings=timings,
+    )
+    with timings.step("validate_outbound"):
+        tasks.validate_outbound(spec)
+    if not dry_run:
+        real: Literal["live", "sandbox"] = "live" if target == "live" else "sandbox"
+        with ExitStack() as stack:
+            if real == "sandbox" and sandboxes is None:
+                sandboxes = stack.enter_context(started_sandboxes(cfg, now=window.end))
+            for family in ("google", "meta"):
+                with timings.step(f"upload_{family}"):
+                    tasks.upload(
+                        spec,
+                        family,
+                        target=real,
+                        validate_only=validate_only,
+                        meta_test_event_code=meta_test_event_code,
+                        sandboxes=sandboxes,
+                        retry_wait=retry_wait,
+                    )
+            with timings.step("sync_suppression"):
+                tasks.sync_suppression(
+                    spec,
+                    target=real,
+                    validate_only=validate_only,
+                    sandboxes=sandboxes,
+                    retry_wait=retry_wait,
+                )
+    result = tasks.report(spec)
+    return result["summary"], spec.paths.outbox, timings.seconds
 
 
 def _today_midnight(cfg: ClinicConfig) -> datetime:
@@ -215,14 +294,18 @@ def synth(
     """
     from etl.synth import write_synthetic_clinic
 
-    result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed,
-                                    end=date.fromisoformat(end))  # fmt: skip
+    result = write_synthetic_clinic(
+        out_dir, appointments=appointments, leads=leads, seed=seed, end=date.fromisoformat(end)
+    )
     err.print(f"wrote synthetic clinic to {out_dir}")
     out.print(json.dumps({k: str(v) for k, v in vars(result).items()}, indent=2))
 
 
 def main() -> None:
     app()
+
+
+register_quality(app)
 
 
 if __name__ == "__main__":

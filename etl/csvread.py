@@ -141,9 +141,7 @@ class CsvExport:
         )
         parse = pacsv.ParseOptions(newlines_in_values=self._quoted_newlines)
         try:
-            table = pacsv.read_csv(
-                pa.py_buffer(self._data), parse_options=parse, convert_options=convert
-            )
+            table = pacsv.read_csv(pa.py_buffer(self._data), parse_options=parse, convert_options=convert)
         except (pa.ArrowException, KeyError):
             # pyarrow's message quotes the offending row, so it is never shown; the exact
             # reader below finds the same fault and reports it by line.

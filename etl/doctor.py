@@ -41,7 +41,9 @@ def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, st
     return ("staging database", f"ok ({sa.engine.make_url(url).get_backend_name()})")
 
 
-def run_checks(config: ClinicConfig, environ: Mapping[str, str], *, database: str | None = None) -> list[tuple[str, str]]:
+def run_checks(
+    config: ClinicConfig, environ: Mapping[str, str], *, database: str | None = None
+) -> list[tuple[str, str]]:
     """All readiness checks for a live run of one clinic."""
     from etl.destinations.google_setup import doctor_google
     from etl.destinations.meta import doctor_meta

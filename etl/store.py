@@ -28,9 +28,21 @@ from sqlalchemy.engine import Connection, Engine
 metadata = sa.MetaData()
 
 HASH_COLUMNS = (
-    "em_g", "em_m", "ph_g", "ph_m", "fn_g", "ln_g", "fn_m", "ln_m",
-    "ct_m", "st_m", "zp_m", "country_m", "postal_code", "country_code",
-)  # fmt: skip
+    "em_g",
+    "em_m",
+    "ph_g",
+    "ph_m",
+    "fn_g",
+    "ln_g",
+    "fn_m",
+    "ln_m",
+    "ct_m",
+    "st_m",
+    "zp_m",
+    "country_m",
+    "postal_code",
+    "country_code",
+)
 _CONSENT = ("consent_marketing", "consent_at", "consent_revoked_at")
 
 
@@ -191,8 +203,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def to_epoch_us(series: pd.Series) -> pd.Series:
     """UTC datetimes -> nullable Int64 microseconds since the epoch."""
     values = pd.to_datetime(series, utc=True)
-    out = values.astype("int64") // 1000
-    return out.astype("Int64").where(values.notna(), pd.NA)
+    micros = values.to_numpy(dtype="datetime64[ns]").astype("int64") // 1000
+    return pd.Series(pd.array(micros, dtype="Int64"), index=series.index).mask(values.isna().to_numpy())
 
 
 def from_epoch_us(series: pd.Series) -> pd.Series:
@@ -203,8 +215,9 @@ def _records(frame: pd.DataFrame) -> Iterator[list[dict[str, Any]]]:
     """Chunks of row dicts with pandas nulls turned into None for the DB driver."""
     for lo in range(0, len(frame), _CHUNK):
         chunk = frame.iloc[lo : lo + _CHUNK].astype(object)
-        chunk = chunk.where(chunk.notna(), None)
-        yield chunk.to_dict("records")
+        yield [
+            {str(k): (None if pd.isna(v) else v) for k, v in row.items()} for row in chunk.to_dict("records")
+        ]
 
 
 def _tuples(frame: pd.DataFrame) -> Iterator[list[tuple[Any, ...]]]:
@@ -238,10 +251,11 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         buffer = io.StringIO()
         frame.to_csv(buffer, index=False, header=False, na_rep="\\N")
         buffer.seek(0)
-        with raw.cursor() as cur:
-            cur.copy_expert(
-                f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buffer
-            )
+        pg_cursor: Any = raw.cursor()
+        pg_cursor.copy_expert(
+            f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buffer
+        )
+        pg_cursor.close()
         return
     if conn.dialect.name == "sqlite":
         sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
@@ -257,7 +271,8 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
 def read_frame(conn: Connection, query: sa.Select[Any]) -> pd.DataFrame:
     """Run a Core select and build the frame from the driver's rows (faster than ``read_sql``)."""
     result = conn.execute(query)
-    return pd.DataFrame.from_records(result.fetchall(), columns=list(result.keys()))
+    rows: list[Any] = list(result.fetchall())
+    return pd.DataFrame.from_records(rows, columns=list(result.keys()))
 
 
 def _next_load_seq(conn: Connection, table: sa.Table, clinic_id: str) -> int:
@@ -319,7 +334,9 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
         tmp.create(conn)
         bulk_insert(conn, tmp, staged)
         conn.execute(
-            sa.text(f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} WHERE true {conflict}")
+            sa.text(
+                f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} WHERE true {conflict}"
+            )
         )
         tmp.drop(conn)
     return len(frame)
@@ -334,14 +351,16 @@ def read_staged(engine: Engine, kind: str, clinic_id: str, *, before: datetime) 
     table = appointments if kind == "appointments" else leads
     time_col = "start_at" if kind == "appointments" else "created_at"
     before_us = int(before.timestamp() * 1_000_000)
-    query = sa.select(table).where(
-        table.c.clinic_id == clinic_id, table.c[time_col] < before_us
-    )
+    query = sa.select(table).where(table.c.clinic_id == clinic_id, table.c[time_col] < before_us)
     with engine.connect() as conn:
         frame = read_frame(conn, query)
     for col in _BULK_TIMES[kind]:
         frame[col] = from_epoch_us(frame[col])
-    for col in ("is_test", "consent_marketing", *(("status_known",) if kind == "appointments" else ())):
+    for col in (
+        "is_test",
+        "consent_marketing",
+        *(("status_known",) if kind == "appointments" else ()),
+    ):
         frame[col] = frame[col].astype(bool)
     return frame.drop(columns=["clinic_id", "load_seq"])
 
@@ -459,10 +478,15 @@ def apply_audience_delta(
                 )
             )
         rows = [
-            {"clinic_id": clinic_id, "destination": destination, "member_key": k,
-             "payload": v, "synced_at": at}
+            {
+                "clinic_id": clinic_id,
+                "destination": destination,
+                "member_key": k,
+                "payload": v,
+                "synced_at": at,
+            }
             for k, v in added.items()
-        ]  # fmt: skip
+        ]
         if rows:
             insert = _dialect_insert(conn, audience_state)
             stmt = insert.on_conflict_do_update(
@@ -474,7 +498,11 @@ def apply_audience_delta(
 
 
 def replace_derived(
-    engine: Engine, clinic_id: str, run_id: str, person_frame: pd.DataFrame, conv_frame: pd.DataFrame
+    engine: Engine,
+    clinic_id: str,
+    run_id: str,
+    person_frame: pd.DataFrame,
+    conv_frame: pd.DataFrame,
 ) -> None:
     """Replace the clinic's derived persons and conversions with this run's view (for inspection)."""
     with engine.begin() as conn:

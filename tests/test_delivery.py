@@ -158,6 +158,7 @@ def test_ledger_records_outcomes_with_codes(
 ) -> None:
     cfg = config_for(clinic_dir, "google_ads")
     spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+
     def click(row: dict[str, Any]) -> str | None:
         return row.get("gclid") or row.get("gbraid") or row.get("wbraid")
 

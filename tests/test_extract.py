@@ -169,9 +169,7 @@ def test_duplicate_header_names_the_column():
 
 def test_empty_file_is_an_error():
     error = input_error("empty.csv")
-    assert [(p.file, p.reason) for p in error.problems] == [
-        ("empty.csv", "file is empty (no header)")
-    ]
+    assert [(p.file, p.reason) for p in error.problems] == [("empty.csv", "file is empty (no header)")]
 
 
 def test_header_only_gives_an_empty_canonical_frame():

@@ -146,9 +146,7 @@ def test_events_accepted_with_hashes_passed_through_unchanged(sandbox):
 
 
 def test_test_event_code_and_limited_data_use_from_config(sandbox):
-    events, _ = destinations(
-        sandbox, config=make_config(limited_data_use=True), test_event_code="TEST123"
-    )
+    events, _ = destinations(sandbox, config=make_config(limited_data_use=True), test_event_code="TEST123")
     passthrough = event_row(
         "b",
         data_processing_options=["LDU"],
@@ -285,24 +283,18 @@ def test_permission_and_unknown_pixel_stop_the_run(sandbox):
     with pytest.raises(DestinationConfigError, match=r"permission \(code 200\)"):
         events.send([event_row("x")])
 
-    other = MetaEvents(
-        make_config(pixel_id="999999"), client_for(sandbox, "sandbox-token"), now=NOW
-    )
+    other = MetaEvents(make_config(pixel_id="999999"), client_for(sandbox, "sandbox-token"), now=NOW)
     with pytest.raises(DestinationConfigError, match=r"pixel 999999 does not exist.*100/33"):
         other.send([event_row("x")])
 
 
 def test_app_secret_proof_is_sent_and_checked():
     with MetaSandbox(now=NOW, app_secret="s3cret") as sb:
-        good = MetaEvents(
-            make_config(), client_for(sb, "sandbox-token", app_secret="s3cret"), now=NOW
-        )
+        good = MetaEvents(make_config(), client_for(sb, "sandbox-token", app_secret="s3cret"), now=NOW)
         assert good.send([event_row("x")])[0].outcome == Outcome.ACCEPTED
         assert "appsecret_proof" in sb.received[0].query
 
-        wrong = MetaEvents(
-            make_config(), client_for(sb, "sandbox-token", app_secret="nope"), now=NOW
-        )
+        wrong = MetaEvents(make_config(), client_for(sb, "sandbox-token", app_secret="nope"), now=NOW)
         with pytest.raises(DestinationConfigError, match="without a subcode"):
             wrong.send([event_row("y")])
 

@@ -1,0 +1,141 @@
+"""``medspa-conversions validate`` and ``report``: the data-quality gates alone, and the run report.
+
+``validate`` runs what a run runs up to the outbox (extract, stage, input suites, build the plan
+into the pending folder, PHI gate, outbound suites), then deletes the pending plan: nothing is
+published, sent or written to the ledger. It exits 4 (``QualityGateFailed``) when a critical
+check fails, 3 when the PHI gate refuses a row. ``report`` re-renders ``<run_dir>/report.html``
+from what a run recorded. Contract: issue #5 and docs/quality.md. Output is names and counts only.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from etl.quality import CheckResult
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_+\-]{1,200}$")
+
+
+def _results_table(results: list[CheckResult]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="data-quality checks")
+    for name, justify in (("suite", "left"), ("check", "left"), ("severity", "left"), ("result", "left"),
+                          ("failing rows", "right"), ("rows", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        word = (
+            "passed"
+            if r.success
+            else ("[red]FAILED[/]" if r.severity == "critical" else "[yellow]warning[/]")
+        )
+        if r.error:
+            word += " (not evaluated)"
+        table.add_row(r.suite, r.check, r.severity, word,
+                      "" if r.unexpected_count is None else f"{r.unexpected_count:,}",
+                      "" if r.element_count is None else f"{r.element_count:,}")  # fmt: skip
+    return table
+
+
+def validate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
+    start: Annotated[
+        str, typer.Option(help="Interval start: a clinic-local date or ISO datetime with offset.")
+    ],
+    end: Annotated[str, typer.Option(help="Interval end (exclusive), the run's 'now'.")],
+    database: Annotated[
+        str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")
+    ] = False,
+) -> None:
+    """Run the data-quality checks of [start, end) alone; publish nothing, send nothing.
+
+    Extracts and stages the exports, runs the input suites, plans the conversions into the
+    pending folder, runs the PHI gate and the outbound suites on it, then deletes it. Results are
+    stored in quality_results like a run's. Exit code 4 when a critical check failed.
+
+        medspa-conversions validate --config clinic.yaml --start 2026-11-01 --end 2026-11-23
+    """
+    from etl import cli, pipeline, quality, tasks
+    from etl.config import load_config, resolve_id_secret
+    from etl.errors import ConfigError, MedspaError
+    from etl.gate import check_outbound
+    from etl.outbox import OUTBOX_FILES, read_rows
+    from etl.rules.stages import RunWindow
+
+    cli._setup_logging(verbose)
+    results: list[CheckResult] = []
+    try:
+        cfg = load_config(config)
+        start_at, end_at = cli.parse_boundary(start, cfg), cli.parse_boundary(end, cfg)
+        if start_at >= end_at:
+            raise ConfigError("--start must be before --end")
+        secret, _ = resolve_id_secret(real_send=False)
+        spec = tasks.RunSpec(config=cfg, window=RunWindow(start=start_at, end=end_at), database=database)
+        timings = pipeline.Timings(on_step=lambda name: cli.err.print(f"[dim]… {name}[/]"))
+        inputs = tasks.extract(spec, timings)
+        inputs.pop("run_id")
+        tasks.stage(spec, timings)
+        now = datetime.now(UTC)  # audit stamp of the stored results only
+        results = quality.check_inputs(spec, at=now)
+        step = "validate_inputs"
+        if not quality.has_critical(results):
+            step = "validate_outbound"
+            tasks.build_conversions(
+                spec, secret=secret, dry_run=True, target="none", inputs=inputs, timings=timings
+            )
+            pending = spec.paths.pending
+            try:
+                check_outbound(cfg, {d: list(read_rows(pending, d)) for d in OUTBOX_FILES})
+                results += quality.check_pending(spec, pending, at=now)
+            finally:
+                shutil.rmtree(pending, ignore_errors=True)
+        cli.out.print(_results_table(results))
+        quality.raise_on_critical(results, step)
+    except MedspaError as exc:
+        raise cli._fail(exc) from None
+    warned = sum(1 for r in results if not r.success)
+    cli.err.print(f"all critical checks passed ({len(results)} checks, {warned} warnings)")
+
+
+def report(
+    run_id: Annotated[str, typer.Option("--run-id", help="The run's ID (its folder name under var/runs/).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file of the run.")],
+    database: Annotated[
+        str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
+    ] = None,
+    outbox: Annotated[
+        Path | None, typer.Option(help="The run's outbox, if it was not the default folder.")
+    ] = None,
+) -> None:
+    """Re-render a run's HTML report (<run_dir>/report.html) from its summary, outbox and stored checks."""
+    from etl import cli, store
+    from etl.config import load_config
+    from etl.errors import ConfigError, MedspaError
+    from etl.report import paths_for_run_id, render_run_report
+
+    try:
+        if not _RUN_ID.match(run_id):
+            raise ConfigError("--run-id must be a run folder name (letters, digits, '_', '-', '+')")
+        cfg = load_config(config)
+        paths = paths_for_run_id(cfg, run_id, outbox)
+        with store.engine_for(cfg.resolved_database_url(database)) as engine:
+            path = render_run_report(cfg, paths, engine, run_id=run_id)
+    except MedspaError as exc:
+        raise cli._fail(exc) from None
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``validate`` and ``report`` to the main CLI."""
+    app.command()(validate)
+    app.command()(report)

@@ -1,0 +1,246 @@
+"""The run's steps as plain functions of (clinic YAML, interval): what DAG tasks and the CLI call.
+
+Each step is keyed by clinic and data interval, works on the staging database and the run's
+folder (``var/runs/<run id>/`` beside the clinic YAML), and returns a small dict of counts and
+paths, never rows, so it can be an Airflow XCom as it is. Steps can run in separate processes:
+everything one hands the next is on disk (hashed Parquet extracts, the pending plan, the
+outbox, ``results/*.json``) or in the database (staging, ledger, audience state).
+
+Order: extract -> stage -> validate_inputs -> build_conversions -> validate_outbound ->
+upload (google | meta, in parallel) -> sync_suppression -> report.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.engine import Engine
+
+from etl import deliver, pipeline, store
+from etl.config import ClinicConfig, load_config
+from etl.outbox import read_summary
+from etl.rules.stages import RunWindow
+
+Family = Literal["google", "meta"]
+_FAMILY = {
+    "google": ("google_conversions", "google_customer_match"),
+    "meta": ("meta_events", "meta_audience"),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that identifies one run; cheap to rebuild in every task process."""
+
+    config: ClinicConfig
+    window: RunWindow
+    database: str | None = None
+    outbox: Path | None = None
+
+    @property
+    def paths(self) -> pipeline.RunPaths:
+        return pipeline.paths_for(self.config, self.window, self.outbox)
+
+    @property
+    def run_id(self) -> str:
+        return pipeline.run_id_for(self.config, self.window)
+
+    @contextmanager
+    def engine(self) -> Iterator[Engine]:
+        with store.engine_for(self.config.resolved_database_url(self.database)) as engine:
+            yield engine
+
+
+def spec_for(
+    config: str | Path | ClinicConfig,
+    start: datetime,
+    end: datetime,
+    *,
+    database: str | None = None,
+    outbox: Path | None = None,
+) -> RunSpec:
+    cfg = config if isinstance(config, ClinicConfig) else load_config(config)
+    return RunSpec(config=cfg, window=RunWindow(start=start, end=end), database=database, outbox=outbox)
+
+
+def _clock() -> datetime:
+    return datetime.now(UTC)  # audit stamps only, never a rule input
+
+
+def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
+    counts = pipeline.extract_sources(spec.config, spec.window, spec.paths, timings or pipeline.Timings())
+    return {"run_id": spec.run_id, **counts}
+
+
+def stage(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
+    with spec.engine() as engine:
+        counts = pipeline.stage_extracts(spec.config, engine, spec.paths, timings or pipeline.Timings())
+    return {"run_id": spec.run_id, **counts}
+
+
+def validate_inputs(spec: RunSpec) -> dict[str, Any]:
+    """Input data-quality suites (hashed extracts, staged daily volume); results stored per run.
+
+    Raises:
+        QualityGateFailed: a critical check failed; nothing has been planned, written or sent.
+    """
+    from etl import quality
+
+    return quality.validate_inputs(spec, at=_clock())
+
+
+def build_conversions(
+    spec: RunSpec,
+    *,
+    secret: bytes,
+    dry_run: bool,
+    target: str,
+    full_resync: bool = False,
+    inputs: dict[str, int] | None = None,
+    timings: pipeline.Timings | None = None,
+) -> dict[str, Any]:
+    """Apply the rules and write the gated plan as ``pending`` (not yet an outbox)."""
+    with spec.engine() as engine:
+        plan = pipeline.plan_run(
+            spec.config,
+            engine,
+            spec.window,
+            secret=secret,
+            target="none" if dry_run else target,
+            dry_run=dry_run,
+            full_resync=full_resync,
+            timings=timings,
+            inputs=inputs,
+        )
+    pipeline.build_pending(plan, spec.paths)
+    return {
+        "run_id": spec.run_id,
+        "stages": plan.summary["stages"],
+        "planned": {k: len(v) for k, v in plan.outbound.items()},
+    }
+
+
+def validate_outbound(spec: RunSpec, checks: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Gate the pending plan again (and run outbound data-quality checks), then publish it."""
+    from etl import quality
+
+    outbox = pipeline.publish_outbox(
+        spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
+    )
+    shutil.rmtree(spec.paths.results, ignore_errors=True)
+    return {"run_id": spec.run_id, "outbox": str(outbox)}
+
+
+def upload(
+    spec: RunSpec,
+    family: Family,
+    *,
+    target: Literal["sandbox", "live"],
+    validate_only: bool = False,
+    meta_test_event_code: str | None = None,
+    sandboxes: dict[str, Any] | None = None,
+    retry_wait: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Send one platform's conversions from the published outbox, recording each batch.
+
+    ``environ`` holds live credentials (default ``os.environ``; the DAG maps connections).
+    """
+    from etl.targets import open_destinations
+
+    summary = read_summary(spec.paths.outbox)
+    if summary["dry_run"]:
+        return {"run_id": spec.run_id, "skipped": "dry run"}
+    name = _FAMILY[family][0]
+    with (
+        spec.engine() as engine,
+        open_destinations(
+            spec.config,
+            target,
+            now=spec.window.end,
+            test_event_code=meta_test_event_code,
+            retry_wait=retry_wait,
+            sandboxes=sandboxes,
+            only=family,
+            environ=environ,
+        ) as dests,
+    ):
+        destination = dests.conversions.get(name)
+        if destination is None:
+            return {"run_id": spec.run_id, "skipped": f"{family} not configured"}
+        counts = deliver.upload_conversions(
+            spec.config,
+            engine,
+            spec.paths.outbox,
+            destination,
+            run_id=spec.run_id,
+            clock=_clock,
+            validate_only=validate_only,
+        )
+    deliver.write_result(spec.paths.results, name, counts)
+    return {"run_id": spec.run_id, name: {k: v for k, v in counts.items() if k != "rejected_codes"}}
+
+
+def sync_suppression(
+    spec: RunSpec,
+    *,
+    target: Literal["sandbox", "live"],
+    validate_only: bool = False,
+    sandboxes: dict[str, Any] | None = None,
+    retry_wait: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Mirror both suppression lists from the published outbox; the synced state moves after success."""
+    from etl.targets import open_destinations
+
+    summary = read_summary(spec.paths.outbox)
+    if summary["dry_run"]:
+        return {"run_id": spec.run_id, "skipped": "dry run"}
+    out: dict[str, Any] = {"run_id": spec.run_id}
+    with (
+        spec.engine() as engine,
+        open_destinations(
+            spec.config,
+            target,
+            now=spec.window.end,
+            retry_wait=retry_wait,
+            sandboxes=sandboxes,
+            environ=environ,
+        ) as dests,
+    ):
+        for name, audience in dests.audiences.items():
+            counts = deliver.sync_audience(
+                spec.config,
+                engine,
+                spec.paths.outbox,
+                audience,
+                full_resync=bool(summary.get("full_resync")),
+                clock=_clock,
+                validate_only=validate_only,
+            )
+            deliver.write_result(spec.paths.results, name, counts)
+            out[name] = counts
+    return out
+
+
+def report(spec: RunSpec) -> dict[str, Any]:
+    """Fold upload results into summary.json, record it, render ``report.html``; return the counts."""
+    from etl.report import render_run_report
+
+    summary = read_summary(spec.paths.outbox)
+    merged = pipeline.finalize_summary(spec.paths, summary)
+    with spec.engine() as engine:
+        store.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
+        html = render_run_report(spec.config, spec.paths, engine, run_id=spec.run_id, summary=merged)
+    return {
+        "run_id": spec.run_id,
+        "outbox": str(spec.paths.outbox),
+        "summary": merged,
+        "report": str(html),
+    }

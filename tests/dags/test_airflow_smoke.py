@@ -1,0 +1,60 @@
+"""``scripts/airflow_smoke`` on a real deployment: api-server, scheduler, dag-processor (issue #6).
+
+Runs in CI by default (marked ``slow`` only so it can be deselected locally with ``-m "not slow"``):
+a triggered nightly run and a one-interval ``airflow backfill create``, both read back through the
+REST API, then the staging ledger; afterwards no process the script started is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.dags.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_script_triggers_and_backfills_the_demo_dag_then_cleans_up() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MEDSPA_"))}
+    done = subprocess.run(
+        [
+            str(REPO / "scripts" / "airflow_smoke"),
+            "--timeout",
+            "420",
+            "--backfill",
+            "2026-11-20",
+            "2026-11-21",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+        check=False,
+    )
+    assert done.stdout.strip(), done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert done.returncode == 0, json.dumps({k: v for k, v in result.items() if k != "report"})[:3000]
+
+    assert result["run"]["state"] == "success"
+    assert result["run"]["data_interval_start"].startswith("2026-11-22T11:00:00")
+    assert set(result["tasks"].values()) == {"success"} and len(result["tasks"]) == 9
+    assert result["report"]["counts"]["destinations"]["google_conversions"]["sent"] > 0
+    [backfill] = result["backfill"].values()
+    assert backfill["state"] == "success"
+    assert backfill["data_interval_start"].startswith("2026-11-20T11:00:00")
+
+    staging = result["staging"]
+    assert len(staging["runs"]) == 2
+    for dest in ("google_conversions", "meta_events"):
+        assert staging["ledger"][dest] == sum(run["sent"][dest] for run in staging["runs"])
+
+    # every process the script started (and its children) is gone
+    for name, pgid in result["pids"].items():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+        assert result["exit_codes"][name] is not None

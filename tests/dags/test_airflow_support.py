@@ -1,0 +1,184 @@
+"""``etl.airflow_support`` without a running Airflow: credentials, secret, params, alerts, discovery."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from etl import airflow_support as support
+from etl.config import load_config
+from etl.errors import ConfigError, GateViolation
+from tests.dags.conftest import DEMO_CLINIC, REPO
+
+
+def fake_connection(login: str | None = None, password: str | None = None, **extra: str) -> Any:
+    return SimpleNamespace(login=login, password=password, extra=json.dumps(extra) if extra else None,
+                           extra_dejson=extra)  # fmt: skip
+
+
+def test_connection_names_are_the_variables_the_destination_factories_read() -> None:
+    from etl.destinations import google_setup, meta
+
+    read = {
+        google_setup.DEVELOPER_TOKEN, google_setup.LOGIN_CUSTOMER_ID, google_setup.ADS_KEY_FILE,
+        google_setup.ADS_IMPERSONATED_EMAIL, google_setup.DM_KEY_FILE, *google_setup.ADS_OAUTH,
+        *google_setup.DM_OAUTH, meta.ACCESS_TOKEN_ENV, meta.APP_SECRET_ENV, meta.APP_ID_ENV,
+    }  # fmt: skip
+    mapped = {name for fields in support.CONNECTION_FIELDS.values() for name, _ in fields}
+    assert mapped == read
+
+
+def test_connection_fields_map_onto_variables() -> None:
+    conn = fake_connection("app-1", "meta-token", app_secret="shh")
+    assert support.connection_environ("medspa_meta", conn) == {
+        "META_ACCESS_TOKEN": "meta-token",
+        "META_APP_SECRET": "shh",
+        "META_APP_ID": "app-1",
+    }
+    ads = fake_connection(None, None, developer_token="dev", client_id="cid", client_secret="cs",
+                          refresh_token="rt", login_customer_id="1234567890")  # fmt: skip
+    assert support.connection_environ("medspa_google_ads", ads) == {
+        "GOOGLE_ADS_DEVELOPER_TOKEN": "dev",
+        "GOOGLE_ADS_CLIENT_ID": "cid",
+        "GOOGLE_ADS_CLIENT_SECRET": "cs",
+        "GOOGLE_ADS_REFRESH_TOKEN": "rt",
+        "GOOGLE_ADS_LOGIN_CUSTOMER_ID": "1234567890",
+    }
+
+
+def test_live_credentials_take_a_defined_connection_whole_and_never_touch_os_environ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = load_config(DEMO_CLINIC / "clinic.yaml")
+    monkeypatch.setenv("META_ACCESS_TOKEN", "from-env")
+    monkeypatch.setenv("META_APP_SECRET", "env-secret")
+    monkeypatch.setenv("DATAMANAGER_CLIENT_ID", "env-client")
+    connections = {"medspa_meta": fake_connection(password="from-connection")}
+    monkeypatch.setattr(support, "_connection", connections.get)
+    monkeypatch.setattr(support, "_mask", lambda value: None)
+    environ = support.live_environ(config, ("google", "meta"))
+    assert environ["META_ACCESS_TOKEN"] == "from-connection"
+    assert "META_APP_SECRET" not in environ  # no mixing of a connection with the environment
+    assert environ["DATAMANAGER_CLIENT_ID"] == "env-client"  # no medspa_google_datamanager: env
+    assert support.os.environ["META_ACCESS_TOKEN"] == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("connection", "variable", "env", "expected"),
+    [
+        ("c" * 20, "v" * 20, "e" * 20, "c" * 20),
+        (None, "v" * 20, "e" * 20, "v" * 20),
+        (None, None, "e" * 20, "e" * 20),
+    ],
+    ids=["connection-first", "then-variable", "then-environment"],
+)
+def test_id_secret_lookup_order(
+    monkeypatch: pytest.MonkeyPatch, connection: str | None, variable: str | None, env: str, expected: str
+) -> None:
+    monkeypatch.setattr(
+        support, "_connection", lambda _id: fake_connection(password=connection) if connection else None
+    )
+    monkeypatch.setattr(support, "_variable", lambda _key: variable)
+    monkeypatch.setattr(support, "_mask", lambda value: None)
+    monkeypatch.setenv("MEDSPA_ID_SECRET", env)
+    assert support.id_secret(real_send=True) == expected.encode()
+
+
+def test_live_send_without_a_secret_refuses_and_sandbox_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(support, "_connection", lambda _id: None)
+    monkeypatch.setattr(support, "_variable", lambda _key: None)
+    with pytest.raises(ConfigError, match="MEDSPA_ID_SECRET"):
+        support.id_secret(real_send=True)
+    with caplog.at_level("WARNING"):
+        assert b"DEVELOPMENT" in support.id_secret(real_send=False)
+    assert "DEVELOPMENT key" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "params", [{"target": "prod"}, {"dry_run": "yes"}], ids=["bad-target", "bad-dry-run"]
+)
+def test_run_params_are_checked(params: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        support.run_params(params)
+
+
+def test_error_description_keeps_only_our_messages() -> None:
+    ours = GateViolation("meta_events", [("data[0].em", "not_hashed")])
+    wrapped = RuntimeError("wrapper")
+    wrapped.__cause__ = ours
+    assert support.describe_error(wrapped) == ("GateViolation", str(ours))
+    assert support.describe_error(ValueError("jane@example.org is not valid")) == ("ValueError", None)
+
+
+class FakeTi:
+    dag_id = "medspa_conversions__sunrise-medspa"
+    run_id = "scheduled__2026-11-22T11:00:00+00:00"
+    task_id = "upload_meta"
+    try_number = 4
+    log_url = "http://airflow.example/dags/x/runs/y/tasks/upload_meta"
+
+    def xcom_pull(self, task_ids: str) -> Any:
+        return {"extract": {"run_id": "r", "appointments_rows": 10, "path": "/x"}}.get(task_ids)
+
+
+def test_failure_payload_carries_ids_links_and_counts_only() -> None:
+    context = {
+        "ti": FakeTi(),
+        "exception": ValueError("+1 555 0100 rejected"),
+        "data_interval_start": datetime(2026, 11, 22, 11, tzinfo=UTC),
+        "data_interval_end": datetime(2026, 11, 23, 11, tzinfo=UTC),
+    }
+    payload = support.failure_payload(context)
+    assert payload["error"] == {"type": "ValueError", "message": None}
+    assert payload["counts"] == {"extract": {"appointments_rows": 10}}
+    assert payload["run_url"].endswith(
+        "/dags/medspa_conversions__sunrise-medspa/runs/scheduled__2026-11-22T11%3A00%3A00%2B00%3A00"
+    )
+    assert "555" not in json.dumps(payload)
+
+
+def test_notify_failure_never_raises_nor_logs_the_destination(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(support, "_variable", lambda _key: None)
+    monkeypatch.setenv("MEDSPA_ALERT_WEBHOOK", "http://127.0.0.1:9/hooks/token-abc")
+    with caplog.at_level("INFO"):
+        support.notify_failure({"ti": FakeTi(), "exception": RuntimeError("boom")})
+    assert "failure alert not sent (URLError)" in caplog.text
+    assert "token-abc" not in caplog.text
+
+
+def test_count_line_is_one_line_of_numbers() -> None:
+    line = support.count_line(
+        "upload_google", {"google_conversions": {"sent": 7, "skipped": "x"}, "ok": True}
+    )
+    assert line == "upload_google: google_conversions.sent=7"
+
+
+def test_clinics_root_and_default_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MEDSPA_CLINICS_DIR", raising=False)
+    assert support.clinics_root(REPO) == REPO / "clinics"
+    monkeypatch.setenv("MEDSPA_CLINICS_DIR", "var/clinics")
+    assert support.clinics_root(REPO) == REPO / "var" / "clinics"
+    monkeypatch.setenv("MEDSPA_CLINICS_DIR", str(tmp_path))
+    assert support.clinics_root(REPO) == tmp_path
+    monkeypatch.setenv("MEDSPA_DEFAULT_TARGET", "live")
+    assert support.default_target() == "live"
+    monkeypatch.setenv("MEDSPA_DEFAULT_TARGET", "production")
+    with pytest.warns(UserWarning):
+        assert support.default_target() == "sandbox"
+
+
+def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
+    config = load_config(DEMO_CLINIC / "clinic.yaml")
+    start, end = support.latest_interval(config, datetime(2026, 11, 23, 17, 30, tzinfo=UTC))
+    assert (start.isoformat(), end.isoformat()) == ("2026-11-22T11:00:00+00:00", "2026-11-23T11:00:00+00:00")
+    window = support.run_window(config, start, end)
+    assert window.start.isoformat() == "2026-11-22T03:00:00-08:00"

@@ -1,0 +1,603 @@
+"""Data-quality gates (etl.quality, issue #5): every critical check stops the run before the outbox
+and sends nothing; a broken export is caught (and by which layer); warnings let the run go on; no
+planted value reaches GX results or stored results. The contract is docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from etl import quality, quality_frames, store, tasks
+from etl.cli import app, execute_run
+from etl.config import load_config
+from etl.errors import GateViolation, InputError, QualityGateFailed
+from etl.outbox import OUTBOX_FILES, SUMMARY_FILE, read_rows, write_summary
+from etl.quality_suites import CRITICAL, EXPECTATIONS_DIR, build_suites, render_suite
+from etl.rules.stages import RunWindow
+from tests.conftest import SECRET
+from tests.test_canary import CANARIES, DERIVED, assert_no_canary, write_clinic
+
+NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+# the committed suites are what the code builds ------------------------------------------------
+
+
+def test_committed_suites_equal_what_the_code_builds() -> None:
+    suites = build_suites()
+    committed = sorted(p.name for p in EXPECTATIONS_DIR.glob("*.json"))
+    assert committed == sorted(f"{name}.json" for name in suites), "run: python -m etl.quality_suites"
+    for name, suite in suites.items():
+        assert (EXPECTATIONS_DIR / f"{name}.json").read_text() == render_suite(suite), name
+
+
+def test_committed_suites_load_in_great_expectations() -> None:
+    import great_expectations as gx
+
+    for path in EXPECTATIONS_DIR.glob("*.json"):
+        raw = json.loads(path.read_text())
+        suite = gx.ExpectationSuite(name=raw["name"], expectations=raw["expectations"], meta=raw["meta"])
+        assert len(suite.expectations) == len(raw["expectations"]) > 0
+        assert all(e.severity.value in ("critical", "warning") for e in suite.expectations)
+
+
+def test_etl_imports_do_not_import_great_expectations() -> None:
+    code = ("import sys, etl.cli, etl.tasks, etl.quality, etl.quality_frames, etl.quality_suites, etl.report; "
+            "print('great_expectations' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# one run of the canary clinic, with a fault planted at one layer --------------------------------
+
+START, END = "2026-05-01", "2026-06-30"
+Rows = dict[str, list[dict[str, Any]]]
+
+
+@dataclass
+class Fault:
+    """Where to plant a fault, and which layer must stop the run."""
+
+    extract: tuple[str, Callable[[pd.DataFrame], pd.DataFrame]] | None = None  # kind, change
+    sql: list[str] = field(default_factory=list)  # run against staging after the plan is built
+    pending: Callable[[Rows], None] | None = None  # change the pending outbox rows
+    frame: tuple[str, Callable[[pd.DataFrame], pd.DataFrame]] | None = None  # quality_frames function
+    layer: str = "quality"  # or "gate": the PHI gate stops it first (GX is then checked directly)
+
+
+@dataclass
+class Outcome:
+    error: Exception
+    spec: tasks.RunSpec
+    copy: Path | None  # the faulty pending plan, kept for the direct GX check
+
+
+def _window(config: Any) -> RunWindow:
+    return RunWindow(start=datetime.fromisoformat(START).replace(tzinfo=config.tz),
+                     end=datetime.fromisoformat(END).replace(tzinfo=config.tz))  # fmt: skip
+
+
+def _write_pending(pending: Path, rows: Rows) -> None:
+    summary = json.loads((pending / SUMMARY_FILE).read_text())
+    for dest, name in OUTBOX_FILES.items():
+        (pending / name).write_text("".join(json.dumps(r) + "\n" for r in rows[dest]))
+    write_summary(pending, summary)
+
+
+def run_with_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: Fault) -> Outcome:
+    """Run every step of a real (sandbox-target) run with the fault; nothing may be written or sent."""
+    config = load_config(write_clinic(tmp_path))
+    window = _window(config)
+    spec = tasks.RunSpec(config=config, window=window)
+    sent: list[str] = []
+    monkeypatch.setattr(tasks, "upload", lambda *a, **k: sent.append("upload"))
+    monkeypatch.setattr(tasks, "sync_suppression", lambda *a, **k: sent.append("sync"))
+    real_stage, real_build = tasks.stage, tasks.build_conversions
+    copy = tmp_path / "faulty-pending"
+
+    def stage(spec_: tasks.RunSpec, timings: Any = None) -> dict[str, Any]:
+        out = real_stage(spec_, timings)
+        if fault.extract:  # the hashed extract on disk goes wrong after staging
+            kind, change = fault.extract
+            path = spec_.paths.extracts / f"{kind}.parquet"
+            change(pd.read_parquet(path)).to_parquet(path, index=False)
+        return out
+
+    def build(spec_: tasks.RunSpec, **kwargs: Any) -> dict[str, Any]:
+        out = real_build(spec_, **kwargs)
+        if fault.sql:
+            with spec_.engine() as engine, engine.begin() as conn:
+                for statement in fault.sql:
+                    conn.execute(sa.text(statement))
+        if fault.pending:
+            rows = {d: list(read_rows(spec_.paths.pending, d)) for d in OUTBOX_FILES}
+            fault.pending(rows)
+            _write_pending(spec_.paths.pending, rows)
+        shutil.copytree(spec_.paths.pending, copy)
+        return out
+
+    monkeypatch.setattr(tasks, "stage", stage)
+    monkeypatch.setattr(tasks, "build_conversions", build)
+    if fault.frame:
+        name, change = fault.frame
+        real = getattr(quality_frames, name)
+        monkeypatch.setattr(quality_frames, name, lambda *a, **k: change(real(*a, **k)))
+    with pytest.raises((QualityGateFailed, GateViolation)) as info:
+        execute_run(config, window, secret=SECRET, dry_run=False, target="sandbox", sandboxes={})
+    assert not spec.paths.outbox.exists(), "an outbox was published"
+    assert not spec.paths.pending.exists(), "the refused plan was left behind"
+    assert sent == [], "something was sent"
+    with spec.engine() as engine, engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() == 0
+    assert_no_canary(str(info.value), "the gate's message")
+    return Outcome(info.value, spec, copy if copy.exists() else None)
+
+
+def _set(column: str, value: Any) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def change(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.astype({column: object}) if value is None else frame
+        frame[column] = value
+        return frame
+
+    return change
+
+
+def _twice(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([frame, frame], ignore_index=True)
+
+
+def _edit(dest: str, change: Callable[[dict[str, Any]], None]) -> Callable[[Rows], None]:
+    def apply(rows: Rows) -> None:
+        change(rows[dest][0])
+
+    return apply
+
+
+def _valued(dest: str, change: Callable[[dict[str, Any]], None]) -> Callable[[Rows], None]:
+    """Change the row that carries a value (the purchase)."""
+
+    def apply(rows: Rows) -> None:
+        change(next(r for r in rows[dest] if "conversion_value" in r or "custom_data" in r))
+
+    return apply
+
+
+def _dup(dest: str) -> Callable[[Rows], None]:
+    return lambda rows: rows[dest].append(dict(rows[dest][0]))
+
+
+def _pop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda row: row.pop(key)
+
+
+def _put(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda row: row.__setitem__(key, value)
+
+
+def _user(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda row: row["user_data"].__setitem__(key, value)
+
+
+def _custom(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda row: row["custom_data"].__setitem__(key, value)
+
+
+def _address(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(row: dict[str, Any]) -> None:
+        next(i for i in row["user_identifiers"] if "address_info" in i)["address_info"][key] = value
+
+    return change
+
+
+def _no_match_keys(row: dict[str, Any]) -> None:
+    row.pop("user_identifiers", None)
+    row.pop("gclid", None)
+
+
+HASH = "a" * 64
+A, L = "appointments", "leads"
+MIN_US = 86_400 * 1_000_000
+CASES: dict[str, Fault] = {
+    "appointments_schema.columns_as_contracted": Fault(extract=(A, _set("email", CANARIES["email"]))),
+    "appointments_extract.appointment_id_not_null": Fault(extract=(A, _set("appointment_id", None))),
+    "appointments_extract.appointment_id_unique": Fault(extract=(A, _twice)),
+    "appointments_extract.start_at_not_null": Fault(extract=(A, _set("start_at", pd.NaT))),
+    "appointments_extract.status_not_null": Fault(extract=(A, _set("status", None))),
+    "appointments_extract.status_in_vocabulary": Fault(extract=(A, _set("status", "Completed"))),
+    "appointments_extract.status_known_share": Fault(extract=(A, _set("status_known", False))),
+    "appointments_extract.revenue_numeric": Fault(extract=(A, _set("revenue", "$1,250.00"))),
+    "appointments_extract.revenue_not_null": Fault(extract=(A, _set("revenue", float("nan")))),
+    "appointments_extract.revenue_plausible": Fault(extract=(A, _set("revenue", 4155550177.0))),
+    "appointments_extract.currency_iso_4217": Fault(extract=(A, _set("currency", CANARIES["location_id"]))),
+    "appointments_extract.is_test_not_null": Fault(extract=(A, _set("is_test", None))),
+    "leads_schema.columns_as_contracted": Fault(extract=(L, _set("notes", CANARIES["notes"]))),
+    "leads_extract.lead_id_not_null": Fault(extract=(L, _set("lead_id", None))),
+    "leads_extract.lead_id_unique": Fault(extract=(L, _twice)),
+    "leads_extract.created_at_not_null": Fault(extract=(L, _set("created_at", pd.NaT))),
+    "leads_extract.is_test_not_null": Fault(extract=(L, _set("is_test", None))),
+    # the staging table's primary key forbids a null or repeated opaque ID: planted in the frame
+    "conversions_staged.opaque_id_not_null": Fault(frame=("conversions_frame", _set("opaque_id", None))),
+    "conversions_staged.opaque_id_unique": Fault(frame=("conversions_frame", _twice)),
+    "conversions_staged.opaque_id_hex64": Fault(
+        sql=[f"UPDATE conversions SET opaque_id = '{CANARIES['appointment_id']}' WHERE stage = 'consultation'"]),
+    "conversions_staged.stage_known": Fault(sql=["UPDATE conversions SET stage = 'lead' WHERE stage = 'purchase'"]),
+    "conversions_staged.ready_in_run_window": Fault(
+        sql=[f"UPDATE conversions SET ready_at = ready_at - {200 * MIN_US}, event_time = event_time - {200 * MIN_US}"]),
+    "conversions_staged.ready_follows_stage_rule": Fault(
+        sql=[f"UPDATE conversions SET event_time = event_time - {MIN_US} WHERE stage = 'purchase'"]),
+    "conversions_staged.purchase_value_positive": Fault(sql=["UPDATE conversions SET value = 0 WHERE stage = 'purchase'"]),
+    "conversions_staged.one_per_journey_and_stage": Fault(sql=[
+        "INSERT INTO conversions SELECT clinic_id, 'ffff' || substr(opaque_id, 5), stage, person_key, event_time, "
+        "ready_at, value, outcome, run_id FROM conversions WHERE stage = 'consultation'"]),
+    "conversions_staged.currency_iso_4217": Fault(pending=_edit("google_conversions", _put("currency_code", "US$")),
+                                                  layer="gate"),
+    "google_conversions_outbound.order_id_not_null": Fault(pending=_edit("google_conversions", _pop("order_id"))),
+    "google_conversions_outbound.order_id_opaque": Fault(
+        pending=_edit("google_conversions", _put("order_id", CANARIES["appointment_id"])), layer="gate"),
+    "google_conversions_outbound.order_id_unique": Fault(pending=_dup("google_conversions")),
+    "google_conversions_outbound.conversion_date_time_format": Fault(
+        pending=_edit("google_conversions", _put("conversion_date_time", "2026-05-05T10:00:00-07:00")), layer="gate"),
+    "google_conversions_outbound.conversion_time_within_age_limit": Fault(
+        pending=_edit("google_conversions", _put("conversion_date_time", "2026-01-05 10:00:00-08:00"))),
+    "google_conversions_outbound.currency_code_iso_4217": Fault(
+        pending=_edit("google_conversions", _put("currency_code", "US$")), layer="gate"),
+    "google_conversions_outbound.conversion_value_not_negative": Fault(
+        pending=_valued("google_conversions", _put("conversion_value", -1250.0))),
+    "google_conversions_outbound.click_id_charset": Fault(
+        pending=_edit("google_conversions", _put("gclid", "not a click id!")), layer="gate"),
+    "google_conversions_outbound.one_click_id": Fault(pending=_edit("google_conversions", _put("gbraid", "Cj0abc"))),
+    "google_conversions_outbound.user_identifiers_batch": Fault(
+        pending=_edit("google_conversions", _put("user_identifiers", [{"hashed_email": HASH}] * 6)), layer="gate"),
+    "google_conversions_outbound.has_match_key": Fault(pending=_edit("google_conversions", _no_match_keys)),
+    "meta_events_outbound.event_id_not_null": Fault(pending=_edit("meta_events", _pop("event_id"))),
+    "meta_events_outbound.event_id_opaque": Fault(
+        pending=_edit("meta_events", _put("event_id", CANARIES["patient_id"])), layer="gate"),
+    "meta_events_outbound.event_id_unique": Fault(pending=_dup("meta_events")),
+    "meta_events_outbound.event_time_within_age_limit": Fault(
+        pending=lambda rows: rows["meta_events"][0].__setitem__("event_time", 1767225600)),  # 2026-01-01
+    "meta_events_outbound.currency_iso_4217": Fault(pending=_valued("meta_events", _custom("currency", "US$")),
+                                                    layer="gate"),
+    "meta_events_outbound.value_not_negative": Fault(pending=_valued("meta_events", _custom("value", -5.0))),
+    "meta_events_outbound.fbc_format": Fault(pending=_edit("meta_events", _user("fbc", "fb.1.CNRY")), layer="gate"),
+    "meta_events_outbound.fbp_format": Fault(pending=_edit("meta_events", _user("fbp", "fb.1.x.y")), layer="gate"),
+    "meta_events_outbound.has_match_key": Fault(pending=_edit("meta_events", _put("user_data", {}))),
+    "google_customer_match_outbound.operation_known": Fault(
+        pending=_edit("google_customer_match", _put("operation", "delete")), layer="gate"),
+    "google_customer_match_outbound.identifiers_per_member": Fault(
+        pending=_edit("google_customer_match", _put("user_identifiers", [])), layer="gate"),
+    "google_customer_match_outbound.member_key_unique": Fault(pending=_dup("google_customer_match")),
+    "google_customer_match_outbound.country_code_format": Fault(
+        pending=_edit("google_customer_match", _address("country_code", "usa")), layer="gate"),
+    "google_customer_match_outbound.postal_code_format": Fault(
+        pending=_edit("google_customer_match", _address("postal_code", "9 4110")), layer="gate"),
+    "meta_audience_outbound.operation_known": Fault(pending=_edit("meta_audience", _put("operation", "delete")),
+                                                    layer="gate"),
+    "meta_audience_outbound.batch_size": Fault(pending=_edit("meta_audience", _put("data", [])), layer="gate"),
+    "meta_audience_outbound.row_width_min": Fault(
+        pending=_edit("meta_audience", lambda row: row["data"][0].pop()), layer="gate"),
+    "meta_audience_outbound.row_width_max": Fault(
+        pending=_edit("meta_audience", lambda row: row["data"][0].append("")), layer="gate"),
+    "outbound_hashes.hash_hex64": Fault(
+        pending=_edit("google_conversions", _put("user_identifiers", [{"hashed_email": CANARIES["email"]}])),
+        layer="gate"),
+}  # fmt: skip
+
+
+def test_every_critical_check_has_a_fault_case() -> None:
+    critical = {f"{s.name}.{e.meta['check']}" for s in build_suites().values() for e in s.expectations
+                if e.severity.value == CRITICAL}  # fmt: skip
+    assert critical == set(CASES)
+
+
+@pytest.mark.parametrize("check", sorted(CASES))
+def test_critical_check_stops_the_run_before_the_outbox(check: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    fault = CASES[check]
+    outcome = run_with_fault(tmp_path, monkeypatch, fault)
+    if fault.layer == "gate":
+        # the PHI gate runs first on the pending plan; GX would have refused the same plan
+        assert isinstance(outcome.error, GateViolation)
+        assert outcome.copy is not None
+        results = quality.check_pending(outcome.spec, outcome.copy, at=NOW)
+        failed = {r.label for r in results if not r.success}
+        assert check in failed
+    else:
+        assert isinstance(outcome.error, QualityGateFailed)
+        assert outcome.error.exit_code == 4
+        message = str(outcome.error)
+        assert check in message and "nothing written to the outbox or sent" in message
+        with outcome.spec.engine() as engine:
+            stored = {r.label: r for r in quality.read_results(engine, outcome.spec.run_id)}
+        assert stored[check].success is False and stored[check].severity == CRITICAL
+        assert (outcome.spec.paths.run_dir / "report.html").exists()  # a stopped run still gets its page
+
+
+# a broken export: half the rows with a column shifted by one -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_clinic(out, appointments=12_000, leads=4_000, seed=5)
+    return out
+
+
+def _clinic_copy(synthetic: Path, tmp_path: Path) -> Path:
+    shutil.copytree(synthetic, tmp_path / "clinic")
+    return tmp_path / "clinic"
+
+
+def _rewrite(
+    path: Path, change: Callable[[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]
+) -> None:
+    with path.open(newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    header, rows = change(header, rows)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
+
+
+def _shift(variant: str) -> Callable[[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]:
+    """Every other row gets its cells from ``status`` on shifted by one, the way a dropped or an
+    extra delimiter shifts an export."""
+
+    def change(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+        if variant == "parseable":
+            # this vendor's column order ends in status, currency, revenue
+            order = [c for c in header if c not in ("status", "currency", "revenue")] + [
+                "status",
+                "currency",
+                "revenue",
+            ]
+            rows = [[row[header.index(c)] for c in order] for row in rows]
+            header = order
+        s = header.index("status")
+        out = []
+        for i, row in enumerate(rows):
+            if i % 2 == 0:
+                if variant == "ragged":  # an extra cell: the row is longer than the header
+                    row = [*row[:s], "", *row[s:]]
+                elif variant == "into_time":  # shifted right, last cell lost: status blank, time gets text
+                    row = [*row[:s], "", *row[s:-1]]
+                elif row[s + 1]:  # parseable: status cell lost; status <- currency, currency <- revenue
+                    row = [*row[:s], *row[s + 1 :], ""]
+            out.append(row)
+        return header, out
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("variant", "layer"),
+    [("ragged", "extract"), ("into_time", "extract"), ("parseable", "quality")],
+)
+def test_broken_export_with_a_shifted_column_is_critical(variant: str, layer: str, synthetic: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    clinic = _clinic_copy(synthetic, tmp_path)
+    _rewrite(clinic / "exports" / "appointments.csv", _shift(variant))
+    result = CliRunner().invoke(app, ["run", "--config", str(clinic / "clinic.yaml"), "--start", "2026-10-01",
+                                      "--end", "2026-11-23", "--dry-run"])  # fmt: skip
+    assert result.exit_code == (InputError.exit_code if layer == "extract" else QualityGateFailed.exit_code)
+    assert not list((clinic / "var").rglob("outbox"))
+    if layer == "extract":
+        assert "appointments.csv" in result.stderr and "line 2" in result.stderr
+    else:
+        # every cell parsed: the statuses became unknown and currencies numbers; GX caught both
+        assert "appointments_extract.status_known_share" in result.stderr
+        assert "appointments_extract.currency_iso_4217" in result.stderr
+        assert "report:" in result.stderr
+    for leaked in ("Arrived", "Completed", "USD", "@"):
+        assert leaked not in result.stderr
+
+
+def test_a_volume_drop_is_a_warning_and_the_run_goes_on(
+    synthetic: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clinic = _clinic_copy(synthetic, tmp_path)
+    dropped = ("2026-11-18", "2026-11-19", "2026-11-20", "2026-11-21")
+
+    def truncate(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+        s = header.index("start_at")
+        return header, [r for i, r in enumerate(rows) if r[s][:10] not in dropped or i % 10 == 0]
+
+    _rewrite(clinic / "exports" / "appointments.csv", truncate)
+    result = CliRunner().invoke(app, ["run", "--config", str(clinic / "clinic.yaml"), "--start", "2026-10-01",
+                                      "--end", "2026-11-23", "--dry-run", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "data-quality warning appointment_volume.daily_volume_vs_trailing_median: 4 of 53 rows" in warned
+    config = load_config(clinic / "clinic.yaml")
+    spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
+                                                         datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
+    assert spec.paths.outbox.exists()
+    with spec.engine() as engine:
+        stored = {r.label: r for r in quality.read_results(engine, spec.run_id)}
+        volume = quality_frames.volume_frame(engine, config, spec.window, quality.DEFAULT_THRESHOLDS)
+    check = stored["appointment_volume.daily_volume_vs_trailing_median"]
+    assert (check.severity, check.success, check.unexpected_count) == ("warning", False, 4)
+    assert sorted(volume.loc[volume["ratio_to_median"] < 1 / 3, "day"]) == list(dropped)
+    assert not any(r.severity == CRITICAL and not r.success for r in stored.values())
+
+
+def test_warnings_are_reported_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unusable emails and phones, a few unknown statuses, visits without leads: warnings only."""
+
+    def degrade(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = pd.concat([frame] * 10, ignore_index=True)
+        frame["appointment_id"] = [f"A{i}" for i in range(len(frame))]
+        frame["status_known"] = [i != 0 for i in range(len(frame))]  # 10% unknown: under the critical share
+        frame["em_g"], frame["ph_g"] = None, None
+        return frame
+
+    def no_leads(pending: Path) -> None:
+        summary = json.loads((pending / SUMMARY_FILE).read_text())
+        summary["drops"]["no_lead"] = 1
+        write_summary(pending, summary)
+
+    config = load_config(write_clinic(tmp_path))
+    window = _window(config)
+    real_stage, real_build = tasks.stage, tasks.build_conversions
+
+    def stage(spec: tasks.RunSpec, timings: Any = None) -> dict[str, Any]:
+        out = real_stage(spec, timings)
+        path = spec.paths.extracts / "appointments.parquet"
+        degrade(pd.read_parquet(path)).to_parquet(path, index=False)
+        return out
+
+    def build(spec: tasks.RunSpec, **kwargs: Any) -> dict[str, Any]:
+        out = real_build(spec, **kwargs)
+        no_leads(spec.paths.pending)
+        return out
+
+    monkeypatch.setattr(tasks, "stage", stage)
+    monkeypatch.setattr(tasks, "build_conversions", build)
+    summary, outbox, _ = execute_run(config, window, secret=SECRET, dry_run=True, target="none")
+    assert outbox.exists() and summary["stages"] == {"consultation": 1, "purchase": 1}
+    spec = tasks.RunSpec(config=config, window=window)
+    with spec.engine() as engine:
+        failed = {r.label: r for r in quality.read_results(engine, spec.run_id) if not r.success}
+    assert set(failed) == {
+        "appointments_extract.unknown_statuses_present",
+        "appointments_extract.em_g_usable_share",
+        "appointments_extract.ph_g_usable_share",
+        "run_metrics.attended_without_lead_share",
+    }
+    assert all(r.severity == "warning" for r in failed.values())
+    assert failed["appointments_extract.unknown_statuses_present"].unexpected_count == 1
+    page = (spec.paths.run_dir / "report.html").read_text()
+    assert page.count('class="warn">warning<') == 4
+
+
+# canary: GX results and stored results carry no planted value ---------------------------------
+
+
+def _collect(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    real = quality.run_suites
+
+    def spy(*args: Any, **kwargs: Any) -> list[quality.CheckResult]:
+        kwargs["on_result"] = lambda name, result: seen.append(json.dumps(result, default=str))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "run_suites", spy)
+    return seen
+
+
+def _stored_text(spec: tasks.RunSpec) -> str:
+    with spec.engine() as engine, engine.connect() as conn:
+        rows = conn.execute(sa.select(store.quality_results)).fetchall()
+    assert rows
+    return "\n".join(repr(tuple(r)) for r in rows)
+
+
+def test_canary_clean_run_gx_and_stored_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _collect(monkeypatch)
+    config_path = write_clinic(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--config", str(config_path), "--start", START, "--end", END,
+                                      "--dry-run", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 12  # every suite ran
+    for text in seen:
+        assert_no_canary(text, "a GX validation result")
+    config = load_config(config_path)
+    assert_no_canary(_stored_text(tasks.RunSpec(config=config, window=_window(config))), "quality_results")
+
+
+def test_canary_in_failing_rows_stays_out_of_gx_and_stored_results(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Planted values sit in the very cells that fail, where GX would otherwise quote them."""
+    seen = _collect(monkeypatch)
+
+    def plant(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = _twice(frame)  # a repeated raw appointment ID
+        frame["status"] = CANARIES["service"]
+        frame["currency"] = CANARIES["location_id"]
+        frame["em_g"] = CANARIES["email"]
+        frame["ph_g"] = None
+        return frame
+
+    outcome = run_with_fault(tmp_path, monkeypatch, Fault(extract=(A, plant)))
+    failed = str(outcome.error)
+    for check in ("appointment_id_unique", "status_in_vocabulary", "currency_iso_4217"):
+        assert f"appointments_extract.{check}" in failed
+    # and on the outbound side: a raw email where a hash belongs, a raw ID as the order ID, twice
+    pending = tmp_path / "planted-pending"
+    pending.mkdir()
+    google = {"order_id": CANARIES["appointment_id"], "conversion_date_time": "CNRY",
+              "user_identifiers": [{"hashed_email": CANARIES["email"]}, {"hashed_phone_number": DERIVED[2]}],
+              "gclid": CANARIES["notes"], "currency_code": CANARIES["city"]}  # fmt: skip
+    member = {"operation": "create", "user_identifiers": [{"address_info": {
+        "hashed_first_name": CANARIES["first_name"], "country_code": CANARIES["last_name"],
+        "postal_code": CANARIES["lead_id"]}}]}  # fmt: skip
+    rows = {d: [] for d in OUTBOX_FILES} | {
+        "google_conversions": [google, google],
+        "google_customer_match": [member],
+    }
+    write_summary(pending, {"drops": {"no_lead": 1}})
+    _write_pending(pending, rows)
+    results = quality.check_pending(outcome.spec, pending, at=NOW)
+    assert {"google_conversions_outbound.order_id_unique", "outbound_hashes.hash_hex64",
+            "google_conversions_outbound.click_id_charset"} <= {r.label for r in results if not r.success}  # fmt: skip
+    for text in seen:
+        assert_no_canary(text, "a GX validation result")
+    assert_no_canary(_stored_text(outcome.spec), "quality_results")
+    assert_no_canary((outcome.spec.paths.run_dir / "report.html").read_text(), "report.html")
+
+
+# the validate command ---------------------------------------------------------------------------
+
+
+def test_validate_runs_the_checks_alone_and_publishes_nothing(tmp_path: Path) -> None:
+    config_path = write_clinic(tmp_path)
+    result = CliRunner().invoke(
+        app, ["validate", "--config", str(config_path), "--start", START, "--end", END]
+    )
+    assert result.exit_code == 0, result.output
+    assert "outbound_hashes" in result.stdout and "all critical checks passed" in result.stderr
+    config = load_config(config_path)
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    assert not spec.paths.outbox.exists() and not spec.paths.pending.exists()
+    with spec.engine() as engine:
+        stored = quality.read_results(engine, spec.run_id)
+    assert len(stored) == sum(len(s.expectations) for s in build_suites().values())
+    assert_no_canary(result.stdout + result.stderr, "validate output")
+
+
+def test_validate_exits_non_zero_on_a_critical_failure(synthetic: Path, tmp_path: Path) -> None:
+    clinic = _clinic_copy(synthetic, tmp_path)
+    _rewrite(clinic / "exports" / "appointments.csv", _shift("parseable"))
+    result = CliRunner().invoke(app, ["validate", "--config", str(clinic / "clinic.yaml"), "--start", "2026-10-01",
+                                      "--end", "2026-11-23"])  # fmt: skip
+    assert result.exit_code == QualityGateFailed.exit_code
+    assert "FAILED" in result.stdout and "status_known_share" in result.stderr
+    assert not list((clinic / "var").rglob("outbox")) and not list((clinic / "var").rglob("*.pending"))
+
+
+def test_a_rerun_replaces_its_stored_results(tmp_path: Path) -> None:
+    config_path = write_clinic(tmp_path)
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["run", "--config", str(config_path), "--start", START, "--end", END,
+                                          "--dry-run"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    config = load_config(config_path)
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    with spec.engine() as engine, engine.connect() as conn:
+        per_check = conn.execute(sa.select(store.quality_results.c.suite, store.quality_results.c.expectation,
+                                           sa.func.count()).group_by("suite", "expectation")).fetchall()  # fmt: skip
+    assert per_check and all(n == 1 for *_, n in per_check)
