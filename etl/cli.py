@@ -301,6 +301,40 @@ def synth(
     out.print(json.dumps({k: str(v) for k, v in vars(result).items()}, indent=2))
 
 
+@app.command()
+def doctor(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
+    database: Annotated[
+        str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
+    ] = None,
+) -> None:
+    """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials.
+
+    Prints one line per check and never a secret value; exits 1 when anything is missing or
+    invalid. Credentials are read from the environment (docs/google.md, docs/meta.md).
+    """
+    import os
+
+    from etl.doctor import needs_attention, run_checks
+
+    try:
+        cfg = load_config(config)
+    except MedspaError as exc:
+        raise _fail(exc) from None
+    checks = run_checks(cfg, dict(os.environ), database=database)
+    table = Table(title=f"doctor: {cfg.clinic_id}")
+    table.add_column("check")
+    table.add_column("status")
+    for name, status in checks:
+        style = "red" if needs_attention(status) else "green"
+        table.add_row(name, f"[{style}]{status}[/]")
+    out.print(table)
+    failed = [name for name, status in checks if needs_attention(status)]
+    if failed:
+        err.print(f"{len(failed)} check(s) need attention: {', '.join(failed)}")
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     app()
 

@@ -31,6 +31,9 @@ def _source_checks(config: ClinicConfig) -> list[tuple[str, str]]:
 
 def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, str]:
     url = config.resolved_database_url(database)
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return ("staging database", "ok (SQLite file will be created on the first run)")
     try:
         engine = sa.create_engine(url)
         with engine.connect() as conn:
@@ -39,6 +42,11 @@ def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, st
     except Exception as exc:  # the class name is enough to act on; the text may carry a password
         return ("staging database", f"invalid: cannot connect ({type(exc).__name__})")
     return ("staging database", f"ok ({sa.engine.make_url(url).get_backend_name()})")
+
+
+def needs_attention(status: str) -> bool:
+    """Missing or invalid, unless the check itself says the item is optional."""
+    return not status.startswith("ok") and "optional" not in status
 
 
 def run_checks(

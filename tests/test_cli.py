@@ -89,3 +89,16 @@ def test_live_send_refuses_the_development_key(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "MEDSPA_ID_SECRET" in result.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_doctor_says_what_is_missing_without_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    missing = RUNNER.invoke(app, ["doctor", "--config", str(config)])
+    assert missing.exit_code == 1
+    assert "MEDSPA_ID_SECRET" in missing.stdout and "META_ACCESS_TOKEN" in missing.stdout
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "s3cret-value-0123456789")
+    monkeypatch.setenv("META_ACCESS_TOKEN", "EAAB-token-value-xyz")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "nope.json"))
+    partial = RUNNER.invoke(app, ["doctor", "--config", str(config)])
+    assert "s3cret-value" not in partial.output and "EAAB-token" not in partial.output
+    assert "sources.appointments" in partial.stdout and "staging database" in partial.stdout
