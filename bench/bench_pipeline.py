@@ -60,6 +60,8 @@ def child(config: str, database: str, mode: str) -> None:
         inputs = tasks.extract(spec, timings)
         inputs.pop("run_id")
         tasks.stage(spec, timings)
+        with timings.step("validate_inputs"):
+            tasks.validate_inputs(spec)
         built = tasks.build_conversions(
             spec, secret=secret, dry_run=True, target="none", inputs=inputs, timings=timings
         )

@@ -78,5 +78,18 @@ def _object_array(values: list[str | None]) -> npt.NDArray[np.object_]:
     return array
 
 
-def to_strings(coded: Coded) -> pd.api.extensions.ExtensionArray:
-    return pd.array(_object_array(coded.values)[coded.codes], dtype="string")
+def to_strings(coded: Coded) -> pd.Categorical:
+    """The column as a categorical of its distinct strings (``None`` -> missing).
+
+    A hash column holds one 64-character string per person, repeated on each of their rows;
+    as a categorical it costs 4 bytes a row plus each distinct string once, which is what keeps
+    a million-row run under its memory target, and Parquet stores it dictionary-encoded.
+    """
+    categories: list[str] = []
+    remap = np.full(len(coded.values), -1, dtype=np.int32)
+    for index, value in enumerate(coded.values):
+        if value is not None:
+            remap[index] = len(categories)
+            categories.append(value)
+    codes = remap[coded.codes] if len(coded.codes) else np.empty(0, dtype=np.int32)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))  # type: ignore[arg-type]

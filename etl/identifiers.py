@@ -268,7 +268,8 @@ def hash_identifiers(df: pd.DataFrame, default_region: str) -> pd.DataFrame:
 
     Drops whichever of ``RAW_COLUMNS`` are present and adds every column of ``HASHED_COLUMNS``
     (64 lowercase hex) and ``CLEAR_COLUMNS`` (Google Customer Match ``postal_code`` and
-    ``country_code``) as pandas ``string`` dtype; an unusable or absent input is ``pd.NA``, so
+    ``country_code``) as pandas categoricals of strings (each distinct value stored once: a
+    person's hashes repeat on all their rows); an unusable or absent input is missing, so
     ``isna()`` is true for it. Other columns and the index are kept as they are.
 
     Work is per distinct value, not per row: each column is factorized, each distinct raw value

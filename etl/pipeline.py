@@ -156,8 +156,8 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
     counts: dict[str, int] = {}
     for kind in ("appointments", "leads"):
         with timings.step(f"stage_{kind}"):
-            frame = pd.read_parquet(paths.extracts / f"{kind}.parquet")
-            counts[f"{kind}_staged"] = store.upsert_staged(engine, kind, config.clinic_id, frame)
+            batches = store.parquet_batches(paths.extracts / f"{kind}.parquet")
+            counts[f"{kind}_staged"] = store.upsert_staged(engine, kind, config.clinic_id, batches)
     return counts
 
 
@@ -394,31 +394,27 @@ def _store_derived(
     l_person: np.ndarray,
     conv: pd.DataFrame,
 ) -> None:
-    """Persons and conversions for inspection; person keys are opaque (HMAC of a member record)."""
-    rows = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "person": a_person,
-                    "record": "a:" + appts["appointment_id"].astype(str),
-                    "is_appt": 1,
-                }
-            ),
-            pd.DataFrame({"person": l_person, "record": "l:" + leads["lead_id"].astype(str), "is_appt": 0}),
-        ],
-        ignore_index=True,
-    )
-    rows = rows[rows["person"] >= 0].sort_values(["person", "record"], kind="stable")
-    grouped = rows.groupby("person").agg(appointments=("is_appt", "sum"), total=("is_appt", "size"))
-    grouped["record"] = rows.drop_duplicates("person").set_index("person")["record"]
-    keys = {p: opaque_id(secret, config.clinic_id, "person", r) for p, r in grouped["record"].items()}
-    person_frame = pd.DataFrame(
-        {
-            "person_key": [keys[p] for p in grouped.index],
-            "appointments": grouped["appointments"].astype(int).to_numpy(),
-            "leads": (grouped["total"] - grouped["appointments"]).astype(int).to_numpy(),
-        }
-    )
+    """Persons and conversions for inspection; person keys are opaque (HMAC of a member record).
+
+    A person's key is the HMAC of their first record in key order (appointments, then leads; the
+    staged frames are read in key order), so it is stable while that record exists.
+    """
+    labels = np.concatenate([a_person, l_person])
+    n_persons = int(labels.max(initial=-1)) + 1
+    valid = np.flatnonzero(labels >= 0)
+    _, first = np.unique(labels[valid], return_index=True)
+    first_rows = valid[first]
+    n_a = len(a_person)
+    appt_ids, lead_ids = appts["appointment_id"].to_numpy(), leads["lead_id"].to_numpy()
+    keys = [
+        opaque_id(
+            secret, config.clinic_id, "person", f"a:{appt_ids[r]}" if r < n_a else f"l:{lead_ids[r - n_a]}"
+        )
+        for r in first_rows.tolist()
+    ]
+    n_appts = np.bincount(a_person[a_person >= 0], minlength=n_persons)
+    n_leads = np.bincount(l_person[l_person >= 0], minlength=n_persons)
+    person_frame = pd.DataFrame({"person_key": keys, "appointments": n_appts, "leads": n_leads})
     conv_frame = pd.DataFrame(
         {
             "opaque_id": conv["opaque_id"],

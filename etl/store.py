@@ -282,14 +282,22 @@ def _next_load_seq(conn: Connection, table: sa.Table, clinic_id: str) -> int:
     return int(current or 0) + 1
 
 
-def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame) -> int:
-    """Bulk-load one export into staging, latest wins.
+def _staged_batch(frame: pd.DataFrame, kind: str, clinic_id: str, seq: int, cols: list[str]) -> pd.DataFrame:
+    staged = frame.assign(clinic_id=clinic_id, load_seq=seq)
+    for col in _BULK_TIMES[kind]:
+        staged[col] = to_epoch_us(staged[col])
+    return staged[cols]
+
+
+def upsert_staged(engine: Engine, kind: str, clinic_id: str, batches: Iterable[pd.DataFrame]) -> int:
+    """Bulk-load one export into staging, latest wins, batch by batch in one transaction.
 
     Appointments replace a stored row when their ``updated_at`` is at least as new (a row with
     no ``updated_at`` counts as newest, since a later export is the best evidence we have);
-    leads always replace (SPEC section 3: position in a later export is newer). Rows go to a
-    temporary table (COPY on PostgreSQL), then one ``INSERT ... SELECT ... ON CONFLICT`` merges
-    them set-wise; on SQLite the driver's ``executemany`` upserts directly in one pass.
+    leads always replace (SPEC section 3: position in a later export is newer). On SQLite the
+    driver's ``executemany`` upserts directly in one pass; elsewhere rows go to a temporary table
+    (COPY on PostgreSQL) and one ``INSERT ... SELECT ... ON CONFLICT`` merges them set-wise.
+    Batches keep memory flat: only one batch is ever held as Python objects.
 
     Returns:
         the number of rows in the export.
@@ -297,33 +305,29 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
     table = appointments if kind == "appointments" else leads
     key = "appointment_id" if kind == "appointments" else "lead_id"
     cols = [c.name for c in table.columns]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
+    newer = ""
+    if kind == "appointments":
+        newer = (
+            " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
+            " OR excluded.updated_at >= appointments.updated_at"
+        )
+    conflict = f"ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
+    col_list = ", ".join(cols)
+    rows = 0
     with engine.begin() as conn:
         seq = _next_load_seq(conn, table, clinic_id)
-        staged = frame.copy()
-        for col in _BULK_TIMES[kind]:
-            staged[col] = to_epoch_us(staged[col])
-        staged["clinic_id"] = clinic_id
-        staged["load_seq"] = seq
-        staged = staged[cols]
-        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
-        newer = ""
-        if kind == "appointments":
-            newer = (
-                " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
-                " OR excluded.updated_at >= appointments.updated_at"
-            )
-        conflict = f"ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
-        col_list = ", ".join(cols)
         if conn.dialect.name == "sqlite":
-            # one pass: SQLite runs the upsert per row inside the driver's executemany
             raw = conn.connection.dbapi_connection
             assert raw is not None
             sql = f"INSERT INTO {table.name} ({col_list}) VALUES ({', '.join('?' for _ in cols)}) {conflict}"
             cur = raw.cursor()
-            for chunk in _tuples(staged):
-                cur.executemany(sql, chunk)
+            for batch in batches:
+                rows += len(batch)
+                for chunk in _tuples(_staged_batch(batch, kind, clinic_id, seq, cols)):
+                    cur.executemany(sql, chunk)
             cur.close()
-            return len(frame)
+            return rows
         tmp = sa.Table(
             f"tmp_{kind}",
             sa.MetaData(),
@@ -332,37 +336,74 @@ def upsert_staged(engine: Engine, kind: str, clinic_id: str, frame: pd.DataFrame
         )
         tmp.drop(conn, checkfirst=True)
         tmp.create(conn)
-        bulk_insert(conn, tmp, staged)
+        for batch in batches:
+            rows += len(batch)
+            bulk_insert(conn, tmp, _staged_batch(batch, kind, clinic_id, seq, cols))
         conn.execute(
             sa.text(
                 f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} WHERE true {conflict}"
             )
         )
         tmp.drop(conn)
-    return len(frame)
+    return rows
+
+
+def parquet_batches(path: Any, batch_rows: int = _CHUNK) -> Iterator[pd.DataFrame]:
+    """A hashed extract read back in batches of plain columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        # decode dictionaries here: a batch carries the whole file's dictionary, and turning that
+        # into pandas categories per batch costs more than the batch itself
+        columns = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
+        yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pandas()
+
+
+# text columns that repeat a lot (a person's hashes on each of their rows, a handful of statuses)
+_INTERNED = (*HASH_COLUMNS, "status", "currency", "location_id", "patient_id")
 
 
 def read_staged(engine: Engine, kind: str, clinic_id: str, *, before: datetime) -> pd.DataFrame:
-    """All staged rows of a clinic whose event time is before the run's ``end``.
+    """All staged rows of a clinic whose event time is before the run's ``end``, in key order.
 
     Rows from the future of ``end`` are invisible, so a backfill sees what a nightly run at that
-    time would have seen of the event history (statuses are today's, latest wins).
+    time would have seen of the event history (statuses are today's, latest wins). Rows are
+    fetched in chunks and repeated text is interned (one string object per distinct value, as
+    a person's hashes repeat on each of their rows), so the driver's row objects never exist for
+    the whole table at once and the frame holds each distinct hash once.
     """
     table = appointments if kind == "appointments" else leads
-    time_col = "start_at" if kind == "appointments" else "created_at"
+    time_col, key = ("start_at", "appointment_id") if kind == "appointments" else ("created_at", "lead_id")
     before_us = int(before.timestamp() * 1_000_000)
-    query = sa.select(table).where(table.c.clinic_id == clinic_id, table.c[time_col] < before_us)
+    wanted = [c for c in table.columns if c.name not in ("clinic_id", "load_seq")]
+    query = (
+        sa.select(*wanted)
+        .where(table.c.clinic_id == clinic_id, table.c[time_col] < before_us)
+        .order_by(table.c[key])
+    )
+    names = [c.name for c in wanted]
+    interned: dict[int, dict[str, str]] = {i: {} for i, name in enumerate(names) if name in _INTERNED}
+    columns: list[list[Any]] = [[] for _ in names]
     with engine.connect() as conn:
-        frame = read_frame(conn, query)
+        result = conn.execute(query)
+        while chunk := result.fetchmany(_CHUNK):
+            for i, values in enumerate(zip(*chunk, strict=True)):
+                seen = interned.get(i)
+                if seen is None:
+                    columns[i].extend(values)
+                else:
+                    columns[i].extend(v if v is None else seen.setdefault(v, v) for v in values)
+    frame = pd.DataFrame(
+        {name: np.asarray(values, dtype=object) for name, values in zip(names, columns, strict=True)}
+    )
     for col in _BULK_TIMES[kind]:
         frame[col] = from_epoch_us(frame[col])
-    for col in (
-        "is_test",
-        "consent_marketing",
-        *(("status_known",) if kind == "appointments" else ()),
-    ):
+    for col in ("is_test", "consent_marketing", *(("status_known",) if kind == "appointments" else ())):
         frame[col] = frame[col].astype(bool)
-    return frame.drop(columns=["clinic_id", "load_seq"])
+    if kind == "appointments":
+        frame["revenue"] = frame["revenue"].astype(float)
+    return frame
 
 
 @dataclass(frozen=True)

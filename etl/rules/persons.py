@@ -21,30 +21,26 @@ def link_persons(appts: pd.DataFrame, leads: pd.DataFrame) -> tuple[np.ndarray, 
     leads, in frame order), so the same input always yields the same labels.
     """
     n_a, n_l = len(appts), len(leads)
-    rows: list[np.ndarray] = []
-    keys: list[pd.Series] = []
-    for frame, offset, cols in (
-        (appts, 0, ("em_g", "ph_g", "patient_id")),
-        (leads, n_a, ("em_g", "ph_g")),
-    ):
-        for col in cols:
-            if col not in frame:
-                continue
-            values = frame[col]
-            mask = values.notna().to_numpy()
-            if not mask.any():
-                continue
-            rows.append(np.flatnonzero(mask) + offset)
-            keys.append(col[:2] + ":" + values[mask].astype(str))
     n_rows = n_a + n_l
-    if rows:
-        row_idx = np.concatenate(rows)
-        codes, _uniques = pd.factorize(pd.concat(keys, ignore_index=True))
-        key_idx = codes + n_rows
-        n_nodes = n_rows + int(codes.max(initial=-1)) + 1
-    else:
-        row_idx = key_idx = np.empty(0, dtype=np.int64)
-        n_nodes = n_rows
+    row_parts: list[np.ndarray] = []
+    key_parts: list[np.ndarray] = []
+    offset = 0
+    for column, frames in (("em_g", (appts, leads)), ("ph_g", (appts, leads)), ("patient_id", (appts,))):
+        # one factorize per key kind, codes shifted past the previous kinds: no key strings built
+        values = [
+            np.asarray(f[column], dtype=object) if column in f else np.full(len(f), None, object)
+            for f in frames
+        ]
+        if len(frames) == 1:
+            values.append(np.full(n_l, None, dtype=object))
+        codes, uniques = pd.factorize(np.concatenate(values), use_na_sentinel=True)
+        present = codes >= 0
+        row_parts.append(np.flatnonzero(present))
+        key_parts.append(codes[present] + offset)
+        offset += len(uniques)
+    row_idx = np.concatenate(row_parts) if row_parts else np.empty(0, dtype=np.int64)
+    key_idx = (np.concatenate(key_parts) if key_parts else np.empty(0, dtype=np.int64)) + n_rows
+    n_nodes = n_rows + offset
     graph = coo_matrix((np.ones(len(row_idx), dtype=np.int8), (row_idx, key_idx)), shape=(n_nodes, n_nodes))
     _n, labels = connected_components(graph, directed=False)
     row_labels = labels[:n_rows]

@@ -56,15 +56,20 @@ def suppression_members(
     if requires_consent and len(people):
         granted = consent_state(consent, people, end) == 1
         people = people[granted]
-    usable_appts = appts.assign(person=appt_person, _t=start_at)[~appts["is_test"].to_numpy(dtype=bool)]
-    usable_leads = leads.assign(person=lead_person, _t=pd.to_datetime(leads["created_at"], utc=True))[
-        lead_usable
-    ]
-    cols = ["person", "_t", "em_g", "ph_g", *_FIRSTS]
-    rows = pd.concat(
-        [usable_appts.reindex(columns=cols), usable_leads.reindex(columns=cols)], ignore_index=True
-    )
-    rows = rows[rows["person"].isin(people)].sort_values(
+    member = np.zeros(int(max(appt_person.max(initial=-1), lead_person.max(initial=-1))) + 2, dtype=bool)
+    member[people] = True
+    cols = ["em_g", "ph_g", *_FIRSTS]
+    parts = []
+    for frame, person, times, usable in (
+        (appts, appt_person, start_at, ~appts["is_test"].to_numpy(dtype=bool)),
+        (leads, lead_person, pd.to_datetime(leads["created_at"], utc=True), lead_usable),
+    ):
+        keep = usable & member[person]  # person -1 (test rows) maps to the last, unset slot
+        part = frame.loc[keep].reindex(columns=cols)
+        part.insert(0, "_t", times[keep].to_numpy())
+        part.insert(0, "person", person[keep])
+        parts.append(part.astype({c: object for c in cols}))
+    rows = pd.concat(parts, ignore_index=True).sort_values(
         ["person", "_t"], ascending=[True, False], kind="stable"
     )
     out = pd.DataFrame({"person": people}).set_index("person")
