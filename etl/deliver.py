@@ -22,8 +22,8 @@ from sqlalchemy.engine import Engine
 
 from etl import store
 from etl.config import ClinicConfig
-from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome
-from etl.errors import QuotaExhausted
+from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome, RowResult
+from etl.errors import DestinationConfigError, QuotaExhausted
 from etl.outbox import read_rows
 from etl.payloads import canonical_json, google_member_key, meta_member_key
 
@@ -41,6 +41,11 @@ def _stage_of(config: ClinicConfig, destination: str, row: dict[str, Any]) -> st
         names = config.meta.event_names.model_dump()
         return next((s for s, n in names.items() if n == row.get("event_name")), None)
     return None
+
+
+def _entry(result: RowResult, stages: dict[str, str | None]) -> dict[str, Any]:
+    return {"opaque_id": result.key, "stage": stages.get(result.key), "status": str(result.outcome),
+            "code": result.code, "request_id": result.request_id}  # fmt: skip
 
 
 def write_result(results_dir: Path, name: str, counts: dict[str, Any]) -> None:
@@ -99,6 +104,13 @@ def upload_conversions(
             )
         try:
             results = destination.send(batch, validate_only=validate_only)
+        except DestinationConfigError as exc:
+            # rows the platform already decided before it stopped us are recorded, not re-sent
+            decided = getattr(exc, "partial_results", None) or []
+            if decided and not validate_only:
+                store.write_ledger(engine, config.clinic_id, name, [_entry(r, stages) for r in decided],
+                                   run_id=run_id, at=clock())  # fmt: skip
+            raise
         except QuotaExhausted:
             counts["stopped"] = "daily_quota"
             log.warning(
@@ -115,15 +127,7 @@ def upload_conversions(
             counts[str(result.outcome)] += 1
             if result.outcome is Outcome.REJECTED:
                 rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
-            entries.append(
-                {
-                    "opaque_id": result.key,
-                    "stage": stages.get(result.key),
-                    "status": str(result.outcome),
-                    "code": result.code,
-                    "request_id": result.request_id,
-                }
-            )
+            entries.append(_entry(result, stages))
         if not validate_only:
             store.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:

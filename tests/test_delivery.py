@@ -177,3 +177,27 @@ def test_ledger_records_outcomes_with_codes(
     assert len(rejected) == counts["rejected"] == len(unknown) > 0
     assert {r["code"] for r in rejected} == {"CLICK_NOT_FOUND"}
     assert all(r["request_id"] for r in rejected)
+
+
+def test_invalid_meta_token_stops_with_one_clear_message_and_nothing_recorded_as_sent(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    from etl.destinations.meta import make_meta_destinations
+    from etl.errors import DestinationConfigError
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    environ = {"META_SANDBOX_URL": sandboxes["meta"].url, "META_SANDBOX_TOKEN": "bad-token-CNRY"}
+    events, _ = make_meta_destinations(
+        spec.config, target="sandbox", now=spec.window.end, environ=environ, retry_wait=0
+    )
+    with store.engine_for(spec.config.resolved_database_url(spec.database)) as engine:
+        with pytest.raises(DestinationConfigError) as info:
+            deliver.upload_conversions(spec.config, engine, spec.paths.outbox, events, run_id=spec.run_id,
+                                       clock=lambda: spec.window.end)  # fmt: skip
+        statuses = {
+            e.status for e in store.read_ledger(engine, spec.config.clinic_id, "meta_events").values()
+        }
+    assert "190" in str(info.value) and "CNRY" not in str(info.value)
+    assert statuses <= {"planned"}  # planned before the request; never sent, accepted or rejected
+    assert sum(sandboxes["meta"].event_ids_received().values()) == 0
