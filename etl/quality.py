@@ -240,22 +240,46 @@ def _log_warnings(results: Sequence[CheckResult]) -> None:
             log.warning("data-quality warning %s", r.describe())
 
 
+EXTRACT_SUITES = tuple(name for name in INPUT_SUITES if name != "appointment_volume")
+
+
 def check_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS,
-                 on_result: ResultHook | None = None) -> list[CheckResult]:  # fmt: skip
-    """Run the input suites on the hashed extracts and staged volume, store and return the results."""
+                 on_result: ResultHook | None = None,
+                 suites: Sequence[str] = INPUT_SUITES) -> list[CheckResult]:  # fmt: skip
+    """Run input suites on the hashed extracts and staged volume, store and return the results."""
     paths = spec.paths
     with spec.engine() as engine:
-        data = {
-            "appointments_schema": frames.schema_frame(paths.extracts, "appointments"),
-            "appointments": frames.extract_frame(paths.extracts, "appointments"),
-            "leads_schema": frames.schema_frame(paths.extracts, "leads"),
-            "leads": frames.extract_frame(paths.extracts, "leads"),
-            "volume": frames.volume_frame(engine, spec.config, spec.window, thresholds),
-        }
-        results = run_suites(data, INPUT_SUITES, frames.suite_parameters(spec.config, spec.window),
+        data: dict[str, pd.DataFrame] = {}
+        if any(s != "appointment_volume" for s in suites):
+            data.update({
+                "appointments_schema": frames.schema_frame(paths.extracts, "appointments"),
+                "appointments": frames.extract_frame(paths.extracts, "appointments"),
+                "leads_schema": frames.schema_frame(paths.extracts, "leads"),
+                "leads": frames.extract_frame(paths.extracts, "leads"),
+            })  # fmt: skip
+        if "appointment_volume" in suites:
+            data["volume"] = frames.volume_frame(engine, spec.config, spec.window, thresholds)
+        results = run_suites(data, suites, frames.suite_parameters(spec.config, spec.window),
                              thresholds, on_result=on_result)  # fmt: skip
         store_results(engine, spec.config.clinic_id, spec.run_id, results, at)
     _log_warnings(results)
+    return results
+
+
+def gate_extracts(
+    spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS
+) -> list[CheckResult]:
+    """The extract and schema suites, run by ``stage`` before anything is upserted.
+
+    A broken export (a shifted column, a changed status vocabulary) must not reach staging:
+    staging is latest-wins across exports, so its rows would outlive the failed run.
+
+    Raises:
+        QualityGateFailed: a critical extract check failed; nothing was staged.
+    """
+    results = check_inputs(spec, at=at, thresholds=thresholds, suites=EXTRACT_SUITES)
+    if has_critical(results):
+        raise_on_critical(results, "stage", _report_stopped(spec, "stage", None))
     return results
 
 
@@ -289,6 +313,11 @@ def validate_inputs(
     spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS
 ) -> dict[str, Any]:
     """The ``validate_inputs`` step: input suites as a gate.
+
+    ``stage`` already refused extracts failing a critical check before upserting them; this
+    step runs every input suite again on what is on disk now (so a step run on its own, or an
+    extract changed after staging, is still checked) plus the volume suite, which needs the
+    staged history.
 
     Raises:
         QualityGateFailed: a critical input check failed (results are stored first).

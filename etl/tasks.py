@@ -79,6 +79,11 @@ def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str,
 
 
 def stage(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
+    """Gate the hashed extracts (critical extract checks), then upsert them into staging."""
+    from etl import quality
+
+    with (timings or pipeline.Timings()).step("gate_extracts"):
+        quality.gate_extracts(spec, at=_clock())
     with spec.engine() as engine:
         counts = pipeline.stage_extracts(spec.config, engine, spec.paths, timings or pipeline.Timings())
     return {"run_id": spec.run_id, **counts}

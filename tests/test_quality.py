@@ -512,7 +512,7 @@ def test_canary_clean_run_gx_and_stored_results(tmp_path: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["run", "--config", str(config_path), "--start", START, "--end", END,
                                       "--dry-run", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert len(seen) == 12  # every suite ran
+    assert len(seen) == 16  # all 12 suites; the 4 extract suites twice (the stage gate, then validate_inputs)
     for text in seen:
         assert_no_canary(text, "a GX validation result")
     config = load_config(config_path)
@@ -601,3 +601,18 @@ def test_a_rerun_replaces_its_stored_results(tmp_path: Path) -> None:
         per_check = conn.execute(sa.select(store.quality_results.c.suite, store.quality_results.c.expectation,
                                            sa.func.count()).group_by("suite", "expectation")).fetchall()  # fmt: skip
     assert per_check and all(n == 1 for *_, n in per_check)
+
+
+def test_broken_extract_is_refused_before_staging(tmp_path: Path) -> None:
+    """Staging is latest-wins across exports: a broken export's rows must never get there."""
+    config = load_config(write_clinic(tmp_path))
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    tasks.extract(spec)
+    path = spec.paths.extracts / "appointments.parquet"
+    broken = _set("appointment_id", None)(pd.read_parquet(path))
+    broken.to_parquet(path, index=False)
+    with pytest.raises(QualityGateFailed, match="appointment_id"):
+        tasks.stage(spec)
+    with spec.engine() as engine, engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.appointments)).scalar() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.leads)).scalar() == 0
