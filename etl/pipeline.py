@@ -429,11 +429,6 @@ def _store_derived(
     store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)
 
 
-def write_plan(plan: Plan, directory: Path) -> Path:
-    """Gate (again, on exactly what is written) and write the outbox atomically."""
-    return write_outbox(directory, plan.outbound, plan.summary)
-
-
 def build_pending(plan: Plan, paths: RunPaths) -> Path:
     """Write the gated plan where ``validate_outbound`` will look; not yet an outbox."""
     return write_outbox(paths.pending, plan.outbound, plan.summary)

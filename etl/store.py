@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -266,13 +266,6 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         return
     for records in _records(frame):
         conn.execute(table.insert(), records)
-
-
-def read_frame(conn: Connection, query: sa.Select[Any]) -> pd.DataFrame:
-    """Run a Core select and build the frame from the driver's rows (faster than ``read_sql``)."""
-    result = conn.execute(query)
-    rows: list[Any] = list(result.fetchall())
-    return pd.DataFrame.from_records(rows, columns=list(result.keys()))
 
 
 def _next_load_seq(conn: Connection, table: sa.Table, clinic_id: str) -> int:
@@ -580,11 +573,3 @@ def engine_for(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def utc(dt: datetime) -> datetime:
-    return dt.astimezone(UTC)
-
-
-def epoch_us_array(series: pd.Series) -> np.ndarray:
-    return series.to_numpy(dtype="int64")
