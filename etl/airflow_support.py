@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from etl.config import ID_SECRET_ENV, ClinicConfig, load_config, resolve_id_secret
 from etl.errors import ConfigError, MedspaError
+from etl.settings import quiet_third_party_loggers
 
 if TYPE_CHECKING:
     from etl.rules.stages import RunWindow
@@ -90,9 +91,6 @@ CONNECTION_FIELDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 }
 _SECRET_FIELDS = {"password", "extra.developer_token", "extra.client_secret", "extra.refresh_token",
                   "extra.access_token", "extra.app_secret"}  # fmt: skip
-# third-party clients log request bodies (hashes, click IDs) or URLs (tokens) at DEBUG/INFO
-_NOISY_LOGGERS = ("google.ads", "googleapiclient", "urllib3", "facebook_business", "grpc",
-                  "great_expectations", "sqlalchemy")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,13 +205,8 @@ def run_spec(config_path: str | Path, start: datetime | None, end: datetime | No
 
     config = load_config(config_path)
     database = None if config.database_url else (os.environ.get(DATABASE_URL_ENV, "").strip() or None)
-    _quiet_third_party_loggers()
+    quiet_third_party_loggers()
     return RunSpec(config=config, window=run_window(config, start, end), database=database)
-
-
-def _quiet_third_party_loggers() -> None:
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_params(params: Mapping[str, Any] | None) -> tuple[bool, Target]:

@@ -22,6 +22,7 @@ from rich.table import Table
 from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
 from etl.errors import ConfigError, MedspaError
+from etl.settings import quiet_third_party_loggers
 
 app = typer.Typer(
     name="medspa-conversions",
@@ -65,17 +66,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # third-party clients log request bodies (hashes, click IDs) or URLs (tokens) at DEBUG/INFO
-    for noisy in (
-        "google.ads",
-        "googleapiclient",
-        "urllib3",
-        "facebook_business",
-        "grpc",
-        "great_expectations",
-        "sqlalchemy",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party_loggers()
 
 
 def _fail(exc: MedspaError) -> typer.Exit:
