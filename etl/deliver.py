@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from etl import store
+from etl import ledger
 from etl.config import ClinicConfig
 from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome, RowResult
 from etl.errors import DestinationConfigError, QuotaExhausted
@@ -76,9 +76,11 @@ def upload_conversions(
     name = destination.name
     rows = list(read_rows(outbox, name))
     id_field = _ID_FIELD[name]
-    ledger = store.read_ledger(engine, config.clinic_id, name)
+    recorded = ledger.read_ledger(engine, config.clinic_id, name)
     todo = [
-        r for r in rows if not (r[id_field] in ledger and ledger[r[id_field]].status in store.FINAL_STATES)
+        r
+        for r in rows
+        if not (r[id_field] in recorded and recorded[r[id_field]].status in ledger.FINAL_STATES)
     ]
     counts: dict[str, Any] = {
         "planned": len(rows),
@@ -94,7 +96,7 @@ def upload_conversions(
     for number, batch in enumerate(batches, start=1):
         stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
         if not validate_only:
-            store.write_ledger(
+            ledger.write_ledger(
                 engine,
                 config.clinic_id,
                 name,
@@ -108,7 +110,7 @@ def upload_conversions(
             # rows the platform already decided before it stopped us are recorded, not re-sent
             decided = getattr(exc, "partial_results", None) or []
             if decided and not validate_only:
-                store.write_ledger(engine, config.clinic_id, name, [_entry(r, stages) for r in decided],
+                ledger.write_ledger(engine, config.clinic_id, name, [_entry(r, stages) for r in decided],
                                    run_id=run_id, at=clock())  # fmt: skip
             raise
         except QuotaExhausted:
@@ -129,7 +131,7 @@ def upload_conversions(
                 rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
             entries.append(_entry(result, stages))
         if not validate_only:
-            store.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
+            ledger.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:
             on_batch(number, len(batches))
     counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -176,7 +178,7 @@ def sync_audience(
     adds, removes = _audience_rows(outbox, name)
     result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
     if not validate_only:
-        store.apply_audience_delta(
+        ledger.apply_audience_delta(
             engine,
             config.clinic_id,
             name,

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from etl import extract, payloads, store
+from etl import extract, ledger, payloads, store
 from etl.config import ClinicConfig
 from etl.gate import check_outbound
 from etl.identifiers import hash_identifiers
@@ -271,9 +271,9 @@ def plan_run(
     stages: dict[str, dict[str, str]] = {}
     with timings.step("ledger"):
         for dest in CONVERSION_DESTINATIONS:
-            ledger = store.read_ledger(engine, config.clinic_id, dest)
+            recorded = ledger.read_ledger(engine, config.clinic_id, dest)
             id_col = _ID_COLUMN[dest]
-            fresh = [r for r in outbound[dest] if not _is_final(ledger.get(r[id_col]))]
+            fresh = [r for r in outbound[dest] if not _is_final(recorded.get(r[id_col]))]
             already = len(outbound[dest]) - len(fresh)
             outbound[dest] = fresh
             drops["already_sent"] += already
@@ -347,8 +347,8 @@ def plan_run(
     return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages)
 
 
-def _is_final(entry: store.LedgerEntry | None) -> bool:
-    return entry is not None and entry.status in store.FINAL_STATES
+def _is_final(entry: ledger.LedgerEntry | None) -> bool:
+    return entry is not None and entry.status in ledger.FINAL_STATES
 
 
 def _audience_deltas(
@@ -363,7 +363,7 @@ def _audience_deltas(
         current["meta_audience"] = dict(payloads.meta_member_rows(members))
     deltas: dict[str, AudienceDelta] = {}
     for dest, now_members in current.items():
-        synced = store.read_audience_state(engine, config.clinic_id, dest)
+        synced = ledger.read_audience_state(engine, config.clinic_id, dest)
         if full_resync:
             adds = dict(sorted(now_members.items()))
             removes: dict[str, Any] = {}

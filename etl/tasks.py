@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import Engine
 
-from etl import deliver, pipeline, store
+from etl import deliver, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
 from etl.outbox import read_summary
 from etl.rules.stages import RunWindow
@@ -241,7 +241,7 @@ def report(spec: RunSpec) -> dict[str, Any]:
     summary = read_summary(spec.paths.outbox)
     merged = pipeline.finalize_summary(spec.paths, summary)
     with spec.engine() as engine:
-        store.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
+        ledger.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
         html = render_run_report(spec.config, spec.paths, engine, run_id=spec.run_id, summary=merged)
     return {
         "run_id": spec.run_id,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from etl import deliver, store, tasks
+from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
 from etl.targets import open_destinations, started_sandboxes
 from tests.conftest import SECRET
@@ -196,7 +196,7 @@ def test_invalid_meta_token_stops_with_one_clear_message_and_nothing_recorded_as
             deliver.upload_conversions(spec.config, engine, spec.paths.outbox, events, run_id=spec.run_id,
                                        clock=lambda: spec.window.end)  # fmt: skip
         statuses = {
-            e.status for e in store.read_ledger(engine, spec.config.clinic_id, "meta_events").values()
+            e.status for e in ledger.read_ledger(engine, spec.config.clinic_id, "meta_events").values()
         }
     assert "190" in str(info.value) and "CNRY" not in str(info.value)
     assert statuses <= {"planned"}  # planned before the request; never sent, accepted or rejected

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from etl import pipeline, store
+from etl import ledger, pipeline, store
 from etl.outbox import OUTBOX_FILES
 from etl.rules.stages import RunWindow
 from tests.conftest import DATA, SECRET, make_config, run_dry
@@ -66,9 +66,9 @@ def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) 
         assert len(google) == 2
         sent = google[0]["order_id"]
         assert (
-            store.read_ledger(engine, config.clinic_id, "google_conversions") == {}
+            ledger.read_ledger(engine, config.clinic_id, "google_conversions") == {}
         )  # dry run wrote nothing
-        store.write_ledger(
+        ledger.write_ledger(
             engine,
             config.clinic_id,
             "google_conversions",
@@ -89,7 +89,7 @@ def test_unfinished_ledger_states_are_sent_again(status: str, tmp_path: Path) ->
     with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
         first = _plan(config, engine, "2026-05-01", "2026-06-30")
         oid = first.outbound["meta_events"][0]["event_id"]
-        store.write_ledger(
+        ledger.write_ledger(
             engine,
             config.clinic_id,
             "meta_events",
@@ -107,7 +107,7 @@ def test_suppression_mirror_adds_then_removes(tmp_path: Path) -> None:
         first = _plan(config, engine, "2026-05-01", "2026-06-30")
         for dest, delta in first.audiences.items():
             assert len(delta.adds) == 1 and not delta.removes
-            store.apply_audience_delta(
+            ledger.apply_audience_delta(
                 engine,
                 config.clinic_id,
                 dest,

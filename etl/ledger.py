@@ -1,0 +1,172 @@
+"""The send ledger, the audience sync state and run summaries: what left, and when.
+
+Compliance officers ask "what left the building, under which run?"; these tables answer it.
+The ledger is keyed by clinic, destination and opaque ID (SPEC rule 11): a row in a final state
+is never sent again to that destination. Tables are defined in ``etl.store``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from etl.store import _CHUNK, audience_state, run_summaries, send_ledger
+
+# Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
+# "planned" (written before a request, never answered) and "deferred" are sent again.
+FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    status: str
+    code: str | None
+
+
+def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(send_ledger.c.opaque_id, send_ledger.c.status, send_ledger.c.code).where(
+                send_ledger.c.clinic_id == clinic_id, send_ledger.c.destination == destination
+            )
+        )
+        return {r.opaque_id: LedgerEntry(r.status, r.code) for r in rows}
+
+
+def write_ledger(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    entries: Iterable[Mapping[str, Any]],
+    *,
+    run_id: str,
+    at: datetime,
+) -> None:
+    """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent).
+
+    Each call commits on its own: the pipeline calls it before and after every batch, so a
+    process killed between batches leaves an exact record of what went out.
+    """
+    rows = []
+    for entry in entries:
+        status = entry["status"]
+        rows.append(
+            {
+                "clinic_id": clinic_id,
+                "destination": destination,
+                "opaque_id": entry["opaque_id"],
+                "stage": entry.get("stage"),
+                "status": status,
+                "code": entry.get("code"),
+                "request_id": entry.get("request_id"),
+                "run_id": run_id,
+                "planned_at": at if status == "planned" else None,
+                "sent_at": None if status in ("planned", "deferred") else at,
+                "updated_at": at,
+            }
+        )
+    if not rows:
+        return
+    with engine.begin() as conn:
+        insert = _dialect_insert(conn, send_ledger)
+        stmt = insert.on_conflict_do_update(
+            index_elements=["clinic_id", "destination", "opaque_id"],
+            set_={
+                "status": insert.excluded.status,
+                "code": insert.excluded.code,
+                "request_id": insert.excluded.request_id,
+                "run_id": insert.excluded.run_id,
+                "sent_at": sa.func.coalesce(insert.excluded.sent_at, send_ledger.c.sent_at),
+                "planned_at": sa.func.coalesce(send_ledger.c.planned_at, insert.excluded.planned_at),
+                "updated_at": insert.excluded.updated_at,
+                "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),
+            },
+        )
+        for lo in range(0, len(rows), _CHUNK):
+            conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def read_audience_state(engine: Engine, clinic_id: str, destination: str) -> dict[str, str]:
+    """member_key -> payload JSON of the last synced membership."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(audience_state.c.member_key, audience_state.c.payload).where(
+                audience_state.c.clinic_id == clinic_id,
+                audience_state.c.destination == destination,
+            )
+        )
+        return {r.member_key: r.payload for r in rows}
+
+
+def apply_audience_delta(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    *,
+    added: Mapping[str, str],
+    removed: Sequence[str],
+    at: datetime,
+    replace_all: bool = False,
+) -> None:
+    """Record what the platform now holds, after it confirmed the sync."""
+    where = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
+    with engine.begin() as conn:
+        if replace_all:
+            conn.execute(audience_state.delete().where(where))
+        for lo in range(0, len(removed), 500):
+            conn.execute(
+                audience_state.delete().where(
+                    where & audience_state.c.member_key.in_(list(removed[lo : lo + 500]))
+                )
+            )
+        rows = [
+            {
+                "clinic_id": clinic_id,
+                "destination": destination,
+                "member_key": k,
+                "payload": v,
+                "synced_at": at,
+            }
+            for k, v in added.items()
+        ]
+        if rows:
+            insert = _dialect_insert(conn, audience_state)
+            stmt = insert.on_conflict_do_update(
+                index_elements=["clinic_id", "destination", "member_key"],
+                set_={"payload": insert.excluded.payload, "synced_at": insert.excluded.synced_at},
+            )
+            for lo in range(0, len(rows), _CHUNK):
+                conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, at: datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            run_summaries.insert(),
+            {
+                "run_id": run_id,
+                "recorded_at": at,
+                "clinic_id": summary["clinic_id"],
+                "start": summary["start"],
+                "end": summary["end"],
+                "dry_run": bool(summary["dry_run"]),
+                "target": summary["target"],
+                "summary": json.dumps(summary, sort_keys=True),
+            },
+        )
