@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from etl import extract, ledger, payloads, store
+from etl import extract, ledger, payloads, staging, store
 from etl.config import ClinicConfig
 from etl.gate import check_outbound
 from etl.identifiers import hash_identifiers
@@ -152,12 +152,21 @@ def extract_sources(
 
 
 def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timings: Timings) -> dict[str, int]:
-    """Upsert the hashed extracts into staging (latest wins); returns rows loaded per kind."""
+    """Upsert the hashed extracts into staging (latest wins); returns rows loaded per kind.
+
+    Also records which load each extract became (``staging.write_marker``), so the plan step can
+    read the history from the extract when staging holds exactly that export.
+    """
     counts: dict[str, int] = {}
+    loaded: dict[str, staging.Loaded] = {}
+    (paths.extracts / staging.MARKER).unlink(missing_ok=True)
     for kind in ("appointments", "leads"):
         with timings.step(f"stage_{kind}"):
-            batches = store.parquet_batches(paths.extracts / f"{kind}.parquet")
-            counts[f"{kind}_staged"] = store.upsert_staged(engine, kind, config.clinic_id, batches)
+            loaded[kind] = staging.load_extract(
+                engine, kind, config.clinic_id, paths.extracts / f"{kind}.parquet"
+            )
+            counts[f"{kind}_staged"] = loaded[kind].rows
+    staging.write_marker(paths.extracts, loaded)
     return counts
 
 
@@ -208,8 +217,12 @@ def plan_run(
     full_resync: bool = False,
     timings: Timings | None = None,
     inputs: dict[str, int] | None = None,
+    extracts: Path | None = None,
 ) -> Plan:
     """Apply SPEC section 4 to everything staged before ``end`` and build the gated rows.
+
+    ``extracts`` is this run's extract folder: when staging holds exactly those exports, the
+    history is read from them rather than from the database (same rows, same frame).
 
     Raises:
         GateViolation: a row would carry something outside the allowlist; nothing was written.
@@ -218,8 +231,10 @@ def plan_run(
     run_id = run_id_for(config, window)
     end = window.end_ts
     with timings.step("read_staged"):
-        appts = store.read_staged(engine, "appointments", config.clinic_id, before=window.end)
-        leads = store.read_staged(engine, "leads", config.clinic_id, before=window.end)
+        appts = staging.load_staged(
+            engine, "appointments", config.clinic_id, before=window.end, extracts=extracts
+        )
+        leads = staging.load_staged(engine, "leads", config.clinic_id, before=window.end, extracts=extracts)
     with timings.step("link_persons"):
         usable_a = ~appts["is_test"].to_numpy(dtype=bool)
         usable_l = ~leads["is_test"].to_numpy(dtype=bool)

@@ -1,4 +1,4 @@
-"""Staging database: tables, bulk latest-wins upserts, the send ledger and audience sync state.
+"""Staging database: the tables, the engine, bulk inserts (loading and reading staged exports is etl.staging).
 
 SQLite (a file beside the clinic YAML) is the embedded default; any SQLAlchemy URL works, and
 PostgreSQL is the deployment target (issue #2, item 4). The DDL is kept in ``sql/schema.sql``
@@ -13,12 +13,10 @@ PostgreSQL and several times faster to load and read back than text dates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -168,10 +166,6 @@ quality_results = sa.Table(
 )
 
 
-_BULK_TIMES = {
-    "appointments": ("start_at", "updated_at", "consent_at", "consent_revoked_at"),
-    "leads": ("created_at", "consent_at", "consent_revoked_at"),
-}
 _CHUNK = 50_000
 
 
@@ -192,6 +186,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    # 64 MiB of page cache instead of 2: staging and the derived tables insert hundreds of
+    # thousands of rows into primary-key indexes, which thrash a small cache
+    cur.execute("PRAGMA cache_size=-65536")
     cur.close()
 
 
@@ -200,10 +198,6 @@ def to_epoch_us(series: pd.Series) -> pd.Series:
     values = pd.to_datetime(series, utc=True)
     micros = values.to_numpy(dtype="datetime64[ns]").astype("int64") // 1000
     return pd.Series(pd.array(micros, dtype="Int64"), index=series.index).mask(values.isna().to_numpy())
-
-
-def from_epoch_us(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series.astype("float64"), unit="us", utc=True).astype("datetime64[ns, UTC]")
 
 
 def _records(frame: pd.DataFrame) -> Iterator[list[dict[str, Any]]]:
@@ -263,137 +257,6 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         conn.execute(table.insert(), records)
 
 
-def _next_load_seq(conn: Connection, table: sa.Table, clinic_id: str) -> int:
-    current = conn.execute(
-        sa.select(sa.func.max(table.c.load_seq)).where(table.c.clinic_id == clinic_id)
-    ).scalar()
-    return int(current or 0) + 1
-
-
-def _staged_batch(frame: pd.DataFrame, kind: str, clinic_id: str, seq: int, cols: list[str]) -> pd.DataFrame:
-    staged = frame.assign(clinic_id=clinic_id, load_seq=seq)
-    for col in _BULK_TIMES[kind]:
-        staged[col] = to_epoch_us(staged[col])
-    return staged[cols]
-
-
-def upsert_staged(engine: Engine, kind: str, clinic_id: str, batches: Iterable[pd.DataFrame]) -> int:
-    """Bulk-load one export into staging, latest wins, batch by batch in one transaction.
-
-    Appointments replace a stored row when their ``updated_at`` is at least as new (a row with
-    no ``updated_at`` counts as newest, since a later export is the best evidence we have);
-    leads always replace (SPEC section 3: position in a later export is newer). On SQLite the
-    driver's ``executemany`` upserts directly in one pass; elsewhere rows go to a temporary table
-    (COPY on PostgreSQL) and one ``INSERT ... SELECT ... ON CONFLICT`` merges them set-wise.
-    Batches keep memory flat: only one batch is ever held as Python objects.
-
-    Returns:
-        the number of rows in the export.
-    """
-    table = appointments if kind == "appointments" else leads
-    key = "appointment_id" if kind == "appointments" else "lead_id"
-    cols = [c.name for c in table.columns]
-    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
-    newer = ""
-    if kind == "appointments":
-        newer = (
-            " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
-            " OR excluded.updated_at >= appointments.updated_at"
-        )
-    conflict = f"ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
-    col_list = ", ".join(cols)
-    rows = 0
-    with engine.begin() as conn:
-        seq = _next_load_seq(conn, table, clinic_id)
-        if conn.dialect.name == "sqlite":
-            raw = conn.connection.dbapi_connection
-            assert raw is not None
-            sql = f"INSERT INTO {table.name} ({col_list}) VALUES ({', '.join('?' for _ in cols)}) {conflict}"
-            cur = raw.cursor()
-            for batch in batches:
-                rows += len(batch)
-                for chunk in _tuples(_staged_batch(batch, kind, clinic_id, seq, cols)):
-                    cur.executemany(sql, chunk)
-            cur.close()
-            return rows
-        tmp = sa.Table(
-            f"tmp_{kind}",
-            sa.MetaData(),
-            *[sa.Column(c.name, c.type) for c in table.columns],
-            prefixes=["TEMPORARY"],
-        )
-        tmp.drop(conn, checkfirst=True)
-        tmp.create(conn)
-        for batch in batches:
-            rows += len(batch)
-            bulk_insert(conn, tmp, _staged_batch(batch, kind, clinic_id, seq, cols))
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {table.name} ({col_list}) SELECT {col_list} FROM tmp_{kind} WHERE true {conflict}"
-            )
-        )
-        tmp.drop(conn)
-    return rows
-
-
-def parquet_batches(path: Any, batch_rows: int = _CHUNK) -> Iterator[pd.DataFrame]:
-    """A hashed extract read back in batches of plain columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        # decode dictionaries here: a batch carries the whole file's dictionary, and turning that
-        # into pandas categories per batch costs more than the batch itself
-        columns = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
-        yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pandas()
-
-
-# text columns that repeat a lot (a person's hashes on each of their rows, a handful of statuses)
-_INTERNED = (*HASH_COLUMNS, "status", "currency", "location_id", "patient_id")
-
-
-def read_staged(engine: Engine, kind: str, clinic_id: str, *, before: datetime) -> pd.DataFrame:
-    """All staged rows of a clinic whose event time is before the run's ``end``, in key order.
-
-    Rows from the future of ``end`` are invisible, so a backfill sees what a nightly run at that
-    time would have seen of the event history (statuses are today's, latest wins). Rows are
-    fetched in chunks and repeated text is interned (one string object per distinct value, as
-    a person's hashes repeat on each of their rows), so the driver's row objects never exist for
-    the whole table at once and the frame holds each distinct hash once.
-    """
-    table = appointments if kind == "appointments" else leads
-    time_col, key = ("start_at", "appointment_id") if kind == "appointments" else ("created_at", "lead_id")
-    before_us = int(before.timestamp() * 1_000_000)
-    wanted = [c for c in table.columns if c.name not in ("clinic_id", "load_seq")]
-    query = (
-        sa.select(*wanted)
-        .where(table.c.clinic_id == clinic_id, table.c[time_col] < before_us)
-        .order_by(table.c[key])
-    )
-    names = [c.name for c in wanted]
-    interned: dict[int, dict[str, str]] = {i: {} for i, name in enumerate(names) if name in _INTERNED}
-    columns: list[list[Any]] = [[] for _ in names]
-    with engine.connect() as conn:
-        result = conn.execute(query)
-        while chunk := result.fetchmany(_CHUNK):
-            for i, values in enumerate(zip(*chunk, strict=True)):
-                seen = interned.get(i)
-                if seen is None:
-                    columns[i].extend(values)
-                else:
-                    columns[i].extend(v if v is None else seen.setdefault(v, v) for v in values)
-    frame = pd.DataFrame(
-        {name: np.asarray(values, dtype=object) for name, values in zip(names, columns, strict=True)}
-    )
-    for col in _BULK_TIMES[kind]:
-        frame[col] = from_epoch_us(frame[col])
-    for col in ("is_test", "consent_marketing", *(("status_known",) if kind == "appointments" else ())):
-        frame[col] = frame[col].astype(bool)
-    if kind == "appointments":
-        frame["revenue"] = frame["revenue"].astype(float)
-    return frame
-
-
 def replace_derived(
     engine: Engine,
     clinic_id: str,
@@ -409,7 +272,9 @@ def replace_derived(
             if frame.empty:
                 continue
             staged = frame.assign(clinic_id=clinic_id, run_id=run_id)[[c.name for c in table.columns]]
-            bulk_insert(conn, table, staged)
+            # in primary-key order, so index pages fill one after another
+            key = "person_key" if table is persons else "opaque_id"
+            bulk_insert(conn, table, staged.sort_values(key, kind="stable"))
 
 
 @contextmanager

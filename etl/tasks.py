@@ -122,6 +122,7 @@ def build_conversions(
             full_resync=full_resync,
             timings=timings,
             inputs=inputs,
+            extracts=spec.paths.extracts,
         )
     pipeline.build_pending(plan, spec.paths)
     return {

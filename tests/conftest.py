@@ -114,7 +114,14 @@ def run_dry(
     with store.engine_for(url) as engine:
         inputs = pipeline.stage_sources(config, engine, window, pipeline.Timings(), paths)
         plan = pipeline.plan_run(
-            config, engine, window, secret=SECRET, target="none", dry_run=True, inputs=inputs
+            config,
+            engine,
+            window,
+            secret=SECRET,
+            target="none",
+            dry_run=True,
+            inputs=inputs,
+            extracts=paths.extracts,
         )
     pipeline.build_pending(plan, paths)
     outbox = pipeline.publish_outbox(config, paths)

@@ -1,0 +1,331 @@
+"""Staging in bulk: load a hashed extract latest-wins, and read the staged history back.
+
+Staging is the one place that writes and reads every input row (a million appointments are
+about a gigabyte of hashes), so the Python work per cell is kept to a minimum:
+
+- Loading turns each extract column into Python objects once for the whole file (a person's
+  hashes repeat, so distinct values become one shared string each) and hands the driver plain
+  tuples: ``executemany`` of one ``INSERT ... ON CONFLICT`` on SQLite; a temporary table filled
+  by COPY and one set-wise ``INSERT ... SELECT ... ON CONFLICT`` elsewhere (PostgreSQL).
+- When the database holds exactly the rows of this run's extract (a first load, or a full
+  re-export that replaced every row), the history is read from the extract's Parquet file
+  instead of the database: ``load_extract`` reports the load's sequence number and whether it
+  was exact, ``write_marker`` records that beside the extract, and ``load_staged`` uses the file
+  only if the database still shows that one load and nothing else. Otherwise the history is read
+  from the database in chunks. Both paths return the same frame (a test compares them).
+
+Only the standard ``sqlite3`` module touches SQLite files: a second SQLite library in the same
+process (an ADBC driver, say) would not see this one's locks, which is how SQLite files get
+corrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from etl.store import appointments, bulk_insert, leads, to_epoch_us
+
+TABLES = {"appointments": appointments, "leads": leads}
+KEYS = {"appointments": "appointment_id", "leads": "lead_id"}
+TIME_COLUMN = {"appointments": "start_at", "leads": "created_at"}
+TIMES = {
+    "appointments": ("start_at", "updated_at", "consent_at", "consent_revoked_at"),
+    "leads": ("created_at", "consent_at", "consent_revoked_at"),
+}
+BOOLS = {
+    "appointments": ("status_known", "consent_marketing", "is_test"),
+    "leads": ("consent_marketing", "is_test"),
+}
+MARKER = "staged.json"
+_CHUNK = 50_000
+_ALL_ROWS = str(2**31 - 1)  # one Arrow batch: the driver infers column types from the first batch
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What one load did: rows in the export, its sequence number, and whether staging now holds
+    exactly this export's rows (nothing older survived, nothing in the export lost to a newer row)."""
+
+    rows: int
+    load_seq: int
+    exact: bool
+
+
+def _merge_sql(kind: str, source: str | None) -> str:
+    """Latest wins: appointments by ``updated_at`` (a row without one counts as newest), leads always.
+
+    With ``source`` None the statement takes one row of parameters (for ``executemany``, which
+    applies rows in export order); otherwise it merges a whole table set-wise.
+    """
+    table, key = TABLES[kind], KEYS[kind]
+    cols = [c.name for c in table.columns]
+    col_list = ", ".join(cols)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
+    newer = ""
+    if kind == "appointments":
+        newer = (
+            " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
+            " OR excluded.updated_at >= appointments.updated_at"
+        )
+    rows = (
+        f"VALUES ({', '.join('?' for _ in cols)})"
+        if source is None
+        else f"SELECT {col_list} FROM {source} WHERE true"
+    )
+    return f"INSERT INTO {table.name} ({col_list}) {rows} ON CONFLICT (clinic_id, {key}) DO UPDATE SET {updates}{newer}"
+
+
+def _staged_columns(
+    source: pa.Table | pa.RecordBatch, kind: str, clinic_id: str, seq: int, *, decode: bool
+) -> pa.Table:
+    """Extract columns as the staged table's: UTC epoch microseconds, plain (or dictionary) strings."""
+    n = source.num_rows
+    arrays: list[Any] = []
+    for column in TABLES[kind].columns:
+        name = column.name
+        if name == "clinic_id":
+            arrays.append(pa.repeat(pa.scalar(clinic_id, pa.string()), n))
+        elif name == "load_seq":
+            arrays.append(pa.repeat(pa.scalar(seq, pa.int64()), n))
+        elif name not in source.schema.names:
+            arrays.append(pa.nulls(n, pa.string()))
+        elif name in TIMES[kind]:
+            arrays.append(_epoch_us(source.column(name)))
+        else:
+            arr = source.column(name)
+            if pa.types.is_dictionary(arr.type) and decode:
+                arr = arr.cast(arr.type.value_type)
+            if pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type):
+                arr = arr.cast(pa.string())
+            arrays.append(arr)
+    return pa.table(arrays, names=[c.name for c in TABLES[kind].columns])
+
+
+def _epoch_us(times: Any) -> pa.Array:
+    """Timestamps -> int64 microseconds, flooring finer units (as ``store.to_epoch_us`` does)."""
+    if isinstance(times, pa.ChunkedArray):
+        times = times.combine_chunks()
+    unit = times.type.unit if pa.types.is_timestamp(times.type) else "us"
+    raw = pc.cast(times, pa.int64())
+    if unit == "us":
+        return raw
+    if unit in ("s", "ms"):
+        return pc.multiply(raw, {"s": 1_000_000, "ms": 1_000}[unit])
+    floored = np.floor_divide(raw.fill_null(0).to_numpy(), 1000)
+    return pa.array(floored, mask=raw.is_null().to_numpy(zero_copy_only=False))
+
+
+def _batches(path: Path, kind: str, clinic_id: str, seq: int) -> Iterator[pd.DataFrame]:
+    """The extract in batches of plain columns, for databases loaded through SQLAlchemy."""
+    cols = [c.name for c in TABLES[kind].columns]
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=_CHUNK):
+        columns = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
+        frame = pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pandas()
+        frame = frame.assign(clinic_id=clinic_id, load_seq=seq)
+        for col in TIMES[kind]:
+            frame[col] = to_epoch_us(frame[col])
+        for col in cols:
+            if col not in frame.columns:
+                frame[col] = None
+        yield frame[cols]
+
+
+def _state(conn: Connection, kind: str, clinic_id: str) -> tuple[int, int, int]:
+    """(rows, lowest load_seq, highest load_seq) staged for the clinic."""
+    table = TABLES[kind]
+    query = sa.select(sa.func.count(), sa.func.min(table.c.load_seq), sa.func.max(table.c.load_seq))
+    count, lo, hi = conn.execute(query.where(table.c.clinic_id == clinic_id)).one()
+    return int(count), int(lo or 0), int(hi or 0)
+
+
+def _row_chunks(path: Path, kind: str, clinic_id: str, seq: int) -> Iterator[list[tuple[Any, ...]]]:
+    """The extract as chunks of plain tuples in the staged table's column order.
+
+    Columns become object arrays once for the whole file: converting a dictionary column batch
+    by batch would convert the whole file's dictionary for every batch.
+    """
+    table = _staged_columns(pq.read_table(path), kind, clinic_id, seq, decode=False)
+    columns = [_python_values(table.column(name)) for name in table.column_names]
+    for lo in range(0, table.num_rows, _CHUNK):
+        yield list(zip(*(column[lo : lo + _CHUNK].tolist() for column in columns), strict=True))
+
+
+def _python_values(arr: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_dictionary(arr.type) or pa.types.is_string(arr.type):
+        return _objects(arr)
+    flat = arr.combine_chunks()
+    out = flat.to_numpy(zero_copy_only=False).astype(object)
+    if flat.null_count:
+        out[flat.is_null().to_numpy(zero_copy_only=False)] = None
+    return out
+
+
+def load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loaded:
+    """Upsert one hashed extract into staging, latest wins, in one transaction."""
+    rows = pq.ParquetFile(path).metadata.num_rows
+    with engine.begin() as conn:
+        _, _, seq = _state(conn, kind, clinic_id)
+        seq += 1
+        if conn.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            cur = raw.cursor()
+            for chunk in _row_chunks(path, kind, clinic_id, seq):
+                cur.executemany(_merge_sql(kind, None), chunk)
+            cur.close()
+        else:
+            _merge_via_temp(conn, kind, path, clinic_id, seq)
+        count, lo, hi = _state(conn, kind, clinic_id)
+    return Loaded(rows=rows, load_seq=seq, exact=count == rows and lo == hi == seq)
+
+
+def _merge_via_temp(conn: Connection, kind: str, path: Path, clinic_id: str, seq: int) -> None:
+    table = TABLES[kind]
+    tmp = sa.Table(
+        f"tmp_{kind}",
+        sa.MetaData(),
+        *[sa.Column(c.name, c.type) for c in table.columns],
+        prefixes=["TEMPORARY"],
+    )
+    tmp.drop(conn, checkfirst=True)
+    tmp.create(conn)
+    for frame in _batches(path, kind, clinic_id, seq):
+        bulk_insert(conn, tmp, frame)
+    conn.execute(sa.text(_merge_sql(kind, f"tmp_{kind}")))
+    tmp.drop(conn)
+
+
+def write_marker(extracts: Path, loaded: dict[str, Loaded]) -> None:
+    """Remember which load each extract became, with the file's identity, for ``load_staged``."""
+    marker = {
+        kind: {**asdict(done), "file": _fingerprint(extracts / f"{kind}.parquet")}
+        for kind, done in loaded.items()
+    }
+    (extracts / MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fingerprint(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _extract_is_staging(engine: Engine, kind: str, clinic_id: str, extracts: Path | None) -> bool:
+    """True when the staged rows are exactly this run's extract, loaded by this run's stage step."""
+    if extracts is None or not (extracts / MARKER).exists():
+        return False
+    done = json.loads((extracts / MARKER).read_text(encoding="utf-8")).get(kind)
+    path = extracts / f"{kind}.parquet"
+    if not done or not done["exact"] or not path.exists() or done["file"] != _fingerprint(path):
+        return False
+    with engine.connect() as conn:
+        count, lo, hi = _state(conn, kind, clinic_id)
+    return count == done["rows"] and lo == hi == done["load_seq"]
+
+
+def load_staged(
+    engine: Engine, kind: str, clinic_id: str, *, before: datetime, extracts: Path | None = None
+) -> pd.DataFrame:
+    """All staged rows of a clinic whose event time is before the run's ``end``, in key order.
+
+    Rows from the future of ``end`` are invisible, so a backfill sees what a nightly run at that
+    time would have seen of the event history (statuses are today's, latest wins).
+    """
+    before_us = int(before.timestamp() * 1_000_000)
+    if _extract_is_staging(engine, kind, clinic_id, extracts):
+        assert extracts is not None
+        table = _staged_columns(pq.read_table(extracts / f"{kind}.parquet"), kind, clinic_id, 0, decode=False)
+    else:
+        table = _read_chunked(engine, kind, clinic_id, before_us)
+    table = table.filter(pc.less(table.column(TIME_COLUMN[kind]), before_us))
+    table = table.take(pc.sort_indices(table, sort_keys=[(KEYS[kind], "ascending")]))
+    return _to_frame(table.drop_columns(["clinic_id", "load_seq"]), kind)
+
+
+def _arrow_types(kind: str) -> dict[str, pa.DataType]:
+    out: dict[str, pa.DataType] = {}
+    for column in TABLES[kind].columns:
+        if isinstance(column.type, (sa.BigInteger, sa.Integer)):
+            out[column.name] = pa.int64()
+        elif isinstance(column.type, sa.Float):
+            out[column.name] = pa.float64()
+        elif isinstance(column.type, sa.Boolean):
+            out[column.name] = pa.bool_()
+        else:
+            out[column.name] = pa.string()
+    return out
+
+
+def _to_frame(table: pa.Table, kind: str) -> pd.DataFrame:
+    """Arrow -> the frame the rules expect: object strings (one object per distinct value),
+    UTC ``datetime64[ns]`` times, numpy bools."""
+    columns: dict[str, Any] = {}
+    for name in table.column_names:
+        arr = table.column(name)
+        if name in TIMES[kind]:
+            # Arrow casts (no float round trip: pandas' float path trips over stale FP flags)
+            micros = pc.cast(arr, pa.timestamp("us", tz="UTC"))
+            columns[name] = micros.cast(pa.timestamp("ns", tz="UTC")).to_pandas()
+        elif name in BOOLS[kind]:
+            columns[name] = arr.cast(pa.bool_()).to_numpy(zero_copy_only=False)
+        elif pa.types.is_floating(arr.type):
+            columns[name] = arr.to_numpy(zero_copy_only=False).astype(float)
+        else:
+            columns[name] = _objects(arr)
+    return pd.DataFrame(columns)
+
+
+def _objects(arr: pa.ChunkedArray) -> np.ndarray:
+    """Strings as a numpy object array holding one Python string per distinct value.
+
+    A person's hashes repeat on each of their rows; sharing the objects keeps a million-row
+    history in memory at the size of its distinct values.
+    """
+    codes = arr.combine_chunks()
+    if not pa.types.is_dictionary(codes.type):
+        codes = codes.dictionary_encode()
+    categories = np.asarray([*codes.dictionary.to_pylist(), None], dtype=object)
+    return categories.take(codes.indices.cast(pa.int64()).fill_null(len(categories) - 1).to_numpy())
+
+
+def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int) -> pa.Table:
+    """Staged rows through the driver's cursor in chunks, each chunk turned into Arrow at once.
+
+    The raw DB-API cursor skips SQLAlchemy's per-row objects; only one chunk of driver tuples
+    exists at a time.
+    """
+    names = [c.name for c in TABLES[kind].columns]
+    types = _arrow_types(kind)
+    pieces: list[list[pa.Array]] = [[] for _ in names]
+    with engine.connect() as conn:
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        sql = (
+            f"SELECT {', '.join(names)} FROM {kind} WHERE clinic_id = {mark} AND {TIME_COLUMN[kind]} < {mark}"
+        )
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cur = raw.cursor()
+        cur.execute(sql, (clinic_id, before_us))
+        while chunk := cur.fetchmany(_CHUNK):
+            for i, values in enumerate(zip(*chunk, strict=True)):
+                wanted = types[names[i]]
+                # SQLite hands booleans back as 0/1
+                arr = pa.array(values) if wanted == pa.bool_() else pa.array(values, type=wanted)
+                pieces[i].append(arr.cast(wanted))
+        cur.close()
+    return pa.table(
+        [pa.chunked_array(arrays, type=types[n]) for n, arrays in zip(names, pieces, strict=True)],
+        names=names,
+    )

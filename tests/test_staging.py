@@ -1,0 +1,136 @@
+"""Staging: latest-wins loads, and the two ways the history is read back (extract file or database).
+
+The plan step reads the staged history from this run's extract when the database holds exactly
+that export; these tests prove both ways give the same frame, and that anything else staged
+(older rows, a later load, a rewritten file, duplicates resolved by ``updated_at``) sends the
+read to the database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sqlalchemy.engine import Engine
+
+from etl import pipeline, staging, store
+from etl.config import ClinicConfig, load_config
+from etl.rules.stages import RunWindow
+from tests.conftest import make_config
+
+END = datetime(2026, 11, 23, tzinfo=UTC)
+KINDS = ("appointments", "leads")
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> ClinicConfig:
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("clinic")
+    write_synthetic_clinic(out, appointments=2000, leads=800, seed=5)
+    return load_config(out / "clinic.yaml")
+
+
+def _extract(config: ClinicConfig, folder: Path) -> pipeline.RunPaths:
+    paths = pipeline.RunPaths(run_dir=folder, outbox=folder / "outbox")
+    window = RunWindow(start=datetime(2026, 8, 1, tzinfo=UTC), end=END)
+    pipeline.extract_sources(config, window, paths, pipeline.Timings())
+    return paths
+
+
+def _stage(config: ClinicConfig, engine: Engine, paths: pipeline.RunPaths) -> None:
+    pipeline.stage_extracts(config, engine, paths, pipeline.Timings())
+
+
+def _both(
+    engine: Engine, config: ClinicConfig, paths: pipeline.RunPaths, kind: str
+) -> tuple[pd.DataFrame, ...]:
+    via_file = staging.load_staged(engine, kind, config.clinic_id, before=END, extracts=paths.extracts)
+    via_db = staging.load_staged(engine, kind, config.clinic_id, before=END)
+    return via_file, via_db
+
+
+def test_extract_and_database_give_the_same_history(clinic: ClinicConfig, tmp_path: Path) -> None:
+    paths = _extract(clinic, tmp_path / "run")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(clinic, engine, paths)
+        for kind in KINDS:
+            assert staging._extract_is_staging(engine, kind, clinic.clinic_id, paths.extracts)
+            via_file, via_db = _both(engine, clinic, paths, kind)
+            pd.testing.assert_frame_equal(via_file, via_db)
+            key = staging.KEYS[kind]
+            assert via_file[key].is_monotonic_increasing
+            assert len(via_file) > 100
+            assert (via_file[staging.TIME_COLUMN[kind]] < pd.Timestamp(END)).all()
+
+
+def test_an_export_missing_older_rows_is_read_from_the_database(clinic: ClinicConfig, tmp_path: Path) -> None:
+    full = _extract(clinic, tmp_path / "full")
+    partial = tmp_path / "partial"
+    shutil.copytree(full.run_dir, partial)
+    path = partial / "extract" / "appointments.parquet"
+    frame = pd.read_parquet(path)
+    frame.iloc[: len(frame) // 2].to_parquet(path, index=False)
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(clinic, engine, full)
+        later = pipeline.RunPaths(run_dir=partial, outbox=partial / "outbox")
+        _stage(clinic, engine, later)
+        assert not staging._extract_is_staging(engine, "appointments", clinic.clinic_id, later.extracts)
+        # leads were re-exported whole: still exactly this export
+        assert staging._extract_is_staging(engine, "leads", clinic.clinic_id, later.extracts)
+        history = staging.load_staged(
+            engine, "appointments", clinic.clinic_id, before=END, extracts=later.extracts
+        )
+        first = staging.load_staged(engine, "appointments", clinic.clinic_id, before=END)
+    assert len(history) == len(first) > len(frame) // 2
+
+
+def test_a_later_load_or_a_rewritten_extract_sends_the_read_to_the_database(
+    clinic: ClinicConfig, tmp_path: Path
+) -> None:
+    one = _extract(clinic, tmp_path / "one")
+    two = _extract(clinic, tmp_path / "two")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(clinic, engine, one)
+        assert staging._extract_is_staging(engine, "leads", clinic.clinic_id, one.extracts)
+        _stage(clinic, engine, two)  # same rows, a newer load
+        assert not staging._extract_is_staging(engine, "leads", clinic.clinic_id, one.extracts)
+        assert staging._extract_is_staging(engine, "leads", clinic.clinic_id, two.extracts)
+        leads_file = two.extracts / "leads.parquet"
+        stat = leads_file.stat()
+        os.utime(leads_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert not staging._extract_is_staging(engine, "leads", clinic.clinic_id, two.extracts)
+        via_file, via_db = _both(engine, clinic, one, "leads")
+        pd.testing.assert_frame_equal(via_file, via_db)
+
+
+def test_duplicates_in_one_export_resolve_by_updated_at(tmp_path: Path) -> None:
+    from tests.conftest import DATA
+
+    config = make_config(DATA / "rules" / "reexport_upgrade")
+    paths = _extract(config, tmp_path / "run")
+    path = paths.extracts / "appointments.parquet"
+    frame = pd.read_parquet(path)
+    newer = frame.iloc[[0]].assign(
+        status="attended", updated_at=frame["updated_at"].iloc[0] + pd.Timedelta(hours=1)
+    )
+    older = frame.iloc[[0]].assign(
+        status="cancelled", updated_at=frame["updated_at"].iloc[0] - pd.Timedelta(hours=1)
+    )
+    pd.concat([frame, newer, older], ignore_index=True).to_parquet(path, index=False)
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        loaded = staging.load_extract(engine, "appointments", config.clinic_id, path)
+        assert loaded.rows == len(frame) + 2 and not loaded.exact
+        staging.write_marker(paths.extracts, {"appointments": loaded})
+        assert not staging._extract_is_staging(engine, "appointments", config.clinic_id, paths.extracts)
+        history = staging.load_staged(
+            engine, "appointments", config.clinic_id, before=END, extracts=paths.extracts
+        )
+    assert len(history) == len(frame)
+    assert history.loc[history["appointment_id"] == frame["appointment_id"].iloc[0], "status"].tolist() == [
+        "attended"
+    ]
