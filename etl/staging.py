@@ -22,6 +22,7 @@ corrupted.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.store import appointments, bulk_insert, leads, to_epoch_us
+from etl.store import HASH_COLUMNS, appointments, bulk_insert, leads, to_epoch_us
 
 TABLES = {"appointments": appointments, "leads": leads}
 KEYS = {"appointments": "appointment_id", "leads": "lead_id"}
@@ -283,20 +284,25 @@ def _to_frame(table: pa.Table, kind: str) -> pd.DataFrame:
         elif pa.types.is_floating(arr.type):
             columns[name] = arr.to_numpy(zero_copy_only=False).astype(float)
         else:
-            columns[name] = _objects(arr)
+            columns[name] = _objects(arr, intern=name in HASH_COLUMNS)
     return pd.DataFrame(columns)
 
 
-def _objects(arr: pa.ChunkedArray) -> np.ndarray:
+def _objects(arr: pa.ChunkedArray, *, intern: bool = False) -> np.ndarray:
     """Strings as a numpy object array holding one Python string per distinct value.
 
     A person's hashes repeat on each of their rows; sharing the objects keeps a million-row
-    history in memory at the size of its distinct values.
+    history in memory at the size of its distinct values. With ``intern`` the objects are also
+    shared across columns and frames (the Google and Meta email hashes are mostly equal, and a
+    patient's hashes appear in both exports).
     """
     codes = arr.combine_chunks()
     if not pa.types.is_dictionary(codes.type):
         codes = codes.dictionary_encode()
-    categories = np.asarray([*codes.dictionary.to_pylist(), None], dtype=object)
+    values = codes.dictionary.to_pylist()
+    if intern:
+        values = [sys.intern(v) for v in values]
+    categories = np.asarray([*values, None], dtype=object)
     return categories.take(codes.indices.cast(pa.int64()).fill_null(len(categories) - 1).to_numpy())
 
 
