@@ -28,6 +28,7 @@ from etl.errors import InputError, RowProblem
 
 _BOM = codecs.BOM_UTF8
 _NEWLINE, _CR, _QUOTE = 0x0A, 0x0D, 0x22
+_SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
 
 
 def _problem(name: str, line: int | None, reason: str) -> InputError:
@@ -38,17 +39,28 @@ def _line_at(raw: bytes, offset: int) -> int:
     return raw.count(b"\n", 0, offset) + 1
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is valid UTF-8, checked by arrow without building a str of the file.
+
+    Arrow's validator accepts exactly what Python's strict UTF-8 codec accepts; a file it
+    rejects is decoded by Python, which then reports the fault as before.
+    """
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
+    try:
+        pa.LargeStringArray.from_buffers(1, offsets, pa.py_buffer(data)).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
     """Return the file as UTF-8 bytes without a BOM (the only input pyarrow parses)."""
     if encoding is None and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"  # Excel's "Unicode text" save
     if encoding is None:
         body = raw[len(_BOM) :] if raw.startswith(_BOM) else raw
-        try:
-            body.decode("utf-8")
+        if _is_utf8(body):
             return body
-        except UnicodeDecodeError:
-            pass
         try:
             return body.decode("cp1252").encode("utf-8")
         except UnicodeDecodeError as exc:
@@ -74,10 +86,10 @@ def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool
     whether the file has a bare CR, which pyarrow takes for a line end and this scan does not.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
-    newlines = np.flatnonzero(buf == _NEWLINE)
+    newlines = _offsets(buf, _NEWLINE)
     crlf = np.count_nonzero(buf[newlines[newlines > 0] - 1] == _CR)
-    bare_cr = int(np.count_nonzero(buf == _CR)) != crlf
-    quotes = np.flatnonzero(buf == _QUOTE)
+    bare_cr = b"\r" in data and data.count(b"\r") != crlf
+    quotes = _offsets(buf, _QUOTE)
     inside = (np.searchsorted(quotes, newlines) & 1).astype(bool)
     ending = np.flatnonzero(~inside)
     bounds = newlines[ending]
@@ -89,6 +101,15 @@ def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool
     content = length - ((length > 0) & (last == _CR))
     keep = content > 0
     return starts[keep], ends[keep], lines[keep].astype(np.int64), bool(inside.any()), bare_cr
+
+
+def _offsets(buf: np.ndarray, byte: int) -> np.ndarray:
+    """Positions of ``byte`` in ``buf``, compared a chunk at a time (cache-sized temporaries)."""
+    found = [
+        np.flatnonzero(buf[start : start + _SCAN_CHUNK] == byte) + start
+        for start in range(0, len(buf), _SCAN_CHUNK)
+    ]
+    return np.concatenate(found) if found else np.empty(0, dtype=np.intp)
 
 
 class CsvExport:

@@ -242,14 +242,22 @@ def _build_frame(
     if problems:
         problems.sort(key=lambda item: item[:2])
         raise InputError([problem for _, _, problem in problems])
-    out["source_file"] = cells.text(pa.array([name] * n, type=pa.string()))
-    out["source_line"] = np.asarray(lines, dtype=np.int64)
-    frame = pd.DataFrame(out, index=pd.RangeIndex(n))[columns_of(kind)]
     recency = None
     if kind == "appointments":  # NaT is the smallest int64: a row without updated_at is oldest
-        recency = frame["updated_at"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+        recency = out["updated_at"].to_numpy(dtype="datetime64[ns]").view(np.int64)
     keep = _latest_rows(values[_KEY[kind]], recency)
-    return frame if keep is None else frame[keep].reset_index(drop=True)
+    if keep is not None:  # drop the superseded rows before the frame is built (one copy)
+        rows = np.flatnonzero(keep)
+        out = {field: _take(column, rows) for field, column in out.items()}
+        lines = lines[rows]
+    out["source_file"] = cells.text(pa.array([name] * len(lines), type=pa.string()))
+    out["source_line"] = np.asarray(lines, dtype=np.int64)
+    return pd.DataFrame({c: out[c] for c in columns_of(kind)}, index=pd.RangeIndex(len(lines)))
+
+
+def _take(column: Any, rows: np.ndarray) -> Any:
+    """The ``rows`` of a column (a Series or a numpy array), as an array."""
+    return column.array.take(rows) if isinstance(column, pd.Series) else column[rows]
 
 
 def _latest_rows(key: pa.Array, recency: np.ndarray | None) -> np.ndarray | None:
@@ -265,13 +273,16 @@ def _latest_rows(key: pa.Array, recency: np.ndarray | None) -> np.ndarray | None
     if len(encoded.dictionary) == n:
         return None
     codes = encoded.indices.to_numpy(zero_copy_only=False)
-    if recency is None:
-        recency = np.zeros(n, dtype=np.int64)
-    order = np.lexsort((np.arange(n), recency, codes))
+    # only the rows of a repeated key compete; every other row is kept as it is
+    repeated = np.flatnonzero(np.bincount(codes, minlength=len(encoded.dictionary))[codes] > 1)
+    codes = codes[repeated]
+    recency = np.zeros(len(repeated), dtype=np.int64) if recency is None else recency[repeated]
+    order = np.lexsort((repeated, recency, codes))
     ranked = codes[order]
     last = np.append(ranked[1:] != ranked[:-1], True)
-    keep = np.zeros(n, dtype=bool)
-    keep[order[last]] = True
+    keep = np.ones(n, dtype=bool)
+    keep[repeated] = False
+    keep[repeated[order[last]]] = True
     return keep
 
 

@@ -2,7 +2,11 @@
 
 Why: an export repeats the same email, phone, city or ZIP many times, so each column is
 factorized, each distinct raw value normalized once and each distinct normalized value hashed
-once. The output columns are listed in ``docs/architecture.md`` ("Identifier columns").
+once. The extract's string columns are arrow arrays, so they are factorized with arrow's
+``dictionary_encode`` (no Python object per row), and the hottest normalizers (phones, emails)
+also have a bulk form that works on the arrow array of distinct values and gives, value for
+value, the answer of the scalar normalizer. The output columns are listed in
+``docs/architecture.md`` ("Identifier columns").
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# a bulk normalizer: the distinct texts of a column in, one answer per text out
+Bulk = Callable[[pa.Array], list[str | None]]
 
 
 class Coded(NamedTuple):
@@ -23,28 +32,77 @@ class Coded(NamedTuple):
     values: list[str | None]
 
 
-def _factorize(column: pd.Series) -> tuple[npt.NDArray[np.intp], list[object]]:
-    """Distinct values of ``column`` plus ``None`` last, and each row's position among them."""
+class _Distinct(NamedTuple):
+    """A factorized column: ``codes`` index the distinct values, then ``None`` (missing).
+
+    The distinct values are ``texts`` (an arrow string array) when they are all text, else
+    ``objects``; ``values`` lists them either way.
+    """
+
+    codes: npt.NDArray[np.intp]
+    texts: pa.Array | None
+    objects: list[object] | None = None
+
+    def values(self) -> list[object]:
+        listed = self.texts.to_pylist() if self.texts is not None else self.objects
+        return [*(listed or []), None]
+
+
+def _arrow_strings(column: pd.Series) -> pa.Array | None:
+    """The column as one arrow string array, if pandas already stores it that way."""
+    dtype = column.dtype
+    arrow_backed = (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow") or (
+        isinstance(dtype, pd.ArrowDtype)
+        and (pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype))
+    )
+    if not arrow_backed:
+        return None
+    array = pa.array(column.array)
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def _factorize(column: pd.Series) -> _Distinct:
+    """Distinct values of ``column`` (first appearance order) plus ``None`` last, and each row's
+    position among them; a missing cell points at the trailing ``None``."""
+    strings = _arrow_strings(column)
+    if strings is not None:
+        encoded = strings.dictionary_encode()
+        texts = encoded.dictionary
+        codes = pc.fill_null(encoded.indices, len(texts)).to_numpy(zero_copy_only=False)
+        return _Distinct(codes.astype(np.intp), texts)
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    # a missing cell (code -1) points at the trailing None
-    return np.where(codes < 0, len(uniques), codes).astype(np.intp), [*uniques, None]
+    codes = np.where(codes < 0, len(uniques), codes).astype(np.intp)
+    if all(isinstance(v, str) for v in uniques):
+        try:
+            return _Distinct(codes, pa.array(list(uniques), type=pa.large_string()))
+        except (pa.ArrowException, UnicodeError):  # a lone surrogate is no UTF-8
+            pass
+    return _Distinct(codes, None, list(uniques))
 
 
-def per_value(column: pd.Series, normalize: Callable[[object], str | None]) -> Coded:
-    """Normalize each distinct value of ``column`` once."""
-    codes, values = _factorize(column)
-    return _compact(Coded(codes, [normalize(v) for v in values]))
+def per_value(
+    column: pd.Series, normalize: Callable[[object], str | None], bulk: Bulk | None = None
+) -> Coded:
+    """Normalize each distinct value of ``column`` once.
+
+    ``bulk``, when given, must answer exactly as ``normalize`` does; it is used when every
+    distinct value is text (always so for the extract's columns).
+    """
+    distinct = _factorize(column)
+    if bulk is None or distinct.texts is None:
+        return _compact(Coded(distinct.codes, [normalize(v) for v in distinct.values()]))
+    return _compact(Coded(distinct.codes, [*bulk(distinct.texts), normalize(None)]))
 
 
 def value_country_pairs(
     column: pd.Series, country: Coded
 ) -> tuple[npt.NDArray[np.intp], list[tuple[object, str | None]]]:
     """Each row's position among the distinct (raw value, country) pairs, and those pairs."""
-    codes, values = _factorize(column)
+    distinct = _factorize(column)
+    codes, values = distinct.codes, distinct.values()
     width = len(country.values)
     pair_codes, pairs = pd.factorize(codes.astype(np.int64) * width + country.codes)
-    distinct = [(values[p // width], country.values[p % width]) for p in pairs]
-    return pair_codes.astype(np.intp), distinct
+    return pair_codes.astype(np.intp), [(values[p // width], country.values[p % width]) for p in pairs]
 
 
 def mapped_pairs(
@@ -66,16 +124,44 @@ def hashed(coded: Coded) -> Coded:
     return Coded(coded.codes, hashes)
 
 
+def hashed_mapped(coded: Coded, function: Callable[[str | None], str | None], hashes: Coded) -> Coded:
+    """``hashed(mapped(coded, function))``, given ``hashes = hashed(coded)``.
+
+    Where ``function`` returns its argument itself (a Google email that is no Gmail address is
+    its Meta form), the known hash is reused instead of hashing the same text again.
+    """
+    sha256 = hashlib.sha256
+    out: list[str | None] = []
+    for value, known in zip(coded.values, hashes.values, strict=True):
+        new = function(value)
+        if new is value:
+            out.append(known)
+        else:
+            out.append(None if new is None else sha256(new.encode("utf-8")).hexdigest())
+    return _compact(Coded(coded.codes, out))
+
+
 def _compact(coded: Coded) -> Coded:
-    """Merge equal values so that later per-value work runs once per distinct result."""
-    remap, distinct = _factorize(pd.Series(_object_array(coded.values), dtype=object))
-    return Coded(remap[coded.codes], [v if isinstance(v, str) else None for v in distinct])
+    """Merge equal values so that later per-value work runs once per distinct result.
+
+    The distinct results keep their first-appearance order (the order of the output
+    categories), then one ``None`` for every unusable value.
+    """
+    try:
+        encoded = pa.array(coded.values, type=pa.large_string()).dictionary_encode()
+    except (pa.ArrowException, UnicodeError):  # not all text: merge them the slow way
+        remap, distinct = _factorize_objects(coded.values)
+        return Coded(remap[coded.codes], [v if isinstance(v, str) else None for v in distinct])
+    dictionary = encoded.dictionary
+    remap = pc.fill_null(encoded.indices, len(dictionary)).to_numpy(zero_copy_only=False)
+    return Coded(remap.astype(np.intp)[coded.codes], [*dictionary.to_pylist(), None])
 
 
-def _object_array(values: list[str | None]) -> npt.NDArray[np.object_]:
+def _factorize_objects(values: list[str | None]) -> tuple[npt.NDArray[np.intp], list[object]]:
     array = np.empty(len(values), dtype=object)
     array[:] = values
-    return array
+    codes, uniques = pd.factorize(array, use_na_sentinel=True)
+    return np.where(codes < 0, len(uniques), codes).astype(np.intp), [*uniques, None]
 
 
 def to_strings(coded: Coded) -> pd.Categorical:
@@ -85,11 +171,10 @@ def to_strings(coded: Coded) -> pd.Categorical:
     as a categorical it costs 4 bytes a row plus each distinct string once, which is what keeps
     a million-row run under its memory target, and Parquet stores it dictionary-encoded.
     """
-    categories: list[str] = []
-    remap = np.full(len(coded.values), -1, dtype=np.int32)
-    for index, value in enumerate(coded.values):
-        if value is not None:
-            remap[index] = len(categories)
-            categories.append(value)
+    values = np.empty(len(coded.values), dtype=object)
+    values[:] = coded.values
+    present = pd.notna(values)
+    remap = np.where(present, np.cumsum(present, dtype=np.int32) - 1, -1).astype(np.int32)
     codes = remap[coded.codes] if len(coded.codes) else np.empty(0, dtype=np.int32)
-    return pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))  # type: ignore[arg-type]
+    categories = pd.Index(values[present], dtype=object)
+    return pd.Categorical.from_codes(codes, categories=categories)  # type: ignore[arg-type]

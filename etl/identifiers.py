@@ -41,10 +41,13 @@ from typing import Final
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from etl.identifier_columns import (
     Coded,
     hashed,
+    hashed_mapped,
     mapped,
     mapped_pairs,
     per_value,
@@ -53,7 +56,7 @@ from etl.identifier_columns import (
 )
 from etl.identifier_tables import US_STATE_CODES, US_STATES, US_ZIP_REGIONS, lookup_country
 from etl.identifier_text import as_text, has_letter, letters_only
-from etl.phones import to_e164
+from etl.phones import to_e164, to_e164_many
 
 RAW_COLUMNS: Final = (
     "email", "phone", "first_name", "last_name", "city", "state", "zip", "country",
@@ -66,6 +69,12 @@ CLEAR_COLUMNS: Final = ("postal_code", "country_code")
 
 _GMAIL_DOMAINS: Final = frozenset({"gmail.com", "googlemail.com"})
 _WHITESPACE = re.compile(r"\s")
+# in ASCII text, what str.strip() and re's \s take for whitespace (\x1c-\x1f included)
+_ASCII_SPACE: Final = " \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
+# normalize_email_meta's checks on trimmed, lowercased ASCII text as one RE2 pattern: a
+# character that is neither "@" nor whitespace, and one that is not a dot either
+_CHAR, _END = r"[^@\t\n\x0b\x0c\r\x1c-\x1f ]", r"[^@\t\n\x0b\x0c\r\x1c-\x1f .]"
+_ASCII_EMAIL: Final = rf"^{_CHAR}+@{_END}{_CHAR}*\.{_CHAR}*{_END}$"
 _US_ZIP = re.compile(r"([0-9]{5})(?:[ \-]?[0-9]{4})?")
 _POSTAL = re.compile(r"[a-z0-9]{2,10}")
 
@@ -275,7 +284,9 @@ def hash_identifiers(df: pd.DataFrame, default_region: str) -> pd.DataFrame:
     Work is per distinct value, not per row: each column is factorized, each distinct raw value
     normalized once and each distinct normalized value hashed once. A +1 number in a plain
     format (digits, spaces, ``( ) . -``, optional ``+``) is checked against ``phonenumbers``'
-    metadata without a parse; any other phone value is parsed once.
+    metadata without a parse; any other phone value is parsed once. Emails and phones (nearly
+    one distinct value per person) are normalized in bulk with arrow kernels, with the answers
+    of the scalar normalizers above.
 
     Args:
         df: rows with any subset of ``RAW_COLUMNS`` (leads have no city, state or country).
@@ -302,12 +313,16 @@ def hash_identifiers(df: pd.DataFrame, default_region: str) -> pd.DataFrame:
     out["country_m"] = hashed(mapped(country, _lower_or_none))
 
     if "email" in df.columns:
-        email_meta = per_value(df["email"], normalize_email_meta)
-        out["em_g"] = hashed(mapped(email_meta, _gmail_rule))
+        email_meta = per_value(df["email"], normalize_email_meta, _emails_meta)
         out["em_m"] = hashed(email_meta)
+        out["em_g"] = hashed_mapped(email_meta, _gmail_rule, out["em_m"])
     if "phone" in df.columns:
         cache: dict[str, str | None] = {}
-        e164 = per_value(df["phone"], lambda v: to_e164(v, default_country, cache))
+        e164 = per_value(
+            df["phone"],
+            lambda v: to_e164(v, default_country, cache),
+            lambda texts: to_e164_many(texts, default_country),
+        )
         out["ph_g"] = hashed(e164)
         out["ph_m"] = hashed(mapped(e164, _drop_plus))
     for column, suffix in (("first_name", "fn"), ("last_name", "ln")):
@@ -328,6 +343,17 @@ def hash_identifiers(df: pd.DataFrame, default_region: str) -> pd.DataFrame:
     missing = Coded(np.zeros(rows, dtype=np.intp), [None])
     added = {column: to_strings(out.get(column, missing)) for column in (*HASHED_COLUMNS, *CLEAR_COLUMNS)}
     return df.drop(columns=[c for c in RAW_COLUMNS if c in df.columns]).assign(**added)
+
+
+def _emails_meta(texts: pa.Array) -> list[str | None]:
+    """``normalize_email_meta`` of each text, in bulk for the ASCII ones (nearly all)."""
+    email = pc.ascii_lower(pc.utf8_trim(texts, characters=_ASCII_SPACE))
+    usable = pc.match_substring_regex(email, _ASCII_EMAIL)
+    out: list[str | None] = pc.if_else(usable, email, pa.scalar(None, email.type)).to_pylist()
+    not_ascii = np.flatnonzero(~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False))
+    for i in not_ascii.tolist():
+        out[i] = normalize_email_meta(texts[i].as_py())
+    return out
 
 
 def _gmail_rule(email: str | None) -> str | None:

@@ -6,6 +6,10 @@ hashing a large export. A +1 number made of digits, spaces, ``( ) . -`` and an o
 checked against ``phonenumbers``' own public metadata without a parse, with the answer the
 parser would give; any other value is parsed once. The contract of ``hash_identifiers`` is in
 ``docs/architecture.md`` ("Identifier columns").
+
+A large export holds close to one distinct phone text per row (each person types their number
+their own way), so ``to_e164_many`` finds the plain +1 texts of a whole column with arrow kernels
+and runs the metadata check once per distinct national number, not once per text.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
+import numpy as np
 import phonenumbers
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from etl.identifier_text import as_text
 
@@ -38,6 +45,49 @@ def to_e164(value: object, region: str | None, cache: dict[str, str | None]) -> 
     if national not in cache:
         cache[national] = _nanp_e164(national)
     return cache[national]
+
+
+def to_e164_many(texts: pa.Array, region: str | None) -> list[str | None]:
+    """``to_e164`` of each text of an arrow string array (no nulls), in order.
+
+    The texts that ``_phone_key`` and ``_nanp_national`` would send down the +1 shortcut (an
+    optional leading ``+`` then only digits and `` ().-``; 11 digits starting with 1, or 10
+    digits without ``+`` in a +1 region; an area code starting 2-9) are found in bulk, and
+    ``_nanp_e164`` answers once per distinct national number; ``to_e164`` itself answers the
+    rest, so every answer is the one ``to_e164`` gives.
+    """
+    digits = texts
+    for char in "+ ().-":
+        digits = pc.replace_substring(digits, char, "")
+    count = pc.utf8_length(digits).to_numpy(zero_copy_only=False)
+    plus = _flags(pc.starts_with(texts, "+"))
+    one = _flags(pc.starts_with(digits, "1"))
+    plain = _flags(pc.match_substring_regex(texts, r"^\+?[0-9 ().\-]*$"))
+    plain &= _flags(pc.less_equal(pc.utf8_length(texts), _PHONE_MAX_INPUT))
+    shortcut = plus & (count == 11) & one
+    if region in _NANP_REGIONS:
+        shortcut |= ~plus & (((count == 11) & one) | (count == 10))
+    national = pc.if_else(pa.array(count == 11), pc.utf8_slice_codeunits(digits, 1), digits)
+    area_ok = ~_flags(pc.or_(pc.starts_with(national, "0"), pc.starts_with(national, "1")))
+    is_fast = plain & shortcut & area_ok
+    encoded = national.filter(pa.array(is_fast)).dictionary_encode()
+    per_national = _objects([_nanp_e164(n) for n in encoded.dictionary.to_pylist()])
+    answers = np.empty(len(texts), dtype=object)
+    answers[is_fast] = per_national[encoded.indices.to_numpy(zero_copy_only=False)]
+    cache: dict[str, str | None] = {}
+    others = texts.filter(pa.array(~is_fast)).to_pylist()
+    answers[~is_fast] = _objects([to_e164(text, region, cache) for text in others])
+    return answers.tolist()
+
+
+def _objects(values: list[str | None]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def _flags(mask: pa.Array) -> np.ndarray:
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _phone_key(text: str) -> str | None:

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from etl import cells, extract
+from etl import cells, csvread, extract
 from etl.config import ClinicConfig
 from etl.csvread import CsvExport
 from etl.errors import ConfigError, InputError
@@ -551,3 +551,68 @@ def test_neither_utf8_nor_cp1252_names_file_and_line():
     assert [(p.file, p.line, p.reason) for p in error.problems] == [
         ("undecodable.csv", 3, "neither UTF-8 nor cp1252 text")
     ]
+
+
+@pytest.mark.parametrize("name", ["quoted_newline.csv", "blank_lines.csv", "crlf.csv", "bom.csv"])
+def test_record_scan_is_the_same_in_tiny_chunks(name, monkeypatch):
+    whole = csvread._scan_records(csvread._decode((DATA / name).read_bytes(), name, None))
+    monkeypatch.setattr(csvread, "_SCAN_CHUNK", 3)  # every chunk boundary splits something
+    chunked = csvread._scan_records(csvread._decode((DATA / name).read_bytes(), name, None))
+    for got, expected in zip(chunked, whole, strict=True):
+        assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"", b"plain", "José €".encode(), "😀".encode(), b"\xc3", b"\xc0\x80", b"\xe0\x80\x80",
+        b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80",
+        b"a\xffb", b"\x80", b"ok\xe2\x82",
+    ],
+)  # fmt: skip
+def test_utf8_check_agrees_with_python(raw):
+    try:
+        raw.decode("utf-8")
+        python_accepts = True
+    except UnicodeDecodeError:
+        python_accepts = False
+    assert csvread._is_utf8(raw) == python_accepts
+
+
+def _repeated(cells_: list[str], times: int = 50) -> pa.Array:
+    return pa.array(cells_ * times, type=pa.string())
+
+
+def test_timestamps_parsed_per_distinct_cell_match_cell_by_cell():
+    distinct = [
+        "2026-03-08 02:30", "2026-11-01 01:30:00", "2026-11-01T01:30:00-08:00", "2026-03-08T10:30Z",
+        "2026-03-08", "", "2026-02-29", "yesterday", "2026-05-01 09:15:30.5",
+    ]  # fmt: skip
+    for tz in (ZoneInfo(LA), None):
+        parsed, bad = cells.timestamps(_repeated(distinct), tz)
+        one_by_one = [cells.timestamps(pa.array([cell]), tz) for cell in distinct]
+        assert parsed.tolist() == [p.iloc[0] for p, _ in one_by_one] * 50
+        assert bad.tolist() == [b[0] for _, b in one_by_one] * 50
+
+
+def test_amounts_parsed_per_distinct_cell_match_cell_by_cell():
+    distinct = ["$1,200.00", "(45.50)", "-$45", "", ".5", "1,20", "nan", "450"]
+    amounts, bad = cells.money(_repeated(distinct))
+    one_by_one = [cells.money(pa.array([cell])) for cell in distinct]
+    assert np.array_equal(amounts, np.array([a[0] for a, _ in one_by_one] * 50), equal_nan=True)
+    assert bad.tolist() == [b[0] for _, b in one_by_one] * 50
+
+
+def test_latest_rows_match_a_row_by_row_reference():
+    rng = np.random.default_rng(7)
+    keys = [f"A{k}" for k in rng.integers(0, 300, 1000)]
+    recency = rng.integers(0, 5, 1000).astype(np.int64)
+    for rec in (recency, None):
+        best: dict[str, tuple[int, int]] = {}
+        for row, key in enumerate(keys):
+            rank = (0 if rec is None else int(rec[row]), row)
+            best[key] = max(best.get(key, rank), rank)
+        keep = extract._latest_rows(pa.array(keys), rec)
+        assert keep is not None
+        assert np.flatnonzero(keep).tolist() == sorted(row for _, row in best.values())
+    assert extract._latest_rows(pa.array(["A1", "A2"]), None) is None

@@ -688,3 +688,70 @@ def test_hash_identifiers_parses_each_distinct_phone_once(monkeypatch: pytest.Mo
     assert out["ph_g"].notna().all()
     # the two plain US numbers need no parser at all; the other two are parsed once each
     assert len(calls) == 2
+
+
+# pieces for texts that probe the bulk email and phone paths: whitespace that str.strip() and
+# re's \s take (\x0b, \x1c), whitespace they take only outside ASCII (\xa0, \u2003), a dotted
+# capital I whose lowercase grows, a non-ASCII digit, Gmail domains and NANP-shaped digit runs
+_EMAIL_PIECES = [
+    "a", "B", "Jo.e", "+tag", "@", ".", " ", "\t", "\x0b", "\x1c", "\xa0", "\u2003", "é", "İ",
+    "gmail.com", "GoogleMail.com", "example.org", "x.", "-",
+]  # fmt: skip
+_PHONE_PIECES = [
+    "+", "+1", "1", "0", "415", "555", "0123", "268", "876", "(", ")", " ", ".", "-", "x", "\xa0",
+    "\u0663", "+44 20 7946 0018", "tel:", "2", "3",
+]  # fmt: skip
+
+
+def _texts(pieces: list[str]) -> st.SearchStrategy[list[str | None]]:
+    text = st.lists(st.sampled_from(pieces), max_size=8).map("".join)
+    return st.lists(st.one_of(st.none(), text), min_size=1, max_size=10)
+
+
+def _hash_or_none(text: str | None) -> str | None:
+    return None if text is None else sha256_hex(text)
+
+
+def _cells(column: pd.Series) -> list[str | None]:
+    return [None if pd.isna(v) else v for v in column]
+
+
+@pytest.mark.parametrize("dtype", ["string[pyarrow]", object])
+@settings(max_examples=200, deadline=None)
+@given(_texts(_EMAIL_PIECES))
+@example(
+    [" Jane.Doe+Promo@GMail.com\x1c", "a@b.c", "a@.b", "a@b.", "İ@gmail.com", "x\xa0@y.z", "+@gmail.com"]
+)
+def test_bulk_emails_match_the_scalar_normalizers(dtype: object, texts: list[str | None]) -> None:
+    out = hash_identifiers(pd.DataFrame({"email": pd.array(texts * 2, dtype=dtype)}), "US")
+    assert _cells(out["em_m"]) == [_hash_or_none(normalize_email_meta(t)) for t in texts * 2]
+    assert _cells(out["em_g"]) == [_hash_or_none(normalize_email_google(t)) for t in texts * 2]
+
+
+@pytest.mark.parametrize("dtype", ["string[pyarrow]", object])
+@settings(max_examples=200, deadline=None)
+@given(_texts(_PHONE_PIECES), st.sampled_from(["US", "CA", "JM", "GB", "DE"]))
+@example(
+    ["(415) 555-0123", "+1 415 555 0123", "14155550123", "0155550123", " +14155550123", "+4155550123"], "US"
+)
+@example(["+1 (268) 464-1234", "268 464 1234", "+123456789", "1 415 555 0123", "+44 20 7946 0018"], "GB")
+def test_bulk_phones_match_the_scalar_normalizers(
+    dtype: object, texts: list[str | None], region: str
+) -> None:
+    out = hash_identifiers(pd.DataFrame({"phone": pd.array(texts * 2, dtype=dtype)}), region)
+    assert _cells(out["ph_g"]) == [_hash_or_none(normalize_phone_e164(t, region)) for t in texts * 2]
+    assert _cells(out["ph_m"]) == [_hash_or_none(normalize_phone_meta(t, region)) for t in texts * 2]
+
+
+def test_arrow_and_object_columns_hash_alike() -> None:
+    people = (
+        _people()
+        .drop(columns=["phone"])
+        .assign(phone=["(415) 555-0123", "+1 415 555 0123", "555-0100", None])
+    )
+    typed = people.astype({c: "string[pyarrow]" for c in RAW_COLUMNS})
+    expected = hash_identifiers(people, "US")
+    actual = hash_identifiers(typed, "US")
+    pd.testing.assert_frame_equal(actual, expected)
+    for column in (*HASHED_COLUMNS, *CLEAR_COLUMNS):  # the same categories, in the same order
+        assert actual[column].cat.categories.tolist() == expected[column].cat.categories.tolist()
