@@ -247,11 +247,15 @@ def load_staged(
     before_us = int(before.timestamp() * 1_000_000)
     if _extract_is_staging(engine, kind, clinic_id, extracts):
         assert extracts is not None
-        table = _staged_columns(pq.read_table(extracts / f"{kind}.parquet"), kind, clinic_id, 0, decode=False)
+        path = extracts / f"{kind}.parquet"
+        wanted = [c.name for c in TABLES[kind].columns if c.name in pq.ParquetFile(path).schema_arrow.names]
+        table = _staged_columns(pq.read_table(path, columns=wanted), kind, clinic_id, 0, decode=False)
     else:
         table = _read_chunked(engine, kind, clinic_id, before_us)
-    table = table.filter(pc.less(table.column(TIME_COLUMN[kind]), before_us))
-    table = table.take(pc.sort_indices(table, sort_keys=[(KEYS[kind], "ascending")]))
+    # one take for both the time filter and the key order: one copy of the table, not two
+    order = pc.sort_indices(table, sort_keys=[(KEYS[kind], "ascending")])
+    visible = pc.less(table.column(TIME_COLUMN[kind]), before_us)
+    table = table.take(order.filter(visible.take(order).combine_chunks()))
     return _to_frame(table.drop_columns(["clinic_id", "load_seq"]), kind)
 
 
