@@ -59,19 +59,31 @@ def suppression_members(
     member = np.zeros(int(max(appt_person.max(initial=-1), lead_person.max(initial=-1))) + 2, dtype=bool)
     member[people] = True
     cols = ["em_g", "ph_g", *_FIRSTS]
-    parts = []
-    for frame, person, times, usable in (
+    # members' rows from both frames, most recent first per person (ties: appointments, then
+    # leads, each in frame order), built from numpy columns rather than frame slices
+    picks, persons, times, sources = [], [], [], []
+    for frame, person, when, usable in (
         (appts, appt_person, start_at, ~appts["is_test"].to_numpy(dtype=bool)),
         (leads, lead_person, pd.to_datetime(leads["created_at"], utc=True), lead_usable),
     ):
-        keep = usable & member[person]  # person -1 (test rows) maps to the last, unset slot
-        part = frame.loc[keep].reindex(columns=cols)
-        part.insert(0, "_t", times[keep].to_numpy())
-        part.insert(0, "person", person[keep])
-        parts.append(part.astype({c: object for c in cols}))
-    rows = pd.concat(parts, ignore_index=True).sort_values(
-        ["person", "_t"], ascending=[True, False], kind="stable"
-    )
+        # person -1 (test rows) maps to the last, unset slot
+        rows_of = np.flatnonzero(usable & member[person])
+        picks.append(rows_of)
+        persons.append(person[rows_of])
+        times.append(when.to_numpy(dtype="datetime64[ns]").astype(np.int64)[rows_of])
+        sources.append(frame)
+    person_all, time_all = np.concatenate(persons), np.concatenate(times)
+    order = np.lexsort((np.arange(len(person_all)), -time_all, person_all))
+    data: dict[str, np.ndarray] = {"person": person_all[order]}
+    for col in cols:
+        values = [
+            np.asarray(frame[col].to_numpy(), dtype=object)[rows_of]
+            if col in frame
+            else np.full(len(rows_of), None, dtype=object)
+            for frame, rows_of in zip(sources, picks, strict=True)
+        ]
+        data[col] = np.concatenate(values)[order]
+    rows = pd.DataFrame(data)
     out = pd.DataFrame({"person": people}).set_index("person")
     for col in ("em_g", "ph_g"):
         out[col] = ordered_lists(rows, "person", col, _LIST_CAP, out.index)
