@@ -9,7 +9,6 @@ generic name: raw identifiers never reach this module.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from etl.config import ClinicConfig
+from etl.outbox import collector_paused, encode_canonical, encode_canonical_all
 
 META_AUDIENCE_SCHEMA = ["EMAIL", "PHONE", "FN", "LN", "ZIP", "CT", "ST", "COUNTRY"]
 META_AUDIENCE_BATCH = 10_000
@@ -24,16 +24,22 @@ Row = dict[str, Any]
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces, UTF-8 kept: the form audience state is stored and keyed in."""
+    return encode_canonical(value).decode("utf-8")
 
 
 def google_member_key(row: Row) -> str:
     """Stable key of one Customer Match member: the hash of its identifier set."""
-    return hashlib.sha256(canonical_json(row["user_identifiers"]).encode()).hexdigest()
+    return hashlib.sha256(encode_canonical(row["user_identifiers"])).hexdigest()
 
 
 def meta_member_key(data_row: list[str]) -> str:
-    return hashlib.sha256(canonical_json(data_row).encode()).hexdigest()
+    return hashlib.sha256(encode_canonical(data_row)).hexdigest()
+
+
+def _member_keys(values: list[Any]) -> list[str]:
+    """``google_member_key`` / ``meta_member_key`` of many members: one type check for all."""
+    return [hashlib.sha256(text).hexdigest() for text in encode_canonical_all(values)]
 
 
 def google_date_time(ts: pd.Timestamp, tz: Any) -> str:
@@ -136,36 +142,32 @@ def meta_event_rows(conv: pd.DataFrame, config: ClinicConfig) -> list[Row]:
 
 def google_member_rows(members: pd.DataFrame) -> dict[str, Row]:
     """member_key -> ``{"operation": "create", "user_identifiers": [...]}`` for each usable member."""
-    out: dict[str, Row] = {}
-    for rec in _records(members):
-        identifiers: list[Row] = [{"hashed_email": e} for e in rec.em_g]
-        identifiers += [{"hashed_phone_number": p} for p in rec.ph_g]
-        address = {
-            "hashed_first_name": rec.fn_g,
-            "hashed_last_name": rec.ln_g,
-            "country_code": rec.country_code,
-            "postal_code": rec.postal_code,
-        }
-        if all(isinstance(v, str) and v for v in address.values()):
-            identifiers.append({"address_info": address})
-        if not identifiers:
-            continue
-        row = {"operation": "create", "user_identifiers": identifiers}
-        out[google_member_key(row)] = row
-    return out
+    rows: list[Row] = []
+    with collector_paused():  # a few hundred thousand small dicts (etl.outbox.collector_paused)
+        for rec in _records(members):
+            identifiers: list[Row] = [{"hashed_email": e} for e in rec.em_g]
+            identifiers += [{"hashed_phone_number": p} for p in rec.ph_g]
+            address = {
+                "hashed_first_name": rec.fn_g,
+                "hashed_last_name": rec.ln_g,
+                "country_code": rec.country_code,
+                "postal_code": rec.postal_code,
+            }
+            if all(isinstance(v, str) and v for v in address.values()):
+                identifiers.append({"address_info": address})
+            if identifiers:
+                rows.append({"operation": "create", "user_identifiers": identifiers})
+        keys = _member_keys([row["user_identifiers"] for row in rows])
+        return dict(zip(keys, rows, strict=True))
 
 
 def meta_member_rows(members: pd.DataFrame) -> dict[str, list[str]]:
     """member_key -> one multi-key data row (``""`` where a key is unknown); needs email or phone."""
-    out: dict[str, list[str]] = {}
     cols = ("em_m", "ph_m", "fn_m", "ln_m", "zp_m", "ct_m", "st_m", "country_m")
-    for rec in _records(members):
-        values = [getattr(rec, c) for c in cols]
-        data = [v if isinstance(v, str) else "" for v in values]
-        if not (data[0] or data[1]):
-            continue
-        out[meta_member_key(data)] = data
-    return out
+    with collector_paused():  # a few hundred thousand small lists (etl.outbox.collector_paused)
+        cells = [[v if isinstance(v, str) else "" for v in members[c].tolist()] for c in cols]
+        rows = [list(data) for data in zip(*cells, strict=True) if data[0] or data[1]]
+        return dict(zip(_member_keys(rows), rows, strict=True))
 
 
 def google_audience_lines(adds: Iterable[Row], removes: Iterable[Row]) -> list[Row]:

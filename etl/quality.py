@@ -16,14 +16,15 @@ import costs seconds and must not be paid by ``import etl.*`` or a DAG parse.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -31,153 +32,21 @@ from sqlalchemy.engine import Engine
 from etl import quality_frames as frames
 from etl import store
 from etl.errors import QualityGateFailed
+from etl.quality_gx import CheckResult, ResultHook, run_suites
 from etl.quality_suites import (
     CRITICAL,
     DEFAULT_THRESHOLDS,
     INPUT_SUITES,
     OUTBOUND_SUITES,
-    ROW_KEY,
     WARNING,
-    Suite,
     Thresholds,
-    build_suites,
 )
 
 if TYPE_CHECKING:
     from etl.tasks import RunSpec
 
 log = logging.getLogger(__name__)
-ResultHook = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One expectation's outcome for one run: names and counts, never a value."""
-
-    suite: str
-    check: str
-    severity: str
-    success: bool
-    unexpected_count: int | None
-    element_count: int | None
-    error: bool = False  # GX could not evaluate it (a missing column): counted as a failure
-
-    @property
-    def label(self) -> str:
-        return f"{self.suite}.{self.check}"
-
-    def describe(self) -> str:
-        if self.error:
-            return f"{self.label}: could not be evaluated (column missing or of the wrong type)"
-        if self.unexpected_count is None:
-            return f"{self.label}: failed (table-level check)"
-        return f"{self.label}: {self.unexpected_count:,} of {self.element_count or 0:,} rows"
-
-
-# counts plus an opaque row key, never values (STYLE item 22)
-RESULT_FORMAT = {
-    "result_format": "SUMMARY",
-    "partial_unexpected_count": 0,
-    "exclude_unexpected_values": True,
-    "unexpected_index_column_names": [ROW_KEY],
-    "return_unexpected_index_query": False,
-}
-
-
-def _keyed(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    """The frame indexed by its opaque key, named ``ROW_KEY``.
-
-    A named index is GX's fast path for ``unexpected_index_column_names`` (a plain list of keys;
-    key columns are read row by row), and it cannot carry a value: only the key is in it.
-    """
-    values = frame[key].to_numpy() if key in frame.columns else np.arange(len(frame))
-    keyed = frame.copy(deep=False)
-    keyed.index = pd.Index(values, name=ROW_KEY)
-    return keyed
-
-
-def _context() -> Any:
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    # some GX modules pin their own logger to INFO; none of ours needs more than warnings
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    return context
-
-
-def _raised(info: Any) -> bool:
-    if not isinstance(info, dict):
-        return False
-    if "raised_exception" in info:
-        return bool(info["raised_exception"])
-    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
-
-
-def _collect(suite: Suite, result: Any) -> list[CheckResult]:
-    order = {e.meta["check"]: i for i, e in enumerate(suite.expectations)}
-    out = []
-    for item in result.results:
-        config = item.expectation_config
-        counts = item.result or {}
-        severity = getattr(config.severity, "value", config.severity)
-        unexpected = counts.get("unexpected_count")
-        elements = counts.get("element_count")
-        out.append(
-            CheckResult(
-                suite=suite.name,
-                check=config.meta["check"],
-                severity=str(severity),
-                success=bool(item.success),
-                unexpected_count=None if unexpected is None else int(unexpected),
-                element_count=None if elements is None else int(elements),
-                error=_raised(item.exception_info),
-            )
-        )
-    return sorted(out, key=lambda r: order[r.check])
-
-
-def run_suites(
-    data: Mapping[str, pd.DataFrame],
-    names: Iterable[str],
-    parameters: Mapping[str, Any],
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-    on_result: ResultHook | None = None,
-) -> list[CheckResult]:
-    """Validate each named suite on its frame (``data[suite.frame]``) in one ephemeral GX context.
-
-    Args:
-        data: frames by name (``etl.quality_frames``); they must hold no raw identifier.
-        parameters: values for the suites' ``$PARAMETER`` placeholders.
-        on_result: called with (suite, GX result as a JSON dict) for inspection in tests; the
-            dict is counts and configuration only, given the result format used here.
-    """
-    import great_expectations as gx
-
-    suites = build_suites(thresholds)
-    context = _context()
-    source = context.data_sources.add_pandas("medspa")
-    out: list[CheckResult] = []
-    for name in names:
-        suite = suites[name]
-        frame = data[suite.frame]
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
-        gx_suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=suite.expectations))
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=gx_suite)
-        )
-        result = definition.run(
-            batch_parameters={"dataframe": _keyed(frame, suite.key)},
-            result_format=RESULT_FORMAT,
-            expectation_parameters=dict(parameters),
-        )
-        if on_result is not None:
-            on_result(name, result.to_json_dict())
-        out.extend(_collect(suite, result))
-    return out
+__all__ = ["CheckResult", "ResultHook", "run_suites"]  # re-exported: callers know them from here
 
 
 def store_results(engine: Engine, clinic_id: str, run_id: str, results: Sequence[CheckResult],
@@ -272,14 +141,93 @@ def gate_extracts(
     """The extract and schema suites, run by ``stage`` before anything is upserted.
 
     A broken export (a shifted column, a changed status vocabulary) must not reach staging:
-    staging is latest-wins across exports, so its rows would outlive the failed run.
+    staging is latest-wins across exports, so its rows would outlive the failed run. When every
+    critical check passed, the files' fingerprints and the results are recorded beside the
+    extracts (``CHECKED_FILE``) for ``validate_inputs``.
 
     Raises:
         QualityGateFailed: a critical extract check failed; nothing was staged.
     """
+    record = spec.paths.extracts / CHECKED_FILE
+    record.unlink(missing_ok=True)
+    before = _fingerprints(spec.paths.extracts)
     results = check_inputs(spec, at=at, thresholds=thresholds, suites=EXTRACT_SUITES)
     if has_critical(results):
         raise_on_critical(results, "stage", _report_stopped(spec, "stage", None))
+    if before is not None and _unchanged_since(spec.paths.extracts, before):
+        checked = {"key": _record_key(spec, thresholds, before), "results": [asdict(r) for r in results]}
+        record.write_text(json.dumps(checked, sort_keys=True) + "\n", encoding="utf-8")
+    return results
+
+
+CHECKED_FILE = "checked.json"  # in the extract folder: what gate_extracts found, and for which bytes
+_EXTRACT_KINDS = ("appointments", "leads")
+
+
+def _fingerprints(extracts: Path) -> dict[str, list[Any]] | None:
+    """Size, mtime_ns and SHA-256 of each hashed extract (``None`` if one is missing or changing).
+
+    Equal fingerprints mean the same bytes: the digest covers every byte (about 0.3 s for both
+    files at a million appointments, against about 6 s for the suites it lets ``validate_inputs``
+    skip); size and mtime make a rewrite visible without reading.
+    """
+    out: dict[str, list[Any]] = {}
+    for kind in _EXTRACT_KINDS:
+        path = extracts / f"{kind}.parquet"
+        try:
+            stat = path.stat()
+            with path.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if path.stat().st_mtime_ns != stat.st_mtime_ns:
+                return None
+        except OSError:
+            return None
+        out[kind] = [stat.st_size, stat.st_mtime_ns, digest]
+    return out
+
+
+def _unchanged_since(extracts: Path, fingerprints: dict[str, list[Any]]) -> bool:
+    """Neither file was rewritten since ``fingerprints`` were taken (size and mtime, no re-read)."""
+    try:
+        stats = {kind: (extracts / f"{kind}.parquet").stat() for kind in _EXTRACT_KINDS}
+    except OSError:
+        return False
+    return all([s.st_size, s.st_mtime_ns] == fingerprints[k][:2] for k, s in stats.items())
+
+
+def _record_key(spec: RunSpec, thresholds: Thresholds, fingerprints: dict[str, list[Any]]) -> dict[str, Any]:
+    """Everything the extract suites' results depend on: the run, the suites as built, the files."""
+    import great_expectations as gx
+
+    from etl.quality_suites import build_suites, render_suite
+
+    suites = build_suites(thresholds)
+    rendered = "".join(render_suite(suites[name]) for name in EXTRACT_SUITES)
+    return {"run_id": spec.run_id, "great_expectations": gx.__version__, "files": fingerprints,
+            "suites": hashlib.sha256(rendered.encode("utf-8")).hexdigest()}  # fmt: skip
+
+
+def _checked_extract_results(spec: RunSpec, thresholds: Thresholds) -> list[CheckResult] | None:
+    """The stage gate's extract-suite results, if the extracts are provably the files it checked.
+
+    ``None`` (run the suites again) when there is no record, or the run, the suites, the GX
+    version or any file's size, mtime or content differ from what the record holds.
+    """
+    record = spec.paths.extracts / CHECKED_FILE
+    try:
+        checked = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    now = _fingerprints(spec.paths.extracts)
+    if (
+        now is None
+        or not isinstance(checked, dict)
+        or checked.get("key") != _record_key(spec, thresholds, now)
+    ):
+        return None
+    results = [CheckResult(**r) for r in checked.get("results", [])]
+    if sorted({r.suite for r in results}) != sorted(EXTRACT_SUITES):
+        return None
     return results
 
 
@@ -315,14 +263,24 @@ def validate_inputs(
     """The ``validate_inputs`` step: input suites as a gate.
 
     ``stage`` already refused extracts failing a critical check before upserting them; this
-    step runs every input suite again on what is on disk now (so a step run on its own, or an
-    extract changed after staging, is still checked) plus the volume suite, which needs the
-    staged history.
+    step checks what is on disk now (so a step run on its own, or an extract changed after
+    staging, is still checked) plus the volume suite, which needs the staged history. When the
+    extracts are provably the files the stage gate checked in this run (same size, mtime and
+    SHA-256, same suites), its stored results are reused instead of running the extract suites
+    a second time; they are stored and logged again exactly as a second run would.
 
     Raises:
         QualityGateFailed: a critical input check failed (results are stored first).
     """
-    results = check_inputs(spec, at=at, thresholds=thresholds)
+    reused = _checked_extract_results(spec, thresholds)
+    if reused is None:
+        results = check_inputs(spec, at=at, thresholds=thresholds)
+    else:
+        log.info("extract suites: the extracts are the files the stage gate checked; its results are reused")
+        with spec.engine() as engine:
+            store_results(engine, spec.config.clinic_id, spec.run_id, reused, at)
+        _log_warnings(reused)
+        results = reused + check_inputs(spec, at=at, thresholds=thresholds, suites=["appointment_volume"])
     if has_critical(results):
         raise_on_critical(results, "validate_inputs", _report_stopped(spec, "validate_inputs", None))
     return {"run_id": spec.run_id, **summarize(results)}
@@ -344,8 +302,6 @@ def outbound_checks(spec: RunSpec, *, at: datetime,
 
 def _report_stopped(spec: RunSpec, step: str, pending: Path | None) -> str:
     """Render the report of a stopped run (the refused plan's counts, if any); never masks the gate."""
-    import json
-
     from etl.outbox import SUMMARY_FILE
     from etl.report import render_run_report
 

@@ -5,16 +5,14 @@ seconds or microseconds), amounts and codes, plus an opaque row key (the export'
 the outbox line, the opaque ID, the day). Raw identifiers never reach a frame: the extracts are
 the hashed Parquet files of ``etl.pipeline.extract_sources``, staged rows are read from the
 staging database, and outbound frames are flattened from the pending outbox JSONL, which the PHI
-gate has already passed.
+gate has already passed (``etl.quality_outbound``, re-exported here).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,21 +22,16 @@ from sqlalchemy.engine import Engine
 
 from etl import store
 from etl.config import ClinicConfig
-from etl.outbox import OUTBOX_FILES, SUMMARY_FILE, read_rows
-from etl.payloads import google_member_key
+from etl.outbox import SUMMARY_FILE
+from etl.quality_outbound import conversion_frames, outbound_frames
 from etl.quality_suites import EXTRACT_CHECKED, Thresholds
 from etl.rules.stages import RunWindow
+
+__all__ = ["conversion_frames", "outbound_frames"]  # flattened in etl.quality_outbound; known from here
 
 _DAY_US = 86_400 * 1_000_000
 _QUARTER_US = 900 * 1_000_000
 GOOGLE_CONVERSION_AGE_DAYS = 90  # SPEC rule 10: a conversion at most 90 days old at the run's end
-_GOOGLE_COLUMNS = ("line", "order_id", "conversion_action", "conversion_date_time", "conversion_epoch",
-                   "conversion_value", "currency_code", "click_id", "click_id_count", "identifier_count",
-                   "has_email", "has_phone", "match_keys")  # fmt: skip
-_META_COLUMNS = ("line", "event_id", "event_name", "event_time", "value", "currency", "fbc", "fbp",
-                 "has_email", "has_phone", "has_external_id", "match_keys")  # fmt: skip
-_MEMBER_COLUMNS = ("line", "operation", "identifier_count", "member_key", "country_code", "postal_code")
-_AUDIENCE_COLUMNS = ("line", "operation", "batch_rows", "min_width", "max_width")
 
 
 def _epoch_us(moment: datetime) -> int:
@@ -138,127 +131,6 @@ def volume_frame(
     )
 
 
-def _frame(rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(rows, columns=list(columns))
-    return frame.astype({c: object for c in columns if frame[c].dtype == np.dtype("O")})
-
-
-class _Hashes:
-    """Every hashed value of the outbox, long: destination, line, field, value; keyed by ``ref``."""
-
-    def __init__(self) -> None:
-        self.destination: list[str] = []
-        self.line: list[int] = []
-        self.field: list[str] = []
-        self.value: list[str] = []
-
-    def add(self, destination: str, line: int, field: str, values: Any) -> None:
-        items = values if isinstance(values, list) else [values]
-        # a non-text value keeps only its type's name: the regex fails it, nothing of it is kept
-        kept = [v if isinstance(v, str) else repr(type(v)) for v in items if v is not None and v != ""]
-        if kept:
-            n = len(kept)
-            self.value.extend(kept)
-            self.line.extend([line] * n)
-            self.field.extend([field] * n)
-            self.destination.extend([destination] * n)
-
-    def frame(self) -> pd.DataFrame:
-        """``ref`` = destination number x 10^9 + outbox line: opaque, unique per row of a file."""
-        destination = pd.Categorical(self.destination, categories=list(OUTBOX_FILES))
-        ref = destination.codes.astype(np.int64) * 1_000_000_000 + np.asarray(self.line, dtype=np.int64)
-        return pd.DataFrame({"ref": ref, "destination": destination, "field": pd.Categorical(self.field),
-                             "value": pd.Series(self.value, dtype=object)})  # fmt: skip
-
-
-def _google_rows(rows: Iterable[dict[str, Any]], hashes: _Hashes) -> pd.DataFrame:
-    out = []
-    for line, row in enumerate(rows, start=1):
-        identifiers = row.get("user_identifiers") or []
-        kinds = [k for item in identifiers if isinstance(item, dict) for k in item]
-        clicks = [row[k] for k in ("gclid", "gbraid", "wbraid") if row.get(k)]
-        for item in identifiers:
-            for field, value in item.items() if isinstance(item, dict) else []:
-                hashes.add("google_conversions", line, field, value)
-        out.append((line, row.get("order_id"), row.get("conversion_action"), row.get("conversion_date_time"),
-                    None, row.get("conversion_value"), row.get("currency_code"),
-                    clicks[0] if clicks else None, len(clicks), len(identifiers),
-                    "hashed_email" in kinds, "hashed_phone_number" in kinds, len(identifiers) + len(clicks)))  # fmt: skip
-    frame = _frame(out, _GOOGLE_COLUMNS)
-    times = pd.to_datetime(
-        frame["conversion_date_time"], format="%Y-%m-%d %H:%M:%S%z", utc=True, errors="coerce"
-    )
-    epoch = (times.astype("int64") // 10**9).where(times.notna())
-    frame["conversion_epoch"] = epoch.astype("Int64") if len(frame) else epoch.astype("float64")
-    frame["conversion_value"] = pd.to_numeric(frame["conversion_value"], errors="coerce").astype("float64")
-    return frame
-
-
-def _meta_rows(rows: Iterable[dict[str, Any]], hashes: _Hashes) -> pd.DataFrame:
-    out = []
-    for line, row in enumerate(rows, start=1):
-        user = row.get("user_data") or {}
-        custom = row.get("custom_data") or {}
-        for field, value in user.items():
-            if field not in ("fbc", "fbp"):
-                hashes.add("meta_events", line, field, value)
-        keys = sum(bool(user.get(k)) for k in ("em", "ph", "fbc", "fbp", "external_id"))
-        out.append((line, row.get("event_id"), row.get("event_name"), row.get("event_time"), custom.get("value"),
-                    custom.get("currency"), user.get("fbc"), user.get("fbp"), bool(user.get("em")),
-                    bool(user.get("ph")), bool(user.get("external_id")), keys))  # fmt: skip
-    frame = _frame(out, _META_COLUMNS)
-    frame["event_time"] = pd.to_numeric(frame["event_time"], errors="coerce").astype("float64")
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
-    return frame
-
-
-def _member_rows(rows: Iterable[dict[str, Any]], hashes: _Hashes) -> pd.DataFrame:
-    out = []
-    for line, row in enumerate(rows, start=1):
-        identifiers = row.get("user_identifiers") or []
-        address: dict[str, Any] = {}
-        for item in identifiers:
-            for field, value in item.items() if isinstance(item, dict) else []:
-                if field == "address_info" and isinstance(value, dict):
-                    address = value
-                    for sub in ("hashed_first_name", "hashed_last_name"):
-                        hashes.add("google_customer_match", line, sub, value.get(sub))
-                else:
-                    hashes.add("google_customer_match", line, field, value)
-        key = google_member_key(row) if isinstance(identifiers, list) else None
-        out.append((line, row.get("operation"), len(identifiers), key, address.get("country_code"),
-                    address.get("postal_code")))  # fmt: skip
-    return _frame(out, _MEMBER_COLUMNS)
-
-
-def _audience_rows(rows: Iterable[dict[str, Any]], hashes: _Hashes) -> pd.DataFrame:
-    out = []
-    for line, row in enumerate(rows, start=1):
-        data = row.get("data") or []
-        widths = [len(r) if isinstance(r, list) else 0 for r in data]
-        hashes.add(
-            "meta_audience",
-            line,
-            "data",
-            [cell for cells in data if isinstance(cells, list) for cell in cells],
-        )
-        out.append((line, row.get("operation"), len(data), min(widths, default=0), max(widths, default=0)))
-    return _frame(out, _AUDIENCE_COLUMNS)
-
-
-def outbound_frames(pending: Path) -> dict[str, pd.DataFrame]:
-    """The pending outbox flattened: one frame per destination plus every hashed value, long."""
-    hashes = _Hashes()
-    frames = {
-        "google_conversions": _google_rows(read_rows(pending, "google_conversions"), hashes),
-        "meta_events": _meta_rows(read_rows(pending, "meta_events"), hashes),
-        "google_customer_match": _member_rows(read_rows(pending, "google_customer_match"), hashes),
-        "meta_audience": _audience_rows(read_rows(pending, "meta_audience"), hashes),
-    }
-    frames["hashes"] = hashes.frame()
-    return frames
-
-
 def conversions_frame(engine: Engine, config: ClinicConfig, run_id: str,
                       outbound: dict[str, pd.DataFrame]) -> pd.DataFrame:  # fmt: skip
     """This run's conversion candidates as the rules staged them (``conversions`` table).
@@ -304,12 +176,3 @@ def metrics_frame(engine: Engine, config: ClinicConfig, window: RunWindow, pendi
     share = no_lead / attended if attended else None
     return pd.DataFrame({"metric_row": [1], "attended_in_window": [attended], "no_lead": [no_lead],
                          "no_lead_share": pd.Series([share], dtype="float64")})  # fmt: skip
-
-
-def conversion_frames(directory: Path) -> dict[str, pd.DataFrame]:
-    """The two conversion files of an outbox (or pending plan), flattened; for the run report."""
-    discard = _Hashes()
-    return {
-        "google_conversions": _google_rows(read_rows(directory, "google_conversions"), discard),
-        "meta_events": _meta_rows(read_rows(directory, "meta_events"), discard),
-    }

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from etl import gate
 from etl.errors import GateViolation
 from etl.gate import check_outbound
 from tests.conftest import make_config
@@ -160,3 +162,92 @@ def test_unconfigured_destination_is_refused() -> None:
     config = make_config(Path("."), meta=None)
     with pytest.raises(GateViolation, match="not configured"):
         check_outbound(config, {"meta_events": [GOOD["meta_events"]]})
+
+
+# the bulk acceptance (gate._accepts) never lets through what the row-by-row walk refuses ---------
+
+
+class _Text(str):
+    """A str subclass: allowed by the allowlist, outside the bulk check's exact types."""
+
+
+ODD_VALUES = [None, 0, 1778000000, 1.5, float("nan"), True, "", "US", "create", "add", "USD", "A" * 64, "a" * 63,
+              "a" * 65, "a" * 64 + "\n", "g" * 64, H + " ", _Text(H), (H,), [H], [], {}, {"x": H}, [[H] * 8],
+              [H, ""] * 4]  # fmt: skip
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, child in items:
+        out += _paths(child, (*prefix, key))
+    return out
+
+
+def _mutations(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row with every node replaced by every odd value, deleted, or given an extra key."""
+    out = []
+    for path in _paths(row):
+        for value in [*ODD_VALUES, "__delete__"]:
+            changed = copy.deepcopy(row)
+            node = changed
+            for key in path[:-1]:
+                node = node[key]
+            if value == "__delete__":
+                del node[path[-1]]
+            else:
+                node[path[-1]] = value
+            out.append(changed)
+    for path in [(), *_paths(row)]:
+        changed = copy.deepcopy(row)
+        node = changed
+        for key in path:
+            node = node[key]
+        if isinstance(node, dict):
+            node["extra"] = H
+            out.append(changed)
+    return out
+
+
+def _walked(destination: str, rows: list[Any], spec: Any) -> list[tuple[str, str]]:
+    """The gate's definition: every row walked, no shortcut."""
+    out: list[tuple[str, str]] = []
+    for i, row in enumerate(rows):
+        gate._walk(row, spec, f"{destination}[{i}]", out)
+    return out
+
+
+@pytest.mark.parametrize("dest", list(GOOD))
+def test_bulk_check_agrees_with_the_walk_on_every_mutation(dest: str) -> None:
+    spec = gate.specs_for(CONFIG)[dest]
+    mutations = _mutations(GOOD[dest])
+    assert len(mutations) > 100
+    refused = 0
+    for changed in mutations:
+        rows = [GOOD[dest]] * 3 + [changed] + [GOOD[dest]] * 2
+        expected = _walked(dest, rows, spec)
+        if expected:
+            refused += 1
+            assert not gate._accepts(spec, rows), changed
+        assert gate.find_violations(dest, rows, spec) == expected
+    assert refused > len(mutations) // 2  # the mutations do hit the allowlist
+
+
+@pytest.mark.parametrize("dest", list(GOOD))
+def test_clean_rows_are_accepted_in_bulk(dest: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common case never reaches the row-by-row path (which stays for naming violations)."""
+    spec = gate.specs_for(CONFIG)[dest]
+    assert gate._accepts(spec, [GOOD[dest]] * 500)
+    monkeypatch.setattr(gate, "_walk", lambda *a: pytest.fail("walked a clean row"))
+    monkeypatch.setattr(gate, "_compile", lambda *a: pytest.fail("compiled for clean rows"))
+    check_outbound(CONFIG, {dest: [copy.deepcopy(GOOD[dest]) for _ in range(500)]})
+
+
+def test_an_audience_batch_with_one_bad_cell_names_it() -> None:
+    row = copy.deepcopy(GOOD["meta_audience"])
+    row["data"] = [[H, "", H, H, H, H, H, H] for _ in range(10_000)]
+    row["data"][9_876][3] = "415-555-0123"
+    with pytest.raises(GateViolation) as info:
+        check_outbound(CONFIG, {"meta_audience": [GOOD["meta_audience"], row]})
+    assert "meta_audience[1].data[9876][3]: not a 64-hex SHA-256 or empty" in str(info.value)
+    assert "555" not in str(info.value)

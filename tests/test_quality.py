@@ -6,12 +6,14 @@ planted value reaches GX results or stored results. The contract is docs/quality
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -512,11 +514,14 @@ def test_canary_clean_run_gx_and_stored_results(tmp_path: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["run", "--config", str(config_path), "--start", START, "--end", END,
                                       "--dry-run", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert len(seen) == 16  # all 12 suites; the 4 extract suites twice (the stage gate, then validate_inputs)
+    # all 12 suites once: validate_inputs reuses the stage gate's results for the unchanged extracts
+    assert len(seen) == 12
     for text in seen:
         assert_no_canary(text, "a GX validation result")
     config = load_config(config_path)
-    assert_no_canary(_stored_text(tasks.RunSpec(config=config, window=_window(config))), "quality_results")
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    assert_no_canary(_stored_text(spec), "quality_results")
+    assert_no_canary((spec.paths.extracts / quality.CHECKED_FILE).read_text(), "the stage gate's record")
 
 
 def test_canary_in_failing_rows_stays_out_of_gx_and_stored_results(tmp_path: Path,
@@ -616,3 +621,186 @@ def test_broken_extract_is_refused_before_staging(tmp_path: Path) -> None:
     with spec.engine() as engine, engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.appointments)).scalar() == 0
         assert conn.execute(sa.select(sa.func.count()).select_from(store.leads)).scalar() == 0
+
+
+# validate_inputs reuses the stage gate's extract results only for the very files it checked ------
+
+
+def _staged(tmp_path: Path) -> tasks.RunSpec:
+    config = load_config(write_clinic(tmp_path))
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    tasks.extract(spec)
+    tasks.stage(spec)
+    return spec
+
+
+def _suites_run(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    ran: list[str] = []
+    real = quality.run_suites
+
+    def spy(data: Any, names: Any, *args: Any, **kwargs: Any) -> list[quality.CheckResult]:
+        ran.extend(names)
+        return real(data, names, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "run_suites", spy)
+    return ran
+
+
+def _stored_rows(spec: tasks.RunSpec) -> list[tuple[Any, ...]]:
+    table = store.quality_results
+    with spec.engine() as engine, engine.connect() as conn:
+        rows = conn.execute(sa.select(table).where(table.c.run_id == spec.run_id)).fetchall()
+    return sorted((r.suite, r.expectation, r.severity, r.success, r.unexpected_count, r.element_count, r.clinic_id)
+                  for r in rows)  # fmt: skip
+
+
+def test_validate_inputs_reuses_the_stage_gate_results_for_unchanged_extracts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _staged(tmp_path)
+    gated = _stored_rows(spec)
+    ran = _suites_run(monkeypatch)
+    reused = tasks.validate_inputs(spec)
+    assert ran == ["appointment_volume"]
+    stored = _stored_rows(spec)
+    assert [r for r in stored if r[0] != "appointment_volume"] == gated
+    # the same outcome, stored the same way, as running every input suite again
+    (spec.paths.extracts / quality.CHECKED_FILE).unlink()
+    again = tasks.validate_inputs(spec)
+    assert ran == ["appointment_volume", *quality.INPUT_SUITES]
+    assert again == reused and _stored_rows(spec) == stored
+
+
+def _rewrite_same_bytes(path: Path) -> None:
+    path.write_bytes(path.read_bytes())
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("change", ["no_record", "rewritten", "other_thresholds", "other_run_record"])
+def test_validate_inputs_checks_the_extracts_again_unless_provably_unchanged(
+    change: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _staged(tmp_path)
+    record = spec.paths.extracts / quality.CHECKED_FILE
+    thresholds = quality.DEFAULT_THRESHOLDS
+    if change == "no_record":
+        record.unlink()
+    elif change == "rewritten":
+        _rewrite_same_bytes(spec.paths.extracts / "leads.parquet")
+    elif change == "other_thresholds":
+        thresholds = replace(thresholds, max_unusable_email_share=0.4)
+    else:
+        checked = json.loads(record.read_text())
+        checked["key"]["run_id"] = "another-run"
+        record.write_text(json.dumps(checked))
+    ran = _suites_run(monkeypatch)
+    quality.validate_inputs(spec, at=NOW, thresholds=thresholds)
+    assert ran == list(quality.INPUT_SUITES)
+
+
+def test_a_changed_extract_of_the_same_size_and_mtime_is_not_taken_for_the_checked_one(
+    tmp_path: Path,
+) -> None:
+    spec = _staged(tmp_path)
+    assert quality._checked_extract_results(spec, quality.DEFAULT_THRESHOLDS) is not None
+    path = spec.paths.extracts / "appointments.parquet"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert quality._checked_extract_results(spec, quality.DEFAULT_THRESHOLDS) is None
+
+
+def test_a_failed_stage_gate_leaves_no_record(tmp_path: Path) -> None:
+    config = load_config(write_clinic(tmp_path))
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    tasks.extract(spec)
+    path = spec.paths.extracts / "appointments.parquet"
+    _set("appointment_id", None)(pd.read_parquet(path)).to_parquet(path, index=False)
+    with pytest.raises(QualityGateFailed):
+        tasks.stage(spec)
+    assert not (spec.paths.extracts / quality.CHECKED_FILE).exists()
+
+
+# the frames and GX calls are built for speed, with the same content ------------------------------
+
+
+H64 = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(12)]
+MEMBERS: list[Any] = [
+    {"operation": "create", "user_identifiers": [{"hashed_email": H64[0]}, {"hashed_phone_number": H64[1]},
+     {"address_info": {"hashed_first_name": H64[2], "hashed_last_name": H64[3], "country_code": "US",
+                       "postal_code": "94110"}}]},
+    {"operation": "remove", "user_identifiers": [{"hashed_email": H64[4]}]},
+    {"operation": "create", "user_identifiers": [{"address_info": {"hashed_first_name": H64[5],
+     "country_code": "CA"}}, {"address_info": {"hashed_last_name": "", "postal_code": "10001"}}]},
+    {"operation": "create", "user_identifiers": []},
+    {"operation": "create", "user_identifiers": [{"hashed_email": ""}, {"hashed_phone_number": H64[6]}]},
+]  # fmt: skip
+ODD_MEMBERS: list[Any] = [
+    {"operation": "create", "user_identifiers": [{"hashed_email": H64[7], "hashed_phone_number": H64[8]}]},
+    {"operation": "create", "user_identifiers": [{"hashed_email": 12345}]},
+    {"operation": "create", "user_identifiers": [{"address_info": {"hashed_first_name": H64[9], "note": "x"}}]},
+    {"operation": "create", "user_identifiers": [{"address_info": "a text"}]},
+    {"operation": "create", "user_identifiers": [{"hashed_email": {"nested": H64[10]}}]},
+    {"operation": 7, "user_identifiers": [{"hashed_email": H64[11]}]},
+    {"operation": "create", "user_identifiers": [{"address_info": {"hashed_first_name": 1.5}}]},
+]  # fmt: skip
+AUDIENCE: list[Any] = [
+    {"operation": "add", "data": [[H64[0], "", H64[1], "", "", "", "", H64[2]], [H64[3]] * 8]},
+    {"operation": "remove", "data": [[H64[4], "", "", "", "", "", "", ""]]},
+    {"operation": "add", "data": [[H64[5], 17, None, ""], "not a row", [H64[6]]]},
+    {"operation": "add", "data": []},
+]
+
+
+def _flattened(pending: Path) -> dict[str, pd.DataFrame]:
+    frames = quality_frames.outbound_frames(pending)
+    hashes = frames["hashes"].astype({"destination": str, "field": str})
+    frames["hashes"] = hashes.sort_values(["ref", "field", "value"]).reset_index(drop=True)
+    return frames
+
+
+@pytest.mark.parametrize("odd", [[], ODD_MEMBERS], ids=["gate-shaped", "odd"])
+def test_column_wise_frames_equal_row_by_row_frames(odd: list[Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from etl import quality_outbound
+    from etl.outbox import write_outbox
+
+    rows = {"google_customer_match": MEMBERS + odd, "meta_audience": AUDIENCE}
+    pending = write_outbox(tmp_path / "pending", rows, {})
+    built = _flattened(pending)
+    columns = quality_outbound._member_columns(MEMBERS + odd, quality_outbound._Hashes())
+    assert (columns is None) == bool(odd)  # gate-shaped rows take the column-wise path
+    monkeypatch.setattr(quality_outbound, "_types", lambda values: {object})  # every shortcut refused
+    by_row = _flattened(pending)
+    for name, frame in by_row.items():
+        pd.testing.assert_frame_equal(built[name], frame, obj=name)
+    assert len(by_row["hashes"]) == (30 if odd else 22)
+
+
+def test_gx_gets_the_columns_its_checks_read_and_no_batch_fingerprint() -> None:
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    from etl import quality_gx
+
+    suites = build_suites()
+    assert quality_gx.needed_columns(suites["appointments_schema"]) is None  # table-level: every column
+    assert quality_gx.needed_columns(suites["outbound_hashes"]) == ["value"]
+    assert set(quality_gx.needed_columns(suites["conversions_staged"]) or []) >= {"stage", "outcome", "person_key",
+                                                                                    "event_time", "value"}  # fmt: skip
+    frame = pd.DataFrame(
+        {"ref": [7, 9], "destination": ["a", "b"], "field": ["em", "ph"], "value": [HASH, "x"]}
+    )
+    keyed = quality_gx.suite_frame(frame, suites["outbound_hashes"])
+    assert list(keyed.columns) == ["value"] and list(keyed.index) == [7, 9] and keyed.index.name == "row_key"
+    threshold = pandas_execution_engine.HASH_THRESHOLD  # the constant the fingerprint skip relies on
+    seen: list[dict[str, Any]] = []
+    results = quality.run_suites(
+        {"hashes": frame}, ["outbound_hashes"], {}, on_result=lambda n, r: seen.append(r)
+    )
+    assert [(r.success, r.unexpected_count, r.element_count) for r in results] == [(False, 1, 2)]
+    assert "pandas_data_fingerprint" not in json.dumps(seen, default=str)
+    assert threshold == pandas_execution_engine.HASH_THRESHOLD

@@ -1,0 +1,219 @@
+"""Running the data-quality suites in Great Expectations: counts in, ``CheckResult`` out.
+
+Split from ``etl.quality`` (the gates) so that module reads as the gates' order and consequences;
+the contract is issue #5 and ``docs/quality.md``. GX is imported inside functions only: its
+import costs seconds and must not be paid by ``import etl.*`` or a DAG parse.
+
+PHI-safe by construction (STYLE items 12 and 22): GX is asked for counts only (``SUMMARY`` with
+``partial_unexpected_count: 0``, ``exclude_unexpected_values: True`` and an opaque
+``unexpected_index_column_names``); it runs in an ephemeral context (nothing written to disk)
+with progress bars off and its logger at WARNING; what is kept of a result is a ``CheckResult``
+of names and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from etl.quality_suites import DEFAULT_THRESHOLDS, ROW_KEY, Suite, Thresholds, build_suites
+
+ResultHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One expectation's outcome for one run: names and counts, never a value."""
+
+    suite: str
+    check: str
+    severity: str
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+    error: bool = False  # GX could not evaluate it (a missing column): counted as a failure
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite}.{self.check}"
+
+    def describe(self) -> str:
+        if self.error:
+            return f"{self.label}: could not be evaluated (column missing or of the wrong type)"
+        if self.unexpected_count is None:
+            return f"{self.label}: failed (table-level check)"
+        return f"{self.label}: {self.unexpected_count:,} of {self.element_count or 0:,} rows"
+
+
+# counts plus an opaque row key, never values (STYLE item 22)
+RESULT_FORMAT = {
+    "result_format": "SUMMARY",
+    "partial_unexpected_count": 0,
+    "exclude_unexpected_values": True,
+    "unexpected_index_column_names": [ROW_KEY],
+    "return_unexpected_index_query": False,
+}
+_COLUMN_KWARGS = ("column", "column_A", "column_B")
+
+
+def _condition_columns(condition: Any, out: set[str]) -> bool:
+    """Add the columns a (serialised) row condition reads; False if it cannot be read structurally."""
+    if isinstance(condition, dict):
+        column = condition.get("column")
+        if isinstance(column, dict) and isinstance(column.get("name"), str):
+            out.add(column["name"])
+        return all(_condition_columns(c, out) for c in condition.get("conditions", []))
+    return False  # a condition string (pandas query syntax): which columns it reads is not known here
+
+
+def needed_columns(suite: Suite) -> list[str] | None:
+    """The columns the suite's expectations read, or ``None`` when one needs the whole frame.
+
+    GX costs grow with the columns of the frame it is given (it hashes the whole batch to label
+    it, among other passes), not with the columns an expectation reads: the flattened outbound
+    frames carry columns for the report and for other checks that no suite reads. A table-level
+    expectation (the schema suites) or a row condition given as a string gets the whole frame.
+    """
+    columns: set[str] = set()
+    for expectation in suite.expectations:
+        kwargs = expectation.configuration.to_json_dict()["kwargs"]
+        named = [kwargs[k] for k in _COLUMN_KWARGS if isinstance(kwargs.get(k), str)]
+        named += [c for c in kwargs.get("column_list") or [] if isinstance(c, str)]
+        if not named:
+            return None
+        columns.update(named)
+        condition = kwargs.get("row_condition")
+        if condition is not None and not _condition_columns(condition, columns):
+            return None
+    return sorted(columns)
+
+
+def suite_frame(frame: pd.DataFrame, suite: Suite) -> pd.DataFrame:
+    """What GX is given for ``suite``: the columns it reads, indexed by the opaque key ``ROW_KEY``.
+
+    A named index is GX's fast path for ``unexpected_index_column_names`` (a plain list of keys;
+    key columns are read row by row), and it cannot carry a value: only the key is in it. A
+    column a check needs but the frame lacks is left out, so that check fails as not evaluable.
+    """
+    key = suite.key
+    values = frame[key].to_numpy() if key in frame.columns else np.arange(len(frame))
+    wanted = needed_columns(suite)
+    if wanted is None:
+        keyed = frame.copy(deep=False)
+    else:
+        keyed = pd.DataFrame({c: frame[c] for c in frame.columns if c in wanted}, index=frame.index)
+    keyed.index = pd.Index(values, name=ROW_KEY)
+    return keyed
+
+
+@contextmanager
+def _without_batch_fingerprint() -> Iterator[None]:
+    """Keep GX from hashing each in-memory batch (MD5 of pandas' hash of every row and column).
+
+    The fingerprint only labels the batch in GX's result metadata, which is not kept here, and it
+    cost about a third of all validation time at a million rows (most of it for the 2.7 million
+    hashed values and the extracts' unique IDs). GX skips it for frames of at least
+    ``HASH_THRESHOLD`` bytes; the threshold is lowered for the duration of ``run_suites`` only. If
+    a GX release drops the constant, nothing changes but the speed (a test names the constant).
+    """
+    from great_expectations.execution_engine import pandas_execution_engine as engine
+
+    saved = getattr(engine, "HASH_THRESHOLD", None)
+    if saved is None:
+        yield
+        return
+    engine.HASH_THRESHOLD = 0
+    try:
+        yield
+    finally:
+        engine.HASH_THRESHOLD = saved
+
+
+def _context() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    # some GX modules pin their own logger to INFO; none of ours needs more than warnings
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
+def _raised(info: Any) -> bool:
+    if not isinstance(info, dict):
+        return False
+    if "raised_exception" in info:
+        return bool(info["raised_exception"])
+    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+
+
+def _collect(suite: Suite, result: Any) -> list[CheckResult]:
+    order = {e.meta["check"]: i for i, e in enumerate(suite.expectations)}
+    out = []
+    for item in result.results:
+        config = item.expectation_config
+        counts = item.result or {}
+        severity = getattr(config.severity, "value", config.severity)
+        unexpected = counts.get("unexpected_count")
+        elements = counts.get("element_count")
+        out.append(
+            CheckResult(
+                suite=suite.name,
+                check=config.meta["check"],
+                severity=str(severity),
+                success=bool(item.success),
+                unexpected_count=None if unexpected is None else int(unexpected),
+                element_count=None if elements is None else int(elements),
+                error=_raised(item.exception_info),
+            )
+        )
+    return sorted(out, key=lambda r: order[r.check])
+
+
+def run_suites(
+    data: Mapping[str, pd.DataFrame],
+    names: Iterable[str],
+    parameters: Mapping[str, Any],
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    on_result: ResultHook | None = None,
+) -> list[CheckResult]:
+    """Validate each named suite on its frame (``data[suite.frame]``) in one ephemeral GX context.
+
+    Args:
+        data: frames by name (``etl.quality_frames``); they must hold no raw identifier.
+        parameters: values for the suites' ``$PARAMETER`` placeholders.
+        on_result: called with (suite, GX result as a JSON dict) for inspection in tests; the
+            dict is counts and configuration only, given the result format used here.
+    """
+    import great_expectations as gx
+
+    suites = build_suites(thresholds)
+    context = _context()
+    source = context.data_sources.add_pandas("medspa")
+    out: list[CheckResult] = []
+    with _without_batch_fingerprint():
+        for name in names:
+            suite = suites[name]
+            batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+            gx_suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=suite.expectations))
+            definition = context.validation_definitions.add(
+                gx.ValidationDefinition(name=name, data=batch, suite=gx_suite)
+            )
+            result = definition.run(
+                batch_parameters={"dataframe": suite_frame(data[suite.frame], suite)},
+                result_format=RESULT_FORMAT,
+                expectation_parameters=dict(parameters),
+            )
+            if on_result is not None:
+                on_result(name, result.to_json_dict())
+            out.extend(_collect(suite, result))
+    return out
