@@ -58,7 +58,7 @@ class _Pattern:
         self.regex, self.reason = regex, reason
 
     def __call__(self, v: Any) -> str | None:
-        return None if isinstance(v, str) and self.regex.match(v) else self.reason
+        return None if isinstance(v, str) and self.regex.fullmatch(v) else self.reason
 
 
 class _OneOf:
@@ -205,7 +205,7 @@ _GOOGLE_MEMBER = {
 
 
 def _audience_cell(v: Any) -> str | None:
-    ok = v == "" or (isinstance(v, str) and _HEX64.match(v))
+    ok = v == "" or (isinstance(v, str) and _HEX64.fullmatch(v))
     return None if ok else "not a 64-hex SHA-256 or empty"
 
 

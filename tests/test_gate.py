@@ -111,6 +111,11 @@ def test_good_rows_pass() -> None:
             "not a postal code",
         ),
         ("meta_audience", ("data", 0, 1), "4155550123", "not a 64-hex SHA-256 or empty"),
+        # a trailing newline is not part of a hash (``$`` alone would let it through)
+        ("meta_events", ("user_data", "em", 0), "a" * 64 + "\n", "not a 64-hex SHA-256"),
+        ("meta_audience", ("data", 0, 1), "b" * 64 + "\n", "not a 64-hex SHA-256 or empty"),
+        ("google_conversions", ("order_id",), "c" * 64 + "\n", "not an opaque ID"),
+        ("google_conversions", ("gclid",), "Cj0KCQ\n", "not a click-ID charset"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 30 and " " not in v else None,
 )
