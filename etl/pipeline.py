@@ -339,6 +339,11 @@ def plan_run(
             lookback_days=config.rules.suppression_lookback_days,
             requires_consent=config.rules.suppression_requires_consent,
         )
+        # every hash the plan sends is now in ``conv`` or ``members``: drop the history's hash
+        # columns before the audience payloads are built (a few hundred MiB at 1M rows)
+        appts = appts.drop(columns=list(store.HASH_COLUMNS))
+        leads = leads.drop(columns=list(store.HASH_COLUMNS))
+        release_memory()
         audiences = _audience_deltas(config, engine, members, full_resync=full_resync)
         outbound["google_customer_match"] = payloads.google_audience_lines(
             list(audiences["google_customer_match"].adds.values())
@@ -488,6 +493,8 @@ def publish_outbox(
     try:
         outbound = {dest: list(read_rows(paths.pending, dest)) for dest in OUTBOX_FILES}
         check_outbound(config, outbound)
+        del outbound  # the checks read the plan themselves: don't hold two copies of it
+        release_memory()
         if checks is not None:
             checks(paths.pending)
     except BaseException:

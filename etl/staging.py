@@ -155,17 +155,34 @@ def _state(conn: Connection, kind: str, clinic_id: str) -> tuple[int, int, int]:
 def _row_chunks(path: Path, kind: str, clinic_id: str, seq: int) -> Iterator[list[tuple[Any, ...]]]:
     """The extract as chunks of plain tuples in the staged table's column order.
 
-    Columns become object arrays once for the whole file: converting a dictionary column batch
-    by batch would convert the whole file's dictionary for every batch.
+    A dictionary column's distinct values become Python strings once for the whole file
+    (converting its dictionary batch by batch would convert the whole dictionary every time);
+    everything else becomes Python objects one chunk at a time, so the load never holds the
+    whole file as Python objects.
     """
     table = _staged_columns(pq.read_table(path), kind, clinic_id, seq, decode=False)
-    columns = [_python_values(table.column(name)) for name in table.column_names]
+    columns: list[Any] = []
+    for name in table.column_names:
+        arr = table.column(name)
+        if pa.types.is_dictionary(arr.type):
+            codes = arr.combine_chunks()
+            values = np.asarray([*codes.dictionary.to_pylist(), None], dtype=object)
+            columns.append((values, codes.indices.cast(pa.int64()).fill_null(len(values) - 1).to_numpy()))
+        else:
+            columns.append(arr)
     for lo in range(0, table.num_rows, _CHUNK):
-        yield list(zip(*(column[lo : lo + _CHUNK].tolist() for column in columns), strict=True))
+        parts = []
+        for column in columns:
+            if isinstance(column, tuple):
+                values, indices = column
+                parts.append(values.take(indices[lo : lo + _CHUNK]).tolist())
+            else:
+                parts.append(_python_values(column.slice(lo, _CHUNK)).tolist())
+        yield list(zip(*parts, strict=True))
 
 
 def _python_values(arr: pa.ChunkedArray) -> np.ndarray:
-    if pa.types.is_dictionary(arr.type) or pa.types.is_string(arr.type):
+    if pa.types.is_string(arr.type):
         return _objects(arr)
     flat = arr.combine_chunks()
     out = flat.to_numpy(zero_copy_only=False).astype(object)
