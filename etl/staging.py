@@ -3,9 +3,10 @@
 Staging is the one place that writes and reads every input row (a million appointments are
 about a gigabyte of hashes), so the Python work per cell is kept to a minimum:
 
-- Loading turns each extract column into Python objects once for the whole file (a person's
-  hashes repeat, so distinct values become one shared string each) and hands the driver plain
-  tuples: ``executemany`` of one ``INSERT ... ON CONFLICT`` on SQLite; a temporary table filled
+- Loading turns a dictionary column's distinct values into Python strings once per file (a
+  person's hashes repeat, so each distinct value is one shared string) and everything else into
+  Python objects one chunk at a time, and hands the driver plain tuples: ``executemany`` of one
+  ``INSERT ... ON CONFLICT`` on SQLite; a temporary table filled
   by COPY and one set-wise ``INSERT ... SELECT ... ON CONFLICT`` elsewhere (PostgreSQL).
 - When the database holds exactly the rows of this run's extract (a first load, or a full
   re-export that replaced every row), the history is read from the extract's Parquet file
@@ -232,7 +233,9 @@ def write_marker(extracts: Path, loaded: dict[str, Loaded]) -> None:
         kind: {**asdict(done), "file": _fingerprint(extracts / f"{kind}.parquet")}
         for kind, done in loaded.items()
     }
-    (extracts / MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
+    tmp = extracts / f".{MARKER}.tmp"  # written whole, then renamed: never half a marker
+    tmp.write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(extracts / MARKER)
 
 
 def _fingerprint(path: Path) -> list[int]:
