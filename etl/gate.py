@@ -1,8 +1,9 @@
 """PHI egress gate (SPEC section 2): the one check every outbound row passes, fail closed.
 
 Each destination has an allowlist written as a small schema tree: a key either maps to a value
-check or to a nested tree; any key not in the tree, any value failing its check, and any
-container of the wrong shape is a violation. The gate runs on the final rows, before the outbox
+check or to a nested tree; any key not in the tree, any value failing its check, any container
+of the wrong shape and any row without a ``Required`` field (an operation, an opaque ID) is a
+violation. The gate runs on the final rows, before the outbox
 is written and before anything is sent, and raises ``GateViolation`` naming field paths and
 reasons, never values: a violation message may reach a log, a task summary or a pager.
 
@@ -103,6 +104,21 @@ class Exactly:
         self.value, self.reason = value, reason
 
 
+class Required:
+    """A field every row must carry: a row without it is malformed, and the gate fails closed."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+
+def _unwrap(spec: Any) -> Any:
+    return spec.spec if isinstance(spec, Required) else spec
+
+
+def _required(tree: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(key for key, sub in tree.items() if isinstance(sub, Required))
+
+
 class OneKey:
     """A dict with exactly one key of the tree (protobuf ``oneof`` as in ``UserIdentifier``)."""
 
@@ -110,7 +126,7 @@ class OneKey:
         self.tree = tree
 
 
-Spec = Check | Mapping[str, Any] | ListOf | Exactly | OneKey
+Spec = Check | Mapping[str, Any] | ListOf | Exactly | OneKey  # a Mapping value may be Required(Spec)
 
 
 def _walk(value: Any, spec: Spec, path: str, out: list[tuple[str, str]]) -> None:
@@ -139,7 +155,9 @@ def _walk(value: Any, spec: Spec, path: str, out: list[tuple[str, str]]) -> None
                 out.append((f"{path}.{key}", "field not in the allowlist"))
         for key, sub in spec.items():
             if key in value:
-                _walk(value[key], sub, f"{path}.{key}", out)
+                _walk(value[key], _unwrap(sub), f"{path}.{key}", out)
+            elif isinstance(sub, Required):
+                out.append((f"{path}.{key}", "required field missing"))
     else:
         reason = spec(value)
         if reason:
@@ -151,11 +169,11 @@ def _google_conversion_spec(config: ClinicConfig) -> Mapping[str, Any]:
     actions = config.google_ads.conversion_actions.model_dump().values()
     consent = _OneOf(("GRANTED", "DENIED"), "not GRANTED/DENIED")
     return {
-        "conversion_action": _OneOf(actions, "not a configured conversion action"),
-        "conversion_date_time": _Pattern(_GOOGLE_TIME, "not yyyy-mm-dd hh:mm:ss+hh:mm"),
+        "conversion_action": Required(_OneOf(actions, "not a configured conversion action")),
+        "conversion_date_time": Required(_Pattern(_GOOGLE_TIME, "not yyyy-mm-dd hh:mm:ss+hh:mm")),
         "conversion_value": _number,
         "currency_code": CURRENCY,
-        "order_id": _Pattern(_HEX64, "not an opaque ID"),
+        "order_id": Required(_Pattern(_HEX64, "not an opaque ID")),
         "gclid": _Pattern(_CLICK, "not a click-ID charset"),
         "gbraid": _Pattern(_CLICK, "not a click-ID charset"),
         "wbraid": _Pattern(_CLICK, "not a click-ID charset"),
@@ -168,15 +186,22 @@ def _meta_event_spec(config: ClinicConfig) -> Mapping[str, Any]:
     assert config.meta is not None
     hashes = ListOf(HASH, max_len=10)
     return {
-        "event_name": _OneOf(config.meta.event_names.model_dump().values(), "not a configured event name"),
-        "event_time": _epoch_seconds,
-        "event_id": _Pattern(_HEX64, "not an opaque ID"),
-        "action_source": _OneOf((config.meta.action_source,), "not the configured action_source"),
-        "user_data": {
-            **{key: hashes for key in ("em", "ph", "fn", "ln", "ct", "st", "zp", "country", "external_id")},
-            "fbc": _Pattern(_FBC, "not an fbc value"),
-            "fbp": _Pattern(_FBP, "not an fbp value"),
-        },
+        "event_name": Required(
+            _OneOf(config.meta.event_names.model_dump().values(), "not a configured event name")
+        ),
+        "event_time": Required(_epoch_seconds),
+        "event_id": Required(_Pattern(_HEX64, "not an opaque ID")),
+        "action_source": Required(_OneOf((config.meta.action_source,), "not the configured action_source")),
+        "user_data": Required(
+            {
+                **{
+                    key: hashes
+                    for key in ("em", "ph", "fn", "ln", "ct", "st", "zp", "country", "external_id")
+                },
+                "fbc": _Pattern(_FBC, "not an fbc value"),
+                "fbp": _Pattern(_FBP, "not an fbp value"),
+            }
+        ),
         "custom_data": {"value": _number, "currency": CURRENCY},
         "data_processing_options": ListOf(_OneOf(("LDU",), "not LDU"), max_len=1, min_len=0),
         "data_processing_options_country": _small_int,
@@ -185,21 +210,23 @@ def _meta_event_spec(config: ClinicConfig) -> Mapping[str, Any]:
 
 
 _GOOGLE_MEMBER = {
-    "operation": _OneOf(("create", "remove"), "not create/remove"),
-    "user_identifiers": ListOf(
-        OneKey(
-            {
-                "hashed_email": HASH,
-                "hashed_phone_number": HASH,
-                "address_info": {
-                    "hashed_first_name": HASH,
-                    "hashed_last_name": HASH,
-                    "country_code": _Pattern(_COUNTRY, "not an ISO 3166 alpha-2 code"),
-                    "postal_code": _Pattern(_POSTAL, "not a postal code"),
-                },
-            }
-        ),
-        max_len=20,
+    "operation": Required(_OneOf(("create", "remove"), "not create/remove")),
+    "user_identifiers": Required(
+        ListOf(
+            OneKey(
+                {
+                    "hashed_email": HASH,
+                    "hashed_phone_number": HASH,
+                    "address_info": {
+                        "hashed_first_name": HASH,
+                        "hashed_last_name": HASH,
+                        "country_code": _Pattern(_COUNTRY, "not an ISO 3166 alpha-2 code"),
+                        "postal_code": _Pattern(_POSTAL, "not a postal code"),
+                    },
+                }
+            ),
+            max_len=20,
+        )
     ),
 }
 
@@ -210,9 +237,9 @@ def _audience_cell(v: Any) -> str | None:
 
 
 _META_AUDIENCE = {
-    "operation": _OneOf(("add", "remove"), "not add/remove"),
-    "schema": Exactly(META_AUDIENCE_SCHEMA, "not the configured multi-key schema"),
-    "data": ListOf(ListOf(_audience_cell, max_len=8, min_len=8), max_len=META_AUDIENCE_BATCH),
+    "operation": Required(_OneOf(("add", "remove"), "not add/remove")),
+    "schema": Required(Exactly(META_AUDIENCE_SCHEMA, "not the configured multi-key schema")),
+    "data": Required(ListOf(ListOf(_audience_cell, max_len=8, min_len=8), max_len=META_AUDIENCE_BATCH)),
 }
 
 
@@ -278,7 +305,10 @@ def _accepts(spec: Spec, values: list[Any]) -> bool:
                 by_key[key].append(item)
         if not all(type(key) is str and key in spec for key in by_key):
             return False
-        return all(_accepts(spec[key], items) for key, items in by_key.items())
+        # a dict holds a key once, so a key every row carries has as many values as there are rows
+        if any(len(by_key.get(key, ())) != len(values) for key in _required(spec)):
+            return False
+        return all(_accepts(_unwrap(spec[key]), items) for key, items in by_key.items())
     if isinstance(spec, _Pattern) and spec.regex is _HEX64:
         return _all_hex(values, _WIDTH_64)
     if spec is _audience_cell:
@@ -306,8 +336,13 @@ def _compile(spec: Spec) -> Callable[[Any], bool]:
         tree = _compile(spec.tree)
         return lambda v: isinstance(v, dict) and len(v) == 1 and tree(v)
     if isinstance(spec, Mapping):
-        fields = {key: _compile(sub) for key, sub in spec.items()}
-        return lambda v: isinstance(v, dict) and all(k in fields and fields[k](x) for k, x in v.items())
+        fields = {key: _compile(_unwrap(sub)) for key, sub in spec.items()}
+        required = _required(spec)
+        return lambda v: (
+            isinstance(v, dict)
+            and required <= v.keys()
+            and all(k in fields and fields[k](x) for k, x in v.items())
+        )
     check = spec
     return lambda v: check(v) is None
 

@@ -152,7 +152,7 @@ def _member_rows(rows: Iterable[dict[str, Any]], hashes: _Hashes) -> pd.DataFram
                         hashes.add("google_customer_match", line, sub, value.get(sub))
                 else:
                     hashes.add("google_customer_match", line, field, value)
-        key = google_member_key(row) if isinstance(identifiers, list) else None
+        key = google_member_key(row) if isinstance(row.get("user_identifiers"), list) else None
         out.append((line, row.get("operation"), len(identifiers), key, address.get("country_code"),
                     address.get("postal_code")))  # fmt: skip
     return _frame(out, _MEMBER_COLUMNS)

@@ -163,6 +163,32 @@ def test_identifier_oneof_and_limits() -> None:
         check_outbound(CONFIG, {"google_conversions": [row]})
 
 
+REQUIRED = {
+    "google_conversions": ("conversion_action", "conversion_date_time", "order_id"),
+    "meta_events": ("event_name", "event_time", "event_id", "action_source", "user_data"),
+    "google_customer_match": ("operation", "user_identifiers"),
+    "meta_audience": ("operation", "schema", "data"),
+}
+
+
+@pytest.mark.parametrize(("dest", "key"), [(d, k) for d, keys in REQUIRED.items() for k in keys])
+def test_a_row_without_a_required_field_stops_the_run(dest: str, key: str) -> None:
+    # the later checks read these fields by name; a row missing one is refused here, named
+    row = copy.deepcopy(GOOD[dest])
+    del row[key]
+    with pytest.raises(GateViolation) as info:
+        check_outbound(CONFIG, {dest: [GOOD[dest], row]})
+    assert f"{dest}[1].{key}: required field missing" in str(info.value)
+
+
+def test_only_the_required_fields_are_required() -> None:
+    optional = {d: set(GOOD[d]) - set(keys) for d, keys in REQUIRED.items()}
+    assert optional["google_conversions"] >= {"gclid", "user_identifiers", "conversion_value"}
+    for dest, keys in optional.items():
+        row = {k: v for k, v in GOOD[dest].items() if k not in keys}
+        check_outbound(CONFIG, {dest: [row]})
+
+
 def test_unconfigured_destination_is_refused() -> None:
     config = make_config(Path("."), meta=None)
     with pytest.raises(GateViolation, match="not configured"):

@@ -247,7 +247,8 @@ CASES: dict[str, Fault] = {
         "ready_at, value, outcome, run_id FROM conversions WHERE stage = 'consultation'"]),
     "conversions_staged.currency_iso_4217": Fault(pending=_edit("google_conversions", _put("currency_code", "US$")),
                                                   layer="gate"),
-    "google_conversions_outbound.order_id_not_null": Fault(pending=_edit("google_conversions", _pop("order_id"))),
+    "google_conversions_outbound.order_id_not_null": Fault(pending=_edit("google_conversions", _pop("order_id")),
+                                                           layer="gate"),
     "google_conversions_outbound.order_id_opaque": Fault(
         pending=_edit("google_conversions", _put("order_id", CANARIES["appointment_id"])), layer="gate"),
     "google_conversions_outbound.order_id_unique": Fault(pending=_dup("google_conversions")),
@@ -265,7 +266,7 @@ CASES: dict[str, Fault] = {
     "google_conversions_outbound.user_identifiers_batch": Fault(
         pending=_edit("google_conversions", _put("user_identifiers", [{"hashed_email": HASH}] * 6)), layer="gate"),
     "google_conversions_outbound.has_match_key": Fault(pending=_edit("google_conversions", _no_match_keys)),
-    "meta_events_outbound.event_id_not_null": Fault(pending=_edit("meta_events", _pop("event_id"))),
+    "meta_events_outbound.event_id_not_null": Fault(pending=_edit("meta_events", _pop("event_id")), layer="gate"),
     "meta_events_outbound.event_id_opaque": Fault(
         pending=_edit("meta_events", _put("event_id", CANARIES["patient_id"])), layer="gate"),
     "meta_events_outbound.event_id_unique": Fault(pending=_dup("meta_events")),
@@ -747,6 +748,7 @@ ODD_MEMBERS: list[Any] = [
     {"operation": "create", "user_identifiers": [{"hashed_email": {"nested": H64[10]}}]},
     {"operation": 7, "user_identifiers": [{"hashed_email": H64[11]}]},
     {"operation": "create", "user_identifiers": [{"address_info": {"hashed_first_name": 1.5}}]},
+    {"operation": "create"},  # no identifiers at all: counted as 0, not a crash
 ]  # fmt: skip
 AUDIENCE: list[Any] = [
     {"operation": "add", "data": [[H64[0], "", H64[1], "", "", "", "", H64[2]], [H64[3]] * 8]},
