@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from sqlalchemy.engine import Engine
 
@@ -66,6 +67,23 @@ def test_extract_and_database_give_the_same_history(clinic: ClinicConfig, tmp_pa
             assert via_file[key].is_monotonic_increasing
             assert len(via_file) > 100
             assert (via_file[staging.TIME_COLUMN[kind]] < pd.Timestamp(END)).all()
+
+
+def test_the_database_read_in_many_chunks_keeps_hashes_once_per_value(
+    clinic: ClinicConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chunks of 300 rows: every chunk has its own dictionary, unified into one per column
+    monkeypatch.setattr(staging, "_CHUNK", 300)
+    paths = _extract(clinic, tmp_path / "run")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(clinic, engine, paths)
+        raw = staging._read_chunked(engine, "appointments", clinic.clinic_id, int(END.timestamp() * 1e6))
+        email = raw.column("em_g")
+        assert email.num_chunks > 3 and pa.types.is_dictionary(email.type)
+        assert len(email.chunk(0).dictionary) == len(email.chunk(1).dictionary) < raw.num_rows
+        assert email.chunk(0).dictionary.equals(email.chunk(1).dictionary)
+        via_file, via_db = _both(engine, clinic, paths, "appointments")
+        pd.testing.assert_frame_equal(via_file, via_db)
 
 
 def test_an_export_missing_older_rows_is_read_from_the_database(clinic: ClinicConfig, tmp_path: Path) -> None:
