@@ -80,15 +80,18 @@ class Timings:
 
 
 def release_memory() -> None:
-    """Return freed heap to the OS: collect cycles (Great Expectations leaves frames in cycles),
-    release Arrow's pool, then glibc's ``malloc_trim`` where it exists. About 0.1 s a call."""
+    """Return freed heap to the OS: release Arrow's pool, then glibc's ``malloc_trim`` where it
+    exists.
+
+    No full garbage collection here: its cost grows with the live containers (1.7 s a call once a
+    million appointments' payload rows exist, 8 s a run), and the one part of a run that leaves
+    large reference cycles, Great Expectations, collects after itself (``quality_gx.run_suites``).
+    """
     import ctypes
     import ctypes.util
-    import gc
 
     import pyarrow as pa
 
-    gc.collect()
     pa.default_memory_pool().release_unused()
     libc = ctypes.util.find_library("c")
     if libc and "libc.so" in libc:

@@ -194,6 +194,23 @@ def run_suites(
         on_result: called with (suite, GX result as a JSON dict) for inspection in tests; the
             dict is counts and configuration only, given the result format used here.
     """
+    import gc
+
+    try:
+        return _run_suites(data, names, parameters, thresholds, on_result)
+    finally:
+        # GX leaves its context, validators and frame copies in reference cycles: collected here,
+        # where they are made, so the pipeline's other steps never pay a full collection
+        gc.collect()
+
+
+def _run_suites(
+    data: Mapping[str, pd.DataFrame],
+    names: Iterable[str],
+    parameters: Mapping[str, Any],
+    thresholds: Thresholds,
+    on_result: ResultHook | None,
+) -> list[CheckResult]:
     import great_expectations as gx
 
     suites = build_suites(thresholds)
