@@ -98,6 +98,31 @@ class Exclude(_Model):
         return patterns
 
 
+class Quality(_Model):
+    """Where a data-quality share or ratio becomes a finding (docs/quality.md). The defaults are
+    what the committed suites under ``expectations/`` hold; a clinic whose exports differ (a CRM
+    that rarely captures phones, say) sets its own."""
+
+    max_unusable_email_share: float = Field(0.5, ge=0, le=1, description="Warning above this share.")
+    max_unusable_phone_share: float = Field(0.5, ge=0, le=1, description="Warning above this share.")
+    max_unknown_status_share: float = Field(
+        0.2, ge=0, le=1, description="Critical above: a shifted column or a new status vocabulary."
+    )
+    max_no_lead_share: float = Field(
+        0.9, ge=0, le=1, description="Warning above: attended visits in the window with no lead."
+    )
+    volume_factor: float = Field(
+        3.0, gt=1, description="Warning when a day's appointments are this many times off the median."
+    )
+    volume_min_median: float = Field(
+        20.0, ge=0, description="Days with a lower trailing median are not judged."
+    )
+    volume_trailing_days: int = Field(28, ge=7, le=365)
+    max_abs_revenue: float = Field(
+        100_000.0, gt=0, description="Critical beyond: an ID, phone or ZIP shifted into revenue."
+    )
+
+
 class ConversionActions(_Model):
     consultation: str = Field(pattern=r"^customers/\d+/conversionActions/\d+$")
     purchase: str = Field(pattern=r"^customers/\d+/conversionActions/\d+$")
@@ -173,6 +198,7 @@ class ClinicConfig(_Model):
     sources: Sources
     rules: Rules = Field(default_factory=Rules)
     exclude: Exclude = Field(default_factory=Exclude)
+    quality: Quality = Field(default_factory=Quality)
     google_ads: GoogleAds | None = None
     meta: Meta | None = None
     # Folder of the YAML file; relative paths in the file resolve against it.

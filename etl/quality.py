@@ -40,13 +40,15 @@ from etl.quality_suites import (
     OUTBOUND_SUITES,
     WARNING,
     Thresholds,
+    thresholds_for,
 )
 
 if TYPE_CHECKING:
     from etl.tasks import RunSpec
 
 log = logging.getLogger(__name__)
-__all__ = ["CheckResult", "ResultHook", "run_suites"]  # re-exported: callers know them from here
+# re-exported: callers know them from here
+__all__ = ["DEFAULT_THRESHOLDS", "CheckResult", "ResultHook", "run_suites"]
 
 
 def store_results(engine: Engine, clinic_id: str, run_id: str, results: Sequence[CheckResult],
@@ -112,10 +114,16 @@ def _log_warnings(results: Sequence[CheckResult]) -> None:
 EXTRACT_SUITES = tuple(name for name in INPUT_SUITES if name != "appointment_volume")
 
 
-def check_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS,
+def _thresholds(spec: RunSpec, given: Thresholds | None) -> Thresholds:
+    """The thresholds a run's checks use: given ones (tests), else the clinic's ``quality:``."""
+    return given if given is not None else thresholds_for(spec.config.quality)
+
+
+def check_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds | None = None,
                  on_result: ResultHook | None = None,
                  suites: Sequence[str] = INPUT_SUITES) -> list[CheckResult]:  # fmt: skip
     """Run input suites on the hashed extracts and staged volume, store and return the results."""
+    thresholds = _thresholds(spec, thresholds)
     paths = spec.paths
     with spec.engine() as engine:
         data: dict[str, pd.DataFrame] = {}
@@ -135,9 +143,7 @@ def check_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAUL
     return results
 
 
-def gate_extracts(
-    spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS
-) -> list[CheckResult]:
+def gate_extracts(spec: RunSpec, *, at: datetime, thresholds: Thresholds | None = None) -> list[CheckResult]:
     """The extract and schema suites, run by ``stage`` before anything is upserted.
 
     A broken export (a shifted column, a changed status vocabulary) must not reach staging:
@@ -148,6 +154,7 @@ def gate_extracts(
     Raises:
         QualityGateFailed: a critical extract check failed; nothing was staged.
     """
+    thresholds = _thresholds(spec, thresholds)
     record = spec.paths.extracts / CHECKED_FILE
     record.unlink(missing_ok=True)
     before = _fingerprints(spec.paths.extracts)
@@ -231,9 +238,10 @@ def _checked_extract_results(spec: RunSpec, thresholds: Thresholds) -> list[Chec
     return results
 
 
-def check_pending(spec: RunSpec, pending: Path, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS,
+def check_pending(spec: RunSpec, pending: Path, *, at: datetime, thresholds: Thresholds | None = None,
                   on_result: ResultHook | None = None) -> list[CheckResult]:  # fmt: skip
     """Run the staged-conversion, outbound and run-share suites on a pending plan; store and return."""
+    thresholds = _thresholds(spec, thresholds)
     outbound = frames.outbound_frames(pending)
     with spec.engine() as engine:
         data = {
@@ -257,9 +265,7 @@ def summarize(results: Sequence[CheckResult]) -> dict[str, Any]:
     }
 
 
-def validate_inputs(
-    spec: RunSpec, *, at: datetime, thresholds: Thresholds = DEFAULT_THRESHOLDS
-) -> dict[str, Any]:
+def validate_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds | None = None) -> dict[str, Any]:
     """The ``validate_inputs`` step: input suites as a gate.
 
     ``stage`` already refused extracts failing a critical check before upserting them; this
@@ -272,6 +278,7 @@ def validate_inputs(
     Raises:
         QualityGateFailed: a critical input check failed (results are stored first).
     """
+    thresholds = _thresholds(spec, thresholds)
     reused = _checked_extract_results(spec, thresholds)
     if reused is None:
         results = check_inputs(spec, at=at, thresholds=thresholds)
@@ -287,7 +294,7 @@ def validate_inputs(
 
 
 def outbound_checks(spec: RunSpec, *, at: datetime,
-                    thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Callable[[Path], None]:  # fmt: skip
+                    thresholds: Thresholds | None = None) -> Callable[[Path], None]:  # fmt: skip
     """The ``checks`` callable ``publish_outbox`` runs on the pending plan after the PHI gate."""
 
     def checks(pending: Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from etl.config import Quality
 from etl.gate import ISO_4217
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[1] / "expectations"
@@ -54,23 +55,24 @@ CUSTOMER_MATCH_MAX_IDENTIFIERS = 20  # user_identifiers per Customer Match membe
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Where a share or ratio turns into a finding. Defaults are what ``expectations/*.json`` holds.
+    """Where a share or ratio turns into a finding: a clinic's ``quality:`` section
+    (``etl.config.Quality``, which holds the defaults and their meaning)."""
 
-    ``config.py`` forbids unknown keys, so these are not yet read from clinic YAML; the keys a
-    ``quality:`` section would carry have these names (docs/quality.md).
-    """
-
-    max_unusable_email_share: float = 0.5  # warning above: a broken email column or a CRM change
-    max_unusable_phone_share: float = 0.5
-    max_unknown_status_share: float = 0.2  # critical above: a shifted column or a new vocabulary
-    max_no_lead_share: float = 0.9  # warning above: leads and visits stopped linking
-    volume_factor: float = 3.0  # warning when a day is this many times above or below the median
-    volume_min_median: float = 20.0  # days whose trailing median is lower are too noisy to judge
-    volume_trailing_days: int = 28
-    max_abs_revenue: float = 100_000.0  # critical beyond: an ID, phone or ZIP shifted into revenue
+    max_unusable_email_share: float
+    max_unusable_phone_share: float
+    max_unknown_status_share: float
+    max_no_lead_share: float
+    volume_factor: float
+    volume_min_median: float
+    volume_trailing_days: int
+    max_abs_revenue: float
 
 
-DEFAULT_THRESHOLDS = Thresholds()
+def thresholds_for(quality: Quality) -> Thresholds:
+    return Thresholds(**quality.model_dump())
+
+
+DEFAULT_THRESHOLDS = thresholds_for(Quality())  # what the committed ``expectations/*.json`` hold
 
 
 @dataclass(frozen=True)

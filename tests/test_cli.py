@@ -76,10 +76,12 @@ def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
     raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
     raw["rules"] = {"value_window_days": -3}
     raw["meta"]["pixel_id"] = "not-a-pixel"
+    raw["quality"] = {"max_no_lead_share": 2}
     (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
     result = run(tmp_path / "clinic.yaml")
     assert result.exit_code == 2
     assert "rules.value_window_days" in result.stderr and "meta.pixel_id" in result.stderr
+    assert "quality.max_no_lead_share" in result.stderr
     assert "not-a-pixel" not in result.stderr
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+import yaml
 from typer.testing import CliRunner
 
 from etl import quality, quality_frames, store, tasks
@@ -670,6 +671,25 @@ def test_validate_inputs_reuses_the_stage_gate_results_for_unchanged_extracts(
     again = tasks.validate_inputs(spec)
     assert ran == ["appointment_volume", *quality.INPUT_SUITES]
     assert again == reused and _stored_rows(spec) == stored
+
+
+def test_a_clinic_sets_its_own_thresholds_in_its_yaml(tmp_path: Path) -> None:
+    spec = _staged(tmp_path)
+    raw = yaml.safe_load((tmp_path / "clinic.yaml").read_text())  # what _staged ran
+    raw["quality"] = {"max_abs_revenue": 1}  # the canary visits cost hundreds: now implausible
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(raw))
+    strict = replace(spec, config=load_config(tmp_path / "strict.yaml"))
+    assert strict.config.quality.max_abs_revenue == 1.0 and strict.run_id == spec.run_id
+
+    def revenue_check(run: tasks.RunSpec) -> bool:
+        results = quality.check_inputs(run, at=NOW, suites=["appointments_extract"])
+        return next(r.success for r in results if r.label == "appointments_extract.revenue_plausible")
+
+    assert revenue_check(spec) is True
+    assert revenue_check(strict) is False
+    # the stage gate's record was made under other thresholds: validate_inputs checks again, and stops
+    with pytest.raises(QualityGateFailed, match="revenue_plausible"):
+        tasks.validate_inputs(strict)
 
 
 def _rewrite_same_bytes(path: Path) -> None:
