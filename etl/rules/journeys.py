@@ -60,9 +60,12 @@ def _groups(
     cuts = np.flatnonzero(np.diff(sorted_person)) + 1
     starts = np.concatenate(([0], cuts))
     ends = np.concatenate((cuts, [len(sorted_rows)]))
-    t_sorted = t[order]
-    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-        out[int(sorted_person[lo])] = (t_sorted[lo:hi].tolist(), sorted_rows[lo:hi].tolist())
+    # whole columns to Python lists once, then list slices: a numpy slice and ``tolist`` per
+    # person cost more than the walk itself at a few hundred thousand persons
+    t_list, row_list = t[order].tolist(), sorted_rows.tolist()
+    persons = sorted_person[starts].tolist()
+    for p, lo, hi in zip(persons, starts.tolist(), ends.tolist(), strict=True):
+        out[p] = (t_list[lo:hi], row_list[lo:hi])
     return out
 
 
