@@ -2,9 +2,11 @@
 
 The floor is the least any implementation must do: read both CSVs with pyarrow and SHA-256 the
 email and phone columns with hashlib. Targets (issue #2): dry-run wall time <= 3x the floor,
-peak RSS <= 2 GiB, per-row cost at 1M within 1.3x of the cost at 100k. A second part measures
-upload throughput against the local sandboxes (issues #3 and #4). Figures are ratios from one
-run on one machine; absolute seconds vary with the machine's load.
+peak RSS <= 2 GiB, per-row cost at 1M within 1.3x of the cost at 100k. Next to the floor it
+measures SQLite's own cost of writing the staged rows (``staging_bound_seconds``), the least any
+design that stages them in SQLite pays. A second part measures upload throughput against the
+local sandboxes (issues #3 and #4). Figures are ratios from one run on one machine; absolute
+seconds vary with the machine's load.
 
 Usage: .venv/bin/python bench/bench_pipeline.py [--appointments N] [--leads M] [--out DIR]
 """
@@ -40,6 +42,40 @@ def floor_seconds(folder: Path) -> float:
                 if value:
                     hashlib.sha256(str(value).encode()).hexdigest()
     return time.perf_counter() - began
+
+
+def staging_bound_seconds(database: Path, *, keys_only: bool = False) -> float:
+    """SQLite's own cost of writing the staged rows: copy both staging tables, as the dry run left
+    them, into a fresh database file with one ``INSERT ... SELECT`` each (no Python per row, same
+    pragmas). Any design that stages these rows in SQLite pays at least this on a first load;
+    with ``keys_only``, what even a table of the records' keys alone would cost."""
+    import sqlite3
+
+    fresh = database.with_name(database.name + ".bound")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
+    conn = sqlite3.connect(database, isolation_level=None)
+    try:
+        conn.execute("ATTACH DATABASE ? AS fresh", (str(fresh),))
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-65536"):
+            conn.execute(f"PRAGMA fresh.{pragma}")
+        ddl = dict(conn.execute("SELECT name, sql FROM main.sqlite_master WHERE type = 'table'").fetchall())
+        began = time.perf_counter()
+        conn.execute("BEGIN")
+        for table, key in (("appointments", "appointment_id"), ("leads", "lead_id")):
+            if keys_only:
+                create = f"CREATE TABLE fresh.{table} (clinic_id TEXT NOT NULL, {key} TEXT NOT NULL, "
+                conn.execute(create + f"PRIMARY KEY (clinic_id, {key}))")
+                conn.execute(f"INSERT INTO fresh.{table} SELECT clinic_id, {key} FROM main.{table}")
+            else:
+                conn.execute(ddl[table].replace(f"CREATE TABLE {table}", f"CREATE TABLE fresh.{table}", 1))
+                conn.execute(f"INSERT INTO fresh.{table} SELECT * FROM main.{table}")
+        conn.execute("COMMIT")
+        return time.perf_counter() - began
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{fresh}{suffix}").unlink(missing_ok=True)
 
 
 class RssByStep:
@@ -158,6 +194,8 @@ def measure(folder: Path, label: str, appointments: int, mode: str = "dry_run") 
         Path(folder / f"bench-{label}.sqlite{suffix}").unlink(missing_ok=True)
     dry = run_child(folder / "clinic.yaml", database, mode)
     floor = floor_seconds(folder)
+    bound = staging_bound_seconds(folder / f"bench-{label}.sqlite")
+    keys_bound = staging_bound_seconds(folder / f"bench-{label}.sqlite", keys_only=True)
     return {
         "mode": mode,
         "label": label,
@@ -166,6 +204,9 @@ def measure(folder: Path, label: str, appointments: int, mode: str = "dry_run") 
         "process_seconds": round(dry["process_wall"], 2),
         "floor_seconds": round(floor, 2),
         "ratio_to_floor": round(dry["wall"] / floor, 2),
+        "staging_bound_seconds": round(bound, 2),
+        "floor_plus_staging_bound_ratio": round((floor + bound) / floor, 2),
+        "staging_keys_only_bound_seconds": round(keys_bound, 2),
         "rows_per_second": round(appointments / dry["wall"]),
         "us_per_appointment": round(dry["wall"] / appointments * 1e6, 2),
         "peak_rss_mib": round(dry["peak_rss_mib"]),
