@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import pandas as pd
 
 from etl.config import ClinicConfig
-from etl.outbox import collector_paused, encode_canonical, encode_canonical_all
+from etl.outbox import collector_paused, encode_canonical, encode_canonical_all, encode_canonical_text
 
 META_AUDIENCE_SCHEMA = ["EMAIL", "PHONE", "FN", "LN", "ZIP", "CT", "ST", "COUNTRY"]
 META_AUDIENCE_BATCH = 10_000
@@ -37,9 +38,11 @@ def meta_member_key(data_row: list[str]) -> str:
     return hashlib.sha256(encode_canonical(data_row)).hexdigest()
 
 
-def _member_keys(values: list[Any]) -> list[str]:
-    """``google_member_key`` / ``meta_member_key`` of many members: one type check for all."""
-    return [hashlib.sha256(text).hexdigest() for text in encode_canonical_all(values)]
+def _member_keys(values: list[Any], *, text_only: bool = False) -> list[str]:
+    """``google_member_key`` / ``meta_member_key`` of many members: one type check for all, or
+    none when the caller built them from text alone (``text_only``)."""
+    encoded = encode_canonical_text(values) if text_only else encode_canonical_all(values)
+    return [hashlib.sha256(text).hexdigest() for text in encoded]
 
 
 def google_date_time(ts: pd.Timestamp, tz: Any) -> str:
@@ -157,7 +160,10 @@ def google_member_rows(members: pd.DataFrame) -> dict[str, Row]:
                 identifiers.append({"address_info": address})
             if identifiers:
                 rows.append({"operation": "create", "user_identifiers": identifiers})
-        keys = _member_keys([row["user_identifiers"] for row in rows])
+        # hashes as staged are text; the address parts were checked above: then no type walk
+        hashes = chain.from_iterable(chain(members["em_g"].tolist(), members["ph_g"].tolist()))
+        text_only = set(map(type, hashes)) <= {str}
+        keys = _member_keys([row["user_identifiers"] for row in rows], text_only=text_only)
         return dict(zip(keys, rows, strict=True))
 
 
@@ -167,7 +173,7 @@ def meta_member_rows(members: pd.DataFrame) -> dict[str, list[str]]:
     with collector_paused():  # a few hundred thousand small lists (etl.outbox.collector_paused)
         cells = [[v if isinstance(v, str) else "" for v in members[c].tolist()] for c in cols]
         rows = [list(data) for data in zip(*cells, strict=True) if data[0] or data[1]]
-        return dict(zip(_member_keys(rows), rows, strict=True))
+        return dict(zip(_member_keys(rows, text_only=True), rows, strict=True))  # cells are str only
 
 
 def google_audience_lines(adds: Iterable[Row], removes: Iterable[Row]) -> list[Row]:
