@@ -14,6 +14,7 @@ of names and counts.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -199,6 +200,13 @@ def run_suites(
     try:
         return _run_suites(data, names, parameters, thresholds, on_result)
     finally:
+        if "great_expectations" in sys.modules:
+            from great_expectations.data_context import set_context
+
+            # GX keeps the last context as the process's "project", and with it the data sources,
+            # validators and every frame validated (half a gigabyte of extracts at a million
+            # appointments), until the next context replaces it
+            set_context(None)
         # GX leaves its context, validators and frame copies in reference cycles: collected here,
         # where they are made, so the pipeline's other steps never pay a full collection
         gc.collect()

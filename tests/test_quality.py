@@ -826,3 +826,18 @@ def test_gx_gets_the_columns_its_checks_read_and_no_batch_fingerprint() -> None:
     assert [(r.success, r.unexpected_count, r.element_count) for r in results] == [(False, 1, 2)]
     assert "pandas_data_fingerprint" not in json.dumps(seen, default=str)
     assert threshold == pandas_execution_engine.HASH_THRESHOLD
+
+
+def test_gx_holds_no_validated_frame_once_the_suites_ran() -> None:
+    # GX keeps its last context process-wide; with it, every frame it validated stayed alive
+    # until the next run replaced it (half a gigabyte of extracts at a million appointments)
+    import gc
+
+    frame = pd.DataFrame(
+        {"ref": [7, 9], "destination": ["a", "b"], "field": ["em", "ph"], "value": [HASH, HASH]}
+    )
+    results = quality.run_suites({"hashes": frame}, ["outbound_hashes"], {})
+    assert [r.success for r in results] == [True]
+    gc.collect()
+    keyed = [o for o in gc.get_objects() if isinstance(o, pd.DataFrame) and o.index.name == "row_key"]
+    assert keyed == []
