@@ -3,9 +3,9 @@
 Each destination has an allowlist written as a small schema tree: a key either maps to a value
 check or to a nested tree; any key not in the tree, any value failing its check, any container
 of the wrong shape and any row without a ``Required`` field (an operation, an opaque ID) is a
-violation. The gate runs on the final rows, before the outbox
-is written and before anything is sent, and raises ``GateViolation`` naming field paths and
-reasons, never values: a violation message may reach a log, a task summary or a pager.
+violation. The gate runs on the final rows, before the outbox is written and before anything is
+sent, and raises ``GateViolation`` naming field paths and reasons, never values: a violation
+message may reach a log, a task summary or a pager.
 
 ``_walk`` is the definition. Checking a million appointments' rows (twice a run: the plan in
 memory, then as read back) goes through two shortcuts that may only say "clean": ``_accepts``

@@ -355,10 +355,11 @@ def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int) -> 
                 wanted = types[names[i]]
                 # SQLite hands booleans back as 0/1
                 arr = pa.array(values) if wanted == pa.bool_() else pa.array(values, type=wanted)
+                arr = arr.cast(wanted)
                 if names[i] in HASH_COLUMNS:
                     # a person's hashes repeat on each of their rows: kept once per chunk, not per row
                     arr = arr.dictionary_encode()
-                pieces[i].append(arr.cast(wanted) if not pa.types.is_dictionary(arr.type) else arr)
+                pieces[i].append(arr)
         cur.close()
     return pa.table(
         [
@@ -373,9 +374,4 @@ def _column(arrays: list[pa.Array], wanted: pa.DataType, *, dictionary: bool) ->
     if not dictionary:
         return pa.chunked_array(arrays, type=wanted)
     # one dictionary for the whole column (the chunks' dictionaries unified), as a Parquet read gives
-    kind = pa.dictionary(pa.int32(), wanted)
-    return pa.chunked_array(
-        [a if pa.types.is_dictionary(a.type) else a.dictionary_encode() for a in arrays]
-        or [pa.array([], type=wanted).dictionary_encode()],
-        type=kind,
-    ).unify_dictionaries()
+    return pa.chunked_array(arrays, type=pa.dictionary(pa.int32(), wanted)).unify_dictionaries()
