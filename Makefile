@@ -1,6 +1,6 @@
 # Two doors for a fresh clone: `make demo` runs the main job, `make test` runs every test.
 # Both set up .venv/ first (scripts/setup, idempotent).
-.PHONY: setup demo test lint lock bench
+.PHONY: setup demo test lint lock bench schema
 
 setup:
 	@scripts/setup
@@ -19,3 +19,6 @@ lock:
 
 bench: setup
 	.venv/bin/python bench/bench_pipeline.py
+
+schema: setup
+	.venv/bin/python -c "from etl.store import schema_ddl; print(schema_ddl(), end='')" > sql/schema.sql

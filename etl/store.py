@@ -1,8 +1,9 @@
 """Staging database: the tables, the engine, bulk inserts (loading and reading staged exports is etl.staging).
 
 SQLite (a file beside the clinic YAML) is the embedded default; any SQLAlchemy URL works, and
-PostgreSQL is the deployment target (issue #2, item 4). The DDL is kept in ``sql/schema.sql``
-for readers and DBAs; these Core tables are the source of truth and create it.
+PostgreSQL is the deployment target (issue #2, item 4). These Core tables are the source of
+truth and create themselves; ``sql/schema.sql`` is their DDL generated for readers and DBAs
+(``make schema``; a test keeps it current).
 
 Staged rows hold **hashed identifiers only**: raw emails, phones, names and addresses are hashed
 in ``etl.identifiers`` before anything is written, and PHI-only columns are dropped at extract,
@@ -284,3 +285,17 @@ def engine_for(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def schema_ddl(dialect: str = "postgresql") -> str:
+    """The tables' DDL for one dialect, as ``sql/schema.sql`` holds it."""
+    from sqlalchemy.dialects import postgresql, sqlite
+    from sqlalchemy.schema import CreateTable
+
+    target = {"postgresql": postgresql.dialect(), "sqlite": sqlite.dialect()}[dialect]
+    header = (
+        "-- Generated from etl/store.py (the source of truth) by `make schema`; do not edit.\n"
+        f"-- Dialect: {dialect}. The pipeline creates these tables itself on first use.\n"
+    )
+    body = ";\n".join(str(CreateTable(t).compile(dialect=target)).strip() for t in metadata.sorted_tables)
+    return header + "\n" + "\n".join(line.rstrip() for line in f"{body};".splitlines()) + "\n"

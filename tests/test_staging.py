@@ -152,3 +152,8 @@ def test_duplicates_in_one_export_resolve_by_updated_at(tmp_path: Path) -> None:
     assert history.loc[history["appointment_id"] == frame["appointment_id"].iloc[0], "status"].tolist() == [
         "attended"
     ]
+
+
+def test_the_committed_ddl_is_the_tables_ddl() -> None:
+    committed = Path(__file__).resolve().parents[1] / "sql" / "schema.sql"
+    assert committed.read_text(encoding="utf-8") == store.schema_ddl(), "run `make schema`"

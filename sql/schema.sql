@@ -1,0 +1,131 @@
+-- Generated from etl/store.py (the source of truth) by `make schema`; do not edit.
+-- Dialect: postgresql. The pipeline creates these tables itself on first use.
+
+CREATE TABLE appointments (
+	clinic_id VARCHAR(64) NOT NULL,
+	appointment_id VARCHAR(128) NOT NULL,
+	patient_id VARCHAR(128),
+	status VARCHAR(16) NOT NULL,
+	status_known BOOLEAN NOT NULL,
+	start_at BIGINT NOT NULL,
+	updated_at BIGINT,
+	revenue FLOAT NOT NULL,
+	currency VARCHAR(3),
+	location_id VARCHAR(128),
+	consent_marketing BOOLEAN NOT NULL,
+	consent_at BIGINT,
+	consent_revoked_at BIGINT,
+	is_test BOOLEAN NOT NULL,
+	em_g VARCHAR(64),
+	em_m VARCHAR(64),
+	ph_g VARCHAR(64),
+	ph_m VARCHAR(64),
+	fn_g VARCHAR(64),
+	ln_g VARCHAR(64),
+	fn_m VARCHAR(64),
+	ln_m VARCHAR(64),
+	ct_m VARCHAR(64),
+	st_m VARCHAR(64),
+	zp_m VARCHAR(64),
+	country_m VARCHAR(64),
+	postal_code VARCHAR(64),
+	country_code VARCHAR(64),
+	load_seq BIGINT NOT NULL,
+	PRIMARY KEY (clinic_id, appointment_id)
+);
+CREATE TABLE audience_state (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	member_key VARCHAR(64) NOT NULL,
+	payload TEXT NOT NULL,
+	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, destination, member_key)
+);
+CREATE TABLE conversions (
+	clinic_id VARCHAR(64) NOT NULL,
+	opaque_id VARCHAR(64) NOT NULL,
+	stage VARCHAR(16) NOT NULL,
+	person_key VARCHAR(64) NOT NULL,
+	event_time BIGINT NOT NULL,
+	ready_at BIGINT NOT NULL,
+	value FLOAT,
+	outcome VARCHAR(32) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	PRIMARY KEY (clinic_id, opaque_id)
+);
+CREATE TABLE leads (
+	clinic_id VARCHAR(64) NOT NULL,
+	lead_id VARCHAR(128) NOT NULL,
+	created_at BIGINT NOT NULL,
+	gclid VARCHAR(256),
+	gbraid VARCHAR(256),
+	wbraid VARCHAR(256),
+	fbclid VARCHAR(512),
+	fbc VARCHAR(512),
+	fbp VARCHAR(256),
+	consent_marketing BOOLEAN NOT NULL,
+	consent_at BIGINT,
+	consent_revoked_at BIGINT,
+	is_test BOOLEAN NOT NULL,
+	em_g VARCHAR(64),
+	em_m VARCHAR(64),
+	ph_g VARCHAR(64),
+	ph_m VARCHAR(64),
+	fn_g VARCHAR(64),
+	ln_g VARCHAR(64),
+	fn_m VARCHAR(64),
+	ln_m VARCHAR(64),
+	ct_m VARCHAR(64),
+	st_m VARCHAR(64),
+	zp_m VARCHAR(64),
+	country_m VARCHAR(64),
+	postal_code VARCHAR(64),
+	country_code VARCHAR(64),
+	load_seq BIGINT NOT NULL,
+	PRIMARY KEY (clinic_id, lead_id)
+);
+CREATE TABLE persons (
+	clinic_id VARCHAR(64) NOT NULL,
+	person_key VARCHAR(64) NOT NULL,
+	appointments INTEGER NOT NULL,
+	leads INTEGER NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	PRIMARY KEY (clinic_id, person_key)
+);
+CREATE TABLE quality_results (
+	run_id VARCHAR(200) NOT NULL,
+	suite VARCHAR(64) NOT NULL,
+	expectation VARCHAR(64) NOT NULL,
+	clinic_id VARCHAR(64) NOT NULL,
+	severity VARCHAR(16) NOT NULL,
+	success BOOLEAN NOT NULL,
+	unexpected_count BIGINT,
+	element_count BIGINT,
+	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (run_id, suite, expectation)
+);
+CREATE TABLE run_summaries (
+	run_id VARCHAR(200) NOT NULL,
+	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	clinic_id VARCHAR(64) NOT NULL,
+	start VARCHAR(40) NOT NULL,
+	"end" VARCHAR(40) NOT NULL,
+	dry_run BOOLEAN NOT NULL,
+	target VARCHAR(16) NOT NULL,
+	summary TEXT NOT NULL,
+	PRIMARY KEY (run_id, recorded_at)
+);
+CREATE TABLE send_ledger (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	opaque_id VARCHAR(64) NOT NULL,
+	stage VARCHAR(16),
+	status VARCHAR(16) NOT NULL,
+	code VARCHAR(64),
+	request_id VARCHAR(128),
+	run_id VARCHAR(200) NOT NULL,
+	planned_at TIMESTAMP WITH TIME ZONE,
+	sent_at TIMESTAMP WITH TIME ZONE,
+	updated_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, destination, opaque_id)
+);
