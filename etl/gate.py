@@ -24,6 +24,7 @@ from typing import Any
 
 from etl.config import ClinicConfig
 from etl.errors import GateViolation
+from etl.identifiers import GOOGLE_POSTAL_CODE
 from etl.outbox import collector_paused
 from etl.payloads import META_AUDIENCE_BATCH, META_AUDIENCE_SCHEMA
 
@@ -35,7 +36,6 @@ _FBC = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-.]{1,500}$")
 _FBP = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}$")
 _GOOGLE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
-_POSTAL = re.compile(r"^[0-9A-Za-z]{3,10}$")
 
 # ISO 4217 active codes (2026); a currency outside this list is a data error, not a new currency.
 ISO_4217 = frozenset([
@@ -221,7 +221,7 @@ _GOOGLE_MEMBER = {
                         "hashed_first_name": HASH,
                         "hashed_last_name": HASH,
                         "country_code": _Pattern(_COUNTRY, "not an ISO 3166 alpha-2 code"),
-                        "postal_code": _Pattern(_POSTAL, "not a postal code"),
+                        "postal_code": _Pattern(GOOGLE_POSTAL_CODE, "not a postal code"),
                     },
                 }
             ),

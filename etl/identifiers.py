@@ -77,6 +77,10 @@ _CHAR, _END = r"[^@\t\n\x0b\x0c\r\x1c-\x1f ]", r"[^@\t\n\x0b\x0c\r\x1c-\x1f .]"
 _ASCII_EMAIL: Final = rf"^{_CHAR}+@{_END}{_CHAR}*\.{_CHAR}*{_END}$"
 _US_ZIP = re.compile(r"([0-9]{5})(?:[ \-]?[0-9]{4})?")
 _POSTAL = re.compile(r"[a-z0-9]{2,10}")
+# Google's clear ``postal_code`` (the PHI gate checks this same form): groups of capital letters
+# and digits joined by one space or dash, 2 to 12 characters, at least one digit (every national
+# format has one, and a name or a city never passes)
+GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,12}$)[0-9A-Z]+(?:[ \-][0-9A-Z]+)*")
 
 
 def sha256_hex(text: str) -> str:
@@ -243,8 +247,9 @@ def normalize_postal_code_google(value: object, country: object) -> str | None:
 
     Returns:
         US (and territories): the 5-digit ZIP as :func:`normalize_zip`. Elsewhere: the code
-        uppercased with whitespace collapsed (``m1  1ae`` -> ``M1 1AE``), 2 to 10 ASCII letters
-        and digits once spaces and dashes are ignored. ``None`` when unusable.
+        uppercased, whitespace collapsed and spaces around a dash dropped (``m1  1ae`` ->
+        ``M1 1AE``, ``k1a - 0b1`` -> ``K1A-0B1``), matching :data:`GOOGLE_POSTAL_CODE`. ``None``
+        when unusable.
     """
     meta_form = normalize_zip(value, country)
     text = as_text(value)
@@ -252,7 +257,8 @@ def normalize_postal_code_google(value: object, country: object) -> str | None:
         return None
     if _resolve_country(country) in US_ZIP_REGIONS:
         return meta_form
-    return " ".join(text.split()).upper()
+    google = re.sub(r" ?- ?", "-", " ".join(text.split())).upper()
+    return google if GOOGLE_POSTAL_CODE.fullmatch(google) else None
 
 
 def normalize_country(value: object, default_region: str | None) -> str | None:

@@ -206,6 +206,32 @@ def stage_sources(
     return counts
 
 
+def _with_later(visible: pd.DataFrame, later: pd.DataFrame) -> pd.DataFrame:
+    """The visible rows' identity and consent columns, then the later rows'."""
+    if later.empty:
+        return visible
+    return pd.concat([visible[list(later.columns)], later], ignore_index=True)
+
+
+def _visible_first(
+    appt_person: np.ndarray, lead_person: np.ndarray, n_appts: int, n_leads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Person labels renumbered by first appearance among the visible rows, then the later ones.
+
+    ``link_persons`` numbers persons by first appearance in its inputs (visible appointments,
+    later appointments, visible leads, later leads); renumbered, the persons of the visible rows
+    keep the numbers they would have without later rows (deterministic output either way).
+    """
+    if len(appt_person) == n_appts and len(lead_person) == n_leads:
+        return appt_person, lead_person
+    sequence = np.concatenate([appt_person[:n_appts], lead_person[:n_leads],
+                               appt_person[n_appts:], lead_person[n_leads:]])  # fmt: skip
+    labels, first = np.unique(sequence, return_index=True)
+    rank = np.empty(int(labels.max()) + 1 if len(labels) else 0, dtype=np.int64)
+    rank[labels[np.argsort(first)]] = np.arange(len(labels))
+    return rank[appt_person], rank[lead_person]
+
+
 def _window_mask(times: pd.Series, lo: pd.Timestamp, hi: pd.Timestamp) -> np.ndarray:
     t = pd.to_datetime(times, utc=True)
     return ((t >= lo) & (t < hi)).to_numpy()
@@ -258,19 +284,30 @@ def plan_run(
     run_id = run_id_for(config, window)
     end = window.end_ts
     with timings.step("read_staged"):
-        appts = staging.load_staged(
+        appts, later_appts = staging.load_staged_and_later(
             engine, "appointments", config.clinic_id, before=window.end, extracts=extracts
         )
-        leads = staging.load_staged(engine, "leads", config.clinic_id, before=window.end, extracts=extracts)
+        leads, later_leads = staging.load_staged_and_later(
+            engine, "leads", config.clinic_id, before=window.end, extracts=extracts
+        )
     with timings.step("link_persons"):
         usable_a = ~appts["is_test"].to_numpy(dtype=bool)
         usable_l = ~leads["is_test"].to_numpy(dtype=bool)
-        appt_person, lead_person = link_persons(appts[usable_a], leads[usable_l])
+        # rows dated after ``end`` take part in linking and consent only (staging.load_staged_and_later)
+        later_a = later_appts[~later_appts["is_test"].to_numpy(dtype=bool)]
+        later_l = later_leads[~later_leads["is_test"].to_numpy(dtype=bool)]
+        known_a = _with_later(appts[usable_a], later_a)
+        known_l = _with_later(leads[usable_l], later_l)
+        appt_person, lead_person = _visible_first(
+            *link_persons(known_a, known_l), usable_a.sum(), usable_l.sum()
+        )
         a_person = np.full(len(appts), -1, dtype=np.int64)
         l_person = np.full(len(leads), -1, dtype=np.int64)
-        a_person[usable_a], l_person[usable_l] = appt_person, lead_person
+        a_person[usable_a] = appt_person[: usable_a.sum()]
+        l_person[usable_l] = lead_person[: usable_l.sum()]
         attended = usable_a & (appts["status"].to_numpy() == "attended")
-        consent = consent_events(appts[usable_a], appt_person, leads[usable_l], lead_person)
+        consent = consent_events(known_a, appt_person, known_l, lead_person)
+        del known_a, known_l, later_appts, later_leads, later_a, later_l
     with timings.step("journeys"):
         journeys = build_journeys(
             appts,

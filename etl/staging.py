@@ -51,6 +51,13 @@ BOOLS = {
     "appointments": ("status_known", "consent_marketing", "is_test"),
     "leads": ("consent_marketing", "is_test"),
 }
+# what a row dated at or after the run's end still tells: who the person is, and their consent
+LATER_COLUMNS = {
+    "appointments": ("appointment_id", "patient_id", "em_g", "ph_g", "is_test", "start_at",
+                     "consent_marketing", "consent_at", "consent_revoked_at"),
+    "leads": ("lead_id", "em_g", "ph_g", "is_test", "created_at", "consent_marketing", "consent_at",
+              "consent_revoked_at"),
+}  # fmt: skip
 MARKER = "staged.json"
 _CHUNK = 50_000
 _ALL_ROWS = str(2**31 - 1)  # one Arrow batch: the driver infers column types from the first batch
@@ -264,6 +271,25 @@ def load_staged(
     Rows from the future of ``end`` are invisible, so a backfill sees what a nightly run at that
     time would have seen of the event history (statuses are today's, latest wins).
     """
+    return _load(engine, kind, clinic_id, before=before, extracts=extracts, later=False)[0]
+
+
+def load_staged_and_later(
+    engine: Engine, kind: str, clinic_id: str, *, before: datetime, extracts: Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``load_staged``'s rows, plus the identity and consent columns (``LATER_COLUMNS``) of the rows
+    dated at or after ``end`` (booked visits, mostly), in one read.
+
+    A later row is no event of the run, but what it says about the person is: it links them
+    (same email, phone or patient ID) and it carries consent times, and a revocation recorded
+    before ``end`` at the intake of a visit booked for next month is in force at ``end``.
+    """
+    return _load(engine, kind, clinic_id, before=before, extracts=extracts, later=True)
+
+
+def _load(
+    engine: Engine, kind: str, clinic_id: str, *, before: datetime, extracts: Path | None, later: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     before_us = int(before.timestamp() * 1_000_000)
     if _extract_is_staging(engine, kind, clinic_id, extracts):
         assert extracts is not None
@@ -271,12 +297,15 @@ def load_staged(
         wanted = [c.name for c in TABLES[kind].columns if c.name in pq.ParquetFile(path).schema_arrow.names]
         table = _staged_columns(pq.read_table(path, columns=wanted), kind, clinic_id, 0, decode=False)
     else:
-        table = _read_chunked(engine, kind, clinic_id, before_us)
+        table = _read_chunked(engine, kind, clinic_id, None if later else before_us)
+    table = table.drop_columns(["clinic_id", "load_seq"])
     # one take for both the time filter and the key order: one copy of the table, not two
     order = pc.sort_indices(table, sort_keys=[(KEYS[kind], "ascending")])
-    visible = pc.less(table.column(TIME_COLUMN[kind]), before_us)
-    table = table.take(order.filter(visible.take(order).combine_chunks()))
-    return _to_frame(table.drop_columns(["clinic_id", "load_seq"]), kind)
+    visible = pc.less(table.column(TIME_COLUMN[kind]), before_us).take(order).combine_chunks()
+    rest = table.select(list(LATER_COLUMNS[kind])).take(order.filter(pc.invert(visible))) if later else None
+    table = table.take(order.filter(visible))  # the unsorted table is let go before the frame is built
+    past = _to_frame(table, kind)
+    return past, (past.iloc[0:0] if rest is None else _to_frame(rest, kind))
 
 
 def _arrow_types(kind: str) -> dict[str, pa.DataType]:
@@ -330,8 +359,9 @@ def _objects(arr: pa.ChunkedArray, *, intern: bool = False) -> np.ndarray:
     return categories.take(codes.indices.cast(pa.int64()).fill_null(len(categories) - 1).to_numpy())
 
 
-def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int) -> pa.Table:
-    """Staged rows through the driver's cursor in chunks, each chunk turned into Arrow at once.
+def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int | None) -> pa.Table:
+    """Staged rows dated before ``before_us`` (all with None) through the driver's cursor in
+    chunks, each chunk turned into Arrow at once.
 
     The raw DB-API cursor skips SQLAlchemy's per-row objects; only one chunk of driver tuples
     exists at a time. Hash columns are dictionary-encoded chunk by chunk and unified at the end,
@@ -343,13 +373,15 @@ def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int) -> 
     pieces: list[list[pa.Array]] = [[] for _ in names]
     with engine.connect() as conn:
         mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        sql = (
-            f"SELECT {', '.join(names)} FROM {kind} WHERE clinic_id = {mark} AND {TIME_COLUMN[kind]} < {mark}"
-        )
+        sql = f"SELECT {', '.join(names)} FROM {kind} WHERE clinic_id = {mark}"
+        params: tuple[Any, ...] = (clinic_id,)
+        if before_us is not None:  # None: every row, whatever its date
+            sql += f" AND {TIME_COLUMN[kind]} < {mark}"
+            params += (before_us,)
         raw = conn.connection.dbapi_connection
         assert raw is not None
         cur = raw.cursor()
-        cur.execute(sql, (clinic_id, before_us))
+        cur.execute(sql, params)
         while chunk := cur.fetchmany(_CHUNK):
             for i, values in enumerate(zip(*chunk, strict=True)):
                 wanted = types[names[i]]

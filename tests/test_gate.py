@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl import gate
 from etl.errors import GateViolation
 from etl.gate import check_outbound
+from etl.identifiers import normalize_postal_code_google
 from tests.conftest import make_config
 
 H = "a" * 64
@@ -108,6 +111,12 @@ def test_good_rows_pass() -> None:
             "google_customer_match",
             ("user_identifiers", 1, "address_info", "postal_code"),
             "94110 San Francisco",
+            "not a postal code",
+        ),
+        (
+            "google_customer_match",
+            ("user_identifiers", 1, "address_info", "postal_code"),
+            "JANE DOE",
             "not a postal code",
         ),
         ("meta_audience", ("data", 0, 1), "4155550123", "not a 64-hex SHA-256 or empty"),
@@ -282,3 +291,24 @@ def test_an_audience_batch_with_one_bad_cell_names_it() -> None:
         check_outbound(CONFIG, {"meta_audience": [GOOD["meta_audience"], row]})
     assert "meta_audience[1].data[9876][3]: not a 64-hex SHA-256 or empty" in str(info.value)
     assert "555" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "country"),
+    [("M1 1AE", "GB"), ("k1a 0b1", "CA"), ("1234-567", "PT"), ("75008", "FR"), ("100-0001", "JP"),
+     ("2000", "AU"), ("94110-1234", "US"), ("d02 x285", "IE")],
+)  # fmt: skip
+def test_every_postal_code_the_normalizer_sends_passes_the_gate(raw: str, country: str) -> None:
+    # a patient from abroad is a Customer Match member like any other, not a reason to stop the run
+    code = normalize_postal_code_google(raw, country)
+    assert code is not None
+    row = copy.deepcopy(GOOD["google_customer_match"])
+    row["user_identifiers"][1]["address_info"].update(postal_code=code, country_code=country)
+    check_outbound(CONFIG, {"google_customer_match": [row]})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.sampled_from(["GB", "CA", "PT", "US", "JP"]))
+def test_the_gate_accepts_whatever_the_postal_normalizer_returns(text: str, country: str) -> None:
+    code = normalize_postal_code_google(text, country)
+    assert code is None or gate.GOOGLE_POSTAL_CODE.fullmatch(code)

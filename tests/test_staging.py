@@ -69,6 +69,31 @@ def test_extract_and_database_give_the_same_history(clinic: ClinicConfig, tmp_pa
             assert (via_file[staging.TIME_COLUMN[kind]] < pd.Timestamp(END)).all()
 
 
+def test_rows_dated_after_the_end_come_apart_the_same_both_ways(clinic: ClinicConfig, tmp_path: Path) -> None:
+    paths = _extract(clinic, tmp_path / "run")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(clinic, engine, paths)
+        for kind in KINDS:
+            end = END - pd.Timedelta(days=60)
+            past, later = staging.load_staged_and_later(
+                engine, kind, clinic.clinic_id, before=end, extracts=paths.extracts
+            )
+            db_past, db_later = staging.load_staged_and_later(engine, kind, clinic.clinic_id, before=end)
+            pd.testing.assert_frame_equal(past, db_past)
+            pd.testing.assert_frame_equal(later, db_later)
+            pd.testing.assert_frame_equal(
+                past, staging.load_staged(engine, kind, clinic.clinic_id, before=end)
+            )
+            assert list(later.columns) == list(staging.LATER_COLUMNS[kind]) and len(later) > 10
+            time = staging.TIME_COLUMN[kind]
+            assert (past[time] < pd.Timestamp(end)).all() and (later[time] >= pd.Timestamp(end)).all()
+            ever = datetime(2100, 1, 1, tzinfo=UTC)
+            assert len(past) + len(later) == len(
+                staging.load_staged(engine, kind, clinic.clinic_id, before=ever)
+            )
+            assert later[staging.KEYS[kind]].is_monotonic_increasing
+
+
 def test_the_database_read_in_many_chunks_keeps_hashes_once_per_value(
     clinic: ClinicConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,6 +150,18 @@ def test_consent(name: str, reason: str, member: bool, tmp_path: Path) -> None:
     assert len(run.rows["meta_audience"]) == int(member)
 
 
+def test_a_revocation_taken_at_the_intake_of_a_booked_visit_is_in_force(tmp_path: Path) -> None:
+    # A2 is booked for 2026-07-15, after the run's end, and linked only by patient ID; the
+    # revocation it carries was recorded on 2026-06-20, before the end
+    run = case("consent_revoked_at_a_booked_visit", tmp_path)
+    assert run.drops == {"consent_revoked": 2}
+    assert all(not rows for rows in run.rows.values())
+    # a run whose end is before the revocation still sends both stages and lists the patient
+    earlier = case("consent_revoked_at_a_booked_visit", tmp_path / "earlier", end="2026-06-15")
+    assert earlier.drops == {} and stages(earlier) == {"consultation": 1, "purchase": 1}
+    assert len(earlier.rows["google_conversions"]) == 2 and len(earlier.rows["google_customer_match"]) == 1
+
+
 def test_test_records_are_dropped(tmp_path: Path) -> None:
     run = case("test_records", tmp_path)
     assert run.drops == {"test_record": 4}
@@ -250,3 +262,11 @@ def test_opaque_ids_are_keyed_hashes(tmp_path: Path) -> None:
     }
     assert ids == expected
     assert ids == {r["event_id"] for r in run.rows["meta_events"]}
+
+
+def test_a_patient_from_abroad_is_a_list_member_with_the_national_postal_code(tmp_path: Path) -> None:
+    run = case("member_from_abroad", tmp_path)
+    (member,) = run.rows["google_customer_match"]
+    address = next(i["address_info"] for i in member["user_identifiers"] if "address_info" in i)
+    assert (address["postal_code"], address["country_code"]) == ("M1 1AE", "GB")
+    assert len(run.rows["meta_audience"]) == 1
