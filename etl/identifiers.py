@@ -77,10 +77,10 @@ _CHAR, _END = r"[^@\t\n\x0b\x0c\r\x1c-\x1f ]", r"[^@\t\n\x0b\x0c\r\x1c-\x1f .]"
 _ASCII_EMAIL: Final = rf"^{_CHAR}+@{_END}{_CHAR}*\.{_CHAR}*{_END}$"
 _US_ZIP = re.compile(r"([0-9]{5})(?:[ \-]?[0-9]{4})?")
 _POSTAL = re.compile(r"[a-z0-9]{2,10}")
-# Google's clear ``postal_code`` (the PHI gate checks this same form): groups of capital letters
-# and digits joined by one space or dash, 2 to 12 characters, at least one digit (every national
-# format has one, and a name or a city never passes)
-GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,12}$)[0-9A-Z]+(?:[ \-][0-9A-Z]+)*")
+# Google's clear ``postal_code`` (the PHI gate checks this same form): capital letters and digits,
+# at most one space or dash between two groups (``M1 1AE``, ``1234-567``), 2 to 10 characters,
+# at least one digit (every national format has one; a name or a city never passes)
+GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,10}\Z)[0-9A-Z]+(?:[ \-][0-9A-Z]+)?")
 
 
 def sha256_hex(text: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from etl.config import Quality
 from etl.gate import ISO_4217
+from etl.identifiers import GOOGLE_POSTAL_CODE
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[1] / "expectations"
 CRITICAL, WARNING = "critical", "warning"
@@ -34,7 +35,7 @@ FBC = r"^fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-.]{1,500}\Z"
 FBP = r"^fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}\Z"
 GOOGLE_TIME = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}\Z"
 COUNTRY = r"^[A-Z]{2}\Z"
-POSTAL = r"^[0-9A-Za-z]{3,10}\Z"
+POSTAL = rf"^(?:{GOOGLE_POSTAL_CODE.pattern})\Z"  # the PHI gate's postal code (etl.identifiers)
 STATUSES = ("attended", "cancelled", "late_cancel", "no_show", "rescheduled", "scheduled", "unknown")
 CURRENCIES = sorted(ISO_4217)
 HASHES = ("em_g", "em_m", "ph_g", "ph_m", "fn_g", "ln_g", "fn_m", "ln_m",

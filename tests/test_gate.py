@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from etl import gate
 from etl.errors import GateViolation
 from etl.gate import check_outbound
 from etl.identifiers import normalize_postal_code_google
+from etl.quality_suites import POSTAL
 from tests.conftest import make_config
 
 H = "a" * 64
@@ -117,6 +119,12 @@ def test_good_rows_pass() -> None:
             "google_customer_match",
             ("user_identifiers", 1, "address_info", "postal_code"),
             "JANE DOE",
+            "not a postal code",
+        ),
+        (
+            "google_customer_match",
+            ("user_identifiers", 1, "address_info", "postal_code"),
+            "94110 SF CA",
             "not a postal code",
         ),
         ("meta_audience", ("data", 0, 1), "4155550123", "not a 64-hex SHA-256 or empty"),
@@ -305,6 +313,7 @@ def test_every_postal_code_the_normalizer_sends_passes_the_gate(raw: str, countr
     row = copy.deepcopy(GOOD["google_customer_match"])
     row["user_identifiers"][1]["address_info"].update(postal_code=code, country_code=country)
     check_outbound(CONFIG, {"google_customer_match": [row]})
+    assert re.search(POSTAL, code)  # and the outbound GX suite's postal_code_format agrees
 
 
 @settings(max_examples=300, deadline=None)

@@ -287,7 +287,7 @@ CASES: dict[str, Fault] = {
     "google_customer_match_outbound.country_code_format": Fault(
         pending=_edit("google_customer_match", _address("country_code", "usa")), layer="gate"),
     "google_customer_match_outbound.postal_code_format": Fault(
-        pending=_edit("google_customer_match", _address("postal_code", "9 4110")), layer="gate"),
+        pending=_edit("google_customer_match", _address("postal_code", "94110, CA")), layer="gate"),
     "meta_audience_outbound.operation_known": Fault(pending=_edit("meta_audience", _put("operation", "delete")),
                                                     layer="gate"),
     "meta_audience_outbound.batch_size": Fault(pending=_edit("meta_audience", _put("data", [])), layer="gate"),
