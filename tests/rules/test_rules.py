@@ -246,6 +246,27 @@ def test_journey_groups_leads_and_dedupes_visits(tmp_path: Path) -> None:
     assert purchase["conversion_value"] == 350.0
 
 
+def test_a_lead_after_a_conversion_starts_a_journey_of_its_own() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from etl.rules.journeys import CONVERSION, build_journeys
+
+    def at(*days: str) -> pd.DataFrame:
+        return pd.DataFrame({"start_at": pd.to_datetime(list(days), utc=True)})
+
+    appts = at("2026-05-05", "2026-05-20")
+    leads = at("2026-05-01", "2026-05-10").rename(columns={"start_at": "created_at"})
+    for lookback, existing in ((365, [False, True]), (0, [False, False])):
+        journeys = build_journeys(
+            appts, np.zeros(2, dtype=np.int64), np.ones(2, dtype=bool), leads, np.zeros(2, dtype=np.int64),
+            np.ones(2, dtype=bool), attribution_window_days=90, existing_patient_lookback_days=lookback,
+        )  # fmt: skip
+        assert journeys.appt_class.tolist() == [CONVERSION, CONVERSION]
+        assert journeys.frame["conv_appt"].tolist() == [0, 1] and journeys.lead_journey.tolist() == [0, 1]
+        assert journeys.frame["existing"].tolist() == existing
+
+
 def test_second_journey_of_a_patient_is_existing(tmp_path: Path) -> None:
     run = case("journeys", tmp_path)
     assert run.drops == {"existing_patient": 2}
