@@ -75,7 +75,7 @@ _ASCII_SPACE: Final = " \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
 # character that is neither "@" nor whitespace, and one that is not a dot either
 _CHAR, _END = r"[^@\t\n\x0b\x0c\r\x1c-\x1f ]", r"[^@\t\n\x0b\x0c\r\x1c-\x1f .]"
 _ASCII_EMAIL: Final = rf"^{_CHAR}+@{_END}{_CHAR}*\.{_CHAR}*{_END}$"
-_US_ZIP = re.compile(r"([0-9]{5})(?:[ \-]?[0-9]{4})?")
+_US_ZIP = re.compile(r"([0-9]{5})(?:[ \-]?[0-9]{1,4})?")  # SPEC: the first 5 digits
 _POSTAL = re.compile(r"[a-z0-9]{2,10}")
 # Google's clear ``postal_code`` (the PHI gate checks this same form): capital letters and digits,
 # at most one space or dash between two groups (``M1 1AE``, ``1234-567``), 2 to 10 characters,
@@ -228,8 +228,8 @@ def normalize_zip(value: object, country: object) -> str | None:
             unknown country applies the non-US rule.
 
     Returns:
-        US (and territories): the 5-digit ZIP from ``94045`` or ``94045-1234`` (also
-        ``940451234``), else ``None``. Elsewhere: lowercase without spaces or dashes, 2 to 10
+        US (and territories): the first 5 digits of ``94045``, ``94045-1234``, ``940451234``
+        or a cut-short extension (``94045-12``), else ``None`` (fewer than 5 digits, letters). Elsewhere: lowercase without spaces or dashes, 2 to 10
         ASCII letters and digits (``M1 1AE`` -> ``m11ae``), else ``None``.
     """
     text = as_text(value)

@@ -395,6 +395,8 @@ def test_state(raw: str, country: str | None, state: str | None) -> None:
         pytest.param("94045-1234", "US", "94045", "94045", id="zip-plus-4"),
         pytest.param(" 94045 1234 ", "US", "94045", "94045", id="zip-plus-4-space"),
         pytest.param("940451234", "US", "94045", "94045", id="nine-digits"),
+        pytest.param("94045-12", "US", "94045", "94045", id="cut-short-extension"),
+        pytest.param("ZIP 94045", "US", None, None, id="words"),
         pytest.param(94045, "US", "94045", "94045", id="int"),
         pytest.param("2134", "US", None, None, id="lost-leading-zero"),
         pytest.param("9404", "US", None, None, id="four-digits"),
