@@ -104,6 +104,13 @@ def upload_conversions(
                 run_id=run_id,
                 at=clock(),
             )
+            # rows another run finished since the ledger was read above are not sent twice
+            finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
+            if finished:
+                batch = [r for r in batch if r[id_field] not in finished]
+                counts["already_sent"] += len(finished)
+                if not batch:
+                    continue
         try:
             results = destination.send(batch, validate_only=validate_only)
         except DestinationConfigError as exc:

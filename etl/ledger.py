@@ -23,6 +23,10 @@ from etl.store import _CHUNK, audience_state, run_summaries, send_ledger
 FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
 
 
+# as SQL literals: an upsert runs as executemany, which cannot expand a bound list
+_FINAL_LITERALS: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{state}'") for state in FINAL_STATES]
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     status: str
@@ -51,7 +55,8 @@ def write_ledger(
     """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent).
 
     Each call commits on its own: the pipeline calls it before and after every batch, so a
-    process killed between batches leaves an exact record of what went out.
+    process killed between batches leaves an exact record of what went out. A row already in a
+    final state keeps it when asked to become ``planned`` or ``deferred``.
     """
     rows = []
     for entry in entries:
@@ -87,9 +92,32 @@ def write_ledger(
                 "updated_at": insert.excluded.updated_at,
                 "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),
             },
+            # a final state is never taken back to planned or deferred: another run (an overlapping
+            # backfill) may have finished the row since this one read the ledger
+            where=~(
+                send_ledger.c.status.in_(_FINAL_LITERALS) & insert.excluded.status.not_in(_FINAL_LITERALS)
+            ),
         )
         for lo in range(0, len(rows), _CHUNK):
             conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def final_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:
+    """Which of ``opaque_ids`` are in a final state now (read just before a batch is sent)."""
+    out: set[str] = set()
+    with engine.connect() as conn:
+        for lo in range(0, len(opaque_ids), 500):
+            out.update(
+                conn.execute(
+                    sa.select(send_ledger.c.opaque_id).where(
+                        send_ledger.c.clinic_id == clinic_id,
+                        send_ledger.c.destination == destination,
+                        send_ledger.c.opaque_id.in_(list(opaque_ids[lo : lo + 500])),
+                        send_ledger.c.status.in_(FINAL_STATES),
+                    )
+                ).scalars()
+            )
+    return out
 
 
 def _dialect_insert(conn: Connection, table: sa.Table) -> Any:

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,15 @@ def test_postgres_staging_gives_the_same_outbox_as_sqlite(
     with store.engine_for(postgres_url) as engine, engine.connect() as conn:
         staged = conn.execute(sa.select(sa.func.count()).select_from(store.appointments)).scalar()
     assert staged == on_postgres.summary["inputs"]["appointments_rows"]
+
+
+def test_postgres_ledger_keeps_a_final_state(postgres_url: str) -> None:
+    from etl import ledger
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine:
+        for status in ("accepted", "planned", "deferred"):
+            ledger.write_ledger(engine, "pg-clinic", "meta_events", [{"opaque_id": "x" * 64, "status": status}],
+                                run_id=status, at=at)  # fmt: skip
+        assert ledger.read_ledger(engine, "pg-clinic", "meta_events")["x" * 64].status == "accepted"
+        assert ledger.final_among(engine, "pg-clinic", "meta_events", ["x" * 64]) == {"x" * 64}
