@@ -102,6 +102,18 @@ def write_ledger(
             conn.execute(stmt, rows[lo : lo + _CHUNK])
 
 
+def unfinished_ids(engine: Engine, clinic_id: str, destinations: Sequence[str]) -> frozenset[str]:
+    """Opaque IDs a real run planned for one of ``destinations`` and that never reached a final
+    state there (its upload stopped, was deferred, or never ran): the next run sends them."""
+    final = sa.select(send_ledger.c.opaque_id).where(
+        send_ledger.c.clinic_id == clinic_id,
+        send_ledger.c.destination.in_(list(destinations)),
+        send_ledger.c.status.not_in(FINAL_STATES),
+    )
+    with engine.connect() as conn:
+        return frozenset(conn.execute(final).scalars())
+
+
 def final_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:
     """Which of ``opaque_ids`` are in a final state now (read just before a batch is sent)."""
     out: set[str] = set()

@@ -331,6 +331,7 @@ def plan_run(
             attended=attended,
             leads=leads,
             consent=consent,
+            carry=ledger.unfinished_ids(engine, config.clinic_id, CONVERSION_DESTINATIONS),
         )
         outbound = {
             "google_conversions": payloads.google_conversion_rows(conv, config),
@@ -348,12 +349,18 @@ def plan_run(
         drops[f"too_old_for_{dest}"] += int((conv[dest] == f"too_old_for_{dest}").sum())
     destinations: dict[str, dict[str, int]] = {}
     stages: dict[str, dict[str, str]] = {}
+    carried_ids = set(conv.loc[conv["carried"], "opaque_id"])
     with timings.step("ledger"):
         for dest in CONVERSION_DESTINATIONS:
             recorded = ledger.read_ledger(engine, config.clinic_id, dest)
             id_col = _ID_COLUMN[dest]
             fresh = [r for r in outbound[dest] if not _is_final(recorded.get(r[id_col]))]
-            already = len(outbound[dest]) - len(fresh)
+            # a carried conversion final here was unfinished elsewhere: not this interval's news
+            already = sum(
+                1
+                for r in outbound[dest]
+                if _is_final(recorded.get(r[id_col])) and r[id_col] not in carried_ids
+            )
             outbound[dest] = fresh
             drops["already_sent"] += already
             destinations[dest] = {
@@ -418,6 +425,7 @@ def plan_run(
         "full_resync": full_resync,
         "inputs": inputs or {},
         "stages": {stage: int((kept["stage"] == stage).sum()) for stage in ("consultation", "purchase")},
+        "carried_over": len(carried_ids),
         "drops": {reason: int(drops.get(reason, 0)) for reason in DROP_REASONS},
         "destinations": destinations,
     }

@@ -18,7 +18,7 @@ import pytest
 
 from etl import deliver, ledger, store
 from etl.destinations.base import Outcome, RowResult
-from tests.conftest import make_config
+from tests.conftest import DATA, make_config, run_dry
 
 AT = datetime(2026, 6, 1, tzinfo=UTC)
 CLINIC = "sunrise-medspa"
@@ -84,3 +84,33 @@ def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) 
     assert destination.received == [*ids[:3], ids[5]]
     assert counts["already_sent"] == 2 and counts["accepted"] == 4 and counts["sent"] == 4
     assert {k: e.status for k, e in recorded.items()} == dict.fromkeys(ids, "accepted")
+
+
+def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Path) -> None:
+    # the journeys case converts on 2026-01-20; a run for [01-15, 03-01) plans both stages
+    config = make_config(DATA / "rules" / "journeys")
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    first = run_dry(config, "2026-01-15", "2026-03-01", tmp_path / "first", db_url=url)
+    google = {r["order_id"] for r in first.rows["google_conversions"]}
+    meta = {r["event_id"] for r in first.rows["meta_events"]}
+    assert len(google) == len(meta) == 2
+    # the real run's Google upload finished; Meta throttled and deferred everything
+    with store.engine_for(url) as engine:
+        for dest, ids, status in (
+            ("google_conversions", google, "accepted"),
+            ("meta_events", meta, "deferred"),
+        ):
+            ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": i, "status": status} for i in ids],
+                                run_id="first", at=AT)  # fmt: skip
+    # the next night's interval no longer reaches back to those ready times
+    later = run_dry(config, "2026-03-05", "2026-03-06", tmp_path / "later", db_url=url)
+    assert {r["event_id"] for r in later.rows["meta_events"]} == meta
+    assert later.rows["google_conversions"] == []
+    assert later.summary["carried_over"] == 2
+    assert later.summary["drops"]["already_sent"] == 0  # Google's were not this interval's to count
+    # once Meta has them too, nothing is carried any more
+    with store.engine_for(url) as engine:
+        ledger.write_ledger(engine, config.clinic_id, "meta_events",
+                            [{"opaque_id": i, "status": "accepted"} for i in meta], run_id="later", at=AT)  # fmt: skip
+    after = run_dry(config, "2026-03-06", "2026-03-07", tmp_path / "after", db_url=url)
+    assert after.summary["carried_over"] == 0 and after.rows["meta_events"] == []

@@ -172,8 +172,14 @@ def build_conversions(
     attended: np.ndarray,
     leads: pd.DataFrame,
     consent: pd.DataFrame,
+    carry: frozenset[str] = frozenset(),
 ) -> pd.DataFrame:
     """Conversion candidates ready in ``[start - late_arrival, end)`` with drops and destinations.
+
+    ``carry`` holds the opaque IDs of conversions a real run planned and whose upload never
+    finished (``ledger.unfinished_ids``): they are candidates again whatever their ready time
+    (flagged ``carried``), so a batch deferred on the last night of its interval is not lost
+    once its ready time falls out of the run interval; the platform age limits still apply.
 
     Returns:
         one row per candidate: ``stage``, ``opaque_id``, ``event_time``, ``ready_at``, ``value``,
@@ -183,7 +189,16 @@ def build_conversions(
     rules = config.rules
     conv = _candidates(journeys, appts, config)
     lower = window.start_ts - pd.Timedelta(days=rules.late_arrival_days)
-    conv = conv[(conv["ready_at"] >= lower) & (conv["ready_at"] < window.end_ts)]
+    in_interval = (conv["ready_at"] >= lower) & (conv["ready_at"] < window.end_ts)
+    carried = np.zeros(len(conv), dtype=bool)
+    if carry:
+        # IDs computed only for the older candidates, and only when something is unfinished
+        older = np.flatnonzero((conv["ready_at"] < lower).to_numpy())
+        keys = zip(conv["stage"].to_numpy()[older], conv["appointment_id"].to_numpy()[older], strict=True)
+        carried[older] = [
+            opaque_id(secret, config.clinic_id, stage, str(aid)) in carry for stage, aid in keys
+        ]
+    conv = conv.assign(carried=carried)[in_interval.to_numpy() | carried]
     conv = conv.sort_values(["event_time", "appt_row", "stage"], kind="stable").reset_index(drop=True)
 
     values = pd.Series(np.nan, index=conv.index)
