@@ -178,21 +178,26 @@ def sync_audience(
 ) -> dict[str, Any]:
     """Apply the outbox's membership delta, then record the platform's new state.
 
-    The synced state changes only after the adapter returned, so a failed sync is recomputed
-    and re-sent whole by the next run (adds and removes are idempotent on both platforms).
+    The synced state changes only after the adapter returned, and records only what the
+    platform applied: a member it refused or never got (a failed batch) is left out of the
+    state, so the next sync sends that add or remove again (adds and removes are idempotent on
+    both platforms); a full resync that did not replace the list leaves the state as it was.
     """
     name = destination.name
     adds, removes = _audience_rows(outbox, name)
     result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
-    if not validate_only:
+    unapplied = result.unapplied | {r.key for r in getattr(result, "rejected_members", ())}
+    if full_resync and not result.replaced and not validate_only:
+        log.warning("%s: the full resync did not replace the list; the synced state is unchanged", name)
+    elif not validate_only:
         ledger.apply_audience_delta(
             engine,
             config.clinic_id,
             name,
             at=clock(),
             replace_all=full_resync,
-            added=_member_keys(name, adds),
-            removed=list(_member_keys(name, removes)),
+            added={k: v for k, v in _member_keys(name, adds).items() if k not in unapplied},
+            removed=[k for k in _member_keys(name, removes) if k not in unapplied],
         )
     counts = {
         "adds": result.adds,

@@ -114,3 +114,51 @@ def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Pat
                             [{"opaque_id": i, "status": "accepted"} for i in meta], run_id="later", at=AT)  # fmt: skip
     after = run_dry(config, "2026-03-06", "2026-03-07", tmp_path / "after", db_url=url)
     assert after.summary["carried_over"] == 0 and after.rows["meta_events"] == []
+
+
+class _RefusingAudience:
+    """Applies a Meta-shaped delta except the member keys it is told to refuse (a failed batch)."""
+
+    name = "meta_audience"
+
+    def __init__(self, refuse: set[str], *, replaced: bool = True) -> None:
+        self.refuse, self.replace_ok = refuse, replaced
+
+    def sync(self, adds: Any, removes: Any, *, full_resync: bool = False, validate_only: bool = False) -> Any:
+        from etl.destinations.base import AudienceResult
+
+        return AudienceResult(unapplied=set(self.refuse), replaced=full_resync and self.replace_ok)
+
+
+def _audience_outbox(tmp_path: Path, adds: list[list[str]], removes: list[list[str]]) -> Path:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir(parents=True)
+    schema = ["EMAIL", "PHONE"]
+    lines = [json.dumps({"operation": op, "schema": schema, "data": rows})
+             for op, rows in (("add", adds), ("remove", removes)) if rows]  # fmt: skip
+    (outbox / "meta_audience.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return outbox
+
+
+def test_the_synced_state_records_only_what_the_platform_applied(tmp_path: Path) -> None:
+    from etl.payloads import meta_member_key
+
+    config = make_config(tmp_path)
+    a, b, c = ([f"{i:064x}", ""] for i in range(3))
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        state = lambda: set(ledger.read_audience_state(engine, CLINIC, "meta_audience"))  # noqa: E731
+        deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "1", [a, b], []),
+                              _RefusingAudience(set()), full_resync=False, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
+        assert state() == {meta_member_key(a), meta_member_key(b)}
+        # b revoked: its remove fails; c's add fails too. Neither may be recorded as done
+        refused = {meta_member_key(b), meta_member_key(c)}
+        deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "2", [c], [b]),
+                              _RefusingAudience(refused), full_resync=False, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
+        assert state() == {meta_member_key(a), meta_member_key(b)}  # the next sync removes b again
+        # a full resync the platform did not carry out leaves the state alone
+        deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "3", [c], []),
+                              _RefusingAudience(set(), replaced=False), full_resync=True, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
+        assert state() == {meta_member_key(a), meta_member_key(b)}
+        deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "4", [c], []),
+                              _RefusingAudience(set()), full_resync=True, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
+        assert state() == {meta_member_key(c)}

@@ -31,11 +31,17 @@ class RowResult:
 
 @dataclass
 class AudienceResult:
+    """What a sync did. The synced state records only what the platform applied: every member
+    key in ``unapplied`` (refused, or in a batch that failed) is re-sent by the next sync, and a
+    ``full_resync`` replaces the recorded state only when ``replaced`` says the list was."""
+
     adds: int = 0
     removes: int = 0
     rejected: int = 0
     request_ids: list[str] = field(default_factory=list)
     codes: dict[str, int] = field(default_factory=dict)
+    unapplied: set[str] = field(default_factory=set)
+    replaced: bool = False
 
 
 class ConversionDestination(Protocol):

@@ -145,6 +145,7 @@ class GoogleAdsCustomerMatch:
         result.rejected += 1
         result.codes[code] = result.codes.get(code, 0) + 1
         result.rejected_members.append(RowResult(key, Outcome.REJECTED, code, rid))
+        result.unapplied.add(key)
 
     def _call(self, method: str, call: Any) -> Any:
         return call_with_retry(call, classify_ads_error, self._policy, label=f"google_ads {method}")
@@ -202,6 +203,8 @@ class GoogleAdsCustomerMatch:
                 return
             if status != "SUCCESS":
                 result.codes["JOB_PENDING"] = result.codes.get("JOB_PENDING", 0) + 1
+        if remove_all and not validate_only:
+            result.replaced = True  # the job ran (or is running) with remove_all first
         if direction == "create":
             result.adds += len(applied)
         else:

@@ -101,6 +101,7 @@ class DataManagerCustomerMatch(DataManagerBase):
                 return result
             result.codes["REMOVE_ALL"] = 1
             result.removes += len(good_removes)
+            result.replaced = not validate_only
         else:
             self._send_members(good_removes, destination, result, add=False, validate_only=validate_only)
         self._send_members(good_adds, destination, result, add=True, validate_only=validate_only)
@@ -188,3 +189,4 @@ def _record(result: GoogleAudienceResult, row_result: RowResult) -> None:
     result.rejected += 1
     result.codes[code] = result.codes.get(code, 0) + 1
     result.rejected_members.append(RowResult(row_result.key, Outcome.REJECTED, code, row_result.request_id))
+    result.unapplied.add(row_result.key)

@@ -123,8 +123,11 @@ class MetaAudience:
             return result
         self._check_status(result)
         if full_resync:
-            for schema, members in to_add.items():
+            # Meta replaces the audience once every replace session completed
+            result.replaced = all(
                 self._upload("replace", schema, list(members.values()), result)
+                for schema, members in to_add.items()
+            )
         else:
             for schema, members in to_remove.items():
                 self._upload("remove", schema, list(members.values()), result)
@@ -149,6 +152,9 @@ class MetaAudience:
             if not isinstance(row, Mapping):
                 _count(result, "invalid_format", 1)
                 continue
+            data = row.get("data")
+            if isinstance(data, list):  # whatever is refused below is not applied
+                result.unapplied.update(_key_of(m) for m in data)
             schema, data = row.get("schema"), row.get("data")
             if (
                 row.get("operation") != operation
@@ -164,7 +170,9 @@ class MetaAudience:
             members = groups.setdefault(tuple(schema), {})
             for member in data:
                 if _valid_member(member, len(schema)):
-                    members[member_key(member)] = list(member)
+                    key = member_key(member)
+                    members[key] = list(member)
+                    result.unapplied.discard(key)
                 else:
                     _count(result, "invalid_format", 1)
         return groups
@@ -186,8 +194,8 @@ class MetaAudience:
         if code == HEALTH_FLAG_STATUS:
             raise MetaDestinationConfigError(HEALTH_FLAG_MESSAGE.format(target=self._target))
 
-    def _upload(self, kind: str, schema: Schema, members: list[list[str]], result: AudienceResult) -> None:
-        """One upload session: batches of ``max_rows`` with ``batch_seq`` 1..n."""
+    def _upload(self, kind: str, schema: Schema, members: list[list[str]], result: AudienceResult) -> bool:
+        """One upload session: batches of ``max_rows`` with ``batch_seq`` 1..n; False if it stopped."""
         batches = [members[i : i + self._max_rows] for i in range(0, len(members), self._max_rows)]
         session_id = self._session_id(kind, schema)
         for seq, batch in enumerate(batches, start=1):
@@ -229,7 +237,8 @@ class MetaAudience:
                     left,
                 )
                 _count(result, failure.label, left)
-                return
+                result.unapplied.update(member_key(m) for b in batches[seq - 1 :] for m in b)
+                return False
             if trace:
                 result.request_ids.append(trace)
             received = _as_count(body.get("num_received"), len(batch))
@@ -240,6 +249,7 @@ class MetaAudience:
                 result.removes += received - invalid
             else:
                 result.adds += received - invalid
+        return True
 
     def _raise_for(self, failure: GraphFailure) -> None:
         if failure.stops_run:
@@ -264,6 +274,13 @@ def _valid_member(member: Any, width: int) -> bool:
     if not all(isinstance(v, str) and (v == "" or _HEX64.match(v)) for v in member):
         return False
     return any(member)
+
+
+def _key_of(member: Any) -> str:
+    """A refused row's member key when it has one (a list of text), else "" (never recorded)."""
+    if isinstance(member, list) and all(isinstance(v, str) for v in member):
+        return member_key(member)
+    return ""
 
 
 def _count(result: AudienceResult, code: str, n: int) -> None:

@@ -101,7 +101,7 @@ class MetaSandbox(GraphEndpoints):
         self._status_471: set[str] = set()
         self._denied: set[str] = set()
         self._poisoned: dict[str, int] = {}
-        self._faults: list[GraphError] = []
+        self._faults: list[GraphError | None] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -178,6 +178,14 @@ class MetaSandbox(GraphEndpoints):
         with self._lock:
             for _ in range(times):
                 self._faults.append(GraphError(http_status, code, message, transient=True, html=html))
+
+    def refuse_next(
+        self, code: int, *, subcode: int | None = None, message: str = "Invalid parameter", after: int = 0
+    ) -> None:
+        """Let ``after`` requests through, then answer one with permanent error ``code`` (HTTP 400)."""
+        with self._lock:
+            self._faults.extend([None] * after)
+            self._faults.append(GraphError(400, code, message, subcode))
 
     def reject_event(self, event_id: str, *, subcode: int = SUBCODE_INVALID_EVENT) -> None:
         """Make any request carrying ``event_id`` fail whole (a check no adapter can pre-run)."""

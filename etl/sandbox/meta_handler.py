@@ -98,7 +98,7 @@ class GraphEndpoints:
     _status_471: set[str]
     _denied: set[str]
     _poisoned: dict[str, int]
-    _faults: list[GraphError]
+    _faults: list[GraphError | None]  # None: let that request through
     _lock: threading.Lock
 
     def handle(
@@ -112,8 +112,9 @@ class GraphEndpoints:
         with self._lock:
             try:
                 auth = self._authenticate(headers, query, form)
-                if self._faults:
-                    raise self._faults.pop(0)
+                fault = self._faults.pop(0) if self._faults else None
+                if fault is not None:
+                    raise fault
                 status, body = 200, self._route(method, split.path, query, form, fbtrace_id)
                 extra: dict[str, str] = {}
             except GraphError as err:

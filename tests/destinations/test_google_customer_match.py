@@ -83,6 +83,7 @@ def test_remove_all_only_with_full_resync(api, google_sandbox, google_config, go
     result = destination.sync(fresh, [], full_resync=True)
 
     assert result.adds == 2 and result.codes.get("REMOVE_ALL", 1) == 1
+    assert result.replaced and not result.unapplied
     assert google_sandbox.list_members(LIST) == {member_key(m) for m in fresh}
     if api == "google_ads":
         assert jobs_sent(google_sandbox) == [["create"] * 3, ["remove_all", "create", "create"]]
@@ -91,6 +92,7 @@ def test_remove_all_only_with_full_resync(api, google_sandbox, google_config, go
         order = [m for m, _ in google_sandbox.received]
         assert order.index("RemoveAllAudienceMembers") < len(order) - 1
         assert order[-1] == "IngestAudienceMembers"
+    assert not destination.sync(fresh, []).replaced  # a delta sync replaces nothing
 
 
 def test_google_ads_add_calls_hold_about_ten_thousand_identifiers(
@@ -123,6 +125,7 @@ def test_google_ads_rejected_members_are_reported_by_key(google_sandbox, google_
     assert (result.adds, result.rejected) == (1, 1)
     assert result.codes == {"INVALID_SHA256_FORMAT": 1}
     assert [(r.key, r.code) for r in result.rejected_members] == [(member_key(bad), "INVALID_SHA256_FORMAT")]
+    assert result.unapplied == {member_key(bad)}
     assert google_sandbox.list_members(LIST) == {member_key(good)}
 
 
@@ -136,6 +139,7 @@ def test_data_manager_bisects_a_refused_member(google_sandbox, google_config, go
     assert [(r.key, r.code) for r in result.rejected_members] == [
         (member_key(members[3]), "INVALID_POSTAL_CODE")
     ]
+    assert result.unapplied == {member_key(members[3])}
     assert google_sandbox.list_members(LIST) == {member_key(m) for i, m in enumerate(members) if i != 3}
 
 

@@ -374,7 +374,7 @@ def test_full_resync_replaces_membership(sandbox):
         [audience_row("add", ["c", "d"])], [audience_row("remove", ["a"])], full_resync=True
     )
 
-    assert result.adds == 2 and result.removes == 0
+    assert result.adds == 2 and result.removes == 0 and result.replaced and not result.unapplied
     (replace,) = sandbox.requests_to("usersreplace")
     assert json.loads(replace.form["session"][0])["last_batch_flag"] is True
     assert sandbox.audience_members(AUDIENCE) == {member_key(member("c")), member_key(member("d"))}
@@ -396,6 +396,23 @@ def test_invalid_audience_rows_are_counted_not_sent(sandbox):
     assert (result.adds, result.rejected, result.codes) == (1, 3, {"invalid_format": 3})
     payload = json.loads(sandbox.requests_to("users")[0].form["payload"][0])
     assert payload["data"] == [member("ok")]
+    # the refused rows are not recorded as synced; the sent one is
+    assert member_key(raw_email) in result.unapplied and member_key(member("ok")) not in result.unapplied
+
+
+def test_a_refused_audience_batch_leaves_its_members_unapplied(sandbox):
+    _, audience = destinations(sandbox)
+    audience._max_rows = 2
+    tags = ["a", "b", "c", "d", "e"]
+    audience.sync([audience_row("add", tags)], [])
+    # the status read goes through, the first remove batch is refused (no retry helps, not a stop)
+    sandbox.refuse_next(2650, message="Invalid Custom Audience data", after=1)
+
+    result = audience.sync([], [audience_row("remove", tags[:3])])
+
+    assert result.removes == 0 and result.codes == {"2650": 3}
+    assert result.unapplied == {member_key(member(t)) for t in tags[:3]}
+    assert sandbox.audience_members(AUDIENCE) == {member_key(member(t)) for t in tags}
 
 
 @pytest.mark.parametrize("status_471", [True, False], ids=["status-471", "subcode-1713230"])
