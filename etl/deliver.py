@@ -175,8 +175,11 @@ def sync_audience(
     full_resync: bool,
     clock: Clock,
     validate_only: bool = False,
+    run_id: str | None = None,
+    run_end: datetime | None = None,
 ) -> dict[str, Any]:
-    """Apply the outbox's membership delta, then record the platform's new state.
+    """Apply the outbox's membership delta, then record the platform's new state (and the
+    ``run_end`` it mirrors, which keeps older runs from syncing afterwards).
 
     The synced state changes only after the adapter returned, and records only what the
     platform applied: a member it refused or never got (a failed batch) is left out of the
@@ -198,6 +201,8 @@ def sync_audience(
             replace_all=full_resync,
             added={k: v for k, v in _member_keys(name, adds).items() if k not in unapplied},
             removed=[k for k in _member_keys(name, removes) if k not in unapplied],
+            run_id=run_id,
+            run_end=run_end,
         )
     counts = {
         "adds": result.adds,

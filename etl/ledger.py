@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.store import _CHUNK, audience_state, run_summaries, send_ledger
+from etl.store import _CHUNK, audience_state, audience_syncs, run_summaries, send_ledger
 
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
@@ -163,10 +163,24 @@ def apply_audience_delta(
     removed: Sequence[str],
     at: datetime,
     replace_all: bool = False,
+    run_id: str | None = None,
+    run_end: datetime | None = None,
 ) -> None:
-    """Record what the platform now holds, after it confirmed the sync."""
+    """Record what the platform now holds, after it confirmed the sync (and, with ``run_end``,
+    which run's end the lists now mirror, in the same transaction)."""
     where = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
     with engine.begin() as conn:
+        if run_id is not None and run_end is not None:
+            insert = _dialect_insert(conn, audience_syncs)
+            conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["clinic_id", "destination", "run_id"],
+                    set_={"run_end": insert.excluded.run_end, "synced_at": insert.excluded.synced_at},
+                ),
+                # in UTC: SQLite keeps a datetime's wall time and drops its offset
+                {"clinic_id": clinic_id, "destination": destination, "run_id": run_id,
+                 "run_end": run_end.astimezone(UTC), "synced_at": at},
+            )  # fmt: skip
         if replace_all:
             conn.execute(audience_state.delete().where(where))
         for lo in range(0, len(removed), 500):
@@ -193,6 +207,19 @@ def apply_audience_delta(
             )
             for lo in range(0, len(rows), _CHUNK):
                 conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+
+def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datetime | None:
+    """The newest run end a sync of ``destination`` mirrored, or None before the first sync."""
+    with engine.connect() as conn:
+        ends = conn.execute(
+            sa.select(audience_syncs.c.run_end).where(
+                audience_syncs.c.clinic_id == clinic_id, audience_syncs.c.destination == destination
+            )
+        ).scalars()
+        # compared as instants: SQLite hands back naive UTC values
+        values = [e if e.tzinfo else e.replace(tzinfo=UTC) for e in ends]
+    return max(values, default=None)
 
 
 def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, at: datetime) -> None:

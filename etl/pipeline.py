@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ class AudienceDelta:
     adds: dict[str, Any]
     removes: dict[str, Any]
     full_resync: bool
+    skipped: bool = False  # a later run already synced this list (this run is a backfill)
 
 
 @dataclass
@@ -391,7 +393,7 @@ def plan_run(
         appts = appts.drop(columns=list(store.HASH_COLUMNS))
         leads = leads.drop(columns=list(store.HASH_COLUMNS))
         release_memory()
-        audiences = _audience_deltas(config, engine, members, full_resync=full_resync)
+        audiences = _audience_deltas(config, engine, members, full_resync=full_resync, end=window.end)
         outbound["google_customer_match"] = payloads.google_audience_lines(
             list(audiences["google_customer_match"].adds.values())
             if "google_customer_match" in audiences
@@ -412,6 +414,8 @@ def plan_run(
                 "removes": len(delta.removes) if delta else 0,
                 "members": len(members),
             }
+            if delta is not None and delta.skipped:
+                destinations[dest]["skipped_newer_sync"] = 1
     with timings.step("gate"):
         check_outbound(config, outbound)
     kept = conv[conv["drop"] == ""]
@@ -444,9 +448,13 @@ def _is_final(entry: ledger.LedgerEntry | None) -> bool:
 
 
 def _audience_deltas(
-    config: ClinicConfig, engine: Engine, members: pd.DataFrame, *, full_resync: bool
+    config: ClinicConfig, engine: Engine, members: pd.DataFrame, *, full_resync: bool, end: datetime
 ) -> dict[str, AudienceDelta]:
-    """Adds and removes against the last synced membership (SPEC rule 12), per enabled list."""
+    """Adds and removes against the last synced membership (SPEC rule 12), per enabled list.
+
+    A list a later run already mirrored (this run is a backfill) gets no delta: lists mirror
+    the present, and this run's membership would re-add people who revoked since its ``end``.
+    """
     current: dict[str, dict[str, Any]] = {}
     google, meta = config.google_ads, config.meta
     if google is not None and google.suppression_user_list and google.suppression_enabled:
@@ -455,6 +463,11 @@ def _audience_deltas(
         current["meta_audience"] = dict(payloads.meta_member_rows(members))
     deltas: dict[str, AudienceDelta] = {}
     for dest, now_members in current.items():
+        newest = ledger.latest_synced_end(engine, config.clinic_id, dest)
+        if newest is not None and newest > end:
+            log.info("%s: a run ending %s already synced the list; this backfill leaves it", dest, newest)
+            deltas[dest] = AudienceDelta(adds={}, removes={}, full_resync=False, skipped=True)
+            continue
         synced = ledger.read_audience_state(engine, config.clinic_id, dest)
         if full_resync:
             adds = dict(sorted(now_members.items()))

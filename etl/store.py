@@ -138,6 +138,19 @@ audience_state = sa.Table(
     sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# One row per applied suppression sync: the run's end it mirrored. A run whose end is older than
+# the newest synced one (a backfill) leaves the lists alone: they mirror the present, and a
+# past membership would re-add people who have revoked since.
+audience_syncs = sa.Table(
+    "audience_syncs",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("run_end", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 run_summaries = sa.Table(
     "run_summaries",
     metadata,

@@ -229,6 +229,8 @@ def sync_suppression(
                 full_resync=bool(summary.get("full_resync")),
                 clock=_clock,
                 validate_only=validate_only,
+                run_id=spec.run_id,
+                run_end=spec.window.end,
             )
             deliver.write_result(spec.paths.results, name, counts)
             out[name] = counts

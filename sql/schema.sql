@@ -41,6 +41,14 @@ CREATE TABLE audience_state (
 	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (clinic_id, destination, member_key)
 );
+CREATE TABLE audience_syncs (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	run_end TIMESTAMP WITH TIME ZONE NOT NULL,
+	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, destination, run_id)
+);
 CREATE TABLE conversions (
 	clinic_id VARCHAR(64) NOT NULL,
 	opaque_id VARCHAR(64) NOT NULL,

@@ -160,5 +160,28 @@ def test_the_synced_state_records_only_what_the_platform_applied(tmp_path: Path)
                               _RefusingAudience(set(), replaced=False), full_resync=True, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
         assert state() == {meta_member_key(a), meta_member_key(b)}
         deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "4", [c], []),
-                              _RefusingAudience(set()), full_resync=True, clock=lambda: AT)  # type: ignore[arg-type]  # fmt: skip
+                              _RefusingAudience(set()), full_resync=True, clock=lambda: AT,  # type: ignore[arg-type]
+                              run_id="r4", run_end=AT)  # fmt: skip
         assert state() == {meta_member_key(c)}
+        assert ledger.latest_synced_end(engine, CLINIC, "meta_audience") == AT
+
+
+def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
+    # the consent_revoked case: a patient revoked on 05-25; a backfill ending 05-20 still sees
+    # them granted, and must not put them back on the lists the nightly run of 06-30 mirrored
+    config = make_config(DATA / "rules" / "consent_revoked")
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    nightly_end = datetime(2026, 6, 30, 7, tzinfo=UTC)
+    with store.engine_for(url) as engine:
+        for dest in ("google_customer_match", "meta_audience"):
+            ledger.apply_audience_delta(engine, config.clinic_id, dest, added={}, removed=[], at=AT,
+                                        run_id="nightly", run_end=nightly_end)  # fmt: skip
+            assert ledger.latest_synced_end(engine, config.clinic_id, dest) == nightly_end
+    backfill = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "backfill", db_url=url)
+    for dest in ("google_customer_match", "meta_audience"):
+        assert backfill.rows[dest] == []
+        assert backfill.summary["destinations"][dest]["skipped_newer_sync"] == 1
+    # on a database no later run synced, the same backfill lists the patient (granted then)
+    fresh = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "fresh")
+    assert len(fresh.rows["google_customer_match"]) == len(fresh.rows["meta_audience"]) == 1
+    assert "skipped_newer_sync" not in fresh.summary["destinations"]["meta_audience"]
