@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 from urllib.parse import quote
 
-from etl.config import ID_SECRET_ENV, ClinicConfig, load_config, resolve_id_secret
+from etl.config import DATABASE_URL_ENV, ID_SECRET_ENV, ClinicConfig, load_config, resolve_id_secret
 from etl.errors import ConfigError, MedspaError
 from etl.settings import quiet_third_party_loggers
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DAG_ID_PREFIX = "medspa_conversions__"
 CLINICS_DIR_ENV = "MEDSPA_CLINICS_DIR"
-DATABASE_URL_ENV = "MEDSPA_DATABASE_URL"
 DEFAULT_TARGET_ENV = "MEDSPA_DEFAULT_TARGET"
 ALERT_WEBHOOK = "MEDSPA_ALERT_WEBHOOK"
 ALERT_EMAIL = "MEDSPA_ALERT_EMAIL"

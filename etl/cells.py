@@ -80,6 +80,9 @@ def _cast_times(values: pa.Array, *, utc: bool) -> np.ndarray:
     return np.array(cast.cast(pa.timestamp("ns")).to_numpy(zero_copy_only=False), copy=True)
 
 
+_EARLIEST, _LATEST = np.datetime64("1900-01-01", "ns"), np.datetime64("2200-01-01", "ns")
+
+
 def _localize(local: np.ndarray, tz: tzinfo) -> np.ndarray:
     """Clinic-local wall times -> naive UTC (ambiguous: first occurrence; gap: shift forward)."""
     index = pd.DatetimeIndex(local)
@@ -130,6 +133,9 @@ def _timestamps(values: pa.Array, tz: tzinfo | None) -> Parsed:
         result[naive] = (local if tz is None else _localize(local, tz))[naive]
     if offset.any():
         result[offset] = _cast_times(_only(values, offset), utc=True)[offset]
+    # outside 1900..2199 is a typo, not a visit; near nanoseconds' end (2262) a time zone's
+    # offset would also wrap around to 1677 without a word
+    result[(result < _EARLIEST) | (result >= _LATEST)] = np.datetime64("NaT", "ns")
     bad = np.isnat(result) & ~as_bool(pc.equal(values, ""))
     return result, bad
 
@@ -156,7 +162,7 @@ def _money(values: pa.Array) -> Parsed:
         numbers = pd.to_numeric(pd.Series(digits.to_pandas(), dtype=object), errors="coerce")
     amounts = np.where(paren, -1.0, 1.0) * np.asarray(numbers, dtype=np.float64)
     amounts[blank] = 0.0
-    return amounts, np.isnan(amounts)
+    return amounts, ~np.isfinite(amounts)  # a 400-digit "amount" is infinite: no amount
 
 
 def flag(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ ID_SECRET_ENV = "MEDSPA_ID_SECRET"
 DEVELOPMENT_ID_SECRET = "medspa-conversions-DEVELOPMENT-KEY-not-for-real-sends"
 
 ProfileName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+DATABASE_URL_ENV = "MEDSPA_DATABASE_URL"  # the staging database, when the YAML names none
 _GENERIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
 
 
@@ -45,7 +46,12 @@ class SourceConfig(_Model):
     path: Path | None = Field(None, description="CSV export; relative to the YAML file's folder.")
     profile: ProfileName = Field("generic", description="Column/status mapping: generic, zenoti, mindbody.")
     encoding: str | None = Field(None, description="Force a text encoding; default: UTF-8, then cp1252.")
-    sql_url: str | None = Field(None, description="SQLAlchemy URL of the source database.")
+    sql_url: str | None = Field(None, description="SQLAlchemy URL of the source database (no password).")
+    sql_url_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding the source database's URL (for one with a password).",
+    )
     query: Path | None = Field(
         None, description="SQL file (bound parameters :clinic_id, :start, :end); relative to YAML."
     )
@@ -57,13 +63,45 @@ class SourceConfig(_Model):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("sql_url")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None and _has_password(value):
+            raise ValueError(
+                "holds a password; keep secrets out of the YAML: put the URL in an environment "
+                "variable and name that variable in 'sql_url_env'"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> SourceConfig:
-        if (self.path is None) == (self.sql_url is None):
-            raise ValueError("give exactly one of 'path' (CSV) or 'sql_url' + 'query' (SQL)")
-        if self.sql_url is not None and self.query is None:
-            raise ValueError("'sql_url' needs 'query' (a .sql file)")
+        kinds = [k for k in (self.path, self.sql_url, self.sql_url_env) if k is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of 'path' (CSV), or 'sql_url' or 'sql_url_env' with 'query' (SQL)"
+            )
+        if self.path is None and self.query is None:
+            raise ValueError("a SQL source needs 'query' (a .sql file)")
         return self
+
+    def source_url(self) -> str:
+        """The SQL source's URL: ``sql_url``, or the environment variable ``sql_url_env`` names."""
+        if self.sql_url is not None:
+            return self.sql_url
+        url = os.environ.get(self.sql_url_env or "", "").strip()
+        if not url:
+            raise ConfigError(f"sql_url_env: environment variable {self.sql_url_env} is not set")
+        return url
+
+
+def _has_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return bool(make_url(url).password)
+    except (ArgumentError, ValueError):
+        return False  # not a URL at all: reported where it is used
 
 
 class Sources(_Model):
@@ -189,7 +227,9 @@ class ClinicConfig(_Model):
     timezone: str
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
     default_region: str = Field("US", pattern=r"^[A-Z]{2}$")
-    database_url: str | None = None
+    database_url: str | None = Field(
+        None, description="Staging database URL without a password (else MEDSPA_DATABASE_URL or --database)."
+    )
     schedule: str = Field(
         "0 3 * * *",
         pattern=r"^\S+( \S+){4}$",
@@ -220,12 +260,24 @@ class ClinicConfig(_Model):
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_without_password(cls, value: str | None) -> str | None:
+        if value is not None and _has_password(value):
+            raise ValueError(
+                f"holds a password; keep secrets out of the YAML: set {DATABASE_URL_ENV} in the "
+                "environment (or pass --database) instead"
+            )
+        return value
+
     def resolved_database_url(self, override: str | None = None) -> str:
-        """The staging database: ``--database`` wins, then YAML, then a SQLite file beside the YAML.
+        """The staging database: ``--database`` wins, then YAML, then the environment variable
+        ``MEDSPA_DATABASE_URL`` (where a URL with a password belongs), then a SQLite file beside
+        the YAML.
 
         A relative SQLite path in YAML resolves against the YAML's folder like every other path.
         """
-        url = override or self.database_url
+        url = override or self.database_url or os.environ.get(DATABASE_URL_ENV, "").strip() or None
         if url is None:
             return f"sqlite:///{self.base_dir / 'var' / (self.clinic_id + '.sqlite')}"
         prefix = "sqlite:///"

@@ -56,7 +56,7 @@ def _is_utf8(data: bytes) -> bool:
 def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
     """Return the file as UTF-8 bytes without a BOM (the only input pyarrow parses)."""
     if encoding is None and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"  # Excel's "Unicode text" save
+        encoding = "utf-16"  # a UTF-16 CSV (Excel's "Unicode text" save is UTF-16 too, tab-separated)
     if encoding is None:
         body = raw[len(_BOM) :] if raw.startswith(_BOM) else raw
         if _is_utf8(body):
@@ -76,6 +76,10 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         raise _problem(name, _line_at(raw, exc.start), f"not valid {codec} text") from None
     if codec == "utf-8":
         return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+    header = text.removeprefix("\ufeff").partition("\n")[0]
+    if codec.startswith("utf-16") and "\t" in header and "," not in header:
+        # read as one column, every required column would be "missing": say what it is instead
+        raise _problem(name, 1, 'tab-separated (Excel "Unicode text"); save it as "CSV UTF-8" instead')
     return text.removeprefix("\ufeff").encode("utf-8")
 
 
@@ -178,6 +182,7 @@ class CsvExport:
         columns: list[list[str]] = [[] for _ in indices]
         lines: list[int] = []
         problems: list[RowProblem] = []
+        trimmed: list[tuple[int, int]] = []  # rows with blank cells past the header's width
         seen_header = False
         while True:
             start = reader.line_num + 1
@@ -194,6 +199,7 @@ class CsvExport:
                 seen_header = True
                 continue
             if len(row) > width and not any(cell.strip() for cell in row[width:]):
+                trimmed.append((start, len(row)))
                 row = row[:width]
             if len(row) != width:
                 reason = f"expected {width} fields, found {len(row)}"
@@ -202,6 +208,14 @@ class CsvExport:
             for column, i in zip(columns, indices, strict=True):
                 column.append(row[i])
             lines.append(start)
+        if trimmed and len(trimmed) < len(lines):
+            # trailing empty cells on every row are an export's habit; on some rows only, they
+            # can be a shift (an unquoted "$1,200.00" pushing a cell into a blank last column)
+            problems += [
+                RowProblem(self.name, line, None, f"expected {width} fields, found {n}")
+                for line, n in trimmed
+            ]
+            problems.sort(key=lambda problem: problem.line or 0)
         if problems:
             raise InputError(problems)
         arrays = [pa.array(column, type=pa.string()) for column in columns]

@@ -230,7 +230,7 @@ def _build_frame(
         elif how == _TIME:
             tz = None if column.utc else clinic_tz
             out[field], bad = cells.timestamps(cells_in, tz)
-            report(order, column, bad, "not an ISO 8601 timestamp")
+            report(order, column, bad, "not an ISO 8601 timestamp (years 1900-2199)")
         elif how == _MONEY:
             out[field], bad = cells.money(cells_in)
             report(order, column, bad, "not a decimal amount")
@@ -300,9 +300,9 @@ def _read(
         columns = _match_columns(section, export.header, name)
         arrays, lines = export.read([c.index for c in columns])
     else:
-        assert source.query is not None and source.sql_url is not None
+        assert source.query is not None
         result = QueryResult.run(
-            source.sql_url,
+            source.source_url(),
             config.resolve(source.query),
             clinic_id=config.clinic_id,
             start=start,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from sqlalchemy import DateTime, String, bindparam, create_engine, text
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from etl.errors import ConfigError, InputError, RowProblem
 
@@ -106,6 +106,12 @@ class QueryResult:
             with engine.connect() as connection:
                 result = connection.execute(statement)
                 return cls(query.name, list(result.keys()), list(result.fetchall()))
+        except SQLAlchemyError as exc:
+            # the class names say what went wrong; the driver's text can quote cell values or
+            # the URL, so it is not shown (run the query in the database's own client to see it)
+            cause = type(getattr(exc, "orig", None) or exc).__name__
+            reason = f"the query failed on the source database ({type(exc).__name__}: {cause})"
+            raise InputError([RowProblem(query.name, None, None, reason)]) from None
         finally:
             engine.dispose()
 

@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from etl.cli import app
+from etl.errors import ConfigError
 from tests.conftest import BASE_CONFIG, DATA
 
 RUNNER = CliRunner()
@@ -83,6 +84,34 @@ def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
     assert "rules.value_window_days" in result.stderr and "meta.pixel_id" in result.stderr
     assert "quality.max_no_lead_share" in result.stderr
     assert "not-a-pixel" not in result.stderr
+
+
+def test_a_password_in_the_yaml_is_refused_and_the_environment_carries_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["database_url"] = "postgresql://medspa:hunter2@db/medspa"
+    raw["sources"]["leads"] = {"sql_url": "postgresql://pms:s3cret@pms/pms", "query": "leads.sql"}
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(tmp_path / "clinic.yaml")
+    assert result.exit_code == 2
+    assert "database_url" in result.stderr and "MEDSPA_DATABASE_URL" in result.stderr
+    assert "sources.leads.sql_url" in result.stderr and "sql_url_env" in result.stderr
+    assert "hunter2" not in result.output and "s3cret" not in result.output
+    # the same URLs from the environment: accepted, and the staging one used when the YAML has none
+    from etl.config import ClinicConfig
+
+    monkeypatch.setenv("PMS_URL", "sqlite:///pms.sqlite")
+    monkeypatch.setenv("MEDSPA_DATABASE_URL", "postgresql://medspa:hunter2@db/medspa")
+    raw.pop("database_url")
+    raw["sources"]["leads"] = {"sql_url_env": "PMS_URL", "query": "leads.sql"}
+    config = ClinicConfig.model_validate({**raw, "base_dir": tmp_path})
+    assert config.sources.leads.source_url() == "sqlite:///pms.sqlite"
+    assert config.resolved_database_url() == "postgresql://medspa:hunter2@db/medspa"
+    assert config.resolved_database_url("sqlite:///other.sqlite").endswith("other.sqlite")
+    monkeypatch.delenv("PMS_URL")
+    with pytest.raises(ConfigError, match="PMS_URL is not set"):
+        config.sources.leads.source_url()
 
 
 def test_live_send_refuses_the_development_key(tmp_path: Path) -> None:

@@ -151,8 +151,8 @@ def test_missing_required_column_names_file_and_column_not_values():
 def test_bad_dates_name_file_line_column_and_never_the_value():
     error = input_error("bad_date.csv")
     assert [(p.file, p.line, p.column, p.reason) for p in error.problems] == [
-        ("bad_date.csv", 3, "start_at", "not an ISO 8601 timestamp"),
-        ("bad_date.csv", 4, "start_at", "not an ISO 8601 timestamp"),
+        ("bad_date.csv", 3, "start_at", "not an ISO 8601 timestamp (years 1900-2199)"),
+        ("bad_date.csv", 4, "start_at", "not an ISO 8601 timestamp (years 1900-2199)"),
         ("bad_date.csv", 5, "appointment_id", "missing value"),
         ("bad_date.csv", 5, "start_at", "missing value"),
     ]
@@ -160,6 +160,53 @@ def test_bad_dates_name_file_line_column_and_never_the_value():
     assert "bad_date.csv, line 3, column 'start_at'" in message
     for value in ("03/08/2026", "2:30 PM", "2026-02-30"):
         assert value not in message
+
+
+def _tmp_error(tmp_path: Path, text: str) -> InputError:
+    (tmp_path / "export.csv").write_text(text, encoding="utf-8")
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    return info.value
+
+
+HEADER = "appointment_id,status,start_at,revenue,service,notes\n"
+
+
+def test_a_row_shifted_by_an_unquoted_amount_is_an_error_not_a_wrong_revenue(tmp_path: Path) -> None:
+    # "$1,200.00" unquoted splits into two cells; the shift lands in a blank trailing column
+    error = _tmp_error(tmp_path, HEADER + "A0,completed,2026-01-05 09:00,$45.00,Botox,\n"
+                       "A1,completed,2026-01-05 10:00,$1,200.00,Botox,\n")  # fmt: skip
+    assert [(p.line, p.reason) for p in error.problems] == [(3, "expected 6 fields, found 7")]
+
+
+def test_trailing_empty_cells_on_every_row_are_forgiven(tmp_path: Path) -> None:
+    (tmp_path / "export.csv").write_text(HEADER + "A0,completed,2026-01-05 09:00,45,Botox,,\n"
+                                         "A1,completed,2026-01-05 10:00,12,Botox,,\n", encoding="utf-8")  # fmt: skip
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    frame = extract.read_appointments(config.sources.appointments, config)
+    assert frame["revenue"].tolist() == [45.0, 12.0]
+
+
+def test_times_outside_1900_to_2199_and_infinite_amounts_are_errors(tmp_path: Path) -> None:
+    error = _tmp_error(tmp_path, HEADER + "A0,completed,2262-04-11 23:00,45,x,\n"
+                       "A1,completed,1677-09-21 07:00,12,x,\n" f"A2,completed,2026-01-05 10:00,{'9' * 400},x,\n")  # fmt: skip
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (2, "start_at", "not an ISO 8601 timestamp (years 1900-2199)"),
+        (3, "start_at", "not an ISO 8601 timestamp (years 1900-2199)"),
+        (4, "revenue", "not a decimal amount"),
+    ]
+
+
+def test_excel_unicode_text_is_named_for_what_it_is(tmp_path: Path) -> None:
+    text = "appointment_id\tstatus\tstart_at\r\nA1\tcompleted\t2026-01-05 10:00\r\n"
+    (tmp_path / "export.csv").write_bytes(text.encode("utf-16"))
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.line, p.reason) for p in info.value.problems] == [
+        (1, 'tab-separated (Excel "Unicode text"); save it as "CSV UTF-8" instead')
+    ]
 
 
 def test_duplicate_header_names_the_column():
@@ -321,6 +368,8 @@ def test_ragged_rows_are_reported_by_line():
     assert [(p.line, p.reason) for p in error.problems] == [
         (3, "expected 3 fields, found 2"),
         (4, "expected 3 fields, found 4"),
+        # a blank extra cell on some rows only may be a shifted row (see the "$1,200.00" test)
+        (5, "expected 3 fields, found 4"),
     ]
     assert "extra" not in str(error)
 
@@ -526,6 +575,17 @@ def test_sql_source_without_window_parameters(source_db: str, tmp_path: Path):
     frame = extract.read_appointments(config.sources.appointments, config, **WINDOW)
     assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
     assert frame["source_file"].tolist() == ["all.sql"] * 3
+
+
+def test_a_failing_sql_source_query_is_one_clear_error_without_values(source_db: str, tmp_path: Path):
+    # the driver's message would quote the statement (and could quote a cell value)
+    (tmp_path / "bad.sql").write_text("SELECT * FROM no_such_table WHERE note = 'P-SECRET-9'")
+    config = make_config(tmp_path, appointments={"sql_url": source_db, "query": "bad.sql"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    (problem,) = info.value.problems
+    assert problem.file == "bad.sql" and "OperationalError" in problem.reason
+    assert "P-SECRET-9" not in str(info.value) and "no_such_table" not in str(info.value)
 
 
 def test_bare_cr_line_ends_from_old_excel():
