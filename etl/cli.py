@@ -151,8 +151,11 @@ def run(
 ) -> None:
     """Run one interval [start, end) for one clinic: extract, stage, plan, gate, outbox, send.
 
-    Conversions whose ready time falls in [start - late_arrival_days, end) are considered;
-    anything already in the send ledger is left out (counted as already_sent). Examples:
+    Conversions whose ready time falls in [start - late_arrival_days, end) are considered, plus
+    any an earlier real run left unfinished (carried_over); anything final in the send ledger is
+    left out (counted as already_sent). Exit codes: 2 bad config or input, 3 PHI egress gate,
+    4 data-quality gate, 5 platform account or setup, 6 quota spent or platform unavailable,
+    7 the staging database refused the load. Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 

@@ -1,6 +1,8 @@
 """Send a published outbox through destination adapters, exactly once, recording every outcome.
 
-Exactly-once rests on three things: opaque IDs derived from the source record (so a re-send is
+Every row passes the PHI egress gate (``etl.gate``) again right here, as read from the outbox
+just before it is sent: an outbox is also checked when it is published, but an upload task can
+be re-run on its own later, under other code or config. Exactly-once rests on three things: opaque IDs derived from the source record (so a re-send is
 the same ``order_id``/``event_id`` and the platform de-duplicates it), the ledger written around
 every batch (``planned`` committed before the request, the outcome committed after), and rows
 in a final ledger state never being sent again. A process killed between two batches therefore
@@ -24,6 +26,7 @@ from etl import ledger
 from etl.config import ClinicConfig
 from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome, RowResult
 from etl.errors import DestinationConfigError, QuotaExhausted
+from etl.gate import check_outbound
 from etl.outbox import read_rows
 from etl.payloads import canonical_json, google_member_key, meta_member_key
 
@@ -75,6 +78,7 @@ def upload_conversions(
     """
     name = destination.name
     rows = list(read_rows(outbox, name))
+    check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
     id_field = _ID_FIELD[name]
     recorded = ledger.read_ledger(engine, config.clinic_id, name)
     todo = [
@@ -188,6 +192,7 @@ def sync_audience(
     """
     name = destination.name
     adds, removes = _audience_rows(outbox, name)
+    check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
     result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
     unapplied = result.unapplied | {r.key for r in getattr(result, "rejected_members", ())}
     if full_resync and not result.replaced and not validate_only:

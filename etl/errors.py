@@ -53,6 +53,13 @@ class InputError(MedspaError):
         super().__init__(f"{len(problems)} input {noun}:\n  {head}{more}")
 
 
+class StagingError(MedspaError):
+    """The staging database refused a load; names the table, the error class and SQLSTATE only
+    (a driver's message quotes the offending row, which holds record IDs and hashes)."""
+
+    exit_code = 7
+
+
 class GateViolation(MedspaError):
     """The PHI egress gate refused a payload: nothing was written to the outbox or sent."""
 

@@ -190,6 +190,23 @@ def _match_columns(section: ProfileSection, header: list[str], name: str) -> lis
     return found
 
 
+def _max_lengths(kind: str) -> dict[str, int]:
+    """The widths of the staged text columns a field lands in (``etl.store``): checked here,
+    with a line number, instead of failing the load (PostgreSQL) or being kept whole (SQLite)."""
+    import sqlalchemy as sa
+
+    from etl import store
+
+    table = {"appointments": store.appointments, "leads": store.leads}[kind]
+    # record and click IDs as exported; currency and status are checked by value elsewhere
+    skip = {"clinic_id", "currency", "status", *store.HASH_COLUMNS}
+    return {c.name: int(c.type.length) for c in table.columns
+            if isinstance(c.type, sa.String) and c.type.length and c.name not in skip}  # fmt: skip
+
+
+_MAX_LENGTH = {kind: _max_lengths(kind) for kind in ("appointments", "leads")}
+
+
 def _build_frame(
     kind: Kind,
     section: ProfileSection,
@@ -227,6 +244,9 @@ def _build_frame(
             report(order, column, is_blank, "missing value")
         if how == _TEXT:
             out[field] = cells.text(cells_in)
+            if limit := _MAX_LENGTH[kind].get(field):  # wider than its staging column
+                too_long = cells.as_bool(pc.greater(pc.utf8_length(cells_in), limit))
+                report(order, column, too_long, f"longer than {limit} characters")
         elif how == _TIME:
             tz = None if column.utc else clinic_tz
             out[field], bad = cells.timestamps(cells_in, tz)

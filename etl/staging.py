@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from etl.errors import StagingError
 from etl.store import HASH_COLUMNS, appointments, bulk_insert, leads, to_epoch_us
 
 TABLES = {"appointments": appointments, "leads": leads}
@@ -200,7 +201,40 @@ def _python_values(arr: pa.ChunkedArray) -> np.ndarray:
 
 
 def load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loaded:
-    """Upsert one hashed extract into staging, latest wins, in one transaction."""
+    """Upsert one hashed extract into staging, latest wins, in one transaction.
+
+    Raises:
+        StagingError: the database refused the load (nothing of it was kept); the driver's
+            message is not passed on, since it quotes the offending row.
+    """
+    try:
+        return _load_extract(engine, kind, clinic_id, path)
+    except _DRIVER_ERRORS as exc:
+        cause = getattr(exc, "orig", None) or exc
+        code = getattr(cause, "pgcode", None) or getattr(cause, "sqlite_errorname", None) or "unknown"
+        raise StagingError(
+            f"staging {kind}: the database refused the load ({type(cause).__name__}, code {code}); "
+            "nothing of this load was kept"
+        ) from None
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sa.exc.SQLAlchemyError, sqlite3.Error]
+    try:
+        import psycopg2
+
+        errors.append(psycopg2.Error)
+    except ImportError:  # no PostgreSQL driver installed: nothing of it to catch
+        pass
+    return tuple(errors)
+
+
+_DRIVER_ERRORS = _driver_errors()
+
+
+def _load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loaded:
     rows = pq.ParquetFile(path).metadata.num_rows
     with engine.begin() as conn:
         _, _, seq = _state(conn, kind, clinic_id)

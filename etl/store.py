@@ -189,7 +189,8 @@ def open_engine(url: str) -> Engine:
         from pathlib import Path
 
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, future=True)
+    # hide_parameters: a failing statement's error text then carries no row values
+    engine = sa.create_engine(url, future=True, hide_parameters=True)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)
@@ -250,13 +251,16 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
     assert raw is not None
     if conn.dialect.name == "postgresql":
         import io
+        import uuid
 
         buffer = io.StringIO()
-        frame.to_csv(buffer, index=False, header=False, na_rep="\\N")
+        # a null marker no cell can hold: a literal "\N" in an export would otherwise turn into NULL
+        null = f"NULL-{uuid.uuid4().hex[:16]}"  # short: pandas cuts a long na_rep in float columns
+        frame.to_csv(buffer, index=False, header=False, na_rep=null)
         buffer.seek(0)
         pg_cursor: Any = raw.cursor()
         pg_cursor.copy_expert(
-            f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", buffer
+            f"COPY {table.name} ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv, NULL '{null}')", buffer
         )
         pg_cursor.close()
         return

@@ -209,6 +209,14 @@ def test_excel_unicode_text_is_named_for_what_it_is(tmp_path: Path) -> None:
     ]
 
 
+def test_an_id_wider_than_its_staging_column_is_an_error_by_line(tmp_path: Path) -> None:
+    error = _tmp_error(tmp_path, HEADER + f"{'A' * 129},completed,2026-01-05 10:00,45,x,\n")
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (2, "appointment_id", "longer than 128 characters")
+    ]
+    assert "A" * 129 not in str(error)
+
+
 def test_duplicate_header_names_the_column():
     error = input_error("duplicate_header.csv")
     assert [(p.column, p.reason) for p in error.problems] == [("status", "duplicate column header")]

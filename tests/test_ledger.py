@@ -18,6 +18,7 @@ import pytest
 
 from etl import deliver, ledger, store
 from etl.destinations.base import Outcome, RowResult
+from etl.payloads import META_AUDIENCE_SCHEMA
 from tests.conftest import DATA, make_config, run_dry
 
 AT = datetime(2026, 6, 1, tzinfo=UTC)
@@ -74,7 +75,9 @@ def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) 
     ids = [f"{i:064x}" for i in range(6)]
     outbox = tmp_path / "outbox"
     outbox.mkdir()
-    lines = [json.dumps({"event_id": k, "event_name": "Purchase"}) for k in ids]
+    lines = [json.dumps({"event_name": "Purchase", "event_time": 1780000000, "event_id": k,
+                         "action_source": "physical_store", "user_data": {"em": ["e" * 64]}})
+             for k in ids]  # fmt: skip
     (outbox / "meta_events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
         destination = _OtherRunFinishesTheNextBatch(engine, ids[3:5])
@@ -133,7 +136,7 @@ class _RefusingAudience:
 def _audience_outbox(tmp_path: Path, adds: list[list[str]], removes: list[list[str]]) -> Path:
     outbox = tmp_path / "outbox"
     outbox.mkdir(parents=True)
-    schema = ["EMAIL", "PHONE"]
+    schema = list(META_AUDIENCE_SCHEMA)
     lines = [json.dumps({"operation": op, "schema": schema, "data": rows})
              for op, rows in (("add", adds), ("remove", removes)) if rows]  # fmt: skip
     (outbox / "meta_audience.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -144,7 +147,7 @@ def test_the_synced_state_records_only_what_the_platform_applied(tmp_path: Path)
     from etl.payloads import meta_member_key
 
     config = make_config(tmp_path)
-    a, b, c = ([f"{i:064x}", ""] for i in range(3))
+    a, b, c = ([f"{i:064x}", *[""] * 7] for i in range(3))
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
         state = lambda: set(ledger.read_audience_state(engine, CLINIC, "meta_audience"))  # noqa: E731
         deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "1", [a, b], []),
@@ -185,3 +188,21 @@ def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     fresh = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "fresh")
     assert len(fresh.rows["google_customer_match"]) == len(fresh.rows["meta_audience"]) == 1
     assert "skipped_newer_sync" not in fresh.summary["destinations"]["meta_audience"]
+
+
+def test_an_outbox_changed_after_publishing_is_stopped_at_upload(tmp_path: Path) -> None:
+    from etl.errors import GateViolation
+
+    config = make_config(tmp_path)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    row = {"event_name": "Purchase", "event_time": 1780000000, "event_id": "f" * 64,
+           "action_source": "physical_store", "user_data": {"em": ["jane.doe@gmail.com"]}}  # fmt: skip
+    (outbox / "meta_events.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        destination = _OtherRunFinishesTheNextBatch(engine, [])
+        with pytest.raises(GateViolation) as info:
+            deliver.upload_conversions(config, engine, outbox, destination,  # type: ignore[arg-type]
+                                       run_id="r", clock=lambda: AT)  # fmt: skip
+        assert destination.received == [] and ledger.read_ledger(engine, CLINIC, DEST) == {}
+    assert "user_data.em[0]" in str(info.value) and "jane" not in str(info.value)

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from etl import store
+from etl import staging, store
 from etl.config import load_config
 from etl.outbox import OUTBOX_FILES
 from tests.conftest import run_dry
@@ -115,3 +116,36 @@ def test_postgres_ledger_keeps_a_final_state(postgres_url: str) -> None:
                                 run_id=status, at=at)  # fmt: skip
         assert ledger.read_ledger(engine, "pg-clinic", "meta_events")["x" * 64].status == "accepted"
         assert ledger.final_among(engine, "pg-clinic", "meta_events", ["x" * 64]) == {"x" * 64}
+
+
+def test_postgres_load_keeps_a_literal_null_marker_and_refusals_name_no_value(
+    postgres_url: str, synthetic: Path, tmp_path: Path
+) -> None:
+    from etl import pipeline
+    from etl.errors import StagingError
+    from etl.rules.stages import RunWindow
+
+    config = load_config(synthetic / "clinic.yaml").model_copy(update={"clinic_id": "pg-nulls"})
+    paths = pipeline.RunPaths(run_dir=tmp_path / "run", outbox=tmp_path / "outbox")
+    window = RunWindow(start=datetime(2026, 9, 1, tzinfo=UTC), end=datetime(2026, 11, 23, tzinfo=UTC))
+    pipeline.extract_sources(config, window, paths, pipeline.Timings())
+    path = paths.extracts / "appointments.parquet"
+    frame = pd.read_parquet(path)
+    frame.loc[0, "location_id"] = "\\N"  # COPY's default null marker, as a real cell
+    frame.to_parquet(path, index=False)
+    with store.engine_for(postgres_url) as engine:
+        staging.load_extract(engine, "appointments", config.clinic_id, path)
+        staged = staging.load_staged(
+            engine, "appointments", config.clinic_id, before=datetime(2100, 1, 1, tzinfo=UTC)
+        )
+        first = staged.set_index("appointment_id").loc[frame.loc[0, "appointment_id"]]
+        assert first["location_id"] == "\\N"
+        # a row the database refuses (wider than its column: extract stops these, a file edited
+        # after extract does not): one clear error, no cell of the row in it
+        frame.loc[1, "appointment_id"] = "CNRY-APPT-" + "x" * 200
+        frame.to_parquet(path, index=False)
+        with pytest.raises(StagingError) as info:
+            staging.load_extract(engine, "appointments", config.clinic_id, path)
+    message = str(info.value)
+    assert "StringDataRightTruncation" in message and "22001" in message
+    assert "CNRY" not in message and frame.loc[2, "appointment_id"] not in message
