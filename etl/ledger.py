@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.store import _CHUNK, audience_state, audience_syncs, run_summaries, send_ledger
+from etl.errors import ConfigError
+from etl.store import _CHUNK, audience_state, audience_syncs, ledger_targets, run_summaries, send_ledger
 
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
@@ -31,6 +32,28 @@ _FINAL_LITERALS: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{state}'") 
 class LedgerEntry:
     status: str
     code: str | None
+
+
+def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at: datetime) -> None:
+    """Make sure this database's sends for the clinic all go to one target (sandbox or live).
+
+    Raises:
+        ConfigError: the database already holds sends to the other target; its ledger would
+            count them as sent (a sandbox "accepted" is not Google's or Meta's).
+    """
+    with engine.begin() as conn:
+        claimed = conn.execute(
+            sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
+        ).scalar()
+        if claimed is None:
+            conn.execute(ledger_targets.insert(),
+                         {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
+        elif claimed != target:
+            raise ConfigError(
+                f"this staging database holds {claimed} sends for clinic {clinic_id}; a {target} send "
+                f"would share their ledger (a {claimed} 'accepted' would read as sent). Use a separate "
+                "database for each target (--database, or database_url / MEDSPA_DATABASE_URL)"
+            )
 
 
 def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:

@@ -151,6 +151,18 @@ audience_syncs = sa.Table(
     sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Which target (sandbox or live) a clinic's sends in this database go to. The ledger and the
+# list state are not keyed by target, so a sandbox run on a live database would mark
+# conversions as sent that never reached Google or Meta: the first target to send claims it.
+ledger_targets = sa.Table(
+    "ledger_targets",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 run_summaries = sa.Table(
     "run_summaries",
     metadata,

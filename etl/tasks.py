@@ -180,6 +180,8 @@ def upload(
         destination = dests.conversions.get(name)
         if destination is None:
             return {"run_id": spec.run_id, "skipped": f"{family} not configured"}
+        if not validate_only:
+            ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
         counts = deliver.upload_conversions(
             spec.config,
             engine,
@@ -220,6 +222,8 @@ def sync_suppression(
             environ=environ,
         ) as dests,
     ):
+        if dests.audiences and not validate_only:
+            ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
         for name, audience in dests.audiences.items():
             counts = deliver.sync_audience(
                 spec.config,

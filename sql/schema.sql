@@ -92,6 +92,13 @@ CREATE TABLE leads (
 	load_seq BIGINT NOT NULL,
 	PRIMARY KEY (clinic_id, lead_id)
 );
+CREATE TABLE ledger_targets (
+	clinic_id VARCHAR(64) NOT NULL,
+	target VARCHAR(16) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	claimed_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id)
+);
 CREATE TABLE persons (
 	clinic_id VARCHAR(64) NOT NULL,
 	person_key VARCHAR(64) NOT NULL,

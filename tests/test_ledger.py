@@ -206,3 +206,15 @@ def test_an_outbox_changed_after_publishing_is_stopped_at_upload(tmp_path: Path)
                                        run_id="r", clock=lambda: AT)  # fmt: skip
         assert destination.received == [] and ledger.read_ledger(engine, CLINIC, DEST) == {}
     assert "user_data.em[0]" in str(info.value) and "jane" not in str(info.value)
+
+
+def test_sandbox_and_live_sends_never_share_a_ledger(tmp_path: Path) -> None:
+    from etl.errors import ConfigError
+
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        ledger.claim_target(engine, CLINIC, "sandbox", run_id="try-out", at=AT)
+        ledger.claim_target(engine, CLINIC, "sandbox", run_id="again", at=AT)  # same target: fine
+        ledger.claim_target(engine, "other-clinic", "live", run_id="n1", at=AT)  # per clinic
+        with pytest.raises(ConfigError, match="holds sandbox sends") as info:
+            ledger.claim_target(engine, CLINIC, "live", run_id="go-live", at=AT)
+    assert "separate" in str(info.value) and "--database" in str(info.value)
