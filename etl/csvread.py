@@ -8,8 +8,10 @@ no message carries one: problems name the file, the physical line and a reason.
 Two readers give the same result. The fast one parses with pyarrow and finds record starts with
 a vectorised scan of the bytes (a newline ends a record when an even number of quote characters
 precede it). That scan is exact for RFC 4180 files; when pyarrow and the scan disagree on the row
-count (a stray quote inside an unquoted field, a bare-CR line end, a ragged row), the file is read
-again with the standard ``csv`` module, which is slower but tracks physical lines itself.
+count, or the file is not strictly RFC 4180 (a quote that neither opens a field, closes one nor
+doubles one, e.g. a stray quote inside an unquoted field, which can leave the count right but
+the lines shifted; a bare-CR line end; a ragged row), the file is read again with the standard
+``csv`` module, which is slower but tracks physical lines itself.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow.csv as pacsv
 from etl.errors import InputError, RowProblem
 
 _BOM = codecs.BOM_UTF8
-_NEWLINE, _CR, _QUOTE = 0x0A, 0x0D, 0x22
+_NEWLINE, _CR, _QUOTE, _COMMA = 0x0A, 0x0D, 0x22, 0x2C
 _SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
 
 
@@ -87,13 +89,16 @@ def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool
     """Start offset, end offset and physical line of every non-blank record (RFC 4180 quoting).
 
     Also returns whether any newline sits inside quotes (pyarrow must then be told so) and
-    whether the file has a bare CR, which pyarrow takes for a line end and this scan does not.
+    whether the fast reader cannot be trusted with this file: a bare CR (pyarrow takes it for a
+    line end, this scan does not) or quoting that is not strictly RFC 4180 (see
+    ``_strictly_quoted``).
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     newlines = _offsets(buf, _NEWLINE)
     crlf = np.count_nonzero(buf[newlines[newlines > 0] - 1] == _CR)
     bare_cr = b"\r" in data and data.count(b"\r") != crlf
     quotes = _offsets(buf, _QUOTE)
+    exact_only = bare_cr or not _strictly_quoted(buf, quotes)
     inside = (np.searchsorted(quotes, newlines) & 1).astype(bool)
     ending = np.flatnonzero(~inside)
     bounds = newlines[ending]
@@ -104,7 +109,26 @@ def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool
     last = buf[np.clip(ends - 1, 0, None)] if len(buf) else np.zeros(len(ends), np.uint8)
     content = length - ((length > 0) & (last == _CR))
     keep = content > 0
-    return starts[keep], ends[keep], lines[keep].astype(np.int64), bool(inside.any()), bare_cr
+    return starts[keep], ends[keep], lines[keep].astype(np.int64), bool(inside.any()), exact_only
+
+
+def _strictly_quoted(buf: np.ndarray, quotes: np.ndarray) -> bool:
+    """Whether every quote opens a field, closes one, or is half of a doubled quote.
+
+    Counting quotes before a newline finds record ends only under that grammar. A quote inside
+    an unquoted field (``5" tall``) is literal to pyarrow and to the csv module but flips this
+    scan's parity; two such quotes around quoted newlines can keep the row count right while
+    every line number between them is off, so such a file goes to the exact reader.
+    """
+    if len(quotes) % 2:
+        return False
+    opening, closing = quotes[0::2], quotes[1::2]
+    before = buf[np.clip(opening - 1, 0, None)]
+    opens_ok = (opening == 0) | (before == _COMMA) | (before == _NEWLINE) | (before == _QUOTE)
+    after = buf[np.clip(closing + 1, None, len(buf) - 1)]
+    ends = (closing == len(buf) - 1) | (after == _COMMA) | (after == _NEWLINE) | (after == _CR)
+    closes_ok = ends | (after == _QUOTE)
+    return bool(opens_ok.all() and closes_ok.all())
 
 
 def _offsets(buf: np.ndarray, byte: int) -> np.ndarray:
@@ -135,7 +159,7 @@ class CsvExport:
             raise _problem(self.name, None, "file not found") from None
         self._data = _decode(raw, self.name, encoding)
         scan = _scan_records(self._data)
-        self._starts, ends, self._lines, self._quoted_newlines, self._bare_cr = scan
+        self._starts, ends, self._lines, self._quoted_newlines, self._exact_only = scan
         if not len(self._starts):
             raise _problem(self.name, None, "file is empty (no header)")
         first = self._data[self._starts[0] : ends[0]].decode("utf-8")
@@ -153,7 +177,7 @@ class CsvExport:
         Raises:
             InputError: every row whose field count differs from the header's.
         """
-        fast = None if self._bare_cr else self._read_fast(indices)
+        fast = None if self._exact_only else self._read_fast(indices)
         return fast if fast is not None else self._read_exact(indices)
 
     def _read_fast(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray] | None:

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl import cells, csvread, extract
 from etl.config import ClinicConfig
@@ -397,6 +399,47 @@ def test_fast_and_exact_readers_agree(name):
     exact = export._read_exact(indices)
     assert [a.to_pylist() for a in fast[0]] == [a.to_pylist() for a in exact[0]]
     assert fast[1].tolist() == exact[1].tolist()
+
+
+def test_a_stray_quote_before_a_quoted_newline_keeps_the_line_numbers(tmp_path):
+    # the row count matches, so only a quote-grammar check catches that line 3 is really line 4
+    path = tmp_path / "stray.csv"
+    path.write_bytes(b'id,h,v\n1,a"b,"c\nd"\n2,x,y\n')
+    export = CsvExport(path)
+    columns, lines = export.read([0, 1, 2])
+    assert [column.to_pylist() for column in columns] == [["1", "2"], ['a"b', "x"], ["c\nd", "y"]]
+    assert lines.tolist() == [2, 4]
+
+
+def _read_or_problems(read):
+    try:
+        columns, lines = read()
+    except InputError as error:
+        return [(p.line, p.reason) for p in error.problems]
+    return [column.to_pylist() for column in columns], lines.tolist()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.text(alphabet='a",\n', max_size=4), min_size=1, max_size=3).map(",".join),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_whatever_the_quoting_the_reader_agrees_with_the_csv_module(tmp_path_factory, rows, newline):
+    # the fast reader may only answer when it gives exactly what the exact reader gives
+    path = tmp_path_factory.mktemp("csv") / "random.csv"
+    path.write_bytes(newline.join(["id,h,v", *rows]).encode())
+    try:
+        export = CsvExport(path)
+    except InputError:
+        return
+    indices = list(range(len(export.header)))
+    assert _read_or_problems(lambda: export.read(indices)) == _read_or_problems(
+        lambda: export._read_exact(indices)
+    )
 
 
 @pytest.mark.parametrize(
