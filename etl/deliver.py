@@ -189,25 +189,38 @@ def sync_audience(
     platform applied: a member it refused or never got (a failed batch) is left out of the
     state, so the next sync sends that add or remove again (adds and removes are idempotent on
     both platforms); a full resync that did not replace the list leaves the state as it was.
+    The adds are written ahead as pending, so a crash between the platform applying them and
+    the state being written leaves them known as possibly on the list.
     """
     name = destination.name
     adds, removes = _audience_rows(outbox, name)
     check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
+    add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
+    if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
+        ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id)
     result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
     unapplied = result.unapplied | {r.key for r in getattr(result, "rejected_members", ())}
     if full_resync and not result.replaced and not validate_only:
         log.warning("%s: the full resync did not replace the list; the synced state is unchanged", name)
     elif not validate_only:
+        applied = {k: v for k, v in add_keys.items() if k not in unapplied}
+        removed = [k for k in remove_keys if k not in unapplied]
+        if full_resync:  # the list was emptied first: only this sync's unapplied adds may be on it
+            pending = ledger.read_pending_adds(engine, config.clinic_id, name)
+            settled = [k for k in pending if k not in add_keys or k not in unapplied]
+        else:
+            settled = [*applied, *removed]
         ledger.apply_audience_delta(
             engine,
             config.clinic_id,
             name,
             at=clock(),
             replace_all=full_resync,
-            added={k: v for k, v in _member_keys(name, adds).items() if k not in unapplied},
-            removed=[k for k in _member_keys(name, removes) if k not in unapplied],
+            added=applied,
+            removed=removed,
             run_id=run_id,
             run_end=run_end,
+            settled=settled,
         )
     counts = {
         "adds": result.adds,

@@ -17,7 +17,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from etl.errors import ConfigError
-from etl.store import _CHUNK, audience_state, audience_syncs, ledger_targets, run_summaries, send_ledger
+from etl.store import (
+    _CHUNK,
+    audience_pending,
+    audience_state,
+    audience_syncs,
+    ledger_targets,
+    run_summaries,
+    send_ledger,
+)
 
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
@@ -167,14 +175,57 @@ def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
 
 def read_audience_state(engine: Engine, clinic_id: str, destination: str) -> dict[str, str]:
     """member_key -> payload JSON of the last synced membership."""
+    return _member_payloads(engine, audience_state, clinic_id, destination)
+
+
+def read_pending_adds(engine: Engine, clinic_id: str, destination: str) -> dict[str, str]:
+    """member_key -> payload JSON of adds sent with no recorded outcome (see ``audience_pending``)."""
+    return _member_payloads(engine, audience_pending, clinic_id, destination)
+
+
+def _member_payloads(engine: Engine, table: sa.Table, clinic_id: str, destination: str) -> dict[str, str]:
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(audience_state.c.member_key, audience_state.c.payload).where(
-                audience_state.c.clinic_id == clinic_id,
-                audience_state.c.destination == destination,
+            sa.select(table.c.member_key, table.c.payload).where(
+                table.c.clinic_id == clinic_id, table.c.destination == destination
             )
         )
         return {r.member_key: r.payload for r in rows}
+
+
+def record_pending_adds(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    added: Mapping[str, str],
+    *,
+    at: datetime,
+    run_id: str | None = None,
+) -> None:
+    """Write, before the request, the adds a sync is about to hand to the platform.
+
+    From here until ``apply_audience_delta`` settles them, each may or may not be on the list;
+    the plan treats them as possibly there, so whoever stops being wanted gets a remove.
+    """
+    rows = [
+        {"clinic_id": clinic_id, "destination": destination, "member_key": k, "payload": v,
+         "run_id": run_id, "recorded_at": at}
+        for k, v in added.items()
+    ]  # fmt: skip
+    if not rows:
+        return
+    with engine.begin() as conn:
+        insert = _dialect_insert(conn, audience_pending)
+        stmt = insert.on_conflict_do_update(
+            index_elements=["clinic_id", "destination", "member_key"],
+            set_={
+                "payload": insert.excluded.payload,
+                "run_id": insert.excluded.run_id,
+                "recorded_at": insert.excluded.recorded_at,
+            },
+        )
+        for lo in range(0, len(rows), _CHUNK):
+            conn.execute(stmt, rows[lo : lo + _CHUNK])
 
 
 def apply_audience_delta(
@@ -188,11 +239,20 @@ def apply_audience_delta(
     replace_all: bool = False,
     run_id: str | None = None,
     run_end: datetime | None = None,
+    settled: Sequence[str] = (),
 ) -> None:
     """Record what the platform now holds, after it confirmed the sync (and, with ``run_end``,
-    which run's end the lists now mirror, in the same transaction)."""
+    which run's end the lists now mirror, in the same transaction).
+
+    ``settled`` are pending adds whose outcome is now known (applied, or removed again); they
+    leave ``audience_pending`` in the same transaction, so no crash point loses track of them.
+    """
     where = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
+    pending = (audience_pending.c.clinic_id == clinic_id) & (audience_pending.c.destination == destination)
     with engine.begin() as conn:
+        for lo in range(0, len(settled), 500):
+            chunk = list(settled[lo : lo + 500])
+            conn.execute(audience_pending.delete().where(pending & audience_pending.c.member_key.in_(chunk)))
         if run_id is not None and run_end is not None:
             insert = _dialect_insert(conn, audience_syncs)
             conn.execute(

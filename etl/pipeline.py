@@ -469,12 +469,15 @@ def _audience_deltas(
             deltas[dest] = AudienceDelta(adds={}, removes={}, full_resync=False, skipped=True)
             continue
         synced = ledger.read_audience_state(engine, config.clinic_id, dest)
+        # adds a crashed or failed sync may have applied: possibly on the list, so removed
+        # when no longer wanted (and re-added, idempotently, when still wanted)
+        maybe = {**ledger.read_pending_adds(engine, config.clinic_id, dest), **synced}
         if full_resync:
             adds = dict(sorted(now_members.items()))
             removes: dict[str, Any] = {}
         else:
             adds = {k: v for k, v in sorted(now_members.items()) if k not in synced}
-            removes = {k: _stored_payload(dest, synced[k]) for k in sorted(synced) if k not in now_members}
+            removes = {k: _stored_payload(dest, maybe[k]) for k in sorted(maybe) if k not in now_members}
         deltas[dest] = AudienceDelta(adds=adds, removes=removes, full_resync=full_resync)
     return deltas
 

@@ -151,6 +151,22 @@ audience_syncs = sa.Table(
     sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Adds handed to a platform whose outcome is not recorded yet: written before the request,
+# cleared when the sync's result is recorded. A crash in between (or a failed batch the
+# platform may have applied) leaves them here, and the next plan removes every one of them no
+# longer wanted (removing a non-member is harmless on both platforms): a person who revoked
+# meanwhile cannot stay on a list the synced state never knew they had joined.
+audience_pending = sa.Table(
+    "audience_pending",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("member_key", sa.String(64), primary_key=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("run_id", sa.String(200)),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Which target (sandbox or live) a clinic's sends in this database go to. The ledger and the
 # list state are not keyed by target, so a sandbox run on a live database would mark
 # conversions as sent that never reached Google or Meta: the first target to send claims it.

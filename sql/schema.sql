@@ -33,6 +33,15 @@ CREATE TABLE appointments (
 	load_seq BIGINT NOT NULL,
 	PRIMARY KEY (clinic_id, appointment_id)
 );
+CREATE TABLE audience_pending (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	member_key VARCHAR(64) NOT NULL,
+	payload TEXT NOT NULL,
+	run_id VARCHAR(200),
+	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, destination, member_key)
+);
 CREATE TABLE audience_state (
 	clinic_id VARCHAR(64) NOT NULL,
 	destination VARCHAR(32) NOT NULL,

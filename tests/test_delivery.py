@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
 from etl.targets import open_destinations, started_sandboxes
-from tests.conftest import SECRET
+from tests.conftest import DATA, SECRET, make_config
 
 
 class Killed(BaseException):
@@ -201,3 +201,49 @@ def test_invalid_meta_token_stops_with_one_clear_message_and_nothing_recorded_as
     assert "190" in str(info.value) and "CNRY" not in str(info.value)
     assert statuses <= {"planned"}  # planned before the request; never sent, accepted or rejected
     assert sum(sandboxes["meta"].event_ids_received().values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("killed_at", "api"),
+    [("google_customer_match", "data_manager"), ("google_customer_match", "google_ads"),
+     ("meta_audience", "data_manager")],
+    ids=["google-data-manager", "google-ads-api", "meta"],
+)  # fmt: skip
+def test_a_sync_killed_after_the_platform_applied_its_adds_still_removes_who_revoked(
+    killed_at: str, api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # consent_revoked: the patient is granted on 05-20 and revoked on 05-25. The first sync
+    # lists them and is killed before recording it; the next run must still take them off
+    cfg = make_config(DATA / "rules" / "consent_revoked", google_ads__api=api)
+    assert cfg.google_ads is not None and cfg.meta is not None
+    lists = {"google_customer_match": cfg.google_ads.suppression_user_list,
+             "meta_audience": cfg.meta.suppression_audience_id}  # fmt: skip
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    recorded = ledger.apply_audience_delta
+
+    def killed_before_recording(*args: Any, **kwargs: Any) -> None:
+        if args[2] == killed_at:
+            raise Killed
+        recorded(*args, **kwargs)
+
+    with started_sandboxes(cfg, now=datetime(2026, 7, 1, tzinfo=cfg.tz)) as sandboxes:
+
+        def members() -> set[str]:
+            if killed_at == "meta_audience":
+                return set(sandboxes["meta"].audience_members(lists[killed_at]))
+            return sandboxes["google"].list_members(lists[killed_at])
+
+        before = build(cfg, "2026-05-01", "2026-05-20", db, tmp_path)
+        monkeypatch.setattr(ledger, "apply_audience_delta", killed_before_recording)
+        with pytest.raises(Killed):
+            tasks.sync_suppression(before, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+        monkeypatch.setattr(ledger, "apply_audience_delta", recorded)
+        assert len(members()) == 1  # the platform applied the add; our state never heard of it
+        with store.engine_for(db) as engine:
+            assert ledger.read_audience_state(engine, cfg.clinic_id, killed_at) == {}
+
+        after = build(cfg, "2026-05-01", "2026-06-30", db, tmp_path)
+        tasks.sync_suppression(after, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+        assert members() == set()
+        with store.engine_for(db) as engine:
+            assert ledger.read_pending_adds(engine, cfg.clinic_id, killed_at) == {}

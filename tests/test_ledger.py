@@ -169,6 +169,31 @@ def test_the_synced_state_records_only_what_the_platform_applied(tmp_path: Path)
         assert ledger.latest_synced_end(engine, CLINIC, "meta_audience") == AT
 
 
+def test_adds_with_no_recorded_outcome_stay_pending_until_settled(tmp_path: Path) -> None:
+    from etl.payloads import meta_member_key
+
+    config = make_config(tmp_path)
+    a, b, c = ([f"{i:064x}", *[""] * 7] for i in range(3))
+    ka, kb = (meta_member_key(x) for x in (a, b))
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        pending = lambda: set(ledger.read_pending_adds(engine, CLINIC, "meta_audience"))  # noqa: E731
+        sync = lambda n, adds, refused, resync=False: deliver.sync_audience(  # noqa: E731
+            config, engine, _audience_outbox(tmp_path / n, adds, []), _RefusingAudience(refused),  # type: ignore[arg-type]
+            full_resync=resync, clock=lambda: AT)  # fmt: skip
+        sync("1", [a, b], {kb})  # b's batch failed: the platform may hold it or not
+        assert pending() == {kb}
+        assert set(ledger.read_audience_state(engine, CLINIC, "meta_audience")) == {ka}
+        sync("2", [b, c], set())
+        assert pending() == set()
+        sync("3", [a], {ka}, resync=True)  # the list was emptied first; only a may be on it
+        assert pending() == {ka}
+        # validate-only sends nothing for real: nothing becomes pending
+        deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "4", [c], []),
+                              _RefusingAudience(set()), full_resync=False, clock=lambda: AT,  # type: ignore[arg-type]
+                              validate_only=True)  # fmt: skip
+        assert pending() == {ka}
+
+
 def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     # the consent_revoked case: a patient revoked on 05-25; a backfill ending 05-20 still sees
     # them granted, and must not put them back on the lists the nightly run of 06-30 mirrored
