@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,13 @@ from sqlalchemy.engine import Engine
 
 from etl import ledger
 from etl.config import ClinicConfig
-from etl.destinations.base import AudienceDestination, ConversionDestination, Outcome, RowResult
+from etl.destinations.base import (
+    AudienceDestination,
+    AudienceResult,
+    ConversionDestination,
+    Outcome,
+    RowResult,
+)
 from etl.errors import DestinationConfigError, QuotaExhausted
 from etl.gate import check_outbound
 from etl.outbox import read_rows
@@ -117,14 +123,17 @@ def upload_conversions(
                     continue
         try:
             results = destination.send(batch, validate_only=validate_only)
-        except DestinationConfigError as exc:
+        except (DestinationConfigError, QuotaExhausted) as exc:
             # rows the platform already decided before it stopped us are recorded, not re-sent
-            decided = getattr(exc, "partial_results", None) or []
-            if decided and not validate_only:
-                ledger.write_ledger(engine, config.clinic_id, name, [_entry(r, stages) for r in decided],
-                                   run_id=run_id, at=clock())  # fmt: skip
-            raise
-        except QuotaExhausted:
+            if exc.partial_results and not validate_only:
+                ledger.write_ledger(engine, config.clinic_id, name,
+                                    [_entry(r, stages) for r in exc.partial_results],
+                                    run_id=run_id, at=clock())  # fmt: skip
+            if isinstance(exc, DestinationConfigError):
+                raise
+            for result in exc.partial_results:
+                counts[str(result.outcome)] += 1
+            counts["sent"] += len(exc.partial_results)
             counts["stopped"] = "daily_quota"
             log.warning(
                 "%s: daily quota exhausted after %d of %d batches; the rest stays planned",
@@ -198,11 +207,46 @@ def sync_audience(
     add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
     if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
         ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id)
-    result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
+    try:
+        result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
+    except (DestinationConfigError, QuotaExhausted) as stop:
+        if stop.partial_audience is not None and not validate_only:
+            # the platform changed the list before the stop (emptied it): record that much
+            _record_sync(config, engine, name, stop.partial_audience, add_keys, remove_keys,
+                         full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
+        raise
+    if not validate_only:
+        _record_sync(config, engine, name, result, add_keys, remove_keys,
+                     full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
+    counts = {
+        "adds": result.adds,
+        "removes": result.removes,
+        "rejected": result.rejected,
+        "codes": dict(sorted(result.codes.items())),
+        "requests": len(result.request_ids),
+    }
+    log.info("%s: %s", name, counts)
+    return counts
+
+
+def _record_sync(
+    config: ClinicConfig,
+    engine: Engine,
+    name: str,
+    result: AudienceResult,
+    add_keys: Mapping[str, str],
+    remove_keys: Sequence[str],
+    *,
+    full_resync: bool,
+    clock: Clock,
+    run_id: str | None,
+    run_end: datetime | None,
+) -> None:
+    """Move the synced state (and settle pending adds) by what the platform applied."""
     unapplied = result.unapplied | {r.key for r in getattr(result, "rejected_members", ())}
-    if full_resync and not result.replaced and not validate_only:
+    if full_resync and not result.replaced:
         log.warning("%s: the full resync did not replace the list; the synced state is unchanged", name)
-    elif not validate_only:
+    else:
         applied = {k: v for k, v in add_keys.items() if k not in unapplied}
         removed = [k for k in remove_keys if k not in unapplied]
         if full_resync:  # the list was emptied first: only this sync's unapplied adds may be on it
@@ -222,12 +266,3 @@ def sync_audience(
             run_end=run_end,
             settled=settled,
         )
-    counts = {
-        "adds": result.adds,
-        "removes": result.removes,
-        "rejected": result.rejected,
-        "codes": dict(sorted(result.codes.items())),
-        "requests": len(result.request_ids),
-    }
-    log.info("%s: %s", name, counts)
-    return counts

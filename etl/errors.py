@@ -8,6 +8,7 @@ logs, Airflow task summaries and on-failure notifications (SPEC section 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class MedspaError(Exception):
@@ -82,13 +83,27 @@ class QualityGateFailed(MedspaError):
     exit_code = 4
 
 
-class DestinationConfigError(MedspaError):
+class _Stop(MedspaError):
+    """A platform stop raised mid-upload; it carries what was already decided before it.
+
+    ``partial_results`` are per-row results (``RowResult``) the platform gave before the stop,
+    which ``etl.deliver`` records so they are not sent again; ``partial_audience`` is an
+    ``AudienceResult`` for a list that was already changed (e.g. emptied by a full resync).
+    """
+
+    def __init__(self, message: str, partial_results: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial_results: list[Any] = list(partial_results or [])
+        self.partial_audience: Any = None
+
+
+class DestinationConfigError(_Stop):
     """The ad platform says the account is not set up (auth, terms, action missing): stop the run."""
 
     exit_code = 5
 
 
-class QuotaExhausted(MedspaError):
+class QuotaExhausted(_Stop):
     """The platform's daily quota is spent: what is unsent stays planned for the next run."""
 
     exit_code = 6

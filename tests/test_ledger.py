@@ -70,15 +70,20 @@ class _OtherRunFinishesTheNextBatch:
         return [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows]
 
 
-def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
-    ids = [f"{i:064x}" for i in range(6)]
+def _events_outbox(tmp_path: Path, ids: list[str]) -> Path:
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     lines = [json.dumps({"event_name": "Purchase", "event_time": 1780000000, "event_id": k,
                          "action_source": "physical_store", "user_data": {"em": ["e" * 64]}})
              for k in ids]  # fmt: skip
     (outbox / "meta_events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return outbox
+
+
+def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(6)]
+    outbox = _events_outbox(tmp_path, ids)
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
         destination = _OtherRunFinishesTheNextBatch(engine, ids[3:5])
         counts = deliver.upload_conversions(config, engine, outbox, destination,  # type: ignore[arg-type]
@@ -87,6 +92,32 @@ def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) 
     assert destination.received == [*ids[:3], ids[5]]
     assert counts["already_sent"] == 2 and counts["accepted"] == 4 and counts["sent"] == 4
     assert {k: e.status for k, e in recorded.items()} == dict.fromkeys(ids, "accepted")
+
+
+class _QuotaRunsOutMidBatch:
+    """Accepts the first two rows of its first request, then the daily quota runs out."""
+
+    name = DEST
+    max_batch = 3
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        from etl.errors import QuotaExhausted
+
+        stop = QuotaExhausted("quota")
+        stop.partial_results = [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows[:2]]
+        raise stop
+
+
+def test_rows_accepted_before_a_quota_stop_are_recorded_not_sent_again(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(5)]
+    outbox = _events_outbox(tmp_path, ids)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        counts = deliver.upload_conversions(config, engine, outbox, _QuotaRunsOutMidBatch(),  # type: ignore[arg-type]
+                                            run_id="r", clock=lambda: AT)  # fmt: skip
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+    assert counts["stopped"] == "daily_quota" and counts["accepted"] == 2 and counts["sent"] == 2
+    assert recorded == {ids[0]: "accepted", ids[1]: "accepted", ids[2]: "planned"}
 
 
 def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from etl.destinations.google_common import (
     Kind,
     RetryPolicy,
     call_with_retry,
+    carrying,
     check_conversion_row,
     chunked,
     classify_auth_error,
@@ -164,8 +165,14 @@ def classify_ads_error(exc: BaseException) -> CallFailure | None:
         return CallFailure(Kind.CONFIG, status.name, rid)
     if any(name in DEFERRED_CODES for name in names):
         return CallFailure(Kind.DEFER_ALL, next(n for n in names if n in DEFERRED_CODES), rid)
-    code = names[0] if names else (status.name if status is not None else "UNKNOWN")
-    return CallFailure(Kind.REJECT_ALL, code, rid)
+    if names:
+        return CallFailure(Kind.REJECT_ALL, names[0], rid)
+    # no GoogleAdsFailure: a dropped stream or cancelled call says nothing about the rows;
+    # retried, and if it persists the rows come back next run (never rejected for good)
+    code = status.name if status is not None else "UNKNOWN"
+    if status in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+        return CallFailure(Kind.RETRY, code, rid)
+    return CallFailure(Kind.DEFER_ALL, code, rid)
 
 
 def partial_failures(status: Any) -> tuple[dict[int, list[str]], str | None]:
@@ -213,8 +220,9 @@ class GoogleAdsConversions:
             QuotaExhausted: the daily operations quota is spent.
         """
         results: list[RowResult] = []
-        for chunk in chunked(rows, self.max_batch):
-            results.extend(self._send_chunk(chunk, validate_only))
+        with carrying(results):
+            for chunk in chunked(rows, self.max_batch):
+                results.extend(self._send_chunk(chunk, validate_only))
         summarize("google_ads UploadClickConversions", results)
         return results
 
@@ -253,20 +261,25 @@ class GoogleAdsConversions:
             )
         by_index, request_id = partial_failures(response.partial_failure_error)
         stop = next((c for codes in by_index.values() for c in codes if c in CONFIG_CODES), None)
-        if stop:
-            raise_stop(
-                CallFailure(Kind.CONFIG, stop, request_id),
-                api="Ads API",
-                method="UploadClickConversions",
-                customer_id=self._customer_id,
-            )
         for index, row in enumerate(sendable):
             codes = by_index.get(index)
+            if codes and stop in codes:
+                continue  # stays planned: the account problem is fixed first, then it goes again
             if codes:
                 code = _pick(codes)
                 results.append(RowResult(row["order_id"], outcome_for(code), code, request_id))
             else:
                 results.append(RowResult(row["order_id"], Outcome.ACCEPTED, None, request_id))
+        if stop:
+            # partial failure: the other rows of this request were applied; they travel with
+            # the stop and are recorded, not sent again
+            with carrying(results):
+                raise_stop(
+                    CallFailure(Kind.CONFIG, stop, request_id),
+                    api="Ads API",
+                    method="UploadClickConversions",
+                    customer_id=self._customer_id,
+                )
         return results
 
 

@@ -72,6 +72,7 @@ class GoogleAdsCustomerMatch:
         *,
         enabled: bool,
         policy: RetryPolicy,
+        consented: bool = True,
         poll_interval: float = 10.0,
         poll_timeout: float = 600.0,
     ) -> None:
@@ -81,6 +82,9 @@ class GoogleAdsCustomerMatch:
         self._customer_id = customer_id
         self._user_list = user_list
         self._enabled = enabled
+        # members all have granted authorization only when the plan required it
+        # (rules.suppression_requires_consent); otherwise consent is left unset, never claimed
+        self._consented = consented
         self._policy = policy
         self._poll_interval = poll_interval
         self._poll_timeout = poll_timeout
@@ -176,7 +180,7 @@ class GoogleAdsCustomerMatch:
         validate_only: bool,
     ) -> None:
         metadata = oud.CustomerMatchUserListMetadata(user_list=self._user_list)
-        if direction == "create":
+        if direction == "create" and self._consented:
             metadata.consent = consent_types.Consent(ad_user_data=_GRANTED, ad_personalization=_GRANTED)
         job = OfflineUserDataJob(
             type_=OfflineUserDataJobTypeEnum.OfflineUserDataJobType.CUSTOMER_MATCH_USER_LIST,
@@ -192,7 +196,15 @@ class GoogleAdsCustomerMatch:
             return
         resource = created.resource_name
         result.request_ids.append(resource)
-        applied = self._add_operations(resource, rows, direction, result, remove_all, validate_only)
+        applied, removing_all = self._add_operations(
+            resource, rows, direction, result, remove_all, validate_only
+        )
+        if remove_all and not removing_all:
+            # the call carrying remove_all failed: running the job would add without replacing
+            result.codes["REMOVE_ALL_FAILED"] = 1
+            for key in {member_key(row) for row in rows} - result.unapplied:
+                self._reject(result, key, "REMOVE_ALL_FAILED", None)
+            return
         if validate_only:
             result.codes["VALIDATE_ONLY"] = result.codes.get("VALIDATE_ONLY", 0) + 1
         elif applied or remove_all:
@@ -218,8 +230,14 @@ class GoogleAdsCustomerMatch:
         result: GoogleAudienceResult,
         remove_all: bool,
         validate_only: bool,
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Add the operations in calls of about 10,000 identifiers.
+
+        Returns the rows Google took, and whether the ``remove_all`` operation (first of the
+        first call) was taken: when it was not, the job must not run.
+        """
         calls: list[list[tuple[dict[str, Any] | None, Any]]] = [[]]
+        removing_all = False
         size = 0
         if remove_all:
             calls[0].append((None, ouds.OfflineUserDataJobOperation(remove_all=True)))
@@ -249,6 +267,8 @@ class GoogleAdsCustomerMatch:
                 )
             except CallFailed as exc:
                 self._stop_or_reject(exc, "AddOfflineUserDataJobOperations", call_rows, result)
+                if remove_all and not removing_all:
+                    return applied, False  # nothing else is sent to a job that will not run
                 continue
             by_index, rid = partial_failures(response.partial_failure_error)
             stop = next((c for codes in by_index.values() for c in codes if c in CONFIG_CODES), None)
@@ -261,12 +281,15 @@ class GoogleAdsCustomerMatch:
                 )
             for index, (member, _) in enumerate(call_ops):
                 if member is None:
+                    removing_all = index not in by_index
                     continue
                 if index in by_index:
                     self._reject(result, member_key(member), by_index[index][0], rid)
                 else:
                     applied.append(member)
-        return applied
+            if remove_all and not removing_all:
+                return applied, False
+        return applied, removing_all
 
     def _run_and_poll(self, resource: str) -> tuple[str, str | None]:
         try:

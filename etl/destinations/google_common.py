@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
@@ -207,6 +208,21 @@ def call_with_retry(
         raise CallFailed(exc.failure, exhausted=True) from None
 
 
+@contextmanager
+def carrying(decided: Sequence[Any]) -> Iterator[None]:
+    """A stop raised inside carries ``decided`` (rows the platform already answered) with it.
+
+    ``etl.deliver`` records a stop's ``partial_results`` before re-raising, so rows accepted
+    before a quota or account stop are not sent again: the Data Manager API has no "already
+    there" answer, a second send would count the conversion twice.
+    """
+    try:
+        yield
+    except (DestinationConfigError, QuotaExhausted) as stop:
+        stop.partial_results = [*decided, *stop.partial_results]
+        raise
+
+
 def send_bisecting(
     rows: Sequence[T],
     send_once: Callable[[Sequence[T]], list[R]],
@@ -216,7 +232,8 @@ def send_bisecting(
 
     The Data Manager API fails a request for one bad item, so a refused batch is halved
     recursively until each bad row stands alone and is recorded as rejected, while the good
-    halves go through (about 2 * bad * log2(n) extra requests).
+    halves go through (about 2 * bad * log2(n) extra requests). A stop in a later half carries
+    the earlier halves' results.
     """
     try:
         return send_once(rows)
@@ -227,9 +244,9 @@ def send_bisecting(
             return [reject(rows[0], exc.failure)]
         middle = len(rows) // 2
         log.info("request refused (%s): bisecting %d rows", exc.failure.code, len(rows))
-        return send_bisecting(rows[:middle], send_once, reject) + send_bisecting(
-            rows[middle:], send_once, reject
-        )
+        left = send_bisecting(rows[:middle], send_once, reject)
+        with carrying(left):
+            return left + send_bisecting(rows[middle:], send_once, reject)
 
 
 def raise_stop(failure: CallFailure, *, api: str, method: str, customer_id: str) -> None:

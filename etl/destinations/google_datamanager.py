@@ -42,6 +42,7 @@ from etl.destinations.google_common import (
     Kind,
     RetryPolicy,
     call_with_retry,
+    carrying,
     check_conversion_row,
     chunked,
     classify_auth_error,
@@ -83,6 +84,9 @@ def build_live_dm_client(credentials: Any) -> dm.IngestionServiceClient:
     return dm.IngestionServiceClient(credentials=credentials)
 
 
+_UNEXPLAINED_RETRY = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+
+
 def classify_dm_error(exc: BaseException) -> CallFailure | None:
     """Map a Data Manager API error (google.rpc.Status with ErrorInfo) onto a decision."""
     if not isinstance(exc, core_exceptions.GoogleAPICallError):
@@ -107,6 +111,12 @@ def classify_dm_error(exc: BaseException) -> CallFailure | None:
         return CallFailure(Kind.DEFER_ALL, reason, request_id)
     if status is grpc.StatusCode.INVALID_ARGUMENT:
         return CallFailure(Kind.INVALID, reason, request_id)
+    if exc.reason is None:
+        # no reason from Google: a dropped stream or cancelled call says nothing about the rows;
+        # retried, and if it persists the rows come back next run (never rejected for good)
+        if status in _UNEXPLAINED_RETRY:
+            return CallFailure(Kind.RETRY, reason, request_id)
+        return CallFailure(Kind.DEFER_ALL, reason, request_id)
     return CallFailure(Kind.REJECT_ALL, reason, request_id)
 
 
@@ -199,15 +209,16 @@ class DataManagerConversions(DataManagerBase):
                 results.append(RowResult(str(row.get("order_id", "")), Outcome.REJECTED, code))
             else:
                 good.append(row)
-        for chunk in chunked(good, self.max_batch):
-            for group in _by_destinations(chunk):
-                results.extend(
-                    send_bisecting(
-                        group,
-                        lambda part: self._ingest(part, validate_only),
-                        lambda row, failure: reject_row(row["order_id"], failure),
+        with carrying(results):
+            for chunk in chunked(good, self.max_batch):
+                for group in _by_destinations(chunk):
+                    results.extend(
+                        send_bisecting(
+                            group,
+                            lambda part: self._ingest(part, validate_only),
+                            lambda row, failure: reject_row(row["order_id"], failure),
+                        )
                     )
-                )
         summarize("datamanager IngestEvents", results)
         return results
 

@@ -35,7 +35,7 @@ from etl.destinations.google_datamanager import (
     reject_row,
     user_data,
 )
-from etl.errors import DestinationConfigError
+from etl.errors import DestinationConfigError, QuotaExhausted
 
 log = logging.getLogger("etl.destinations.google")
 
@@ -54,10 +54,14 @@ class DataManagerCustomerMatch(DataManagerBase):
         *,
         user_list: str | None,
         enabled: bool,
+        consented: bool = True,
     ) -> None:
         super().__init__(client, customer_id, login_customer_id, policy)
         self._user_list = user_list
         self._enabled = enabled
+        # GRANTED only when the plan required granted authorization for every member
+        # (rules.suppression_requires_consent); otherwise the request leaves consent unset
+        self._consented = consented
 
     def sync(
         self,
@@ -104,7 +108,15 @@ class DataManagerCustomerMatch(DataManagerBase):
             result.replaced = not validate_only
         else:
             self._send_members(good_removes, destination, result, add=False, validate_only=validate_only)
-        self._send_members(good_adds, destination, result, add=True, validate_only=validate_only)
+        try:
+            self._send_members(good_adds, destination, result, add=True, validate_only=validate_only)
+        except (DestinationConfigError, QuotaExhausted) as stop:
+            if result.replaced:
+                # the list is already empty: the stop carries that, with every add unapplied,
+                # so the state is not left claiming members Google no longer holds
+                result.unapplied |= {member_key(row) for row in good_adds}
+                stop.partial_audience = result
+            raise
         log.info(
             "datamanager Customer Match: adds %d, removes %d, rejected %d, codes %s",
             result.adds,
@@ -150,7 +162,8 @@ class DataManagerCustomerMatch(DataManagerBase):
                 "validate_only": validate_only,
             }
             if add:
-                ingest = dm.IngestAudienceMembersRequest(**common, consent=consent, terms_of_service=terms)
+                claimed = {"consent": consent} if self._consented else {}
+                ingest = dm.IngestAudienceMembersRequest(**common, **claimed, terms_of_service=terms)
                 call: Callable[[], Any] = partial(
                     self._client.ingest_audience_members,
                     request=ingest,

@@ -259,6 +259,7 @@ def make_google_destinations(
                 google.customer_id,
                 google.suppression_user_list,
                 enabled=google.suppression_enabled,
+                consented=config.rules.suppression_requires_consent,
                 policy=policy,
                 poll_interval=SANDBOX_POLL_INTERVAL if use_sandbox is not None else 10.0,
             ),
@@ -276,5 +277,6 @@ def make_google_destinations(
             policy,
             user_list=google.suppression_user_list,
             enabled=google.suppression_enabled,
+            consented=config.rules.suppression_requires_consent,
         ),
     )

@@ -33,7 +33,6 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from etl.destinations.base import RowResult
 from etl.errors import DestinationConfigError, QuotaExhausted
 
 if TYPE_CHECKING:
@@ -115,10 +114,6 @@ class GraphCallError(Exception):
 
 class MetaDestinationConfigError(DestinationConfigError):
     """Meta refused the account or object mid-batch; ``partial_results`` holds what was decided."""
-
-    def __init__(self, message: str, partial_results: list[RowResult] | None = None) -> None:
-        super().__init__(message)
-        self.partial_results = list(partial_results or [])
 
 
 class MetaUnavailable(QuotaExhausted):

@@ -1,7 +1,8 @@
 """Rule 12: existing-patient suppression list membership at the run's ``end``.
 
 Members are people with an attended appointment in ``[end - suppression_lookback, end)`` whose
-authorization is granted at ``end`` (when ``suppression_requires_consent``). Identifiers come
+authorization is granted at ``end`` (when ``suppression_requires_consent``; without it, not
+revoked at ``end``). Identifiers come
 from all of the person's rows, most recent first. The mirror (adds/removes against the last
 synced state) is computed in ``etl.pipeline`` from the payloads, because the platforms hold
 identifier sets, not our person numbers.
@@ -53,9 +54,11 @@ def suppression_members(
         & (start_at < end).to_numpy()
     )
     people = np.unique(appt_person[recent])
-    if requires_consent and len(people):
-        granted = consent_state(consent, people, end) == 1
-        people = people[granted]
+    if len(people):
+        # without the consent requirement, people with no authorization event are members;
+        # a revoked person never is (rule 6: removed from suppression lists at the next sync)
+        state = consent_state(consent, people, end)
+        people = people[state == 1] if requires_consent else people[state != 0]
     member = np.zeros(int(max(appt_person.max(initial=-1), lead_person.max(initial=-1))) + 2, dtype=bool)
     member[people] = True
     cols = ["em_g", "ph_g", *_FIRSTS]

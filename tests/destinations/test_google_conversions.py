@@ -324,3 +324,97 @@ def test_rows_for_two_conversion_actions_share_one_data_manager_request(
         ["action-111"],
         ["action-222"],
     ]
+
+
+class _FailingFrom:
+    """The real Data Manager client, with a sandbox failure armed before its ``n``-th IngestEvents."""
+
+    def __init__(self, real: Any, sandbox: Any, n: int, kind: str) -> None:
+        self._real, self._sandbox, self._n, self._kind, self.calls = real, sandbox, n, kind, 0
+
+    def ingest_events(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self._n:
+            self._sandbox.fail_next("IngestEvents", self._kind)
+        return self._real.ingest_events(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize(
+    ("kind", "stop"), [("daily_quota", QuotaExhausted), ("unauthorized", DestinationConfigError)]
+)
+def test_a_stop_during_bisection_carries_the_rows_google_already_accepted(
+    kind, stop, google_sandbox, google_config, google_conversion
+):
+    # Data Manager has no "already there" answer: rows accepted before the stop must be
+    # recorded by the caller, or the next run sends (and Google counts) them twice
+    conversions, _ = destinations(google_config, google_sandbox, "data_manager")
+    conversions._client = _FailingFrom(conversions._client, google_sandbox, 3, kind)
+    rows = [google_conversion(f"q{i}") for i in range(8)]
+    rows[7]["conversion_date_time"] = "2099-01-01 00:00:00+00:00"  # refused: the request is bisected
+    with pytest.raises(stop) as caught:
+        conversions.send(rows)  # 8 refused, first half of 4 accepted, then the stop
+
+    accepted = google_sandbox.accepted_order_ids()
+    assert sum(accepted.values()) == 4
+    carried = {r.key: r.outcome for r in caught.value.partial_results}
+    assert carried == dict.fromkeys(accepted, Outcome.ACCEPTED)
+
+
+def test_google_ads_account_error_on_one_row_carries_the_rows_it_applied(
+    google_sandbox, google_config, google_conversion
+):
+    # partial failure: Google applied the other rows of the request before we stop the run
+    conversions, _ = destinations(google_config, google_sandbox, "google_ads")
+    good = [google_conversion("g1"), google_conversion("g2")]
+    foreign = google_conversion("f1", conversion_action="customers/999/conversionActions/1")
+    with pytest.raises(DestinationConfigError, match="NO_CONVERSION_ACTION_FOUND") as caught:
+        conversions.send([good[0], foreign, good[1]])
+    assert {r.key: r.outcome for r in caught.value.partial_results} == {
+        row["order_id"]: Outcome.ACCEPTED for row in good
+    }
+    assert google_sandbox.accepted_order_ids() == {row["order_id"]: 1 for row in good}
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_an_unexplained_failure_defers_the_rows_never_rejects_them(
+    api, google_sandbox, google_config, google_conversion
+):
+    # a dropped stream (gRPC UNKNOWN, no Google reason) says nothing about the rows: retried,
+    # then deferred to the next run; "rejected" is final and would lose them for good
+    from google.api_core import exceptions as core_exceptions
+
+    class DroppedStream:
+        calls = 0
+
+        def _fail(self, **kwargs: Any) -> Any:
+            DroppedStream.calls += 1
+            raise core_exceptions.Unknown("Stream removed")
+
+        ingest_events = upload_click_conversions = _fail
+
+    conversions, _ = destinations(google_config, google_sandbox, api)
+    if api == "google_ads":
+        conversions._service = DroppedStream()
+    else:
+        conversions._client = DroppedStream()
+    results = conversions.send([google_conversion("u1"), google_conversion("u2")])
+
+    assert {(r.outcome, r.code) for r in results} == {(Outcome.DEFERRED, "UNKNOWN")}
+    assert DroppedStream.calls == 5  # the retry policy's attempts
+
+
+def test_an_unexplained_refusal_with_no_reason_defers_rather_than_rejects():
+    from google.api_core import exceptions as core_exceptions
+
+    from etl.destinations.google_ads import classify_ads_error
+    from etl.destinations.google_common import Kind
+    from etl.destinations.google_datamanager import classify_dm_error
+
+    for classify in (classify_ads_error, classify_dm_error):
+        failure = classify(core_exceptions.NotFound("gone"))
+        assert failure is not None and failure.kind is Kind.DEFER_ALL
+        cancelled = classify(core_exceptions.Cancelled("client went away"))
+        assert cancelled is not None and cancelled.kind is Kind.RETRY

@@ -190,3 +190,79 @@ def test_suppression_disabled_or_unset(api, google_sandbox, google_config, googl
     unset = audience(google_config, google_sandbox, api, suppression_user_list=None)
     with pytest.raises(DestinationConfigError, match="suppression_user_list"):
         unset.sync([google_member("d2")], [])
+
+
+def test_google_ads_full_resync_whose_remove_all_failed_replaces_nothing(
+    google_sandbox, google_config, google_member
+):
+    # the call carrying remove_all failed after its retries: running the job would only add,
+    # and a state recorded as replaced would forget the old members still on the list
+    destination = audience(google_config, google_sandbox, "google_ads")
+    old = [google_member(f"old{i}") for i in range(3)]
+    destination.sync(old, [])
+    google_sandbox.fail_next("AddOfflineUserDataJobOperations", "transient", times=5)
+    fresh = [google_member("new1"), google_member("new2")]
+
+    result = destination.sync(fresh, [], full_resync=True)
+
+    assert not result.replaced and result.adds == 0
+    assert result.unapplied == {member_key(m) for m in fresh}
+    assert google_sandbox.list_members(LIST) == {member_key(m) for m in old}
+    assert len(google_sandbox.requests("RunOfflineUserDataJob")) == 1  # the first sync's job only
+
+
+def test_data_manager_full_resync_stopped_after_emptying_the_list_records_the_empty_list(
+    tmp_path, google_sandbox, google_config, google_member
+):
+    import json
+    from datetime import UTC, datetime
+
+    from etl import deliver, ledger, store
+
+    config = google_config("data_manager")
+    destination = audience(google_config, google_sandbox, "data_manager")
+    members = [google_member(f"o{i}") for i in range(3)]
+
+    def outbox(name: str) -> Any:
+        path = tmp_path / name
+        path.mkdir()
+        lines = [
+            json.dumps({"operation": "create", "user_identifiers": m["user_identifiers"]}) for m in members
+        ]
+        (path / "google_customer_match.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        deliver.sync_audience(config, engine, outbox("1"), destination, full_resync=False, clock=lambda: at)
+        state = lambda: set(ledger.read_audience_state(engine, config.clinic_id, destination.name))  # noqa: E731
+        assert len(state()) == 3 == len(google_sandbox.list_members(LIST))
+        google_sandbox.fail_next("IngestAudienceMembers", "daily_quota")
+        with pytest.raises(QuotaExhausted):
+            deliver.sync_audience(
+                config, engine, outbox("2"), destination, full_resync=True, clock=lambda: at
+            )
+        assert google_sandbox.list_members(LIST) == set()  # emptied, nothing added back yet
+        assert state() == set()  # so the next nightly sync adds everyone again
+        deliver.sync_audience(config, engine, outbox("3"), destination, full_resync=False, clock=lambda: at)
+    assert google_sandbox.list_members(LIST) == {member_key(m) for m in members}
+
+
+@pytest.mark.parametrize("api", BOTH)
+def test_consent_is_claimed_only_when_the_plan_required_it(api, google_sandbox, google_config, google_member):
+    # suppression_requires_consent: false lists people with no authorization on record; Google
+    # is then told nothing about consent rather than told it was granted
+    base = google_config(api)
+    config = base.model_copy(
+        update={"rules": base.rules.model_copy(update={"suppression_requires_consent": False})}
+    )
+    _, destination = make_google_destinations(config, target="sandbox", sandbox=google_sandbox, retry_wait=0)
+    destination.sync([google_member("u1")], [])
+    if api == "google_ads":
+        (job,) = (c.job for c in google_sandbox.requests("CreateOfflineUserDataJob"))
+        consent = job.customer_match_user_list_metadata.consent
+        assert (consent.ad_user_data.name, consent.ad_personalization.name) == ("UNSPECIFIED", "UNSPECIFIED")
+    else:
+        (request,) = google_sandbox.requests("IngestAudienceMembers")
+        assert "consent" not in request
+    assert len(google_sandbox.list_members(LIST)) == 1

@@ -150,6 +150,16 @@ def test_consent(name: str, reason: str, member: bool, tmp_path: Path) -> None:
     assert len(run.rows["meta_audience"]) == int(member)
 
 
+@pytest.mark.parametrize(("name", "member"), [("consent_missing", True), ("consent_revoked", False)])
+def test_without_the_consent_requirement_lists_still_leave_out_who_revoked(
+    name: str, member: bool, tmp_path: Path
+) -> None:
+    # suppression_requires_consent: false lists people with no authorization event; a
+    # revocation still takes a person off (rule 6), whatever the setting
+    run = case(name, tmp_path, rules__suppression_requires_consent=False)
+    assert len(run.rows["google_customer_match"]) == len(run.rows["meta_audience"]) == int(member)
+
+
 def test_a_revocation_taken_at_the_intake_of_a_booked_visit_is_in_force(tmp_path: Path) -> None:
     # A2 is booked for 2026-07-15, after the run's end, and linked only by patient ID; the
     # revocation it carries was recorded on 2026-06-20, before the end
