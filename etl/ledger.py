@@ -133,6 +133,9 @@ def write_ledger(
             conn.execute(stmt, rows[lo : lo + _CHUNK])
 
 
+CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")  # the ledger's conversion uploads
+
+
 def unfinished_ids(engine: Engine, clinic_id: str, destinations: Sequence[str]) -> frozenset[str]:
     """Opaque IDs a real run planned for one of ``destinations`` and that never reached a final
     state there (its upload stopped, was deferred, or never ran): the next run sends them."""

@@ -51,7 +51,7 @@ DROP_REASONS = (
     "too_old_for_meta",
     "already_sent",
 )
-CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")
+CONVERSION_DESTINATIONS = ledger.CONVERSION_DESTINATIONS
 AUDIENCE_DESTINATIONS = ("google_customer_match", "meta_audience")
 _ID_COLUMN = {"google_conversions": "order_id", "meta_events": "event_id"}
 

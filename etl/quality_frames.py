@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import store
+from etl import ledger, store
 from etl.config import ClinicConfig
 from etl.outbox import SUMMARY_FILE
 from etl.quality_outbound import conversion_frames, outbound_frames
@@ -131,13 +131,16 @@ def volume_frame(
     )
 
 
-def conversions_frame(engine: Engine, config: ClinicConfig, run_id: str,
+def conversions_frame(engine: Engine, config: ClinicConfig, window: RunWindow, run_id: str,
                       outbound: dict[str, pd.DataFrame]) -> pd.DataFrame:  # fmt: skip
     """This run's conversion candidates as the rules staged them (``conversions`` table).
 
     The table is read rather than the outbox because it holds every candidate with its stage,
     event and ready times and value straight from the rules, whatever the destinations did with
     it; the currency, which the table does not keep, comes from the pending rows by opaque ID.
+    ``interval`` is "carried" for a candidate ready before this run's interval whose upload an
+    earlier real run left unfinished in the send ledger (the rules carry those over), "own"
+    otherwise: the run-window check judges the own rows only.
     """
     table = store.conversions
     query = sa.select(table.c.opaque_id, table.c.stage, table.c.person_key, table.c.event_time,
@@ -150,6 +153,9 @@ def conversions_frame(engine: Engine, config: ClinicConfig, run_id: str,
     frame["ready_at"] = frame["ready_at"].astype("int64")
     frame["expected_ready_at"] = frame["event_time"] + offset
     frame["value"] = frame["value"].astype("float64")
+    unfinished = ledger.unfinished_ids(engine, config.clinic_id, ledger.CONVERSION_DESTINATIONS)
+    early = frame["ready_at"] < suite_parameters(config, window)["ready_from_us"]
+    frame["interval"] = np.where(early & frame["opaque_id"].isin(unfinished), "carried", "own")
     currency = pd.concat(
         [
             outbound["google_conversions"].set_index("order_id")["currency_code"],

@@ -841,3 +841,45 @@ def test_gx_holds_no_validated_frame_once_the_suites_ran() -> None:
     gc.collect()
     keyed = [o for o in gc.get_objects() if isinstance(o, pd.DataFrame) and o.index.name == "row_key"]
     assert keyed == []
+
+
+def test_conversions_carried_over_from_an_unfinished_upload_pass_the_gates(tmp_path: Path) -> None:
+    # the journeys case converts on 2026-01-20; Meta deferred both stages in the first run, and
+    # a later night's interval no longer reaches their ready times: the rules carry them over,
+    # and the run-window check must not stop every later run because of it
+    from etl import ledger
+    from tests.conftest import DATA, make_config
+
+    shutil.copytree(DATA / "rules" / "journeys", tmp_path / "clinic")
+    config = make_config(tmp_path / "clinic")
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+
+    def gated(start: str, end: str) -> tasks.RunSpec:
+        spec = tasks.spec_for(config, datetime.fromisoformat(start).replace(tzinfo=config.tz),
+                              datetime.fromisoformat(end).replace(tzinfo=config.tz), database=url)  # fmt: skip
+        tasks.extract(spec)
+        tasks.stage(spec)
+        tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox")
+        tasks.validate_outbound(spec)
+        return spec
+
+    first = gated("2026-01-15", "2026-03-01")
+    meta = {r["event_id"] for r in read_rows(first.paths.outbox, "meta_events")}
+    assert len(meta) == 2
+    with first.engine() as engine:
+        ledger.write_ledger(engine, config.clinic_id, "meta_events",
+                            [{"opaque_id": i, "status": "deferred"} for i in meta], run_id="first",
+                            at=NOW)  # fmt: skip
+    later = gated("2026-03-05", "2026-03-06")
+    assert {r["event_id"] for r in read_rows(later.paths.outbox, "meta_events")} == meta
+    with later.engine() as engine:
+        window = quality_frames.conversions_frame(engine, config, later.window, later.run_id,
+                                                  quality_frames.outbound_frames(later.paths.outbox))  # fmt: skip
+    assert set(window["interval"]) == {"carried"}
+    # the same rows with a final state elsewhere are not carried: they would be out of window
+    with later.engine() as engine:
+        ledger.write_ledger(engine, config.clinic_id, "meta_events",
+                            [{"opaque_id": i, "status": "accepted"} for i in meta], run_id="x", at=NOW)  # fmt: skip
+        window = quality_frames.conversions_frame(engine, config, later.window, later.run_id,
+                                                  quality_frames.outbound_frames(later.paths.outbox))  # fmt: skip
+    assert set(window["interval"]) == {"own"}
