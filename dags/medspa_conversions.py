@@ -97,7 +97,7 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         ) -> dict[str, Any]:
             return steps.run_validate_outbound(path, data_interval_start, data_interval_end)
 
-        @task(**steps.UPLOAD_RETRIES)
+        @task(**steps.SENDING_TASK)
         def upload_google(
             data_interval_start: datetime | None = None,
             data_interval_end: datetime | None = None,
@@ -105,7 +105,7 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         ) -> dict[str, Any]:
             return steps.run_upload("google", path, data_interval_start, data_interval_end, params)
 
-        @task(**steps.UPLOAD_RETRIES)
+        @task(**steps.SENDING_TASK)
         def upload_meta(
             data_interval_start: datetime | None = None,
             data_interval_end: datetime | None = None,
@@ -113,7 +113,7 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         ) -> dict[str, Any]:
             return steps.run_upload("meta", path, data_interval_start, data_interval_end, params)
 
-        @task(trigger_rule=TriggerRule.NONE_FAILED, **steps.UPLOAD_RETRIES)
+        @task(trigger_rule=TriggerRule.NONE_FAILED, **steps.SENDING_TASK)
         def sync_suppression(
             data_interval_start: datetime | None = None,
             data_interval_end: datetime | None = None,

@@ -59,6 +59,11 @@ UPLOAD_RETRIES: dict[str, Any] = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
 }
+# The tasks that send: one instance of each at a time across all of the DAG's runs. A
+# backfill's runs are not bound by the DAG's max_active_runs (Airflow 3 gives each backfill its
+# own, 10 unless --max-active-runs says otherwise), and two uploads of overlapping intervals
+# running at once can both send a batch before either records it.
+SENDING_TASK: dict[str, Any] = {**UPLOAD_RETRIES, "max_active_tis_per_dag": 1}
 
 Target = Literal["sandbox", "live"]
 Family = Literal["google", "meta"]

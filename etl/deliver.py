@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,12 @@ def sync_audience(
     the state being written leaves them known as possibly on the list.
     """
     name = destination.name
+    newest = ledger.latest_synced_end(engine, config.clinic_id, name) if run_end is not None else None
+    if newest is not None and run_end is not None and newest > run_end.astimezone(UTC):
+        # planned before a later run synced (e.g. backfill runs side by side): this delta is
+        # stale, and applying it would put back people who revoked since
+        log.info("%s: a run ending %s synced the list after this plan; left alone", name, newest)
+        return {"adds": 0, "removes": 0, "rejected": 0, "codes": {}, "requests": 0, "skipped_newer_sync": 1}
     adds, removes = _audience_rows(outbox, name)
     check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
     add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))

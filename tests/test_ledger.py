@@ -225,6 +225,25 @@ def test_adds_with_no_recorded_outcome_stay_pending_until_settled(tmp_path: Path
         assert pending() == {ka}
 
 
+def test_a_delta_planned_before_a_later_run_synced_is_not_applied(tmp_path: Path) -> None:
+    # two backfill runs side by side: the older one planned its delta, then the newer one
+    # synced first; the older delta is stale and would put back whoever revoked in between
+    config = make_config(tmp_path)
+    a = [f"{1:064x}", *[""] * 7]
+    older_end, newer_end = datetime(2026, 5, 20, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=AT,
+                                    run_id="newer", run_end=newer_end)  # fmt: skip
+        destination = _RefusingAudience(set())
+        calls: list[Any] = []
+        destination.sync = lambda *args, **kwargs: calls.append(args)  # type: ignore[method-assign]
+        counts = deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "o", [a], []), destination,  # type: ignore[arg-type]
+                                       full_resync=False, clock=lambda: AT, run_id="older", run_end=older_end)  # fmt: skip
+        assert calls == [] and counts["skipped_newer_sync"] == 1
+        assert ledger.read_pending_adds(engine, CLINIC, "meta_audience") == {}
+        assert ledger.latest_synced_end(engine, CLINIC, "meta_audience") == newer_end
+
+
 def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     # the consent_revoked case: a patient revoked on 05-25; a backfill ending 05-20 still sees
     # them granted, and must not put them back on the lists the nightly run of 06-30 mirrored

@@ -290,7 +290,7 @@ def _run_backfill(api: Api, airflow: str, env: dict[str, str], dates: tuple[str,
                   deadline: Deadline, procs: Processes) -> dict[str, Any]:  # fmt: skip
     """``airflow backfill create`` for [from, to]; wait for its runs through the REST API."""
     argv = [airflow, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0], "--to-date", dates[1],
-            "--reprocess-behavior", "completed", "--dag-run-conf", json.dumps({"target": "sandbox"})]  # fmt: skip
+            "--max-active-runs", "1", "--reprocess-behavior", "completed", "--dag-run-conf", json.dumps({"target": "sandbox"})]  # fmt: skip
     created = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, timeout=max(10.0, deadline.left()),
                              check=False)  # fmt: skip
     if created.returncode != 0:

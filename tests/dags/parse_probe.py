@@ -103,6 +103,7 @@ def _describe(dag: Any) -> dict[str, Any]:
         "tasks": sorted(t.task_id for t in dag.tasks),
         "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),
         "retries": {t.task_id: t.retries for t in dag.tasks},
+        "one_at_a_time": sorted(t.task_id for t in dag.tasks if t.max_active_tis_per_dag == 1),
         "trigger_rules": {t.task_id: str(t.trigger_rule) for t in dag.tasks},
         "has_failure_callback": all(bool(t.on_failure_callback) for t in dag.tasks),
         "tags": sorted(dag.tags),

@@ -86,6 +86,8 @@ def test_nightly_dag_shape(parses: list[dict[str, Any]]) -> None:
     assert dag["has_failure_callback"] is True
     # retries on the tasks that talk to the platforms only
     assert {t for t, n in dag["retries"].items() if n} == {"upload_google", "upload_meta", "sync_suppression"}
+    # a backfill's runs are not bound by max_active_runs: the sending tasks never overlap
+    assert dag["one_at_a_time"] == ["sync_suppression", "upload_google", "upload_meta"]
     assert dag["trigger_rules"]["report"] == "TriggerRule.NONE_FAILED"
 
 
