@@ -86,6 +86,21 @@ def _small_int(v: Any) -> str | None:
     return None if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100_000 else "not a code"
 
 
+# Keys named in a violation when they are not allowlisted: our input columns (SPEC section 3) and
+# platform fields we never send. Any other key is shown as "<unlisted key>": when a builder bug
+# turns a value into a key, the key is the PHI.
+_NAMEABLE_KEYS = frozenset({
+    "appointment_id", "patient_id", "lead_id", "first_name", "last_name", "email", "phone", "zip",
+    "city", "state", "country", "service", "status", "start_at", "revenue", "currency",
+    "location_id", "updated_at", "consent_marketing", "consent_at", "consent_revoked_at",
+    "created_at", "gclid", "gbraid", "wbraid", "fbclid", "fbc", "fbp", "source",
+    "treatment_interest", "notes", "landing_page_url", "event_source_url", "client_ip_address",
+    "client_user_agent", "content_name", "content_category", "content_ids", "content_type",
+    "contents", "external_id", "page_url", "referrer_url", "name", "address", "dob", "db", "ge",
+    "fn", "ln", "ct", "st", "zp", "em", "ph", "value", "order_id", "event_id", "event_name",
+    "event_time", "user_data", "custom_data", "user_identifiers", "consent", "data", "schema",
+})  # fmt: skip
+
 HASH = _Pattern(_HEX64, "not a 64-hex SHA-256")
 CURRENCY: Check = _OneOf(ISO_4217, "not an ISO 4217 code")
 
@@ -152,7 +167,8 @@ def _walk(value: Any, spec: Spec, path: str, out: list[tuple[str, str]]) -> None
             return
         for key in value:
             if key not in spec:
-                out.append((f"{path}.{key}", "field not in the allowlist"))
+                shown = key if key in _NAMEABLE_KEYS else "<unlisted key>"
+                out.append((f"{path}.{shown}", "field not in the allowlist"))
         for key, sub in spec.items():
             if key in value:
                 _walk(value[key], _unwrap(sub), f"{path}.{key}", out)

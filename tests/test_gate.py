@@ -150,6 +150,18 @@ def test_bad_values_stop_the_run_naming_the_path_not_the_value(dest, path, value
     assert str(value) not in message
 
 
+def test_an_unlisted_key_that_is_data_is_not_named() -> None:
+    # a builder bug that turns values into keys: the key itself is the PHI
+    row = copy.deepcopy(GOOD["meta_events"])
+    row["user_data"]["jane.doe@gmail.com"] = "x"
+    row["custom_data"] = {"value": 1.0, "currency": "USD", "Botox - Forehead Lines": 1}
+    with pytest.raises(GateViolation) as info:
+        check_outbound(CONFIG, {"meta_events": [row]})
+    message = str(info.value)
+    assert "<unlisted key>" in message and "field not in the allowlist" in message
+    assert "jane" not in message and "Botox" not in message
+
+
 @pytest.mark.parametrize(
     ("dest", "extra"),
     [
@@ -168,6 +180,7 @@ def test_keys_outside_the_allowlist_stop_the_run(dest, extra) -> None:
         check_outbound(CONFIG, {dest: [row]})
     assert "field not in the allowlist" in str(info.value)
     assert "Botox" not in str(info.value) and "sweaty" not in str(info.value)
+    assert f".{next(iter(extra))}" in str(info.value)  # a field name helps whoever debugs it
 
 
 def test_identifier_oneof_and_limits() -> None:
