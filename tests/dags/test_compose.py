@@ -121,3 +121,15 @@ def test_staging_database_is_created_beside_the_metadata_database(compose: dict[
     init = Path(REPO / "docker" / "postgres-init.sql").read_text(encoding="utf-8")
     assert "CREATE DATABASE medspa;" in init
     assert compose["services"]["airflow-worker"]["environment"]["MEDSPA_DATABASE_URL"].endswith("/medspa")
+
+
+def test_secrets_fail_closed_and_ports_stay_on_loopback(compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    for name in ("AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        uses = re.findall(r"\$\{" + name + r"(:[?-])?[^}]*\}", text)
+        assert uses and set(uses) == {":?"}, f"{name} must be required (${{{name}:?...}}), never defaulted"
+    for service in ("postgres", "redis"):
+        (port,) = compose["services"][service]["ports"]
+        assert port.startswith("${" + service.upper() + "_BIND:-127.0.0.1}:"), port
+    assert "--requirepass" in compose["services"]["redis"]["command"]
+    assert ":${REDIS_PASSWORD" in compose["x-airflow-common"]["environment"]["AIRFLOW__CELERY__BROKER_URL"]
