@@ -128,7 +128,11 @@ def build_conversions(
     return {
         "run_id": spec.run_id,
         "stages": plan.summary["stages"],
-        "planned": {k: len(v) for k, v in plan.outbound.items()},
+        # rows per destination; for the Meta audience, members (its rows are batches of them)
+        "planned": {
+            k: sum(len(r["data"]) for r in v) if k == "meta_audience" else len(v)
+            for k, v in plan.outbound.items()
+        },
     }
 
 

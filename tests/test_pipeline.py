@@ -165,3 +165,17 @@ def test_failed_gate_writes_no_outbox(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(GateViolation):
         run_dry(config, "2026-05-01", "2026-06-30", tmp_path)
     assert not (tmp_path / "outbox").exists()
+
+
+def test_the_planned_counts_are_members_for_both_lists(synthetic: Path, tmp_path: Path) -> None:
+    # the Meta audience file holds batches of members; a count of its lines read "1"
+    from etl import tasks
+    from etl.config import load_config
+
+    config = load_config(synthetic / "clinic.yaml")
+    spec = tasks.spec_for(config, datetime(2026, 9, 1, tzinfo=config.tz), datetime(2026, 11, 23, tzinfo=config.tz),
+                          database=f"sqlite:///{tmp_path / 's.sqlite'}", outbox=tmp_path / "outbox")  # fmt: skip
+    tasks.extract(spec)
+    tasks.stage(spec)
+    planned = tasks.build_conversions(spec, secret=SECRET, dry_run=True, target="none")["planned"]
+    assert planned["meta_audience"] == planned["google_customer_match"] > 1
