@@ -12,7 +12,7 @@ import os
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -202,18 +202,41 @@ class Meta(_Model):
         "system_generated",
         "phone_call",
         "email",
-        "website",
-        "app",
         "chat",
         "other",
     ] = "physical_store"
     max_event_age_days: int | None = Field(
-        None, ge=1, le=62, description="Default: 62 for physical_store, 7 otherwise."
+        None, ge=1, le=62, description="Default: 62 for physical_store, 7 otherwise (Meta's limits)."
     )
     limited_data_use: bool = Field(False, description="Send Meta's Limited Data Use flag with events.")
-    ldu_country: int = Field(1, description="data_processing_options_country (1 = US, 0 = geolocate).")
-    ldu_state: int = Field(1000, description="data_processing_options_state (1000 = California).")
+    ldu_country: Literal[0, 1] = Field(
+        1, description="data_processing_options_country (1 = US, 0 = geolocate)."
+    )
+    ldu_state: Literal[0, 1000] = Field(
+        1000, description="data_processing_options_state (1000 = California, 0 = geolocate)."
+    )
     suppression_enabled: bool = True
+
+    @field_validator("action_source", mode="before")
+    @classmethod
+    def _sendable_source(cls, value: Any) -> Any:
+        if value in ("website", "app"):
+            # Meta requires event_source_url + client IP + user agent (website) or app data
+            # (app) for these; the PHI allowlist forbids sending any of them (SPEC section 2)
+            raise ValueError(
+                f"'{value}' events need fields this tool never sends (page URL, IP, user agent or "
+                "app data); use physical_store for in-clinic visits"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _age_within_meta_limit(self) -> Meta:
+        if self.action_source != "physical_store" and (self.max_event_age_days or 0) > 7:
+            raise ValueError(
+                f"max_event_age_days: Meta takes {self.action_source} events up to 7 days old "
+                "(62 only for physical_store)"
+            )
+        return self
 
     @property
     def event_age_limit_days(self) -> int:

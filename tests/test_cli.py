@@ -86,6 +86,29 @@ def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
     assert "not-a-pixel" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"action_source": "website"}, "page URL, IP, user agent"),
+        ({"action_source": "app"}, "page URL, IP, user agent"),
+        ({"action_source": "phone_call", "max_event_age_days": 30}, "Meta takes phone_call"),
+        ({"ldu_state": 1001}, "meta.ldu_state"),
+        ({"ldu_country": 2}, "meta.ldu_country"),
+    ],
+)
+def test_meta_settings_meta_would_refuse_every_event_for_are_config_errors(
+    meta: dict[str, object], expected: str, tmp_path: Path
+) -> None:
+    # caught here, not as every event rejected for good (rejected is a final ledger state)
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["meta"].update(meta)
+    if "max_event_age_days" not in meta:
+        raw["meta"].pop("max_event_age_days", None)
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(tmp_path / "clinic.yaml")
+    assert result.exit_code == 2 and expected in result.stderr and "meta" in result.stderr
+
+
 def test_a_password_in_the_yaml_is_refused_and_the_environment_carries_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
