@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -72,7 +73,9 @@ class MetaAudience:
         self._enabled = config.meta.suppression_enabled
         self._audience_id = config.meta.suppression_audience_id
         self._target = f"audience {self._audience_id}"
-        self._seed = session_seed or f"{config.clinic_id}:{now.isoformat()}"
+        # session_id must be unique per ad account: a retried sync (an Airflow retry of the same
+        # run) must not reopen a session an earlier attempt finished, hence the nonce
+        self._seed = session_seed or f"{config.clinic_id}:{now.isoformat()}:{secrets.token_hex(8)}"
         self._max_rows = max(1, min(max_rows, MAX_ROWS_PER_CALL))
         self._sessions = 0
 

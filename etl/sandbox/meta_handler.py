@@ -286,6 +286,8 @@ class GraphEndpoints:
         key = (audience_id, session_id)
         current = self._sessions.get(key)
         if seq == 1:
+            if current is not None:  # Meta: a session_id is unique per ad account, never reused
+                raise invalid("session_id already used", SUBCODE_SESSION)
             current = AudienceSession(kind=kind, last_seq=0, closed=False)
             self._sessions[key] = current
         elif current is None or current.closed or current.kind != kind or seq != current.last_seq + 1:

@@ -560,3 +560,14 @@ def test_canary_token_and_values_never_logged_or_raised(caplog):
     for value in planted:
         assert value not in logged
         assert value not in shown
+
+
+def test_a_second_sync_never_reuses_a_session_id(sandbox):
+    # Meta: session_id is unique per ad account; an Airflow retry of the same run builds a new
+    # destination with the same run end, and must not reopen the first attempt's sessions
+    first, second = (destinations(sandbox)[1] for _ in range(2))
+    assert first.sync([audience_row("add", ["a"])], []).adds == 1
+    assert second.sync([audience_row("add", ["b"])], []).adds == 1
+    ids = [json.loads(r.form["session"][0])["session_id"] for r in sandbox.requests_to("users")]
+    assert len(ids) == len(set(ids)) == 2
+    assert sandbox.audience_members(AUDIENCE) == {member_key(member(t)) for t in "ab"}
