@@ -68,16 +68,20 @@ def schema_frame(extracts: Path, kind: str) -> pd.DataFrame:
 
 
 def _full_days(config: ClinicConfig, window: RunWindow) -> list[pd.Timestamp]:
-    """Clinic-local days lying wholly inside ``[start, end)``: a partial day would look like a drop."""
+    """Clinic-local days that ended within ``(start, end]``: each complete day judged once.
+
+    A whole day only (a partial day would look like a drop), and judged by the run in which it
+    ended: a nightly run for 03:00 -> 03:00 holds no whole day, and judges the day that ended at
+    midnight inside it; a run from midnight to midnight judges exactly its own days.
+    """
     tz = config.tz
-    first = pd.Timestamp(window.start.astimezone(tz).date())
+    first = pd.Timestamp(window.start.astimezone(tz).date()) - pd.Timedelta(days=1)
     last = pd.Timestamp(window.end.astimezone(tz).date())
     days = pd.date_range(first, last, freq="D")
     out = []
     for day in days:
-        lo = day.tz_localize(tz, nonexistent="shift_forward", ambiguous=True)
         hi = (day + pd.Timedelta(days=1)).tz_localize(tz, nonexistent="shift_forward", ambiguous=True)
-        if lo >= pd.Timestamp(window.start) and hi <= pd.Timestamp(window.end):
+        if pd.Timestamp(window.start) < hi <= pd.Timestamp(window.end):
             out.append(day)
     return out
 
@@ -118,7 +122,11 @@ def volume_frame(
     calendar = pd.date_range(days[0] - pd.Timedelta(days=trailing), days[-1], freq="D")
     counts = per_day.reindex(calendar, fill_value=0).astype("float64")
     median = counts.rolling(trailing, min_periods=trailing).median().shift(1)
-    judged = median >= thresholds.volume_min_median
+    # a weekday the clinic keeps closed (the same weekday's median over the four weeks before is
+    # under one appointment) is not a drop: its zeros are the clinic's week, not a lost export
+    same_weekday = pd.concat([counts.shift(7 * w) for w in range(1, 5)], axis=1).median(axis=1, skipna=False)
+    closed = same_weekday < 1
+    judged = (median >= thresholds.volume_min_median) & ~closed
     ratio = (counts / median).where(judged)
     picked = pd.DatetimeIndex(days)
     return pd.DataFrame(

@@ -437,6 +437,34 @@ def test_a_volume_drop_is_a_warning_and_the_run_goes_on(
     assert (check.severity, check.success, check.unexpected_count) == ("warning", False, 4)
     assert sorted(volume.loc[volume["ratio_to_median"] < 1 / 3, "day"]) == list(dropped)
     assert not any(r.severity == CRITICAL and not r.success for r in stored.values())
+    # the nightly run (03:00 -> 03:00, no whole day inside) judges the day that ended within it
+    with spec.engine() as engine:
+        nightly = RunWindow(
+            datetime(2026, 11, 19, 3, tzinfo=config.tz), datetime(2026, 11, 20, 3, tzinfo=config.tz)
+        )
+        night = quality_frames.volume_frame(engine, config, nightly, quality.DEFAULT_THRESHOLDS)
+    assert night["day"].tolist() == ["2026-11-19"] and night["ratio_to_median"].iloc[0] < 1 / 3
+
+
+def test_a_weekday_the_clinic_is_closed_is_not_a_volume_drop(synthetic: Path, tmp_path: Path) -> None:
+    clinic = _clinic_copy(synthetic, tmp_path)
+
+    def closed_on_sundays(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+        s = header.index("start_at")
+        return header, [r for r in rows if datetime.fromisoformat(r[s][:10]).weekday() != 6]
+
+    _rewrite(clinic / "exports" / "appointments.csv", closed_on_sundays)
+    config = load_config(clinic / "clinic.yaml")
+    spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
+                                                         datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
+    tasks.extract(spec)
+    tasks.stage(spec)
+    with spec.engine() as engine:
+        volume = quality_frames.volume_frame(engine, config, spec.window, quality.DEFAULT_THRESHOLDS)
+    sundays = volume[pd.to_datetime(volume["day"]).dt.weekday == 6]
+    assert len(sundays) == 8 and (sundays["appointments"] <= 1).all()
+    assert sundays["ratio_to_median"].isna().all()  # not judged: closed, not a truncated export
+    assert volume["ratio_to_median"].notna().sum() > 40  # the open days still are
 
 
 def test_warnings_are_reported_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
