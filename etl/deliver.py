@@ -133,7 +133,7 @@ def upload_conversions(
                 raise
             for result in exc.partial_results:
                 counts[str(result.outcome)] += 1
-            counts["sent"] += len(exc.partial_results)
+            counts["sent"] += sum(1 for r in exc.partial_results if r.transmitted)
             counts["stopped"] = "daily_quota"
             log.warning(
                 "%s: daily quota exhausted after %d of %d batches; the rest stays planned",
@@ -143,7 +143,7 @@ def upload_conversions(
             )
             break
         counts["requests"] += 1
-        counts["sent"] += len(batch)
+        counts["sent"] += sum(1 for r in results if r.transmitted)  # what left, not what was tried
         entries = []
         for result in results:
             counts[str(result.outcome)] += 1

@@ -293,3 +293,24 @@ def test_sandbox_and_live_sends_never_share_a_ledger(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="holds sandbox sends") as info:
             ledger.claim_target(engine, CLINIC, "live", run_id="go-live", at=AT)
     assert "separate" in str(info.value) and "--database" in str(info.value)
+
+
+class _RefusesOneLocally:
+    """Refuses the first row before any request (our own pre-check), accepts the rest."""
+
+    name = DEST
+    max_batch = 10
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        first, *rest = rows
+        return [RowResult(first["event_id"], Outcome.REJECTED, "invalid_format", transmitted=False),
+                *(RowResult(r["event_id"], Outcome.ACCEPTED) for r in rest)]  # fmt: skip
+
+
+def test_sent_counts_only_rows_that_left(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(4)]
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        counts = deliver.upload_conversions(config, engine, _events_outbox(tmp_path, ids), _RefusesOneLocally(),  # type: ignore[arg-type]
+                                            run_id="r", clock=lambda: AT)  # fmt: skip
+    assert (counts["sent"], counts["accepted"], counts["rejected"]) == (3, 3, 1)

@@ -23,10 +23,15 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class RowResult:
+    """One row's outcome. ``transmitted`` is False when the row never left this process (refused
+    by our own checks before batching, or deferred without a request): ``sent`` counts only
+    what left, which is what a compliance reader takes it to mean."""
+
     key: str
     outcome: Outcome
     code: str | None = None
     request_id: str | None = None
+    transmitted: bool = True
 
 
 @dataclass

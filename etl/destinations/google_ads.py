@@ -232,7 +232,9 @@ class GoogleAdsConversions:
         for row in rows:
             code = check_conversion_row(row, strict=False, max_ids=MAX_ADS_CONVERSION_IDENTIFIERS)
             if code:
-                results.append(RowResult(str(row.get("order_id", "")), Outcome.REJECTED, code))
+                results.append(
+                    RowResult(str(row.get("order_id", "")), Outcome.REJECTED, code, transmitted=False)
+                )
             else:
                 sendable.append(row)
         if not sendable:

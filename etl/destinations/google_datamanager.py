@@ -206,7 +206,9 @@ class DataManagerConversions(DataManagerBase):
         for row in rows:
             code = check_conversion_row(row, strict=True, max_ids=MAX_DM_IDENTIFIERS)
             if code:
-                results.append(RowResult(str(row.get("order_id", "")), Outcome.REJECTED, code))
+                results.append(
+                    RowResult(str(row.get("order_id", "")), Outcome.REJECTED, code, transmitted=False)
+                )
             else:
                 good.append(row)
         with carrying(results):

@@ -162,15 +162,19 @@ class MetaEvents:
             )
             event = None if problem else build_event(row, self._ldu)
             if event is None:
-                results.append(RowResult(key, Outcome.REJECTED, problem or "invalid_format"))
+                results.append(
+                    RowResult(key, Outcome.REJECTED, problem or "invalid_format", transmitted=False)
+                )
             elif key in seen:
-                results.append(RowResult(key, Outcome.REJECTED, "duplicate_event_id"))
+                results.append(RowResult(key, Outcome.REJECTED, "duplicate_event_id", transmitted=False))
             else:
                 seen.add(key)
                 ready.append((key, event))
         prechecked = len(results)
         if validate_only:
-            results += [RowResult(key, Outcome.DEFERRED, "validate_only") for key, _ in ready]
+            results += [
+                RowResult(key, Outcome.DEFERRED, "validate_only", transmitted=False) for key, _ in ready
+            ]
             return results
         budget = [self._bisect_budget]
         for start in range(0, len(ready), self.max_batch):
@@ -187,10 +191,10 @@ class MetaEvents:
 
     def _deliver(self, batch: list[tuple[str, Event]], out: list[RowResult], budget: list[int]) -> None:
         if self._paused is not None:
-            out += _all(batch, Outcome.DEFERRED, f"throttled/{self._paused.label}")
+            out += _all(batch, Outcome.DEFERRED, f"throttled/{self._paused.label}", transmitted=False)
             return
         if budget[0] <= 0:
-            out += _all(batch, Outcome.DEFERRED, "bisect_budget")
+            out += _all(batch, Outcome.DEFERRED, "bisect_budget", transmitted=False)
             return
         budget[0] -= 1
         request = EventRequest(
@@ -257,9 +261,14 @@ class MetaEvents:
 
 
 def _all(
-    batch: list[tuple[str, Event]], outcome: Outcome, code: str | None, trace: str | None = None
+    batch: list[tuple[str, Event]],
+    outcome: Outcome,
+    code: str | None,
+    trace: str | None = None,
+    *,
+    transmitted: bool = True,
 ) -> list[RowResult]:
-    return [RowResult(key, outcome, code, trace) for key, _ in batch]
+    return [RowResult(key, outcome, code, trace, transmitted) for key, _ in batch]
 
 
 def doctor_meta(config: ClinicConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -283,6 +283,7 @@ def test_data_manager_checks_rows_before_batching(google_sandbox, google_config,
         (Outcome.REJECTED, "EVENT_TIME_INVALID"),
         (Outcome.ACCEPTED, None),
     ]
+    assert [r.transmitted for r in results] == [False] * 5 + [True]  # refused here: never left
     (request,) = google_sandbox.requests("IngestEvents")
     assert len(request.events) == 1
 

@@ -238,6 +238,7 @@ def test_persistent_throttling_defers_and_stops_calling(sandbox):
 
     assert {(r.outcome, r.code) for r in first + second} == {(Outcome.DEFERRED, "throttled/17")}
     assert len(sandbox.requests_to("events")) == 4  # 1 + 3 retries, nothing for the 2nd send
+    assert [r.transmitted for r in first + second] == [True, True, False]  # the 2nd send never left
     assert [kind for kind, _ in events.client.waits] == ["throttle"] * 3
     assert not sandbox.event_ids_received()
 
