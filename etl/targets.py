@@ -40,7 +40,8 @@ def open_destinations(
     """Build the clinic's destinations; sandboxes started here are stopped on exit.
 
     Args:
-        now: the run's end; Meta's event-age check is relative to it, never to the clock.
+        now: when Meta judges event age: the run's end for the sandbox (its clock), and for
+            live sends the later of the run's end and the upload's own time (``etl.tasks``).
         sandboxes: already started sandboxes to reuse, keyed "google" / "meta".
         only: build one platform's adapters (an upload task needs only its own).
         environ: where live credentials are read (default ``os.environ``); the DAG passes a

@@ -572,3 +572,25 @@ def test_a_second_sync_never_reuses_a_session_id(sandbox):
     ids = [json.loads(r.form["session"][0])["session_id"] for r in sandbox.requests_to("users")]
     assert len(ids) == len(set(ids)) == 2
     assert sandbox.audience_members(AUDIENCE) == {member_key(member(t)) for t in "ab"}
+
+
+def test_a_live_backfill_judges_event_age_when_meta_receives_it(sandbox, monkeypatch):
+    # a backfill whose run ended 30 days ago: an event 40 days before that end is inside the
+    # 62-day limit at the end, but 70 days old when Meta receives it, and one such event makes
+    # Meta refuse the whole request; judged at upload time it is refused here, alone
+    from etl import tasks
+    from etl.rules.stages import RunWindow
+
+    end = NOW - timedelta(days=30)
+    spec = tasks.RunSpec(config=make_config(), window=RunWindow(start=end - timedelta(days=1), end=end))
+    monkeypatch.setattr(tasks, "_clock", lambda: NOW)
+    assert tasks.upload_time(spec, "sandbox") == end  # the sandbox's clock is the run's end
+    assert tasks.upload_time(spec, "live") == NOW
+    events, _ = make_meta_destinations(make_config(), target="sandbox", now=tasks.upload_time(spec, "live"),
+                                       sandbox=sandbox, retry_wait=WAIT)  # fmt: skip
+    stale, fresh = event_row("old", age_days=70), event_row("new", age_days=10)
+    results = {r.key: r for r in events.send([stale, fresh])}
+    assert results[stale["event_id"]].outcome is Outcome.REJECTED
+    assert not results[stale["event_id"]].transmitted
+    assert results[fresh["event_id"]].outcome is Outcome.ACCEPTED
+    assert len(sandbox.requests_to("events")) == 1
