@@ -29,7 +29,8 @@ DOC = """
 ### Nightly offline conversions for clinic `{clinic_id}`
 
 extract -> stage -> validate_inputs -> build_conversions -> validate_outbound (PHI gate)
--> upload_google | upload_meta -> sync_suppression -> report.
+-> upload_google | upload_meta | sync_suppression -> report (also after a failed send; then
+`sends_failed` fails the run).
 
 Each run covers its data interval (`{schedule}` in {timezone}), is keyed by clinic and interval
 in the staging database, and sends nothing the send ledger already holds, so reruns and
@@ -113,7 +114,7 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         ) -> dict[str, Any]:
             return steps.run_upload("meta", path, data_interval_start, data_interval_end, params)
 
-        @task(trigger_rule=TriggerRule.NONE_FAILED, **steps.SENDING_TASK)
+        @task(**steps.SENDING_TASK)
         def sync_suppression(
             data_interval_start: datetime | None = None,
             data_interval_end: datetime | None = None,
@@ -121,23 +122,34 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         ) -> dict[str, Any]:
             return steps.run_sync_suppression(path, data_interval_start, data_interval_end, params)
 
-        @task(trigger_rule=TriggerRule.NONE_FAILED)
+        # once every send finished, whatever each one's outcome: a run that reached Meta while
+        # Google refused still gets its summary and report (it skips when nothing was published)
+        @task(trigger_rule=TriggerRule.ALL_DONE)
         def report(
             data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
         ) -> dict[str, Any]:
             return steps.run_report(path, data_interval_start, data_interval_end)
 
+        @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0, on_failure_callback=None)
+        def sends_failed() -> None:
+            steps.fail_run_for_failed_sends()
+
         inputs = extract()
+        published, summarized = validate_outbound(), report()
+        sends = [upload_google(), upload_meta(), sync_suppression()]
         chain(
             inputs,
             stage(),
             validate_inputs(),
             build_conversions(inputs),  # type: ignore[arg-type]  # the XComArg resolves to a dict
-            validate_outbound(),
-            [upload_google(), upload_meta()],
-            sync_suppression(),
-            report(),
+            published,
+            # the three sends are independent: one platform refusing never holds back the
+            # other's conversions or either list's removals (revoked people leave at the next sync)
+            sends,
+            summarized,
         )
+        published >> summarized
+        sends >> sends_failed()  # a leaf that fails the run when a send failed
 
     return medspa_conversions()
 

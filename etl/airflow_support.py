@@ -276,6 +276,18 @@ def _fail_without_retry(exc: MedspaError) -> NoReturn:
     raise AirflowFailException(str(exc)) from exc
 
 
+def fail_run_for_failed_sends() -> NoReturn:
+    """The DAG's watcher: runs only when a send failed, and fails the run.
+
+    Airflow derives a run's state from its leaf tasks, and the report (a leaf that runs after a
+    failed send on purpose) would otherwise mark a run whose Google upload failed "success".
+    The failed send already alerted; this one does not (no callback on the watcher).
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException("a send failed (see its task); the other sends and the report ran")
+
+
 def run_extract(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     from etl import tasks
 
@@ -368,8 +380,14 @@ def run_sync_suppression(
 def run_report(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     """Fold the upload results into summary.json; return its counts and where the reports are."""
     from etl import tasks
+    from etl.outbox import SUMMARY_FILE
 
-    result = tasks.report(run_spec(config_path, start, end))
+    spec = run_spec(config_path, start, end)
+    if not (spec.paths.outbox / SUMMARY_FILE).exists():
+        # the report runs after failed sends too (trigger rule all_done); before a published
+        # outbox there is nothing to fold, and the failed step has already said why
+        _skip("nothing was published: the run stopped before the outbox")
+    result = tasks.report(spec)
     summary = result["summary"]
     out: dict[str, Any] = {
         "run_id": result["run_id"],

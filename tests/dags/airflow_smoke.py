@@ -317,7 +317,10 @@ def main() -> int:
     print(json.dumps(result, indent=2, sort_keys=True))
     runs = [result.get("run", {}), *result.get("backfill", {}).values()]
     ok = "error" not in result and all(r.get("state") == "success" for r in runs)
-    ok = ok and all(state == "success" for state in result.get("tasks", {}).values())
+    # every task succeeded, except the watcher, which is skipped when no send failed
+    tasks = dict(result.get("tasks", {}))
+    ok = ok and tasks.pop("sends_failed", "skipped") == "skipped"
+    ok = ok and all(state == "success" for state in tasks.values())
     return 0 if ok else 1
 
 

@@ -105,7 +105,11 @@ def _describe(dag: Any) -> dict[str, Any]:
         "retries": {t.task_id: t.retries for t in dag.tasks},
         "one_at_a_time": sorted(t.task_id for t in dag.tasks if t.max_active_tis_per_dag == 1),
         "trigger_rules": {t.task_id: str(t.trigger_rule) for t in dag.tasks},
-        "has_failure_callback": all(bool(t.on_failure_callback) for t in dag.tasks),
+        # every task alerts on failure but the watcher, whose failure repeats a send's
+        "has_failure_callback": all(
+            bool(t.on_failure_callback) for t in dag.tasks if t.task_id != "sends_failed"
+        ),
+        "watcher_alerts": any(bool(t.on_failure_callback) for t in dag.tasks if t.task_id == "sends_failed"),
         "tags": sorted(dag.tags),
     }
 

@@ -42,6 +42,7 @@ def test_smoke_script_triggers_and_backfills_the_demo_dag_then_cleans_up() -> No
 
     assert result["run"]["state"] == "success"
     assert result["run"]["data_interval_start"].startswith("2026-11-22T11:00:00")
+    assert result["tasks"].pop("sends_failed") == "skipped"  # the watcher: no send failed
     assert set(result["tasks"].values()) == {"success"} and len(result["tasks"]) == 9
     assert result["report"]["counts"]["destinations"]["google_conversions"]["sent"] > 0
     [backfill] = result["backfill"].values()

@@ -25,9 +25,14 @@ EDGES = [
     ["extract", "stage"],
     ["stage", "validate_inputs"],
     ["sync_suppression", "report"],
-    ["upload_google", "sync_suppression"],
-    ["upload_meta", "sync_suppression"],
+    ["sync_suppression", "sends_failed"],
+    ["upload_google", "report"],
+    ["upload_google", "sends_failed"],
+    ["upload_meta", "report"],
+    ["upload_meta", "sends_failed"],
     ["validate_inputs", "build_conversions"],
+    ["validate_outbound", "report"],
+    ["validate_outbound", "sync_suppression"],
     ["validate_outbound", "upload_google"],
     ["validate_outbound", "upload_meta"],
 ]
@@ -83,12 +88,14 @@ def test_nightly_dag_shape(parses: list[dict[str, Any]]) -> None:
     assert dag["catchup"] is False
     assert dag["params"] == {"dry_run": False, "target": "sandbox"}
     assert dag["edges"] == EDGES
-    assert dag["has_failure_callback"] is True
+    assert dag["has_failure_callback"] is True and dag["watcher_alerts"] is False
     # retries on the tasks that talk to the platforms only
     assert {t for t, n in dag["retries"].items() if n} == {"upload_google", "upload_meta", "sync_suppression"}
     # a backfill's runs are not bound by max_active_runs: the sending tasks never overlap
     assert dag["one_at_a_time"] == ["sync_suppression", "upload_google", "upload_meta"]
-    assert dag["trigger_rules"]["report"] == "TriggerRule.NONE_FAILED"
+    assert dag["trigger_rules"]["report"] == "TriggerRule.ALL_DONE"
+    assert dag["trigger_rules"]["sync_suppression"] == "TriggerRule.ALL_SUCCESS"
+    assert dag["trigger_rules"]["sends_failed"] == "TriggerRule.ONE_FAILED"
 
 
 def test_one_dag_per_clinic_yaml_and_a_broken_yaml_is_skipped_with_a_warning(

@@ -92,6 +92,7 @@ def test_dags_test_runs_the_nightly_interval_against_the_sandboxes(
         states = dict(meta.execute("SELECT task_id, state FROM task_instance WHERE run_id = ?", (run_id,)))
         xcoms = dict(meta.execute("SELECT task_id, value FROM xcom WHERE run_id = ?", (run_id,)))
     assert (start[:19], end[:19]) == ("2026-11-22 11:00:00", "2026-11-23 11:00:00")
+    assert states.pop("sends_failed") == "skipped"  # the watcher: no send failed
     assert states == {task: "success" for task in states} and len(states) == 9
 
     summaries = recorded_summaries(demo_clinics)
@@ -213,3 +214,38 @@ def test_backfill_of_overlapping_intervals_sends_nothing_twice(
     assert alert["run_url"].startswith("http") and "/dags/" + DAG_ID + "/runs/" in alert["run_url"]
     text = json.dumps(alert)
     assert leaked(raw_identifiers(demo_clinics), [text]) == []
+
+
+def test_one_platform_refusing_holds_back_neither_the_other_nor_the_lists(
+    migrated_home: Path, demo_clinics: Path, tmp_path: Path, webhook: str
+) -> None:
+    """Google refuses the account (a conversion action of another customer, Google Ads API):
+    Meta's conversions still go, both lists still sync (a revoked patient leaves at the next
+    sync, SPEC rule 6), and the run still gets its summary and report; the run fails and alerts."""
+    yaml_path = demo_clinics / "demo" / "clinic.yaml"
+    text = yaml_path.read_text(encoding="utf-8")
+    text = text.replace("customers/1234567890/conversionActions/", "customers/9999999999/conversionActions/")
+    yaml_path.write_text(text.replace("click_window_days: 90", "click_window_days: 90\n  api: google_ads"))
+    requests = [{"logical_date": NIGHTLY}]
+    (tmp_path / "requests.json").write_text(json.dumps(requests), encoding="utf-8")
+    out = tmp_path / "runs.json"
+    env = airflow_env(demo_clinics, MEDSPA_ALERT_WEBHOOK=webhook)
+    done = run(
+        [sys.executable, str(RUNNER), str(tmp_path / "requests.json"), str(out), DAG_ID], env, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (only,) = json.loads(out.read_text(encoding="utf-8"))
+
+    assert only["state"] == "failed"
+    tasks = only["tasks"]
+    assert tasks["upload_google"] == "failed" and tasks["sends_failed"] == "failed"  # the run fails
+    assert {t: tasks[t] for t in ("upload_meta", "sync_suppression", "report")} == dict.fromkeys(
+        ("upload_meta", "sync_suppression", "report"), "success"
+    )
+    (summary,) = recorded_summaries(demo_clinics)
+    destinations = summary["destinations"]
+    assert destinations["meta_events"]["accepted"] > 0
+    assert destinations["google_customer_match"].get("sent_adds", 0) > 0
+    assert destinations["meta_audience"].get("sent_adds", 0) > 0
+    [alert] = Webhook.received
+    assert alert["task_id"] == "upload_google" and alert["error"]["type"] == "DestinationConfigError"
