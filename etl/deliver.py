@@ -230,6 +230,9 @@ def sync_audience(
         "rejected": result.rejected,
         "codes": dict(sorted(result.codes.items())),
         "requests": len(result.request_ids),
+        # the platform's id of every request (Meta fbtrace_id, Google job / request id): what
+        # support asks for, recorded in results/<list>.json, never in summary.json
+        "request_ids": list(result.request_ids),
     }
     log.info("%s: %s", name, counts)
     return counts

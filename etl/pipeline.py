@@ -602,6 +602,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
             counts["sent_adds"] = int(result.get("adds", 0))
             counts["sent_removes"] = int(result.get("removes", 0))
             counts["rejected"] = int(result.get("rejected", 0))
+            if result.get("skipped_newer_sync"):  # a later run synced after this plan was made
+                counts["skipped_newer_sync"] = 1
     if paths.outbox.exists():
         write_summary(paths.outbox, merged)
     return merged

@@ -12,6 +12,7 @@ upload (google | meta, in parallel) -> sync_suppression -> report.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,8 +25,11 @@ from sqlalchemy.engine import Engine
 
 from etl import deliver, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
+from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted
 from etl.outbox import read_summary
 from etl.rules.stages import RunWindow
+
+log = logging.getLogger(__name__)
 
 Family = Literal["google", "meta"]
 _FAMILY = {
@@ -239,20 +243,29 @@ def sync_suppression(
     ):
         if dests.audiences and not validate_only:
             ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
+        stops: list[MedspaError] = []
         for name, audience in dests.audiences.items():
-            counts = deliver.sync_audience(
-                spec.config,
-                engine,
-                spec.paths.outbox,
-                audience,
-                full_resync=bool(summary.get("full_resync")),
-                clock=_clock,
-                validate_only=validate_only,
-                run_id=spec.run_id,
-                run_end=spec.window.end,
-            )
+            try:
+                counts = deliver.sync_audience(
+                    spec.config,
+                    engine,
+                    spec.paths.outbox,
+                    audience,
+                    full_resync=bool(summary.get("full_resync")),
+                    clock=_clock,
+                    validate_only=validate_only,
+                    run_id=spec.run_id,
+                    run_end=spec.window.end,
+                )
+            except (DestinationConfigError, QuotaExhausted) as stop:
+                # one platform refusing does not hold back the other list's removals
+                log.error("%s: %s", name, stop)
+                stops.append(stop)
+                continue
             deliver.write_result(spec.paths.results, name, counts)
-            out[name] = counts
+            out[name] = {k: v for k, v in counts.items() if k != "request_ids"}  # counts only
+    if stops:
+        raise stops[0]
     return out
 
 

@@ -247,3 +247,26 @@ def test_a_sync_killed_after_the_platform_applied_its_adds_still_removes_who_rev
         assert members() == set()
         with store.engine_for(db) as engine:
             assert ledger.read_pending_adds(engine, cfg.clinic_id, killed_at) == {}
+
+
+def test_one_list_refused_does_not_hold_back_the_other(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    import json
+
+    from etl.errors import QuotaExhausted
+
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.meta is not None and cfg.meta.suppression_audience_id
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    sandboxes["google"].fail_next("IngestAudienceMembers", "daily_quota")
+    with pytest.raises(QuotaExhausted):
+        tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    # Google stopped; Meta's list was still mirrored (its removals matter as much as its adds)
+    members = sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id)
+    result = json.loads((spec.paths.results / "meta_audience.json").read_text(encoding="utf-8"))
+    assert len(members) == result["adds"] > 0
+    # every request's fbtrace_id is on record for support, in the results file only
+    assert result["requests"] == len(result["request_ids"]) > 0
+    assert all(isinstance(i, str) and i for i in result["request_ids"])
+    assert not (spec.paths.results / "google_customer_match.json").exists()
