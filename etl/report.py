@@ -24,7 +24,13 @@ from etl.config import ClinicConfig
 from etl.outbox import SUMMARY_FILE
 from etl.pipeline import RunPaths, paths_for
 from etl.quality import CheckResult, read_results
-from etl.quality_suites import EXPECTATIONS_DIR
+from etl.quality_suites import (
+    DEFAULT_THRESHOLDS,
+    EXPECTATIONS_DIR,
+    build_suites,
+    suite_json,
+    thresholds_for,
+)
 from etl.rules.stages import RunWindow
 
 REPORT_FILE = "report.html"
@@ -97,11 +103,20 @@ def conversions_table(config: ClinicConfig, directory: Path | None) -> pd.DataFr
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
-def _descriptions() -> dict[tuple[str, str], str]:
-    """What each check means, from the committed suites (absent in an installed package: no text)."""
+def _descriptions(config: ClinicConfig) -> dict[tuple[str, str], str]:
+    """What each check means, with this clinic's thresholds in the text.
+
+    The committed suites hold the default thresholds and are read without importing Great
+    Expectations; a clinic with its own ``quality`` settings gets its suites built (which does),
+    so the report never says "more than 20%" of a check that ran at 1%.
+    """
+    suites: list[dict[str, Any]] = []
+    if thresholds_for(config.quality) != DEFAULT_THRESHOLDS:
+        suites = [suite_json(s) for s in build_suites(thresholds_for(config.quality)).values()]
+    elif EXPECTATIONS_DIR.is_dir():  # absent in an installed package: no text
+        suites = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(EXPECTATIONS_DIR.glob("*.json"))]
     out: dict[tuple[str, str], str] = {}
-    for path in sorted(EXPECTATIONS_DIR.glob("*.json")) if EXPECTATIONS_DIR.is_dir() else []:
-        suite = json.loads(path.read_text(encoding="utf-8"))
+    for suite in suites:
         for e in suite.get("expectations", []):
             out[(suite["name"], e.get("meta", {}).get("check", ""))] = e.get("description") or ""
     return out
@@ -118,10 +133,10 @@ def _figure(fig: Any, div_id: str) -> str:
                            config={"displaylogo": False, "responsive": True}))  # fmt: skip
 
 
-def _quality_table(results: list[CheckResult]) -> str:
+def _quality_table(results: list[CheckResult], config: ClinicConfig) -> str:
     if not results:
         return '<p class="note">No data-quality results were recorded for this run.</p>'
-    about = _descriptions()
+    about = _descriptions(config)
     suites = list(dict.fromkeys(r.suite for r in results))
     rank = {"critical": 0, "warning": 1}
     ordered = sorted(
@@ -217,7 +232,7 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
             '<section><h2>Conversions</h2><p class="note">No outbound conversions for this run.</p></section>'
         )
     overview = _figure(charts.quality_overview(results), "chart-quality") if results else ""
-    sections.append(f"<section><h2>Data quality</h2>{overview}{_quality_table(results)}</section>")
+    sections.append(f"<section><h2>Data quality</h2>{overview}{_quality_table(results, config)}</section>")
     if summary:
         sections.append(f"<section><h2>Upload outcomes</h2>{_figure(charts.upload_outcomes(summary), 'chart-uploads')}"
                         f"{_audience_table(summary)}</section>")  # fmt: skip

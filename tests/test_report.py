@@ -106,6 +106,21 @@ def test_a_stopped_run_gets_a_page_saying_where_it_stopped(clinic: Path) -> None
         render_run_report(spec.config, paths, engine, run_id=spec.run_id)  # leave the full page
 
 
+def test_the_check_descriptions_carry_the_clinics_own_thresholds(clinic: Path) -> None:
+    spec = _spec(clinic)
+    config = spec.config.model_copy(
+        update={"quality": spec.config.quality.model_copy(update={"max_unknown_status_share": 0.01})}
+    )
+    paths = paths_for_run_id(config, spec.run_id, spec.paths.outbox)
+    with store.engine_for(config.resolved_database_url()) as engine:
+        page = render_run_report(config, paths, engine, run_id=spec.run_id).read_text(encoding="utf-8")
+        assert "more than 1% of statuses" in page and "more than 20% of statuses" not in page
+        default = render_run_report(spec.config, paths, engine, run_id=spec.run_id).read_text(
+            encoding="utf-8"
+        )
+    assert "more than 20% of statuses" in default
+
+
 @pytest.mark.parametrize("mode", ["dry-run", "sandbox"])
 def test_canary_report_holds_no_planted_value(mode: str, tmp_path: Path) -> None:
     config = write_clinic(tmp_path)
