@@ -592,7 +592,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
         if dest in CONVERSION_DESTINATIONS:
             for key in ("sent", "accepted", "rejected", "deferred"):
                 counts[key] = int(result.get(key, 0))
-            counts["already_sent"] += int(result.get("already_sent", 0))
+            counts["already_sent_at_upload"] = int(result.get("already_sent", 0))  # of `planned`
+            counts["already_sent"] += counts["already_sent_at_upload"]
             counts["requests"] = int(result.get("requests", 0))
             if result.get("rejected_codes"):
                 counts["rejected_codes"] = result["rejected_codes"]

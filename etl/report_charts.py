@@ -143,17 +143,21 @@ def _outcome(result: Any) -> str:
 
 
 def upload_outcomes(summary: dict[str, Any]) -> go.Figure:
-    """Per conversion destination: accepted, rejected, deferred, already sent, not sent."""
+    """Per conversion destination, each conversion once: accepted, rejected, deferred, already
+    sent (left out while planning, or found final at upload), not attempted (a dry run, or rows a
+    stop left planned)."""
     fig = go.Figure()
     outcomes = {"accepted": "#54a24b", "rejected": "#e45756", "deferred": "#eeca3b",
-                "already_sent": "#bab0ac", "not sent (dry run or planned)": "#9ecae9"}  # fmt: skip
+                "already_sent": "#bab0ac", "not attempted (dry run or planned)": "#9ecae9"}  # fmt: skip
     dests = [d for d in DESTINATION_LABELS if d in summary.get("destinations", {})]
     for outcome, color in outcomes.items():
         values = []
         for dest in dests:
             counts = summary["destinations"][dest]
-            if outcome.startswith("not sent"):
-                values.append(max(int(counts.get("planned", 0)) - int(counts.get("sent", 0)), 0))
+            if outcome.startswith("not attempted"):
+                decided = sum(int(counts.get(k, 0)) for k in ("accepted", "rejected", "deferred"))
+                decided += int(counts.get("already_sent_at_upload", 0))
+                values.append(max(int(counts.get("planned", 0)) - decided, 0))
             else:
                 values.append(int(counts.get(outcome, 0)))
         fig.add_trace(go.Bar(name=outcome, y=[DESTINATION_LABELS[d] for d in dests], x=values, orientation="h",

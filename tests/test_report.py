@@ -205,3 +205,17 @@ def test_report_renders_in_headless_chromium(clinic: Path, tmp_path: Path) -> No
         assert re.search(rf'id="{chart}"[^>]*class="[^"]*js-plotly-plot', dom) or re.search(
             rf'class="[^"]*js-plotly-plot[^"]*"[^>]*id="{chart}"', dom
         ), f"{chart} was not drawn"
+
+
+def test_upload_outcomes_count_each_conversion_once() -> None:
+    from etl import report_charts
+
+    # 10 planned: 5 accepted, 1 refused by our own checks, 2 found final at upload, 2 left
+    # planned by a quota stop; 2 more were left out while planning (already sent earlier)
+    counts = {"planned": 10, "sent": 5, "accepted": 5, "rejected": 1, "deferred": 0,
+              "already_sent": 4, "already_sent_at_upload": 2}  # fmt: skip
+    fig = report_charts.upload_outcomes({"destinations": {"google_conversions": counts}})
+    bars = {trace.name: trace.x[0] for trace in fig.data}
+    assert bars == {"accepted": 5, "rejected": 1, "deferred": 0, "already_sent": 4,
+                    "not attempted (dry run or planned)": 2}  # fmt: skip
+    assert sum(bars.values()) == counts["planned"] + 2
