@@ -68,6 +68,13 @@ def store_results(engine: Engine, clinic_id: str, run_id: str, results: Sequence
             conn.execute(table.insert(), rows)
 
 
+def clear_results(engine: Engine, run_id: str) -> None:
+    """Forget every stored result of ``run_id`` (a new attempt of the run starts)."""
+    table = store.quality_results
+    with engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.run_id == run_id))
+
+
 def read_results(engine: Engine, run_id: str) -> list[CheckResult]:
     """A run's stored results, in suite order (``error`` is not stored: a failure is a failure)."""
     table = store.quality_results
@@ -157,6 +164,10 @@ def gate_extracts(spec: RunSpec, *, at: datetime, thresholds: Thresholds | None 
     thresholds = _thresholds(spec, thresholds)
     record = spec.paths.extracts / CHECKED_FILE
     record.unlink(missing_ok=True)
+    with spec.engine() as engine:
+        # the first gate of an attempt: an earlier attempt's results of this run (the run id is
+        # the clinic and interval) must not sit beside this one's in the report
+        clear_results(engine, spec.run_id)
     before = _fingerprints(spec.paths.extracts)
     results = check_inputs(spec, at=at, thresholds=thresholds, suites=EXTRACT_SUITES)
     if has_critical(results):

@@ -911,3 +911,29 @@ def test_conversions_carried_over_from_an_unfinished_upload_pass_the_gates(tmp_p
         window = quality_frames.conversions_frame(engine, config, later.window, later.run_id,
                                                   quality_frames.outbound_frames(later.paths.outbox))  # fmt: skip
     assert set(window["interval"]) == {"own"}
+
+
+def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attempt(
+    synthetic: Path, tmp_path: Path
+) -> None:
+    # the run id is the clinic and interval: a second attempt that stops at stage must not show
+    # the first attempt's outbound checks as "passed" next to its own failure
+    clinic = _clinic_copy(synthetic, tmp_path)
+    argv = ["run", "--config", str(clinic / "clinic.yaml"), "--start", "2026-10-01", "--end", "2026-11-23",
+            "--dry-run"]  # fmt: skip
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    config = load_config(clinic / "clinic.yaml")
+    spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
+                                                         datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
+    with spec.engine() as engine:
+        assert "conversions_staged" in {r.suite for r in quality.read_results(engine, spec.run_id)}
+    _rewrite(clinic / "exports" / "appointments.csv", _shift("parseable"))
+    assert CliRunner().invoke(app, argv).exit_code == QualityGateFailed.exit_code
+    with spec.engine() as engine:
+        suites = {r.suite for r in quality.read_results(engine, spec.run_id)}
+    assert suites and suites <= {
+        "appointments_schema",
+        "appointments_extract",
+        "leads_schema",
+        "leads_extract",
+    }
