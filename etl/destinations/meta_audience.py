@@ -126,7 +126,10 @@ class MetaAudience:
             return result
         self._check_status(result)
         if full_resync:
-            # Meta replaces the audience once every replace session completed
+            if len([m for m in to_add.values() if m]) > 1:
+                # each usersreplace session swaps the whole membership: only the last would stay
+                raise ValueError("a full resync sends one schema; the plan's rows carry several")
+            # Meta replaces the audience once the replace session completed
             result.replaced = all(
                 self._upload("replace", schema, list(members.values()), result)
                 for schema, members in to_add.items()

@@ -594,3 +594,12 @@ def test_a_live_backfill_judges_event_age_when_meta_receives_it(sandbox, monkeyp
     assert not results[stale["event_id"]].transmitted
     assert results[fresh["event_id"]].outcome is Outcome.ACCEPTED
     assert len(sandbox.requests_to("events")) == 1
+
+
+def test_a_full_resync_with_two_schemas_is_refused_before_anything_is_sent(sandbox):
+    # each usersreplace session swaps the whole audience: a second schema would wipe the first
+    _, audience = destinations(sandbox)
+    other = {"operation": "add", "schema": ["EMAIL"], "data": [[sha("x@mail.test")]]}
+    with pytest.raises(ValueError, match="one schema"):
+        audience.sync([audience_row("add", ["a"]), other], [], full_resync=True)
+    assert sandbox.requests_to("usersreplace") == [] and sandbox.requests_to("users") == []
