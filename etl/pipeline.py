@@ -148,6 +148,11 @@ class RunPaths:
     def results(self) -> Path:
         return self.run_dir / "results"
 
+    @property
+    def stopped(self) -> Path:
+        """Names the step a gate stopped this run's latest attempt at; gone once it published."""
+        return self.run_dir / "stopped.txt"
+
 
 def paths_for(config: ClinicConfig, window: RunWindow, outbox: Path | None = None) -> RunPaths:
     run_dir = config.base_dir / "var" / "runs" / run_id_for(config, window)
@@ -570,6 +575,7 @@ def publish_outbox(
         paths.outbox.rename(old)
     paths.pending.rename(paths.outbox)
     shutil.rmtree(old, ignore_errors=True)
+    paths.stopped.unlink(missing_ok=True)
     return paths.outbox
 
 

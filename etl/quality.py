@@ -168,6 +168,7 @@ def gate_extracts(spec: RunSpec, *, at: datetime, thresholds: Thresholds | None 
         # the first gate of an attempt: an earlier attempt's results of this run (the run id is
         # the clinic and interval) must not sit beside this one's in the report
         clear_results(engine, spec.run_id)
+    spec.paths.stopped.unlink(missing_ok=True)
     before = _fingerprints(spec.paths.extracts)
     results = check_inputs(spec, at=at, thresholds=thresholds, suites=EXTRACT_SUITES)
     if has_critical(results):
@@ -324,6 +325,8 @@ def _report_stopped(spec: RunSpec, step: str, pending: Path | None) -> str:
     from etl.report import render_run_report
 
     try:
+        spec.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        spec.paths.stopped.write_text(step + "\n", encoding="utf-8")  # for `report --run-id` later
         summary_file = pending / SUMMARY_FILE if pending is not None else None
         summary = (
             json.loads(summary_file.read_text(encoding="utf-8"))

@@ -266,6 +266,9 @@ def render_run_report(
         stopped: the step a data-quality gate stopped the run at, shown as a banner.
         window: the run's interval, for the header when there is no summary.
     """
+    if summary is None and stopped is None and paths.stopped.exists():
+        # re-rendering a run whose latest attempt a gate stopped: say so again
+        stopped = paths.stopped.read_text(encoding="utf-8").strip() or None
     if summary is None and stopped is None:
         summary = load_summary(paths, engine, run_id)
     source = conversions_dir if conversions_dir is not None else (None if stopped else paths.outbox)

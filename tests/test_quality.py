@@ -937,3 +937,15 @@ def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attem
         "leads_schema",
         "leads_extract",
     }
+    # re-rendered later, the page still says where this attempt stopped
+    report = spec.paths.run_dir / "report.html"
+    report.unlink()
+    again = CliRunner().invoke(
+        app, ["report", "--run-id", spec.run_id, "--config", str(clinic / "clinic.yaml")]
+    )
+    assert again.exit_code == 0 and 'id="stopped"' in report.read_text(encoding="utf-8")
+    # and once an attempt publishes, the page is the full one again
+    shutil.copy(synthetic / "exports" / "appointments.csv", clinic / "exports" / "appointments.csv")
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    assert not spec.paths.stopped.exists()
+    assert 'id="stopped"' not in report.read_text(encoding="utf-8")
