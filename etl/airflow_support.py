@@ -285,7 +285,9 @@ def fail_run_for_failed_sends() -> NoReturn:
     """
     from airflow.sdk.exceptions import AirflowFailException
 
-    raise AirflowFailException("a send failed (see its task); the other sends and the report ran")
+    raise AirflowFailException(
+        "a send failed or could not run (see the failed task upstream); the others and the report ran"
+    )
 
 
 def run_extract(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
@@ -383,7 +385,7 @@ def run_report(config_path: str, start: datetime | None, end: datetime | None) -
     from etl.outbox import SUMMARY_FILE
 
     spec = run_spec(config_path, start, end)
-    if not (spec.paths.outbox / SUMMARY_FILE).exists():
+    if spec.paths.stopped.exists() or not (spec.paths.outbox / SUMMARY_FILE).exists():
         # the report runs after failed sends too (trigger rule all_done); before a published
         # outbox there is nothing to fold, and the failed step has already said why
         _skip("nothing was published: the run stopped before the outbox")

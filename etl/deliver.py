@@ -124,16 +124,18 @@ def upload_conversions(
         try:
             results = destination.send(batch, validate_only=validate_only)
         except (DestinationConfigError, QuotaExhausted) as exc:
-            # rows the platform already decided before it stopped us are recorded, not re-sent
+            # rows the platform already decided before it stopped us are recorded, not re-sent,
+            # and counted, so summary.json and the ledger agree
+            _tally(exc.partial_results, stages, counts, rejected_codes)
             if exc.partial_results and not validate_only:
                 ledger.write_ledger(engine, config.clinic_id, name,
                                     [_entry(r, stages) for r in exc.partial_results],
                                     run_id=run_id, at=clock())  # fmt: skip
             if isinstance(exc, DestinationConfigError):
+                counts["stopped"] = "destination_config"
+                counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
+                exc.counts = counts  # the caller records them before the stop propagates
                 raise
-            for result in exc.partial_results:
-                counts[str(result.outcome)] += 1
-            counts["sent"] += sum(1 for r in exc.partial_results if r.transmitted)
             counts["stopped"] = "daily_quota"
             log.warning(
                 "%s: daily quota exhausted after %d of %d batches; the rest stays planned",
@@ -142,14 +144,7 @@ def upload_conversions(
                 len(batches),
             )
             break
-        counts["requests"] += 1
-        counts["sent"] += sum(1 for r in results if r.transmitted)  # what left, not what was tried
-        entries = []
-        for result in results:
-            counts[str(result.outcome)] += 1
-            if result.outcome is Outcome.REJECTED:
-                rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
-            entries.append(_entry(result, stages))
+        entries = _tally(results, stages, counts, rejected_codes)
         if not validate_only:
             ledger.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:
@@ -159,6 +154,24 @@ def upload_conversions(
         counts["validate_only"] = True
     log.info("%s: %s", name, {k: v for k, v in counts.items() if k != "rejected_codes"})
     return counts
+
+
+def _tally(
+    results: Sequence[RowResult],
+    stages: dict[str, str | None],
+    counts: dict[str, Any],
+    rejected_codes: dict[str, int],
+) -> list[dict[str, Any]]:
+    """Count one batch's outcomes (``sent``: what left; a request when anything left) and return
+    its ledger entries."""
+    if any(r.transmitted for r in results):
+        counts["requests"] += 1
+    counts["sent"] += sum(1 for r in results if r.transmitted)
+    for result in results:
+        counts[str(result.outcome)] += 1
+        if result.outcome is Outcome.REJECTED:
+            rejected_codes[result.code or "unknown"] = rejected_codes.get(result.code or "unknown", 0) + 1
+    return [_entry(r, stages) for r in results]
 
 
 def _audience_rows(outbox: Path, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

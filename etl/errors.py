@@ -88,13 +88,15 @@ class _Stop(MedspaError):
 
     ``partial_results`` are per-row results (``RowResult``) the platform gave before the stop,
     which ``etl.deliver`` records so they are not sent again; ``partial_audience`` is an
-    ``AudienceResult`` for a list that was already changed (e.g. emptied by a full resync).
+    ``AudienceResult`` for a list that was already changed (e.g. emptied by a full resync);
+    ``counts`` an upload's counts up to the stop, which the caller writes to its results.
     """
 
     def __init__(self, message: str, partial_results: list[Any] | None = None) -> None:
         super().__init__(message)
         self.partial_results: list[Any] = list(partial_results or [])
         self.partial_audience: Any = None
+        self.counts: dict[str, Any] | None = None  # an upload's counts up to the stop
 
 
 class DestinationConfigError(_Stop):

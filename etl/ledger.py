@@ -50,13 +50,14 @@ def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at
             count them as sent (a sandbox "accepted" is not Google's or Meta's).
     """
     with engine.begin() as conn:
+        # insert-if-absent, then read: the three sends of a first night claim at the same time
+        insert = _dialect_insert(conn, ledger_targets)
+        conn.execute(insert.on_conflict_do_nothing(index_elements=["clinic_id"]),
+                     {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
         claimed = conn.execute(
             sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
         ).scalar()
-        if claimed is None:
-            conn.execute(ledger_targets.insert(),
-                         {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
-        elif claimed != target:
+        if claimed != target:
             raise ConfigError(
                 f"this staging database holds {claimed} sends for clinic {clinic_id}; a {target} send "
                 f"would share their ledger (a {claimed} 'accepted' would read as sent). Use a separate "
@@ -293,6 +294,10 @@ def apply_audience_delta(
             )
             for lo in range(0, len(rows), _CHUNK):
                 conn.execute(stmt, rows[lo : lo + _CHUNK])
+        # a pending add the state now records as applied says nothing more (a crashed full
+        # resync leaves every member pending; the next delta sync re-adds none of the synced)
+        synced = sa.select(audience_state.c.member_key).where(where)
+        conn.execute(audience_pending.delete().where(pending & audience_pending.c.member_key.in_(synced)))
 
 
 def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datetime | None:

@@ -32,6 +32,7 @@ OUTBOX_FILES = {
     "meta_audience": "meta_audience.jsonl",
 }
 SUMMARY_FILE = "summary.json"
+_OUTBOX_ENTRIES = frozenset({*OUTBOX_FILES.values(), SUMMARY_FILE, SUMMARY_FILE + ".tmp"})
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
 _DECODER = msgspec.json.Decoder()
@@ -118,11 +119,35 @@ def decode_line(line: str) -> Any:
         return json.loads(line)
 
 
+def check_outbox_folder(directory: Path) -> None:
+    """Refuse an outbox folder that holds anything but an outbox: publishing replaces the folder.
+
+    ``--outbox`` pointed at a clinic's folder would otherwise take its YAML, exports and staging
+    database with it when the new outbox replaces it.
+
+    Raises:
+        ConfigError: ``directory`` is a file, or a folder with other entries (counted, not named).
+    """
+    from etl.errors import ConfigError
+
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ConfigError(f"outbox {directory} exists and is not a folder; give a new or empty folder")
+    foreign = [p for p in directory.iterdir() if p.name not in _OUTBOX_ENTRIES]
+    if foreign:
+        raise ConfigError(
+            f"outbox folder {directory} holds {len(foreign)} other entr{'y' if len(foreign) == 1 else 'ies'}; "
+            "the outbox replaces its whole folder, so give a new or empty one"
+        )
+
+
 def write_outbox(
     directory: Path, outbound: Mapping[str, Sequence[Mapping[str, Any]]], summary: Mapping[str, Any]
 ) -> Path:
     """Atomically (re)place ``directory`` with the four JSONL files and ``summary.json``."""
     directory = Path(directory)
+    check_outbox_folder(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -156,7 +156,26 @@ class RunPaths:
 
 def paths_for(config: ClinicConfig, window: RunWindow, outbox: Path | None = None) -> RunPaths:
     run_dir = config.base_dir / "var" / "runs" / run_id_for(config, window)
-    return RunPaths(run_dir=run_dir, outbox=outbox or run_dir / "outbox")
+    # resolved: "." has no name to put the pending plan beside
+    return RunPaths(run_dir=run_dir, outbox=outbox.resolve() if outbox else run_dir / "outbox")
+
+
+def start_attempt(paths: RunPaths) -> None:
+    """Clear what an earlier attempt of this run left: its outbox, upload results, stop marker.
+
+    The run id is the clinic and interval, so a rerun works in the same folder; a later step
+    must never fold the earlier attempt's outbox or results as if this attempt had made them
+    (the report after a stopped rerun did). What was sent stays in the send ledger, the audience
+    state and ``run_summaries``.
+    """
+    import shutil
+
+    from etl.outbox import check_outbox_folder
+
+    check_outbox_folder(paths.outbox)
+    for folder in (paths.outbox, paths.results, paths.pending):
+        shutil.rmtree(folder, ignore_errors=True)
+    paths.stopped.unlink(missing_ok=True)
 
 
 def extract_sources(
@@ -557,7 +576,7 @@ def publish_outbox(
     """
     import shutil
 
-    from etl.outbox import OUTBOX_FILES, read_rows
+    from etl.outbox import OUTBOX_FILES, check_outbox_folder, read_rows
 
     try:
         outbound = {dest: list(read_rows(paths.pending, dest)) for dest in OUTBOX_FILES}
@@ -569,6 +588,7 @@ def publish_outbox(
     except BaseException:
         shutil.rmtree(paths.pending, ignore_errors=True)
         raise
+    check_outbox_folder(paths.outbox)
     old = paths.outbox.with_name(f".{paths.outbox.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if paths.outbox.exists():
@@ -598,8 +618,10 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
         if dest in CONVERSION_DESTINATIONS:
             for key in ("sent", "accepted", "rejected", "deferred"):
                 counts[key] = int(result.get(key, 0))
-            counts["already_sent_at_upload"] = int(result.get("already_sent", 0))  # of `planned`
-            counts["already_sent"] += counts["already_sent_at_upload"]
+            # of `planned`; folding again (a report retried) must not add it twice
+            planning = int(counts["already_sent"]) - int(counts.get("already_sent_at_upload", 0))
+            counts["already_sent_at_upload"] = int(result.get("already_sent", 0))
+            counts["already_sent"] = planning + counts["already_sent_at_upload"]
             counts["requests"] = int(result.get("requests", 0))
             if result.get("rejected_codes"):
                 counts["rejected_codes"] = result["rejected_codes"]

@@ -7,7 +7,7 @@ everything one hands the next is on disk (hashed Parquet extracts, the pending p
 outbox, ``results/*.json``) or in the database (staging, ledger, audience state).
 
 Order: extract -> stage -> validate_inputs -> build_conversions -> validate_outbound ->
-upload (google | meta, in parallel) -> sync_suppression -> report.
+upload google | upload meta | sync_suppression (independent) -> report.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def _clock() -> datetime:
 
 
 def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
+    """The attempt's first step: clear the previous attempt's outputs, then hash the exports."""
+    pipeline.start_attempt(spec.paths)
     counts = pipeline.extract_sources(spec.config, spec.window, spec.paths, timings or pipeline.Timings())
     return {"run_id": spec.run_id, **counts}
 
@@ -201,15 +203,20 @@ def upload(
             return {"run_id": spec.run_id, "skipped": f"{family} not configured"}
         if not validate_only:
             ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
-        counts = deliver.upload_conversions(
-            spec.config,
-            engine,
-            spec.paths.outbox,
-            destination,
-            run_id=spec.run_id,
-            clock=_clock,
-            validate_only=validate_only,
-        )
+        try:
+            counts = deliver.upload_conversions(
+                spec.config,
+                engine,
+                spec.paths.outbox,
+                destination,
+                run_id=spec.run_id,
+                clock=_clock,
+                validate_only=validate_only,
+            )
+        except DestinationConfigError as stop:
+            if stop.counts is not None:  # what was decided before the stop reaches summary.json
+                deliver.write_result(spec.paths.results, name, stop.counts)
+            raise
     deliver.write_result(spec.paths.results, name, counts)
     return {"run_id": spec.run_id, name: {k: v for k, v in counts.items() if k != "rejected_codes"}}
 

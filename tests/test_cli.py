@@ -156,3 +156,27 @@ def test_doctor_says_what_is_missing_without_secrets(tmp_path: Path, monkeypatch
     partial = RUNNER.invoke(app, ["doctor", "--config", str(config)])
     assert "s3cret-value" not in partial.output and "EAAB-token" not in partial.output
     assert "sources.appointments" in partial.stdout and "staging database" in partial.stdout
+
+
+def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:
+    # the outbox replaces its whole folder: pointed at the clinic's own folder, it took the
+    # YAML, the exports and the staging database with it
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "consent_revoked" / name, tmp_path / name)
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine", encoding="utf-8")
+    for outbox in (keep, tmp_path):
+        result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01",
+                                          "--end", "2026-06-30", "--dry-run", "--outbox", str(outbox)])  # fmt: skip
+        assert result.exit_code == 2 and "give a new or empty one" in result.stderr
+        assert "notes.txt" not in result.stderr and "Traceback" not in result.output
+    assert (keep / "notes.txt").read_text(encoding="utf-8") == "mine" and (tmp_path / "clinic.yaml").exists()
+    # an earlier outbox in that place is replaced as before
+    fresh = tmp_path / "out"
+    argv = ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01", "--end", "2026-06-30",
+            "--dry-run", "--outbox", str(fresh)]  # fmt: skip
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    assert CliRunner().invoke(app, argv).exit_code == 0 and (fresh / "summary.json").exists()

@@ -218,6 +218,12 @@ def test_adds_with_no_recorded_outcome_stay_pending_until_settled(tmp_path: Path
         assert pending() == set()
         sync("3", [a], {ka}, resync=True)  # the list was emptied first; only a may be on it
         assert pending() == {ka}
+        sync("3b", [a], set())  # a is applied now: nothing about it is pending any more
+        assert pending() == set()
+        sync("3c", [a, b], {ka, kb}, resync=True)  # a crashed-like resync: both unapplied, pending
+        assert pending() == {ka, kb}
+        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={kb: "{}"}, removed=[], at=AT)
+        assert pending() == {ka}  # b is recorded as synced: its pending row is redundant
         # validate-only sends nothing for real: nothing becomes pending
         deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "4", [c], []),
                               _RefusingAudience(set()), full_resync=False, clock=lambda: AT,  # type: ignore[arg-type]
@@ -314,3 +320,47 @@ def test_sent_counts_only_rows_that_left(tmp_path: Path) -> None:
         counts = deliver.upload_conversions(config, engine, _events_outbox(tmp_path, ids), _RefusesOneLocally(),  # type: ignore[arg-type]
                                             run_id="r", clock=lambda: AT)  # fmt: skip
     assert (counts["sent"], counts["accepted"], counts["rejected"]) == (3, 3, 1)
+
+
+class _AccountRefusedMidBatch:
+    """Accepts the first two rows of its first request, then the account is refused."""
+
+    name = DEST
+    max_batch = 5
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        from etl.errors import DestinationConfigError
+
+        stop = DestinationConfigError("account refused")
+        stop.partial_results = [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows[:2]]
+        raise stop
+
+
+def test_rows_decided_before_an_account_stop_are_counted_with_the_stop(tmp_path: Path) -> None:
+    from etl.errors import DestinationConfigError
+
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(4)]
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        with pytest.raises(DestinationConfigError) as info:
+            deliver.upload_conversions(config, engine, _events_outbox(tmp_path, ids), _AccountRefusedMidBatch(),  # type: ignore[arg-type]
+                                       run_id="r", clock=lambda: AT)  # fmt: skip
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+    counts = info.value.counts
+    assert counts is not None and counts["stopped"] == "destination_config"
+    assert (counts["sent"], counts["accepted"], counts["requests"]) == (2, 2, 1)
+    assert sum(1 for s in recorded.values() if s == "accepted") == counts["accepted"]
+
+
+def test_folding_upload_results_twice_counts_them_once(tmp_path: Path) -> None:
+    from etl.pipeline import RunPaths, finalize_summary
+
+    paths = RunPaths(run_dir=tmp_path, outbox=tmp_path / "outbox")
+    paths.results.mkdir()
+    (paths.results / f"{DEST}.json").write_text(json.dumps({"sent": 3, "accepted": 3, "already_sent": 3}))
+    summary = {"destinations": {DEST: {"planned": 6, "already_sent": 2}}}
+    once = finalize_summary(paths, summary)
+    twice = finalize_summary(paths, once)  # a retried report folds the folded summary again
+    assert once == twice
+    assert twice["destinations"][DEST]["already_sent"] == 5
+    assert twice["destinations"][DEST]["already_sent_at_upload"] == 3

@@ -937,6 +937,8 @@ def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attem
         "leads_schema",
         "leads_extract",
     }
+    # the earlier attempt's outbox and results are gone: nothing later folds them as this one's
+    assert not spec.paths.outbox.exists() and not spec.paths.results.exists()
     # re-rendered later, the page still says where this attempt stopped
     report = spec.paths.run_dir / "report.html"
     report.unlink()

@@ -189,12 +189,21 @@ class MetaEvents:
         )
         return results
 
-    def _deliver(self, batch: list[tuple[str, Event]], out: list[RowResult], budget: list[int]) -> None:
+    def _deliver(
+        self,
+        batch: list[tuple[str, Event]],
+        out: list[RowResult],
+        budget: list[int],
+        *,
+        carried: bool = False,
+    ) -> None:
+        """Send one batch; ``carried`` says a refused parent request already carried these rows
+        (they left this process, whatever happens to them now)."""
         if self._paused is not None:
-            out += _all(batch, Outcome.DEFERRED, f"throttled/{self._paused.label}", transmitted=False)
+            out += _all(batch, Outcome.DEFERRED, f"throttled/{self._paused.label}", transmitted=carried)
             return
         if budget[0] <= 0:
-            out += _all(batch, Outcome.DEFERRED, "bisect_budget", transmitted=False)
+            out += _all(batch, Outcome.DEFERRED, "bisect_budget", transmitted=carried)
             return
         budget[0] -= 1
         request = EventRequest(
@@ -252,8 +261,8 @@ class MetaEvents:
                 failure.fbtrace_id,
             )
             middle = len(batch) // 2
-            self._deliver(batch[:middle], out, budget)
-            self._deliver(batch[middle:], out, budget)
+            self._deliver(batch[:middle], out, budget, carried=True)
+            self._deliver(batch[middle:], out, budget, carried=True)
         else:
             # not known to be event-specific, so bisecting could cost 2n requests for nothing
             log.warning("meta_events: unexpected Meta error %s; deferring", failure.label)

@@ -603,3 +603,18 @@ def test_a_full_resync_with_two_schemas_is_refused_before_anything_is_sent(sandb
     with pytest.raises(ValueError, match="one schema"):
         audience.sync([audience_row("add", ["a"]), other], [], full_resync=True)
     assert sandbox.requests_to("usersreplace") == [] and sandbox.requests_to("users") == []
+
+
+def test_rows_a_refused_request_carried_count_as_sent_even_when_the_budget_defers_them(sandbox):
+    # one request of 4 events is refused for one of them; with a budget of one request the
+    # halves are deferred, but all four left this process inside that request
+    events, _ = destinations(sandbox)
+    events._bisect_budget = 1
+    rows = [event_row(str(i)) for i in range(4)]
+    sandbox.reject_event(rows[1]["event_id"], subcode=2804019)
+    results = events.send(rows)
+    assert {(r.outcome, r.code) for r in results} == {(Outcome.DEFERRED, "bisect_budget")}
+    assert all(r.transmitted for r in results) and len(sandbox.requests_to("events")) == 1
+    # with no budget at all nothing is sent, and nothing counts as sent
+    events._bisect_budget = 0
+    assert not any(r.transmitted for r in events.send(rows))
