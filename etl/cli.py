@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import rich.markup
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -70,7 +71,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: MedspaError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    # the message is text, not markup: a pattern like [a-z0-9] or a path with [..] must print as is
+    err.print(f"[bold red]error:[/] {rich.markup.escape(str(exc))}", markup=True, highlight=False)
     return typer.Exit(code=exc.exit_code)
 
 
@@ -225,6 +227,8 @@ def execute_run(
 
     timings = pipeline.Timings(on_step=on_step)
     spec = tasks.RunSpec(config=cfg, window=window, database=database, outbox=outbox)
+    with spec.engine():  # a wrong or unreachable database fails now, not after the extract
+        pass
     inputs = tasks.extract(spec, timings)
     tasks.stage(spec, timings)
     with timings.step("validate_inputs"):

@@ -7,6 +7,7 @@ pasted into a ticket.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,8 +32,15 @@ def _source_checks(config: ClinicConfig) -> list[tuple[str, str]]:
 
 def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, str]:
     url = config.resolved_database_url(database)
-    parsed = sa.engine.make_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return ("staging database", "invalid: not a database URL (e.g. sqlite:///var/clinic.sqlite)")
     if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        folder = Path(parsed.database).parent
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+            return ("staging database", f"invalid: the SQLite file's folder {folder} cannot be created")
         return ("staging database", "ok (SQLite file will be created on the first run)")
     try:
         engine = sa.create_engine(url)

@@ -212,16 +212,46 @@ _CHUNK = 50_000
 
 
 def open_engine(url: str) -> Engine:
-    """Create the engine and the tables (idempotent), creating a SQLite file's folder if needed."""
+    """Create the engine and the tables (idempotent), creating a SQLite file's folder if needed.
+
+    Raises:
+        ConfigError: the URL is not one SQLAlchemy can use, or a SQLite file's folder cannot
+            be made.
+        StagingError: the database cannot be opened or reached (error class and SQLSTATE only:
+            a driver's message can carry the URL with its password).
+    """
+    from etl.errors import ConfigError, StagingError
+
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         from pathlib import Path
 
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    # hide_parameters: a failing statement's error text then carries no row values
-    engine = sa.create_engine(url, future=True, hide_parameters=True)
+        folder = Path(url[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"staging database: cannot create the folder {folder} ({type(exc).__name__})"
+            ) from None
+    try:
+        # hide_parameters: a failing statement's error text then carries no row values
+        engine = sa.create_engine(url, future=True, hide_parameters=True)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"staging database: not a database URL SQLAlchemy can use ({type(exc).__name__}); "
+            "expected e.g. sqlite:///var/clinic.sqlite or postgresql+psycopg2://user@host/db"
+        ) from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-    metadata.create_all(engine)
+    try:
+        metadata.create_all(engine)
+    except sa.exc.DBAPIError as exc:
+        engine.dispose()
+        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)
+        raise StagingError(
+            f"staging database: cannot open it ({type(exc.orig).__name__}"
+            + (f", {code}" if code else "")
+            + "); check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
+        ) from None
     return engine
 
 

@@ -156,6 +156,10 @@ def test_doctor_says_what_is_missing_without_secrets(tmp_path: Path, monkeypatch
     partial = RUNNER.invoke(app, ["doctor", "--config", str(config)])
     assert "s3cret-value" not in partial.output and "EAAB-token" not in partial.output
     assert "sources.appointments" in partial.stdout and "staging database" in partial.stdout
+    # a path where a URL belongs is a finding, not a crash
+    bad = RUNNER.invoke(app, ["doctor", "--config", str(config), "--database", str(tmp_path / "x.sqlite")])
+    assert bad.exit_code == 1 and "not a database URL" in bad.stdout
+    assert bad.exception is None or isinstance(bad.exception, SystemExit)  # no crash
 
 
 def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:
@@ -180,3 +184,38 @@ def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path
             "--dry-run", "--outbox", str(fresh)]  # fmt: skip
     assert CliRunner().invoke(app, argv).exit_code == 0
     assert CliRunner().invoke(app, argv).exit_code == 0 and (fresh / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("database", "code", "expected"),
+    [
+        ("/tmp/not-a-url.sqlite", 2, "not a database URL"),
+        ("foo://bar", 2, "not a database URL"),
+        ("sqlite:////proc/medspa/db.sqlite", 2, "cannot create the folder"),
+        ("postgresql+psycopg2://medspa@127.0.0.1:9/medspa", 7, "cannot open it"),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_one_clear_error_before_any_work(
+    database: str, code: int, expected: str, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "consent_revoked" / name, tmp_path / name)
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01",
+                                      "--end", "2026-06-30", "--dry-run", "--database", database])  # fmt: skip
+    assert result.exit_code == code, result.output
+    assert expected in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "var" / "runs").exists() or not any((tmp_path / "var" / "runs").rglob("*.parquet"))
+
+
+def test_error_text_is_printed_as_text_not_markup(tmp_path: Path) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["clinic_id"] = "Not Valid!"
+    folder = tmp_path / "[a-z]"
+    folder.mkdir()
+    (folder / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(folder / "clinic.yaml")
+    assert result.exit_code == 2
+    text = result.stderr.replace("\n", "")
+    assert "[a-z]" in text and "[a-z0-9][a-z0-9_-]{0,62}" in text
