@@ -70,6 +70,23 @@ def _setup_logging(verbose: bool) -> None:
     quiet_third_party_loggers()
 
 
+def _ready_for_live(cfg: Any, database: str | None) -> None:
+    """``doctor``'s checks before a live run does any work: a missing credential found after
+    the extract and the plan (minutes at a million rows) is found now, for both platforms."""
+    import os
+
+    from etl.doctor import needs_attention, run_checks
+
+    problems = [
+        item for item, status in run_checks(cfg, os.environ, database=database) if needs_attention(status)
+    ]
+    if problems:
+        raise ConfigError(
+            f"not ready for a live run: {', '.join(problems)}; `medspa-conversions doctor --config ...` "
+            "says what is missing (secrets are never printed)"
+        )
+
+
 def _fail(exc: MedspaError) -> typer.Exit:
     # the message is text, not markup: a pattern like [a-z0-9] or a path with [..] must print as is
     err.print(f"[bold red]error:[/] {rich.markup.escape(str(exc))}", markup=True, highlight=False)
@@ -77,7 +94,8 @@ def _fail(exc: MedspaError) -> typer.Exit:
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"run {summary['run_id']}", show_lines=False)
+    mode = " (validate only: nothing applied)" if summary.get("validate_only") else ""
+    table = Table(title=f"run {summary['run_id']}{mode}", show_lines=False)
     table.add_column("what")
     table.add_column("count", justify="right")
     for stage, n in summary["stages"].items():
@@ -173,6 +191,8 @@ def run(
         start_at = parse_boundary(start, cfg) if start else end_at - timedelta(days=1)
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
+        if target is Target.live and not dry_run and not validate_only:
+            _ready_for_live(cfg, database)
         secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)
         if development:
             err.print(

@@ -133,6 +133,10 @@ def report(
             raise ConfigError("--run-id must be a run folder name (letters, digits, '_', '-', '+')")
         cfg = load_config(config)
         paths = paths_for_run_id(cfg, run_id, outbox)
+        if not paths.run_dir.is_dir():
+            raise ConfigError(
+                f"no run {run_id} in {paths.run_dir.parent} (the run folders there are its run ids)"
+            )
         with store.engine_for(cfg.resolved_database_url(database)) as engine:
             path = render_run_report(cfg, paths, engine, run_id=run_id)
     except MedspaError as exc:

@@ -247,6 +247,8 @@ def sync_audience(
         # support asks for, recorded in results/<list>.json, never in summary.json
         "request_ids": list(result.request_ids),
     }
+    if validate_only:
+        counts["validate_only"] = True
     log.info("%s: %s", name, counts)
     return counts
 

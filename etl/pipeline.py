@@ -615,6 +615,9 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
         if not result_file.exists():
             continue
         result = json.loads(result_file.read_text(encoding="utf-8"))
+        if result.get("validate_only"):
+            # the platform validated, nothing was applied: never to be read as a real send
+            merged["validate_only"] = True
         if dest in CONVERSION_DESTINATIONS:
             for key in ("sent", "accepted", "rejected", "deferred"):
                 counts[key] = int(result.get(key, 0))

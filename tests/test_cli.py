@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,41 @@ def test_error_text_is_printed_as_text_not_markup(tmp_path: Path) -> None:
     assert result.exit_code == 2
     text = result.stderr.replace("\n", "")
     assert "[a-z]" in text and "[a-z0-9][a-z0-9_-]{0,62}" in text
+
+
+def test_a_live_run_missing_a_platform_credential_stops_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the ID secret is there, the platforms' credentials are not: found before the extract, for both
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "s3cret-value-0123456789")
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--end", "2026-06-30", "--target", "live"])
+    assert result.exit_code == 2
+    text = result.stderr.replace("\n", " ")
+    assert "not ready for a live run" in text and "META_ACCESS_TOKEN" in text and "doctor" in text
+    assert "s3cret-value" not in result.output
+    assert not (tmp_path / "var" / "runs").exists()
+
+
+def test_a_validate_only_run_says_so_in_its_summary(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    argv = [
+        "run",
+        "--config",
+        str(config),
+        "--start",
+        "2026-05-01",
+        "--end",
+        "2026-06-30",
+        "--target",
+        "sandbox",
+    ]
+    result = RUNNER.invoke(app, [*argv, "--validate-only", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["validate_only"] is True and summary["dry_run"] is False
+    assert summary["destinations"]["google_conversions"]["accepted"] > 0  # Google validated them
+    table = RUNNER.invoke(app, [*argv, "--validate-only"])
+    assert "validate only" in table.stdout
+    real = RUNNER.invoke(app, [*argv, "--json"])
+    assert real.exit_code == 0 and "validate_only" not in json.loads(real.stdout)

@@ -92,6 +92,9 @@ def test_report_command_re_renders_a_run(clinic: Path) -> None:
         app, ["report", "--run-id", "../../etc", "--config", str(clinic / "clinic.yaml")]
     )
     assert bad.exit_code == 2 and "--run-id" in bad.stderr
+    unknown = CliRunner().invoke(app, ["report", "--run-id", "nope", "--config", str(clinic / "clinic.yaml")])
+    assert unknown.exit_code == 2 and "no run nope" in unknown.stderr
+    assert not (clinic / "var" / "runs" / "nope").exists()
 
 
 def test_a_stopped_run_gets_a_page_saying_where_it_stopped(clinic: Path) -> None:
