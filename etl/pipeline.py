@@ -107,6 +107,7 @@ class AudienceDelta:
     removes: dict[str, Any]
     full_resync: bool
     skipped: bool = False  # a later run already synced this list (this run is a backfill)
+    members: int = 0  # people this list holds at the run's end (Meta needs an email or a phone)
 
 
 @dataclass
@@ -436,7 +437,7 @@ def plan_run(
             destinations[dest] = {
                 "adds": len(delta.adds) if delta else 0,
                 "removes": len(delta.removes) if delta else 0,
-                "members": len(members),
+                "members": delta.members if delta else 0,
             }
             if delta is not None and delta.skipped:
                 destinations[dest]["skipped_newer_sync"] = 1
@@ -490,7 +491,8 @@ def _audience_deltas(
         newest = ledger.latest_synced_end(engine, config.clinic_id, dest)
         if newest is not None and newest > end:
             log.info("%s: a run ending %s already synced the list; this backfill leaves it", dest, newest)
-            deltas[dest] = AudienceDelta(adds={}, removes={}, full_resync=False, skipped=True)
+            deltas[dest] = AudienceDelta(adds={}, removes={}, full_resync=False, skipped=True,
+                                         members=len(now_members))  # fmt: skip
             continue
         synced = ledger.read_audience_state(engine, config.clinic_id, dest)
         # adds a crashed or failed sync may have applied: possibly on the list, so removed
@@ -502,7 +504,9 @@ def _audience_deltas(
         else:
             adds = {k: v for k, v in sorted(now_members.items()) if k not in synced}
             removes = {k: _stored_payload(dest, maybe[k]) for k in sorted(maybe) if k not in now_members}
-        deltas[dest] = AudienceDelta(adds=adds, removes=removes, full_resync=full_resync)
+        deltas[dest] = AudienceDelta(
+            adds=adds, removes=removes, full_resync=full_resync, members=len(now_members)
+        )
     return deltas
 
 

@@ -179,3 +179,10 @@ def test_the_planned_counts_are_members_for_both_lists(synthetic: Path, tmp_path
     tasks.stage(spec)
     planned = tasks.build_conversions(spec, secret=SECRET, dry_run=True, target="none")["planned"]
     assert planned["meta_audience"] == planned["google_customer_match"] > 1
+    # each list's member count is its own (Meta needs an email or a phone): on a first sync,
+    # everyone a list holds is an add
+    summary = json.loads((spec.paths.pending / "summary.json").read_text(encoding="utf-8"))
+    for dest in ("google_customer_match", "meta_audience"):
+        assert (
+            summary["destinations"][dest]["members"] == summary["destinations"][dest]["adds"] == planned[dest]
+        )

@@ -301,3 +301,11 @@ def test_a_patient_from_abroad_is_a_list_member_with_the_national_postal_code(tm
     address = next(i["address_info"] for i in member["user_identifiers"] if "address_info" in i)
     assert (address["postal_code"], address["country_code"]) == ("M1 1AE", "GB")
     assert len(run.rows["meta_audience"]) == 1
+
+
+def test_each_list_counts_its_own_members(tmp_path: Path) -> None:
+    # Ann has only a name and an address: Google can match that, Meta needs an email or a phone
+    run = case("member_without_email_or_phone", tmp_path)
+    google, meta = (run.summary["destinations"][d] for d in ("google_customer_match", "meta_audience"))
+    assert (google["members"], google["adds"]) == (2, 2)
+    assert (meta["members"], meta["adds"]) == (1, 1)
