@@ -96,8 +96,8 @@ def _fail(exc: MedspaError) -> typer.Exit:
 def _summary_table(summary: dict[str, Any]) -> Table:
     mode = " (validate only: nothing applied)" if summary.get("validate_only") else ""
     table = Table(title=f"run {summary['run_id']}{mode}", show_lines=False)
-    table.add_column("what")
-    table.add_column("count", justify="right")
+    table.add_column("what", overflow="fold")
+    table.add_column("count", justify="right", overflow="fold")
     for stage, n in summary["stages"].items():
         table.add_row(f"conversions: {stage}", str(n))
     for reason, n in summary["drops"].items():
@@ -126,7 +126,9 @@ def run(
     dry_run: Annotated[
         bool,
         typer.Option(
-            "--dry-run", help="Write the outbox only; send nothing and write nothing to the ledger."
+            "--dry-run",
+            metavar="",
+            help="Write the outbox only; send nothing and write nothing to the ledger.",
         ),
     ] = False,
     target: Annotated[
@@ -146,13 +148,16 @@ def run(
     full_resync: Annotated[
         bool,
         typer.Option(
-            "--full-resync", help="Replace whole suppression lists instead of sending adds/removes."
+            "--full-resync",
+            metavar="",
+            help="Replace whole suppression lists instead of sending adds/removes.",
         ),
     ] = False,
     validate_only: Annotated[
         bool,
         typer.Option(
             "--validate-only",
+            metavar="",
             help="Ask the platforms to validate without storing anything; the ledger is not written.",
         ),
     ] = False,
@@ -163,10 +168,10 @@ def run(
         ),
     ] = None,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Print summary.json to stdout instead of a table.")
+        bool, typer.Option("--json", metavar="", help="Print summary.json to stdout instead of a table.")
     ] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")
+        bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging (still counts only).")
     ] = False,
 ) -> None:
     """Run one interval [start, end) for one clinic: extract, stage, plan, gate, outbox, send.
@@ -301,10 +306,12 @@ def _today_midnight(cfg: ClinicConfig) -> datetime:
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write exports/ and clinic.yaml into.")],
-    appointments: Annotated[int, typer.Option(help="Number of appointment rows.")] = 5000,
-    leads: Annotated[int, typer.Option(help="Number of lead rows.")] = 2000,
+    appointments: Annotated[int, typer.Option(min=1, help="Number of appointment rows.")] = 5000,
+    leads: Annotated[int, typer.Option(min=0, help="Number of lead rows.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 7,
-    end: Annotated[str, typer.Option(help="Last day covered by the data (exclusive).")] = "2026-11-23",
+    end: Annotated[
+        str, typer.Option(help="Last day covered by the data (exclusive), YYYY-MM-DD.")
+    ] = "2026-11-23",
 ) -> None:
     """Write a synthetic clinic (both CSV exports + clinic.yaml) with every SPEC edge case in it.
 
@@ -312,11 +319,14 @@ def synth(
     """
     from etl.synth import write_synthetic_clinic
 
-    result = write_synthetic_clinic(
-        out_dir, appointments=appointments, leads=leads, seed=seed, end=date.fromisoformat(end)
-    )
+    try:
+        last = date.fromisoformat(end)
+    except ValueError:
+        raise typer.BadParameter("expected a date, YYYY-MM-DD", param_hint="--end") from None
+    result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed, end=last)
     err.print(f"wrote synthetic clinic to {out_dir}")
-    out.print(json.dumps({k: str(v) for k, v in vars(result).items()}, indent=2))
+    counts = {k: v if isinstance(v, int) else str(v) for k, v in vars(result).items()}
+    typer.echo(json.dumps(counts, indent=2))  # plain: Rich would wrap long paths inside the JSON
 
 
 @app.command()
@@ -329,7 +339,8 @@ def doctor(
     """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials.
 
     Prints one line per check and never a secret value; exits 1 when anything is missing or
-    invalid. Credentials are read from the environment (docs/google.md, docs/meta.md).
+    invalid, 2 when the config itself cannot be read. Credentials are read from the
+    environment (docs/google.md, docs/meta.md).
     """
     import os
 
@@ -341,8 +352,8 @@ def doctor(
         raise _fail(exc) from None
     checks = run_checks(cfg, dict(os.environ), database=database)
     table = Table(title=f"doctor: {cfg.clinic_id}")
-    table.add_column("check")
-    table.add_column("status")
+    table.add_column("check", overflow="fold")
+    table.add_column("status", overflow="fold")
     for name, status in checks:
         style = "red" if needs_attention(status) else "green"
         table.add_row(name, f"[{style}]{status}[/]")

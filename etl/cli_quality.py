@@ -29,13 +29,16 @@ def _results_table(results: list[CheckResult]) -> Any:
     table = Table(title="data-quality checks")
     for name, justify in (("suite", "left"), ("check", "left"), ("severity", "left"), ("result", "left"),
                           ("failing rows", "right"), ("rows", "right")):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        # names fold rather than end in "…": in a log or a pipe the check's name is the point
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in results:
         word = (
             "passed"
             if r.success
             else ("[red]FAILED[/]" if r.severity == "critical" else "[yellow]warning[/]")
         )
+        if r.success and r.element_count == 0:
+            word = "passed (0 rows)"  # nothing was there to check
         if r.error:
             word += " (not evaluated)"
         table.add_row(r.suite, r.check, r.severity, word,
@@ -54,7 +57,7 @@ def validate(
         str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
     ] = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug logging (still counts only).")
+        bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging (still counts only).")
     ] = False,
 ) -> None:
     """Run the data-quality checks of [start, end) alone; publish nothing, send nothing.

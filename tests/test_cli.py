@@ -258,3 +258,16 @@ def test_a_validate_only_run_says_so_in_its_summary(tmp_path: Path) -> None:
     assert "validate only" in table.stdout
     real = RUNNER.invoke(app, [*argv, "--json"])
     assert real.exit_code == 0 and "validate_only" not in json.loads(real.stdout)
+
+
+def test_synth_prints_counts_as_numbers_and_refuses_bad_input(tmp_path: Path) -> None:
+    made = RUNNER.invoke(
+        app, ["synth", "--out", str(tmp_path / "c"), "--appointments", "50", "--leads", "20"]
+    )
+    assert made.exit_code == 0, made.output
+    counts = json.loads(made.stdout)
+    assert all(isinstance(v, int) for k, v in counts.items() if k.endswith("rows"))
+    for argv in (["--appointments", "-5"], ["--leads", "-1"], ["--end", "notadate"]):
+        bad = RUNNER.invoke(app, ["synth", "--out", str(tmp_path / "d"), *argv])
+        assert bad.exit_code == 2, argv
+        assert bad.exception is None or isinstance(bad.exception, SystemExit), argv  # no crash

@@ -605,6 +605,7 @@ def test_validate_runs_the_checks_alone_and_publishes_nothing(tmp_path: Path) ->
     )
     assert result.exit_code == 0, result.output
     assert "outbound_hashes" in result.stdout and "all critical checks passed" in result.stderr
+    assert "…" not in result.stdout  # names fold in an 80-column log, never cut short
     config = load_config(config_path)
     spec = tasks.RunSpec(config=config, window=_window(config))
     assert not spec.paths.outbox.exists() and not spec.paths.pending.exists()
