@@ -222,15 +222,25 @@ def test_uploads_carry_no_planted_value(tmp_path: Path, caplog: pytest.LogCaptur
         for family in ("google", "meta"):
             tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes)
         tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes)
+        tasks.report(spec)
         google, meta = sandboxes["google"], sandboxes["meta"]
         assert sum(google.accepted_order_ids().values()) == 2
         assert sum(meta.event_ids_received().values()) == 2
         assert_no_canary(repr(google.received), "requests received by the Google sandbox")
         assert_no_canary(repr(meta.received), "requests received by the Meta sandbox")
     with store.engine_for(config.resolved_database_url()) as engine, engine.connect() as conn:
-        for table in (store.send_ledger, store.audience_state, store.run_summaries, store.conversions):
+        # every table a send writes (staging itself holds hashes and record IDs, checked elsewhere)
+        for table in (store.send_ledger, store.audience_state, store.audience_pending, store.audience_syncs,
+                      store.ledger_targets, store.run_summaries, store.conversions, store.quality_results):  # fmt: skip
             dump = repr(conn.execute(sa.select(table)).all())
             assert_no_canary(dump, f"table {table.name}")
         assert len(conn.execute(sa.select(store.send_ledger)).all()) == 4
+    # every file the run wrote beside the outbox: upload results (request ids), the report, markers
+    scanned = set()
+    for path in spec.paths.run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".txt", ".html"):
+            assert_no_canary(path.read_text(encoding="utf-8", errors="replace"), f"file {path.name}")
+            scanned.add(path.name)
+    assert {"report.html", "summary.json", "meta_audience.json", "google_conversions.json"} <= scanned
     for record in caplog.records:
         assert_no_canary(record.getMessage(), f"log record {record.name}")
