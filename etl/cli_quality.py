@@ -85,7 +85,7 @@ def validate(
         secret, _ = resolve_id_secret(real_send=False)
         spec = tasks.RunSpec(config=cfg, window=RunWindow(start=start_at, end=end_at), database=database)
         timings = pipeline.Timings(on_step=lambda name: cli.err.print(f"[dim]… {name}[/]"))
-        inputs = tasks.extract(spec, timings)
+        inputs = tasks.extract(spec, timings, new_attempt=False)  # a sent run's outbox stays
         inputs.pop("run_id")
         now = datetime.now(UTC)  # audit stamp of the stored results only
         # the extract suites gate staging, as in a run; the volume suite needs staged history

@@ -77,9 +77,16 @@ def _clock() -> datetime:
     return datetime.now(UTC)  # audit stamps only, never a rule input
 
 
-def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
-    """The attempt's first step: clear the previous attempt's outputs, then hash the exports."""
-    pipeline.start_attempt(spec.paths)
+def extract(
+    spec: RunSpec, timings: pipeline.Timings | None = None, *, new_attempt: bool = True
+) -> dict[str, Any]:
+    """The attempt's first step: clear the previous attempt's outputs, then hash the exports.
+
+    ``new_attempt=False`` (``validate``, which publishes nothing) leaves a published run's
+    outbox and upload results where they are.
+    """
+    if new_attempt:
+        pipeline.start_attempt(spec.paths)
     counts = pipeline.extract_sources(spec.config, spec.window, spec.paths, timings or pipeline.Timings())
     return {"run_id": spec.run_id, **counts}
 

@@ -952,3 +952,15 @@ def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attem
     assert CliRunner().invoke(app, argv).exit_code == 0
     assert not spec.paths.stopped.exists()
     assert 'id="stopped"' not in report.read_text(encoding="utf-8")
+
+
+def test_validate_leaves_a_published_run_in_place(tmp_path: Path) -> None:
+    # validate publishes nothing; it must not clear a run's outbox as a new attempt would
+    config_path = write_clinic(tmp_path)
+    argv = ["--config", str(config_path), "--start", START, "--end", END]
+    assert CliRunner().invoke(app, ["run", *argv, "--dry-run"]).exit_code == 0
+    config = load_config(config_path)
+    spec = tasks.RunSpec(config=config, window=_window(config))
+    before = (spec.paths.outbox / SUMMARY_FILE).read_bytes()
+    assert CliRunner().invoke(app, ["validate", *argv]).exit_code == 0
+    assert (spec.paths.outbox / SUMMARY_FILE).read_bytes() == before
