@@ -119,6 +119,9 @@ class Plan:
     audiences: dict[str, AudienceDelta]
     summary: dict[str, Any]
     stages: dict[str, dict[str, str]]  # destination -> opaque id -> stage, for the ledger
+    # this run's conversion candidates as the rules made them (opaque keys, times, values,
+    # outcome, carried): what the staged-conversion checks judge, kept with the run's files
+    conversions: pd.DataFrame | None = None
 
 
 def run_id_for(config: ClinicConfig, window: RunWindow) -> str:
@@ -150,6 +153,11 @@ class RunPaths:
         return self.run_dir / "results"
 
     @property
+    def conversions(self) -> Path:
+        """This attempt's conversion candidates as the rules made them (see ``build_pending``)."""
+        return self.run_dir / "conversions.parquet"
+
+    @property
     def stopped(self) -> Path:
         """Names the step a gate stopped this run's latest attempt at; gone once it published."""
         return self.run_dir / "stopped.txt"
@@ -177,6 +185,7 @@ def start_attempt(paths: RunPaths) -> None:
     for folder in (paths.outbox, paths.results, paths.pending):
         shutil.rmtree(folder, ignore_errors=True)
     paths.stopped.unlink(missing_ok=True)
+    paths.conversions.unlink(missing_ok=True)
 
 
 def extract_sources(
@@ -459,13 +468,14 @@ def plan_run(
         "destinations": destinations,
     }
     with timings.step("derived_tables"):
-        _store_derived(engine, config, secret, run_id, appts, leads, a_person, l_person, conv)
+        checked = _store_derived(engine, config, secret, run_id, appts, leads, a_person, l_person, conv)
     log.info(
         "planned run %s: %s",
         run_id,
         {k: v.get("planned", v.get("adds")) for k, v in destinations.items()},
     )
-    return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages)
+    return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages,
+                conversions=checked)  # fmt: skip
 
 
 def _is_final(entry: ledger.LedgerEntry | None) -> bool:
@@ -529,8 +539,11 @@ def _store_derived(
     a_person: np.ndarray,
     l_person: np.ndarray,
     conv: pd.DataFrame,
-) -> None:
+) -> pd.DataFrame:
     """Persons and conversions for inspection; person keys are opaque (HMAC of a member record).
+
+    Returns the conversions as stored, plus ``carried`` (the rules carried it over from an
+    unfinished upload): the frame the staged-conversion checks judge.
 
     A person's key is the HMAC of their first record in key order (appointments, then leads; the
     staged frames are read in key order), so it is stable while that record exists.
@@ -563,10 +576,19 @@ def _store_derived(
         }
     )
     store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)
+    return conv_frame.assign(carried=conv["carried"].to_numpy(dtype=bool))
 
 
 def build_pending(plan: Plan, paths: RunPaths) -> Path:
-    """Write the gated plan where ``validate_outbound`` will look; not yet an outbox."""
+    """Write the gated plan where ``validate_outbound`` will look; not yet an outbox.
+
+    The run's conversion candidates go beside it (``RunPaths.conversions``), in the run's own
+    folder: the ``conversions`` table holds only the latest run's view, and two backfill runs of
+    one clinic planning side by side would otherwise check each other's rows.
+    """
+    if plan.conversions is not None:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        plan.conversions.to_parquet(paths.conversions, index=False)
     return write_outbox(paths.pending, plan.outbound, plan.summary)
 
 

@@ -258,7 +258,7 @@ def check_pending(spec: RunSpec, pending: Path, *, at: datetime, thresholds: Thr
     with spec.engine() as engine:
         data = {
             **outbound,
-            "conversions": frames.conversions_frame(engine, spec.config, spec.window, spec.run_id, outbound),
+            "conversions": frames.conversions_frame(spec.config, spec.window, spec.paths, outbound),
             "metrics": frames.metrics_frame(engine, spec.config, spec.window, pending),
         }
         results = run_suites(data, OUTBOUND_SUITES, frames.suite_parameters(spec.config, spec.window),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,12 +21,15 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import ledger, store
+from etl import store
 from etl.config import ClinicConfig
 from etl.outbox import SUMMARY_FILE
 from etl.quality_outbound import conversion_frames, outbound_frames
 from etl.quality_suites import EXTRACT_CHECKED, Thresholds
 from etl.rules.stages import RunWindow
+
+if TYPE_CHECKING:
+    from etl.pipeline import RunPaths
 
 __all__ = ["conversion_frames", "outbound_frames"]  # flattened in etl.quality_outbound; known from here
 
@@ -139,31 +143,28 @@ def volume_frame(
     )
 
 
-def conversions_frame(engine: Engine, config: ClinicConfig, window: RunWindow, run_id: str,
+def conversions_frame(config: ClinicConfig, window: RunWindow, paths: RunPaths,
                       outbound: dict[str, pd.DataFrame]) -> pd.DataFrame:  # fmt: skip
-    """This run's conversion candidates as the rules staged them (``conversions`` table).
+    """This attempt's conversion candidates as the rules made them (``RunPaths.conversions``).
 
-    The table is read rather than the outbox because it holds every candidate with its stage,
-    event and ready times and value straight from the rules, whatever the destinations did with
-    it; the currency, which the table does not keep, comes from the pending rows by opaque ID.
-    ``interval`` is "carried" for a candidate ready before this run's interval whose upload an
-    earlier real run left unfinished in the send ledger (the rules carry those over), "own"
-    otherwise: the run-window check judges the own rows only.
+    Read rather than the outbox because it holds every candidate with its stage, event and ready
+    times and value straight from the rules, whatever the destinations did with it; from the
+    run's own folder rather than the ``conversions`` table, which holds the latest run of the
+    clinic only. ``interval`` is "carried" for a candidate ready before this run's interval that
+    the rules carried over from an unfinished upload, "own" otherwise: the run-window check
+    judges the own rows. The currency comes from the pending rows by opaque ID.
+
+    Raises:
+        FileNotFoundError: the plan of this attempt was not built (the gate then fails closed).
     """
-    table = store.conversions
-    query = sa.select(table.c.opaque_id, table.c.stage, table.c.person_key, table.c.event_time,
-                      table.c.ready_at, table.c.value, table.c.outcome).where(
-        table.c.clinic_id == config.clinic_id, table.c.run_id == run_id)  # fmt: skip
-    with engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(query).fetchall(), columns=[c.name for c in query.selected_columns])
+    frame = pd.read_parquet(paths.conversions)
     offset = np.where(frame["stage"] == "purchase", config.rules.value_window_days * _DAY_US, 0)
     frame["event_time"] = frame["event_time"].astype("int64")
     frame["ready_at"] = frame["ready_at"].astype("int64")
     frame["expected_ready_at"] = frame["event_time"] + offset
     frame["value"] = frame["value"].astype("float64")
-    unfinished = ledger.unfinished_ids(engine, config.clinic_id, ledger.CONVERSION_DESTINATIONS)
     early = frame["ready_at"] < suite_parameters(config, window)["ready_from_us"]
-    frame["interval"] = np.where(early & frame["opaque_id"].isin(unfinished), "carried", "own")
+    frame["interval"] = np.where(early & frame["carried"].astype(bool), "carried", "own")
     currency = pd.concat(
         [
             outbound["google_conversions"].set_index("order_id")["currency_code"],

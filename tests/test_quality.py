@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ class Fault:
     """Where to plant a fault, and which layer must stop the run."""
 
     extract: tuple[str, Callable[[pd.DataFrame], pd.DataFrame]] | None = None  # kind, change
-    sql: list[str] = field(default_factory=list)  # run against staging after the plan is built
+    conversions: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # the run's planned candidates
     pending: Callable[[Rows], None] | None = None  # change the pending outbox rows
     frame: tuple[str, Callable[[pd.DataFrame], pd.DataFrame]] | None = None  # quality_frames function
     layer: str = "quality"  # or "gate": the PHI gate stops it first (GX is then checked directly)
@@ -122,10 +122,9 @@ def run_with_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: Fault
 
     def build(spec_: tasks.RunSpec, **kwargs: Any) -> dict[str, Any]:
         out = real_build(spec_, **kwargs)
-        if fault.sql:
-            with spec_.engine() as engine, engine.begin() as conn:
-                for statement in fault.sql:
-                    conn.execute(sa.text(statement))
+        if fault.conversions:  # where the staged-conversion checks read them
+            path = spec_.paths.conversions
+            fault.conversions(pd.read_parquet(path)).to_parquet(path, index=False)
         if fault.pending:
             rows = {d: list(read_rows(spec_.paths.pending, d)) for d in OUTBOX_FILES}
             fault.pending(rows)
@@ -214,6 +213,36 @@ def _no_match_keys(row: dict[str, Any]) -> None:
 HASH = "a" * 64
 A, L = "appointments", "leads"
 MIN_US = 86_400 * 1_000_000
+
+
+def _where(
+    column: str, value: Any, target: str, change: Callable[[Any], Any]
+) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def apply(frame: pd.DataFrame) -> pd.DataFrame:
+        rows = frame[column] == value
+        frame[target] = frame[target].astype(object)
+        frame.loc[rows, target] = [change(v) for v in frame.loc[rows, target]]
+        return frame
+
+    return apply
+
+
+def _shift_times(by: int, *columns: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def apply(frame: pd.DataFrame) -> pd.DataFrame:
+        for column in columns:
+            frame[column] = frame[column] - by
+        return frame
+
+    return apply
+
+
+def _second_consultation(frame: pd.DataFrame) -> pd.DataFrame:
+    """A second kept consultation of the same person at the same visit, under another opaque ID."""
+    copy = frame[frame["stage"] == "consultation"].copy()
+    copy["opaque_id"] = "ffff" + copy["opaque_id"].str.slice(4)
+    return pd.concat([frame, copy], ignore_index=True)
+
+
 CASES: dict[str, Fault] = {
     "appointments_schema.columns_as_contracted": Fault(extract=(A, _set("email", CANARIES["email"]))),
     "appointments_extract.appointment_id_not_null": Fault(extract=(A, _set("appointment_id", None))),
@@ -236,16 +265,13 @@ CASES: dict[str, Fault] = {
     "conversions_staged.opaque_id_not_null": Fault(frame=("conversions_frame", _set("opaque_id", None))),
     "conversions_staged.opaque_id_unique": Fault(frame=("conversions_frame", _twice)),
     "conversions_staged.opaque_id_hex64": Fault(
-        sql=[f"UPDATE conversions SET opaque_id = '{CANARIES['appointment_id']}' WHERE stage = 'consultation'"]),
-    "conversions_staged.stage_known": Fault(sql=["UPDATE conversions SET stage = 'lead' WHERE stage = 'purchase'"]),
-    "conversions_staged.ready_in_run_window": Fault(
-        sql=[f"UPDATE conversions SET ready_at = ready_at - {200 * MIN_US}, event_time = event_time - {200 * MIN_US}"]),
+        conversions=_where("stage", "consultation", "opaque_id", lambda _: CANARIES["appointment_id"])),
+    "conversions_staged.stage_known": Fault(conversions=_where("stage", "purchase", "stage", lambda _: "lead")),
+    "conversions_staged.ready_in_run_window": Fault(conversions=_shift_times(200 * MIN_US, "ready_at", "event_time")),
     "conversions_staged.ready_follows_stage_rule": Fault(
-        sql=[f"UPDATE conversions SET event_time = event_time - {MIN_US} WHERE stage = 'purchase'"]),
-    "conversions_staged.purchase_value_positive": Fault(sql=["UPDATE conversions SET value = 0 WHERE stage = 'purchase'"]),
-    "conversions_staged.one_per_journey_and_stage": Fault(sql=[
-        "INSERT INTO conversions SELECT clinic_id, 'ffff' || substr(opaque_id, 5), stage, person_key, event_time, "
-        "ready_at, value, outcome, run_id FROM conversions WHERE stage = 'consultation'"]),
+        conversions=_where("stage", "purchase", "event_time", lambda t: t - MIN_US)),
+    "conversions_staged.purchase_value_positive": Fault(conversions=_where("stage", "purchase", "value", lambda _: 0.0)),
+    "conversions_staged.one_per_journey_and_stage": Fault(conversions=_second_consultation),
     "conversions_staged.currency_iso_4217": Fault(pending=_edit("google_conversions", _put("currency_code", "US$")),
                                                   layer="gate"),
     "google_conversions_outbound.order_id_not_null": Fault(pending=_edit("google_conversions", _pop("order_id")),
@@ -586,6 +612,11 @@ def test_canary_in_failing_rows_stays_out_of_gx_and_stored_results(tmp_path: Pat
     }
     write_summary(pending, {"drops": {"no_lead": 1}})
     _write_pending(pending, rows)
+    # the run stopped before planning: its plan holds no conversion candidates
+    columns = ["opaque_id", "stage", "person_key", "event_time", "ready_at", "value", "outcome", "carried"]
+    pd.DataFrame(
+        {c: pd.Series(dtype="int64" if c in ("event_time", "ready_at") else object) for c in columns}
+    ).astype({"carried": bool, "value": "float64"}).to_parquet(outcome.spec.paths.conversions, index=False)
     results = quality.check_pending(outcome.spec, pending, at=NOW)
     assert {"google_conversions_outbound.order_id_unique", "outbound_hashes.hash_hex64",
             "google_conversions_outbound.click_id_charset"} <= {r.label for r in results if not r.success}  # fmt: skip
@@ -901,17 +932,21 @@ def test_conversions_carried_over_from_an_unfinished_upload_pass_the_gates(tmp_p
                             at=NOW)  # fmt: skip
     later = gated("2026-03-05", "2026-03-06")
     assert {r["event_id"] for r in read_rows(later.paths.outbox, "meta_events")} == meta
-    with later.engine() as engine:
-        window = quality_frames.conversions_frame(engine, config, later.window, later.run_id,
-                                                  quality_frames.outbound_frames(later.paths.outbox))  # fmt: skip
-    assert set(window["interval"]) == {"carried"}
-    # the same rows with a final state elsewhere are not carried: they would be out of window
-    with later.engine() as engine:
-        ledger.write_ledger(engine, config.clinic_id, "meta_events",
-                            [{"opaque_id": i, "status": "accepted"} for i in meta], run_id="x", at=NOW)  # fmt: skip
-        window = quality_frames.conversions_frame(engine, config, later.window, later.run_id,
-                                                  quality_frames.outbound_frames(later.paths.outbox))  # fmt: skip
-    assert set(window["interval"]) == {"own"}
+    outbound = quality_frames.outbound_frames(later.paths.outbox)
+    window = quality_frames.conversions_frame(config, later.window, later.paths, outbound)
+    assert set(window["interval"]) == {"carried"}  # as the rules carried them, not re-derived later
+    # two runs planned side by side (backfill runs) each check their own candidates
+    earlier = tasks.spec_for(config, datetime(2026, 1, 15, tzinfo=config.tz), datetime(2026, 3, 1, tzinfo=config.tz),
+                             database=url)  # fmt: skip
+    tasks.extract(earlier)
+    tasks.stage(earlier)
+    tasks.build_conversions(earlier, secret=SECRET, dry_run=False, target="sandbox")
+    other = gated("2026-03-01", "2026-03-03")  # plans (and replaces the inspection table) in between
+    assert other.run_id != earlier.run_id
+    tasks.validate_outbound(earlier)
+    own = quality_frames.conversions_frame(config, earlier.window, earlier.paths,
+                                           quality_frames.outbound_frames(earlier.paths.outbox))  # fmt: skip
+    assert len(own) == len(meta) and set(own["interval"]) == {"own"}
 
 
 def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attempt(
