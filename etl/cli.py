@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +24,7 @@ from rich.table import Table
 
 from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
-from etl.errors import ConfigError, MedspaError
+from etl.errors import ConfigError, DestinationConfigError, MedspaError, QuotaExhausted
 from etl.settings import quiet_third_party_loggers
 
 app = typer.Typer(
@@ -178,9 +180,13 @@ def run(
 
     Conversions whose ready time falls in [start - late_arrival_days, end) are considered, plus
     any an earlier real run left unfinished (carried_over); anything final in the send ledger is
-    left out (counted as already_sent). Exit codes: 2 bad config or input, 3 PHI egress gate,
-    4 data-quality gate, 5 platform account or setup, 6 quota spent or platform unavailable,
-    7 the staging database refused the load. Examples:
+    left out (counted as already_sent). The two uploads and the list sync are independent: a
+    platform that stops one of them (account, quota) does not hold back the others, and the
+    summary and report are written before the exit code says what stopped. Exit codes: 2 bad
+    config or input, 3 PHI egress gate, 4 data-quality gate, 5 platform account or setup, 6 a
+    list sync hit a quota or the platform stayed unavailable (a conversion upload that runs out
+    of quota plans the rest for the next run and exits 0, summary.json saying stopped:
+    daily_quota), 7 the staging database refused the load or cannot be opened. Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 
@@ -270,31 +276,35 @@ def execute_run(
     )
     with timings.step("validate_outbound"):
         tasks.validate_outbound(spec)
+    stops: list[MedspaError] = []
     if not dry_run:
         real: Literal["live", "sandbox"] = "live" if target == "live" else "sandbox"
         with ExitStack() as stack:
             if real == "sandbox" and sandboxes is None:
                 sandboxes = stack.enter_context(started_sandboxes(cfg, now=window.end))
-            for family in ("google", "meta"):
-                with timings.step(f"upload_{family}"):
-                    tasks.upload(
-                        spec,
-                        family,
-                        target=real,
-                        validate_only=validate_only,
-                        meta_test_event_code=meta_test_event_code,
-                        sandboxes=sandboxes,
-                        retry_wait=retry_wait,
-                    )
-            with timings.step("sync_suppression"):
-                tasks.sync_suppression(
-                    spec,
-                    target=real,
-                    validate_only=validate_only,
-                    sandboxes=sandboxes,
-                    retry_wait=retry_wait,
-                )
+            # as in the DAG, the three sends are independent: a platform that refuses (account,
+            # quota) holds back neither the other's conversions nor either list's removals
+            sends: list[tuple[str, Callable[[], Any]]] = [
+                (f"upload_{family}", partial(tasks.upload, spec, family, target=real, validate_only=validate_only,
+                                            meta_test_event_code=meta_test_event_code, sandboxes=sandboxes,
+                                            retry_wait=retry_wait))
+                for family in ("google", "meta")
+            ]  # fmt: skip
+            sends.append(("sync_suppression", partial(tasks.sync_suppression, spec, target=real,
+                                                      validate_only=validate_only, sandboxes=sandboxes,
+                                                      retry_wait=retry_wait)))  # fmt: skip
+            for step, send in sends:
+                with timings.step(step):
+                    try:
+                        send()
+                    except (DestinationConfigError, QuotaExhausted) as stop:
+                        err.print(
+                            f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}", highlight=False
+                        )
+                        stops.append(stop)
     result = tasks.report(spec)
+    if stops:  # the summary and report hold what the other sends did; the exit code says what stopped
+        raise stops[0]
     return result["summary"], spec.paths.outbox, timings.seconds
 
 

@@ -64,7 +64,9 @@ def validate(
 
     Extracts and stages the exports, runs the input suites, plans the conversions into the
     pending folder, runs the PHI gate and the outbound suites on it, then deletes it. Results are
-    stored in quality_results like a run's. Exit code 4 when a critical check failed.
+    stored in quality_results like a run's; a published run's outbox is left as it is. Exit
+    codes: 4 a critical check failed, 3 the PHI gate refused a row, 2 bad config or input,
+    7 the staging database.
 
         medspa-conversions validate --config clinic.yaml --start 2026-11-01 --end 2026-11-23
     """

@@ -131,6 +131,15 @@ def upload_conversions(
                 ledger.write_ledger(engine, config.clinic_id, name,
                                     [_entry(r, stages) for r in exc.partial_results],
                                     run_id=run_id, at=clock())  # fmt: skip
+            if not validate_only:
+                # the batches not reached go into the ledger as planned too: unfinished, so the
+                # next run carries them over even when its interval no longer covers their ready
+                # time (the quota ran out on the last night that did)
+                rest = [r for later in batches[number:] for r in later]
+                ledger.write_ledger(engine, config.clinic_id, name,
+                                    [{"opaque_id": r[id_field], "stage": _stage_of(config, name, r),
+                                      "status": "planned"} for r in rest],
+                                    run_id=run_id, at=clock())  # fmt: skip
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
                 counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -138,7 +147,7 @@ def upload_conversions(
                 raise
             counts["stopped"] = "daily_quota"
             log.warning(
-                "%s: daily quota exhausted after %d of %d batches; the rest stays planned",
+                "%s: daily quota exhausted after %d of %d batches; the rest is planned for the next run",
                 name,
                 number - 1,
                 len(batches),

@@ -1,10 +1,12 @@
 """Data-quality gates: run the Great Expectations suites, store the counts, stop the run on critical.
 
 The contract is issue #5 (``docs/quality.md`` explains each suite); suites are defined in
-``etl.quality_suites`` and the frames they run on in ``etl.quality_frames``. Two gates, in the
-task order of ``etl.tasks``: ``validate_inputs`` after staging (hashed extracts and daily volume)
-and ``outbound_checks`` inside ``publish_outbox`` (staged conversions, the pending outbox, run
-shares), so a critical failure stops the run before the outbox exists and before anything is sent.
+``etl.quality_suites`` and the frames they run on in ``etl.quality_frames``. Three gates, in the
+task order of ``etl.tasks``: ``gate_extracts`` inside ``stage`` before the upsert (extract and
+schema suites; it also starts the attempt's stored results afresh), ``validate_inputs`` after
+staging (daily volume, the extract results reused) and ``outbound_checks`` inside
+``publish_outbox`` (staged conversions, the pending outbox, run shares), so a critical failure
+stops the run before the outbox exists and before anything is sent.
 
 PHI-safe by construction (STYLE items 12 and 22): the frames hold hashes, opaque IDs and counts;
 GX is asked for counts only (``SUMMARY`` with ``partial_unexpected_count: 0``,

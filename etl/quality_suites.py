@@ -1,8 +1,8 @@
 """The data-quality suites, as Great Expectations 1.x expectation objects: the one source of truth.
 
 ``build_suites`` makes every suite from ``great_expectations.expectations`` classes; the JSON files
-under ``expectations/`` are generated from it by ``write_suites`` (``medspa-conversions validate
---write-suites``) and a test keeps them equal, so the reviewed JSON is exactly what runs. The
+under ``expectations/`` are generated from it by ``write_suites`` (``python -m
+etl.quality_suites``) and a test keeps them equal, so the reviewed JSON is exactly what runs. The
 contract is issue #5 and ``docs/quality.md``: what each suite checks, on which frame, and which
 checks stop the run (severity ``critical``) or are only reported (``warning``).
 

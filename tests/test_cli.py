@@ -271,3 +271,25 @@ def test_synth_prints_counts_as_numbers_and_refuses_bad_input(tmp_path: Path) ->
         bad = RUNNER.invoke(app, ["synth", "--out", str(tmp_path / "d"), *argv])
         assert bad.exit_code == 2, argv
         assert bad.exception is None or isinstance(bad.exception, SystemExit), argv  # no crash
+
+
+def test_one_platform_refusing_the_account_stops_neither_the_other_nor_the_report(tmp_path: Path) -> None:
+    # as in the DAG: Google refuses (a conversion action of another customer); Meta's events and
+    # both lists still go, the summary and report are written, and the exit code says what stopped
+    shutil.copy(GOOD / "appointments.csv", tmp_path / "appointments.csv")
+    shutil.copy(GOOD / "leads.csv", tmp_path / "leads.csv")
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["google_ads"]["api"] = "google_ads"
+    raw["google_ads"]["conversion_actions"] = {
+        stage: action.replace("customers/1234567890/", "customers/9999999999/")
+        for stage, action in raw["google_ads"]["conversion_actions"].items()
+    }
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = RUNNER.invoke(app, ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01",
+                                 "--end", "2026-06-30", "--target", "sandbox"])  # fmt: skip
+    assert result.exit_code == 5 and "NO_CONVERSION_ACTION_FOUND" in result.stderr
+    (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    destinations = json.loads(summary_file.read_text(encoding="utf-8"))["destinations"]
+    assert destinations["meta_events"]["accepted"] > 0 and destinations["google_conversions"]["accepted"] == 0
+    assert destinations["meta_audience"]["sent_adds"] > 0
+    assert (summary_file.parent.parent / "report.html").exists()

@@ -117,7 +117,10 @@ def test_rows_accepted_before_a_quota_stop_are_recorded_not_sent_again(tmp_path:
                                             run_id="r", clock=lambda: AT)  # fmt: skip
         recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
     assert counts["stopped"] == "daily_quota" and counts["accepted"] == 2 and counts["sent"] == 2
-    assert recorded == {ids[0]: "accepted", ids[1]: "accepted", ids[2]: "planned"}
+    # the batch not reached is planned as well: the next run carries it over whatever its interval
+    assert recorded == {ids[0]: "accepted", ids[1]: "accepted", **dict.fromkeys(ids[2:], "planned")}
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        assert ledger.unfinished_ids(engine, CLINIC, [DEST]) == frozenset(ids[2:])
 
 
 def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Wiring of the Google destinations: credentials from the environment, ``doctor``, factory.
 
 Contract: issue #3 (items 1 and 4) and ``docs/google.md`` (which lists the variables). Secrets
-come only from environment variables (an Airflow connection later); they are handed to the
+come from environment variables (in Airflow, connections mapped onto the same names by
+``etl.airflow_support``); they are handed to the
 SDKs and never logged, echoed in an error, or written anywhere by us: every message here names
 a variable, never its value.
 """
