@@ -126,20 +126,16 @@ def upload_conversions(
         except (DestinationConfigError, QuotaExhausted) as exc:
             # rows the platform already decided before it stopped us are recorded, not re-sent,
             # and counted, so summary.json and the ledger agree
-            _tally(exc.partial_results, stages, counts, rejected_codes)
-            if exc.partial_results and not validate_only:
-                ledger.write_ledger(engine, config.clinic_id, name,
-                                    [_entry(r, stages) for r in exc.partial_results],
-                                    run_id=run_id, at=clock())  # fmt: skip
+            decided = _tally(exc.partial_results, stages, counts, rejected_codes)
             if not validate_only:
                 # the batches not reached go into the ledger as planned too: unfinished, so the
                 # next run carries them over even when its interval no longer covers their ready
                 # time (the quota ran out on the last night that did)
-                rest = [r for later in batches[number:] for r in later]
-                ledger.write_ledger(engine, config.clinic_id, name,
-                                    [{"opaque_id": r[id_field], "stage": _stage_of(config, name, r),
-                                      "status": "planned"} for r in rest],
-                                    run_id=run_id, at=clock())  # fmt: skip
+                rest = [{"opaque_id": r[id_field], "stage": _stage_of(config, name, r), "status": "planned"}
+                        for later in batches[number:] for r in later]  # fmt: skip
+                ledger.write_ledger(
+                    engine, config.clinic_id, name, [*decided, *rest], run_id=run_id, at=clock()
+                )
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
                 counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
