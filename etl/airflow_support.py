@@ -270,9 +270,12 @@ def _skip(reason: str) -> NoReturn:
 
 
 def _fail_without_retry(exc: MedspaError) -> NoReturn:
-    """Our errors are about configuration or data, which a retry does not change."""
+    """Our errors are about configuration or data, which a retry does not change; the one that
+    is not (another sender holds the lease) fails the try and leaves Airflow's retries to it."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    if exc.retryable:
+        raise RuntimeError(str(exc)) from exc
     raise AirflowFailException(str(exc)) from exc
 
 

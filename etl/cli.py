@@ -24,7 +24,7 @@ from rich.table import Table
 
 from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
-from etl.errors import ConfigError, DestinationConfigError, MedspaError, QuotaExhausted
+from etl.errors import ConfigError, DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
 from etl.settings import quiet_third_party_loggers
 
 app = typer.Typer(
@@ -186,7 +186,8 @@ def run(
     config or input, 3 PHI egress gate, 4 data-quality gate, 5 platform account or setup, 6 a
     list sync hit a quota or the platform stayed unavailable (a conversion upload that runs out
     of quota plans the rest for the next run and exits 0, summary.json saying stopped:
-    daily_quota), 7 the staging database refused the load or cannot be opened. Examples:
+    daily_quota), 7 the staging database refused the load or cannot be opened, 8 another
+    process is sending to the same clinic's platform (nothing sent; rerun after it ends). Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 
@@ -297,7 +298,7 @@ def execute_run(
                 with timings.step(step):
                     try:
                         send()
-                    except (DestinationConfigError, QuotaExhausted) as stop:
+                    except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
                         err.print(
                             f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}", highlight=False
                         )
@@ -348,7 +349,9 @@ def doctor(
 ) -> None:
     """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials.
 
-    Prints one line per check and never a secret value; exits 1 when anything is missing or
+    CSV exports are opened as a run opens them (encoding, header, the profile's required
+    columns); SQL sources are checked for their query file. Prints one line per check and
+    never a secret value or a value from the data; exits 1 when anything is missing or
     invalid, 2 when the config itself cannot be read. Credentials are read from the
     environment (docs/google.md, docs/meta.md).
     """

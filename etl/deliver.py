@@ -2,10 +2,11 @@
 
 Every row passes the PHI egress gate (``etl.gate``) again right here, as read from the outbox
 just before it is sent: an outbox is also checked when it is published, but an upload task can
-be re-run on its own later, under other code or config. Exactly-once rests on three things: opaque IDs derived from the source record (so a re-send is
+be re-run on its own later, under other code or config. Exactly-once rests on four things: opaque IDs derived from the source record (so a re-send is
 the same ``order_id``/``event_id`` and the platform de-duplicates it), the ledger written around
-every batch (``planned`` committed before the request, the outcome committed after), and rows
-in a final ledger state never being sent again. A process killed between two batches therefore
+every batch (``planned`` committed before the request, the outcome committed after), rows
+in a final ledger state never being sent again, and one sender per clinic and destination at a
+time (the lease of ``etl.leases``, held from before the ledger is read). A process killed between two batches therefore
 re-sends nothing it recorded; one killed during a request re-sends that batch, which the
 platform answers as already there. Results per destination go to ``results/<name>.json`` so
 parallel upload tasks never write the same file.
@@ -16,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from etl import ledger
+from etl import leases, ledger
 from etl.config import ClinicConfig
 from etl.destinations.base import (
     AudienceDestination,
@@ -85,6 +87,27 @@ def upload_conversions(
     name = destination.name
     rows = list(read_rows(outbox, name))
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
+    if validate_only:  # nothing is recorded, so nothing to race on
+        return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
+                       validate_only=True, on_batch=on_batch)  # fmt: skip
+    with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
+        return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
+                       validate_only=False, on_batch=on_batch)  # fmt: skip
+
+
+def _upload(
+    config: ClinicConfig,
+    engine: Engine,
+    rows: list[dict[str, Any]],
+    destination: ConversionDestination,
+    *,
+    run_id: str,
+    clock: Clock,
+    lease: leases.Lease | None,
+    validate_only: bool,
+    on_batch: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    name = destination.name
     id_field = _ID_FIELD[name]
     recorded = ledger.read_ledger(engine, config.clinic_id, name)
     todo = [
@@ -105,6 +128,8 @@ def upload_conversions(
     batches = [todo[lo : lo + destination.max_batch] for lo in range(0, len(todo), destination.max_batch)]
     for number, batch in enumerate(batches, start=1):
         stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
+        if lease is not None:
+            lease.check()
         if not validate_only:
             ledger.write_ledger(
                 engine,
@@ -219,43 +244,55 @@ def sync_audience(
     The adds are written ahead as pending, so a crash between the platform applying them and
     the state being written leaves them known as possibly on the list.
     """
-    name = destination.name
-    newest = ledger.latest_synced_end(engine, config.clinic_id, name) if run_end is not None else None
-    if newest is not None and run_end is not None and newest > run_end.astimezone(UTC):
-        # planned before a later run synced (e.g. backfill runs side by side): this delta is
-        # stale, and applying it would put back people who revoked since
-        log.info("%s: a run ending %s synced the list after this plan; left alone", name, newest)
-        return {"adds": 0, "removes": 0, "rejected": 0, "codes": {}, "requests": 0, "skipped_newer_sync": 1}
-    adds, removes = _audience_rows(outbox, name)
-    check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
-    add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
-    if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
-        ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id)
-    try:
-        result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
-    except (DestinationConfigError, QuotaExhausted) as stop:
-        if stop.partial_audience is not None and not validate_only:
-            # the platform changed the list before the stop (emptied it): record that much
-            _record_sync(config, engine, name, stop.partial_audience, add_keys, remove_keys,
+    # the stale-delta check below and the sync it guards are one step: no other sender between
+    # (validate-only records nothing, so there is nothing to race on)
+    held = nullcontext() if validate_only else leases.hold(engine, config.clinic_id, destination.name,
+                                                           run_id=run_id or "unnamed")  # fmt: skip
+    with held:
+        name = destination.name
+        newest = ledger.latest_synced_end(engine, config.clinic_id, name) if run_end is not None else None
+        if newest is not None and run_end is not None and newest > run_end.astimezone(UTC):
+            # planned before a later run synced (e.g. backfill runs side by side): this delta is
+            # stale, and applying it would put back people who revoked since
+            log.info("%s: a run ending %s synced the list after this plan; left alone", name, newest)
+            return {
+                "adds": 0,
+                "removes": 0,
+                "rejected": 0,
+                "codes": {},
+                "requests": 0,
+                "skipped_newer_sync": 1,
+            }
+        adds, removes = _audience_rows(outbox, name)
+        check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
+        add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
+        if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
+            ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id)
+        try:
+            result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
+        except (DestinationConfigError, QuotaExhausted) as stop:
+            if stop.partial_audience is not None and not validate_only:
+                # the platform changed the list before the stop (emptied it): record that much
+                _record_sync(config, engine, name, stop.partial_audience, add_keys, remove_keys,
+                             full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
+            raise
+        if not validate_only:
+            _record_sync(config, engine, name, result, add_keys, remove_keys,
                          full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
-        raise
-    if not validate_only:
-        _record_sync(config, engine, name, result, add_keys, remove_keys,
-                     full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
-    counts = {
-        "adds": result.adds,
-        "removes": result.removes,
-        "rejected": result.rejected,
-        "codes": dict(sorted(result.codes.items())),
-        "requests": len(result.request_ids),
-        # the platform's id of every request (Meta fbtrace_id, Google job / request id): what
-        # support asks for, recorded in results/<list>.json, never in summary.json
-        "request_ids": list(result.request_ids),
-    }
-    if validate_only:
-        counts["validate_only"] = True
-    log.info("%s: %s", name, counts)
-    return counts
+        counts = {
+            "adds": result.adds,
+            "removes": result.removes,
+            "rejected": result.rejected,
+            "codes": dict(sorted(result.codes.items())),
+            "requests": len(result.request_ids),
+            # the platform's id of every request (Meta fbtrace_id, Google job / request id): what
+            # support asks for, recorded in results/<list>.json, never in summary.json
+            "request_ids": list(result.request_ids),
+        }
+        if validate_only:
+            counts["validate_only"] = True
+        log.info("%s: %s", name, counts)
+        return counts
 
 
 def _record_sync(

@@ -15,6 +15,7 @@ class MedspaError(Exception):
     """Base of every error this package raises on purpose; the CLI prints these without traceback."""
 
     exit_code = 2
+    retryable = False  # about configuration or data, which a retry does not change
 
 
 class ConfigError(MedspaError):
@@ -109,3 +110,11 @@ class QuotaExhausted(_Stop):
     """The platform's daily quota is spent: what is unsent stays planned for the next run."""
 
     exit_code = 6
+
+
+class SendInProgress(MedspaError):
+    """Another process is sending to this clinic's destination (``etl.leases``); nothing was
+    sent. Unlike the other errors this one passes: a retry after the other sender ends works."""
+
+    exit_code = 8
+    retryable = True

@@ -179,6 +179,21 @@ ledger_targets = sa.Table(
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Who is sending to a clinic's destination right now (etl.leases): one sender at a time, across
+# Airflow workers and CLI runs alike, so two processes never send the same batch.
+send_leases = sa.Table(
+    "send_leases",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("holder", sa.String(300), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 run_summaries = sa.Table(
     "run_summaries",
     metadata,

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from etl import deliver, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
-from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted
+from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
 from etl.outbox import read_summary
 from etl.rules.stages import RunWindow
 
@@ -271,7 +271,7 @@ def sync_suppression(
                     run_id=spec.run_id,
                     run_end=spec.window.end,
                 )
-            except (DestinationConfigError, QuotaExhausted) as stop:
+            except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
                 # one platform refusing does not hold back the other list's removals
                 log.error("%s: %s", name, stop)
                 stops.append(stop)

@@ -139,6 +139,17 @@ CREATE TABLE run_summaries (
 	summary TEXT NOT NULL,
 	PRIMARY KEY (run_id, recorded_at)
 );
+CREATE TABLE send_leases (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	holder VARCHAR(300) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	host VARCHAR(255) NOT NULL,
+	pid INTEGER NOT NULL,
+	acquired_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	renewed_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, destination)
+);
 CREATE TABLE send_ledger (
 	clinic_id VARCHAR(64) NOT NULL,
 	destination VARCHAR(32) NOT NULL,

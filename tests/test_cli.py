@@ -293,3 +293,29 @@ def test_one_platform_refusing_the_account_stops_neither_the_other_nor_the_repor
     assert destinations["meta_events"]["accepted"] > 0 and destinations["google_conversions"]["accepted"] == 0
     assert destinations["meta_audience"]["sent_adds"] > 0
     assert (summary_file.parent.parent / "report.html").exists()
+
+
+def test_a_send_another_process_holds_exits_8_after_the_others_and_the_report(tmp_path: Path) -> None:
+    # a CLI run beside a DAG task that is sending Meta events: this run's Meta upload is refused
+    # before it reads the ledger; Google's conversions and both lists still go
+    from datetime import UTC, datetime
+
+    from etl import store
+
+    shutil.copy(GOOD / "appointments.csv", tmp_path / "appointments.csv")
+    shutil.copy(GOOD / "leads.csv", tmp_path / "leads.csv")
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    url = f"sqlite:///{tmp_path / 'staging.sqlite'}"
+    now = datetime.now(UTC)
+    with store.engine_for(url) as engine, engine.begin() as conn:
+        conn.execute(store.send_leases.insert(), {
+            "clinic_id": BASE_CONFIG["clinic_id"], "destination": "meta_events", "holder": "w2:7:x",
+            "run_id": "scheduled__2026-06-30", "host": "w2", "pid": 7, "acquired_at": now, "renewed_at": now})  # fmt: skip
+    result = RUNNER.invoke(app, ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01",
+                                 "--end", "2026-06-30", "--target", "sandbox", "--database", url])  # fmt: skip
+    assert result.exit_code == 8, result.output
+    assert "upload_meta stopped" in result.stderr and "run scheduled__2026-06-30" in result.stderr
+    (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    destinations = json.loads(summary_file.read_text(encoding="utf-8"))["destinations"]
+    assert destinations["google_conversions"]["accepted"] > 0 and destinations["meta_events"]["sent"] == 0
+    assert destinations["meta_audience"]["sent_adds"] > 0

@@ -182,3 +182,16 @@ def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
     assert (start.isoformat(), end.isoformat()) == ("2026-11-22T11:00:00+00:00", "2026-11-23T11:00:00+00:00")
     window = support.run_window(config, start, end)
     assert window.start.isoformat() == "2026-11-22T03:00:00-08:00"
+
+
+def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from etl.errors import SendInProgress
+
+    with pytest.raises(AirflowFailException):
+        support._fail_without_retry(ConfigError("bad key"))
+    with pytest.raises(Exception) as retried:
+        support._fail_without_retry(SendInProgress("another sender holds it"))
+    assert not isinstance(retried.value, AirflowFailException)  # Airflow's retries take it up
+    assert "another sender holds it" in str(retried.value)

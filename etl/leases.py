@@ -1,0 +1,197 @@
+"""One sender per clinic and destination at a time: a lease row in the staging database.
+
+The ledger keeps a batch from being sent twice once its outcome is recorded, but two processes
+that read the ledger at the same moment (a CLI backfill started beside the nightly DAG, two
+Airflow workers) could both send the same batch before either records it, and Data Manager
+counts a re-sent conversion twice. Airflow's own limits only bind Airflow's tasks, so the
+lease lives where every sender looks: the staging database that holds the ledger.
+
+A holder renews its lease from a heartbeat thread while it sends; a lease not renewed for
+``TTL`` (its process died on another machine), or one held by a process on this machine that
+no longer exists, is taken over. Anything else refuses the second sender with
+``SendInProgress`` before it reads the ledger: nothing was sent, and a rerun after the first
+one ends is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from etl.errors import SendInProgress
+from etl.store import send_leases
+
+log = logging.getLogger(__name__)
+
+TTL = timedelta(minutes=5)
+HEARTBEAT_SECONDS = 60.0
+
+Clock = Callable[[], datetime]
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)  # lease times only, never a rule input
+
+
+class Lease:
+    """A held lease: ``check()`` before each request raises if another sender took it over."""
+
+    def __init__(self, engine: Engine, clinic_id: str, destination: str, holder: str, clock: Clock) -> None:
+        self._engine, self._clinic_id, self._destination = engine, clinic_id, destination
+        self.holder = holder
+        self._clock = clock
+        self._lost = threading.Event()
+
+    def _where(self) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            send_leases.c.clinic_id == self._clinic_id,
+            send_leases.c.destination == self._destination,
+            send_leases.c.holder == self.holder,
+        )
+
+    def renew(self) -> None:
+        with self._engine.begin() as conn:
+            renewed = conn.execute(send_leases.update().where(self._where()).values(renewed_at=self._clock()))
+        if renewed.rowcount != 1:
+            self._lost.set()
+
+    def check(self) -> None:
+        """Raises:
+        SendInProgress: the lease went to another sender (this one's heartbeat could not renew
+            it for ``TTL``); stop before the next request.
+        """
+        if self._lost.is_set():
+            raise SendInProgress(
+                f"{self._destination} for clinic {self._clinic_id}: this sender's lease was taken over "
+                "(it could not be renewed in time); stopped before the next request. What was sent is "
+                "in the ledger; rerun to send the rest"
+            )
+
+    def release(self) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(send_leases.delete().where(self._where()))
+
+
+@contextmanager
+def hold(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    *,
+    run_id: str,
+    clock: Clock = _wall_clock,
+    heartbeat_seconds: float | None = None,
+) -> Iterator[Lease]:
+    """Hold the send lease of one clinic's destination for the duration of the block.
+
+    Raises:
+        SendInProgress: another live sender holds it; nothing was read or sent.
+    """
+    lease = _acquire(engine, clinic_id, destination, run_id=run_id, clock=clock)
+    stop = threading.Event()
+    every = HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                lease.renew()
+            except sa.exc.SQLAlchemyError as exc:  # a busy database: the next beat tries again
+                log.warning("%s: could not renew the send lease (%s)", destination, type(exc).__name__)
+
+    heartbeat = None
+    if engine.url.database not in (None, "", ":memory:"):  # an in-memory database has one user
+        heartbeat = threading.Thread(target=beat, name=f"lease-{destination}", daemon=True)
+        heartbeat.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        if heartbeat is not None:
+            heartbeat.join()
+        lease.release()
+
+
+def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, clock: Clock) -> Lease:
+    host, pid = socket.gethostname(), os.getpid()
+    holder = f"{host}:{pid}:{uuid.uuid4().hex[:12]}"
+    now = clock()
+    row = {"clinic_id": clinic_id, "destination": destination, "holder": holder, "run_id": run_id,
+           "host": host, "pid": pid, "acquired_at": now, "renewed_at": now}  # fmt: skip
+    with engine.begin() as conn:
+        if _insert_if_absent(conn, row):
+            return Lease(engine, clinic_id, destination, holder, clock)
+        current = (
+            conn.execute(
+                sa.select(send_leases).where(
+                    send_leases.c.clinic_id == clinic_id, send_leases.c.destination == destination
+                )
+            )
+            .mappings()
+            .one()
+        )
+        renewed_at = _utc(current["renewed_at"])
+        gone = current["host"] == host and not _alive(current["pid"])
+        if not gone and now - renewed_at < TTL:
+            raise SendInProgress(
+                f"{destination} for clinic {clinic_id}: another sender holds it (run {current['run_id']}, "
+                f"{current['host']} pid {current['pid']}, since {_utc(current['acquired_at']):%Y-%m-%d %H:%M:%S} "
+                f"UTC); nothing was sent. Rerun when it has ended (a sender that died is taken over after "
+                f"{int(TTL.total_seconds() // 60)} minutes without a heartbeat)"
+            )
+        # compare-and-swap on the old holder: of two senders taking over, one wins
+        taken = conn.execute(
+            send_leases.update()
+            .where(
+                send_leases.c.clinic_id == clinic_id,
+                send_leases.c.destination == destination,
+                send_leases.c.holder == current["holder"],
+            )
+            .values(**{k: v for k, v in row.items() if k not in ("clinic_id", "destination")})
+        )
+        if taken.rowcount != 1:
+            raise SendInProgress(
+                f"{destination} for clinic {clinic_id}: another sender took the lease over at the same "
+                "moment; nothing was sent. Rerun when it has ended"
+            )
+    log.warning(
+        "%s: took over the send lease of run %s (%s); that sender stopped without releasing it",
+        destination,
+        current["run_id"],
+        "process gone" if gone else "no heartbeat",
+    )
+    return Lease(engine, clinic_id, destination, holder, clock)
+
+
+def _insert_if_absent(conn: Connection, row: dict[str, object]) -> bool:
+    from etl.ledger import _dialect_insert
+
+    insert = _dialect_insert(conn, send_leases).on_conflict_do_nothing(
+        index_elements=["clinic_id", "destination"]
+    )
+    return bool(conn.execute(insert, row).rowcount == 1)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,220 @@
+"""One sender per clinic and destination: two processes never send the same batch.
+
+The ledger alone lets two uploads that read it at the same moment both send a batch (the
+nightly DAG and a CLI backfill, say); these tests race real threads and processes on one SQLite
+file through ``deliver``, with in-process destinations that record what reached them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from etl import deliver, leases, ledger, store
+from etl.destinations.base import AudienceResult, Outcome, RowResult
+from etl.errors import SendInProgress
+from tests.conftest import make_config
+
+CLINIC = "sunrise-medspa"
+DEST = "meta_events"
+AT = datetime(2026, 6, 1, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _SlowPlatform:
+    """Accepts every row after a pause, so a second sender has time to collide."""
+
+    name = DEST
+    max_batch = 2
+
+    def __init__(self, received: list[str], *, pause: float = 0.2, on_send: Any = None) -> None:
+        self.received, self.pause, self.on_send = received, pause, on_send
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        if self.on_send is not None:
+            self.on_send()
+        time.sleep(self.pause)
+        self.received += [r["event_id"] for r in rows]
+        return [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows]
+
+
+def _outbox(tmp_path: Path, ids: list[str]) -> Path:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir(exist_ok=True)
+    lines = [json.dumps({"event_name": "Purchase", "event_time": 1780000000, "event_id": k,
+                         "action_source": "physical_store", "user_data": {"em": ["e" * 64]}})
+             for k in ids]  # fmt: skip
+    (outbox / "meta_events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return outbox
+
+
+def _held_elsewhere(engine: sa.Engine, renewed_at: datetime, *, destination: str = DEST) -> None:
+    with engine.begin() as conn:
+        conn.execute(store.send_leases.insert(), {
+            "clinic_id": CLINIC, "destination": destination, "holder": "worker-2:4242:abc",
+            "run_id": "scheduled__2026-06-01", "host": "worker-2", "pid": 4242,
+            "acquired_at": renewed_at, "renewed_at": renewed_at})  # fmt: skip
+
+
+def test_two_uploads_at_once_send_each_row_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(4)]
+    outbox = _outbox(tmp_path, ids)
+    received: list[str] = []
+    outcomes: list[object] = []
+    start = threading.Barrier(2)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+
+        def upload(run_id: str) -> None:
+            start.wait()
+            try:
+                outcomes.append(deliver.upload_conversions(config, engine, outbox, _SlowPlatform(received),  # type: ignore[arg-type]
+                                                           run_id=run_id, clock=lambda: AT))  # fmt: skip
+            except SendInProgress as exc:
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=upload, args=(f"run-{n}",)) for n in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+        with engine.connect() as conn:
+            left = conn.execute(sa.select(sa.func.count()).select_from(store.send_leases)).scalar()
+    assert sorted(received) == ids  # each row reached the platform once
+    refused = [o for o in outcomes if isinstance(o, SendInProgress)]
+    assert len(refused) == 1 and "another sender holds it" in str(refused[0])
+    assert recorded == dict.fromkeys(ids, "accepted")
+    assert left == 0  # released at the end
+
+
+def test_a_lease_held_by_a_live_process_refuses_and_one_killed_is_taken_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(3)]
+    outbox = _outbox(tmp_path, ids)
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from etl import leases, store\n"
+         f"with store.engine_for({url!r}) as e, leases.hold(e, {CLINIC!r}, {DEST!r}, run_id='cli-backfill'):\n"
+         "    print('held', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        received: list[str] = []
+        with store.engine_for(url) as engine:
+            with pytest.raises(SendInProgress, match="run cli-backfill") as refused:
+                deliver.upload_conversions(config, engine, outbox, _SlowPlatform(received, pause=0),  # type: ignore[arg-type]
+                                           run_id="nightly", clock=lambda: AT)  # fmt: skip
+            assert refused.value.exit_code == 8 and received == []
+            assert ledger.read_ledger(engine, CLINIC, DEST) == {}  # nothing planned either
+            os.kill(holder.pid, signal.SIGKILL)  # dies holding it: no release, no heartbeat
+            holder.wait()
+            with caplog.at_level(logging.WARNING, logger="etl.leases"):
+                counts = deliver.upload_conversions(config, engine, outbox, _SlowPlatform(received, pause=0),  # type: ignore[arg-type]
+                                                    run_id="nightly", clock=lambda: AT)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(received) == ids and counts["accepted"] == 3
+    assert "took over the send lease of run cli-backfill (process gone)" in caplog.text
+
+
+@pytest.mark.parametrize(("silent_for", "taken_over"), [(timedelta(minutes=1), False), (leases.TTL, True)])
+def test_a_lease_of_another_machine_is_taken_over_only_after_its_heartbeat_stopped(
+    tmp_path: Path, silent_for: timedelta, taken_over: bool
+) -> None:
+    now = datetime.now(UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        _held_elsewhere(engine, now - silent_for)
+        if not taken_over:
+            with (
+                pytest.raises(SendInProgress, match="worker-2 pid 4242"),
+                leases.hold(engine, CLINIC, DEST, run_id="mine", clock=lambda: now),
+            ):
+                pass
+            return
+        with leases.hold(engine, CLINIC, DEST, run_id="mine", clock=lambda: now) as lease:
+            with engine.connect() as conn:
+                held = conn.execute(sa.select(store.send_leases.c.holder)).scalars().all()
+            assert held == [lease.holder]
+
+
+def test_the_heartbeat_renews_and_a_lease_taken_over_stops_before_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(leases, "HEARTBEAT_SECONDS", 0.02)
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(4)]
+    received: list[str] = []
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        times: list[Any] = []
+
+        def taken_over_by_another() -> None:  # as if our heartbeat had failed for longer than TTL
+            time.sleep(0.2)  # a few heartbeats
+            with engine.begin() as conn:
+                times.extend(conn.execute(sa.select(store.send_leases.c.acquired_at,
+                                                    store.send_leases.c.renewed_at)).one())  # fmt: skip
+                conn.execute(store.send_leases.update().values(holder="worker-2:1:x", run_id="other"))
+
+        with pytest.raises(SendInProgress, match="taken over"):
+            deliver.upload_conversions(config, engine, _outbox(tmp_path, ids),
+                                       _SlowPlatform(received, on_send=taken_over_by_another),  # type: ignore[arg-type]
+                                       run_id="mine", clock=lambda: AT)  # fmt: skip
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+        with engine.connect() as conn:
+            still = conn.execute(sa.select(store.send_leases.c.run_id)).scalars().all()
+    assert received == ids[:2]  # the first batch went; the second was never started
+    assert recorded == dict.fromkeys(ids[:2], "accepted")
+    assert still == ["other"]  # releasing does not delete the new holder's lease
+    acquired_at, renewed_at = times
+    assert renewed_at > acquired_at  # renewed by the heartbeat while the first batch was out
+
+
+class _Audience:
+    name = "meta_audience"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sync(self, adds: Any, removes: Any, *, full_resync: bool = False, validate_only: bool = False) -> Any:
+        self.calls += 1
+        return AudienceResult(unapplied=set(), replaced=full_resync)
+
+
+def test_a_list_sync_while_another_sender_holds_the_list_changes_nothing(tmp_path: Path) -> None:
+    from etl.payloads import META_AUDIENCE_SCHEMA
+
+    config = make_config(tmp_path)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    row = {"operation": "add", "schema": list(META_AUDIENCE_SCHEMA), "data": [[f"{1:064x}", *[""] * 7]]}
+    (outbox / "meta_audience.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    audience = _Audience()
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        _held_elsewhere(engine, datetime.now(UTC), destination="meta_audience")
+        with pytest.raises(SendInProgress):
+            deliver.sync_audience(config, engine, outbox, audience,  # type: ignore[arg-type]
+                                  full_resync=False, clock=lambda: AT, run_id="r", run_end=AT)  # fmt: skip
+        assert audience.calls == 0
+        assert ledger.read_pending_adds(engine, CLINIC, "meta_audience") == {}
+        # validate-only records nothing, so it needs no lease
+        deliver.sync_audience(config, engine, outbox, audience, full_resync=False,  # type: ignore[arg-type]
+                              clock=lambda: AT, validate_only=True)  # fmt: skip
+        assert audience.calls == 1
