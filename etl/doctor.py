@@ -17,12 +17,27 @@ from etl.config import ID_SECRET_ENV, ClinicConfig
 
 
 def _source_checks(config: ClinicConfig) -> list[tuple[str, str]]:
+    """The exports as a run would open them: file, encoding and the profile's required columns
+    (a renamed column in a vendor's new export fails here, not at 3 a.m.). SQL sources are
+    checked for their query file only: running the query is the run's job."""
+    from etl.errors import InputError
+    from etl.extract import Kind, check_csv_header
+
     checks = []
-    for kind in ("appointments", "leads"):
+    kinds: tuple[Kind, ...] = ("appointments", "leads")
+    for kind in kinds:
         source = getattr(config.sources, kind)
         if source.path is not None:
             path: Path = config.resolve(source.path)
-            status = "ok" if path.is_file() else f"missing file {path.name}"
+            if not path.is_file():
+                status = f"missing file {path.name}"
+            else:
+                try:
+                    status = f"ok ({check_csv_header(kind, source, config)} columns mapped)"
+                except InputError as exc:  # names file, line and column, never a value
+                    first = exc.problems[0]
+                    more = len(exc.problems) - 1
+                    status = f"invalid: {first}" + (f" (and {more} more)" if more else "")
         else:
             query = config.resolve(source.query) if source.query else None
             status = "ok" if query is not None and query.is_file() else "missing query file"

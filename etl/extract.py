@@ -334,6 +334,22 @@ def _read(
     return _build_frame(kind, section, name, columns, arrays, lines, config.tz)
 
 
+def check_csv_header(kind: Kind, source: SourceConfig, config: ClinicConfig) -> int:
+    """Open a CSV export and match its header as a run would, without reading the rows (doctor).
+
+    Returns:
+        how many of the profile's fields the header maps.
+
+    Raises:
+        InputError: missing, empty or undecodable file, a required column missing, a mapped
+            header repeated.
+    """
+    assert source.path is not None
+    section = _section(source.profile, kind)
+    export = CsvExport(config.resolve(source.path), source.encoding)
+    return len(_match_columns(section, export.header, export.name))
+
+
 def read_appointments(
     source: SourceConfig,
     config: ClinicConfig,

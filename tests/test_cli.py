@@ -163,6 +163,21 @@ def test_doctor_says_what_is_missing_without_secrets(tmp_path: Path, monkeypatch
     assert bad.exception is None or isinstance(bad.exception, SystemExit)  # no crash
 
 
+def test_doctor_opens_the_exports_as_a_run_would(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    good = RUNNER.invoke(app, ["doctor", "--config", str(config)])
+    assert "columns mapped" in good.stdout
+    # the vendor renamed a column in its new export; doctor says so before the nightly run does
+    lines = (GOOD / "appointments.csv").read_text(encoding="utf-8").splitlines()
+    lines[0] = lines[0].replace("status", "state_of_visit")
+    (tmp_path / "renamed.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    renamed = RUNNER.invoke(
+        app, ["doctor", "--config", str(clinic(tmp_path, tmp_path / "renamed.csv"))], env={"COLUMNS": "250"}
+    )  # one line per check
+    assert renamed.exit_code == 1
+    assert "invalid: appointments.csv, column 'status': missing required column" in renamed.stdout
+
+
 def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:
     # the outbox replaces its whole folder: pointed at the clinic's own folder, it took the
     # YAML, the exports and the staging database with it
