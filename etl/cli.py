@@ -326,7 +326,8 @@ def synth(
 ) -> None:
     """Write a synthetic clinic (both CSV exports + clinic.yaml) with every SPEC edge case in it.
 
-    All names, emails and phones are fake. Used by the demo, the tests and the benchmark.
+    All names, emails and phones are fake. Used by the demo, the tests and the benchmark. A
+    folder synth wrote before is overwritten; one holding any other clinic is refused.
     """
     from etl.synth import write_synthetic_clinic
 
@@ -334,7 +335,10 @@ def synth(
         last = date.fromisoformat(end)
     except ValueError:
         raise typer.BadParameter("expected a date, YYYY-MM-DD", param_hint="--end") from None
-    result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed, end=last)
+    try:
+        result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed, end=last)
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
     err.print(f"wrote synthetic clinic to {out_dir}")
     counts = {k: v if isinstance(v, int) else str(v) for k, v in vars(result).items()}
     typer.echo(json.dumps(counts, indent=2))  # plain: Rich would wrap long paths inside the JSON

@@ -288,6 +288,21 @@ def test_synth_prints_counts_as_numbers_and_refuses_bad_input(tmp_path: Path) ->
         assert bad.exception is None or isinstance(bad.exception, SystemExit), argv  # no crash
 
 
+def test_synth_overwrites_its_own_clinic_and_refuses_a_real_one(tmp_path: Path) -> None:
+    argv = ["synth", "--appointments", "30", "--leads", "10"]
+    assert RUNNER.invoke(app, [*argv, "--out", str(tmp_path / "c")]).exit_code == 0
+    assert RUNNER.invoke(app, [*argv, "--out", str(tmp_path / "c"), "--seed", "8"]).exit_code == 0
+    real = tmp_path / "real"
+    (real / "exports").mkdir(parents=True)
+    (real / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG), encoding="utf-8")
+    shutil.copy(GOOD / "appointments.csv", real / "exports" / "appointments.csv")
+    refused = RUNNER.invoke(app, [*argv, "--out", str(real)], env={"COLUMNS": "250"})
+    assert refused.exit_code == 2 and "synth did not write" in refused.output
+    assert (real / "clinic.yaml").read_text(encoding="utf-8") == yaml.safe_dump(BASE_CONFIG)
+    assert (real / "exports" / "appointments.csv").read_bytes() == (GOOD / "appointments.csv").read_bytes()
+    assert not (real / "exports" / "leads.csv").exists()
+
+
 def test_one_platform_refusing_the_account_stops_neither_the_other_nor_the_report(tmp_path: Path) -> None:
     # as in the DAG: Google refuses (a conversion action of another customer); Meta's events and
     # both lists still go, the summary and report are written, and the exit code says what stopped

@@ -60,6 +60,7 @@ class SynthResult:
     people: int
 
 
+_MARK = "# synthetic clinic written by `medspa-conversions synth`: fake people; synth may overwrite it\n"
 _CLINIC_YAML = """\
 clinic_id: @CLINIC_ID@
 timezone: America/Los_Angeles
@@ -94,6 +95,24 @@ meta:
   action_source: physical_store
   max_event_age_days: 62
 """
+
+
+def _refuse_a_real_clinic(out_dir: Path) -> None:
+    """A folder holding a clinic synth did not write is a user's clinic: its YAML and exports
+    would be replaced by fake ones."""
+    config = out_dir / "clinic.yaml"
+    ours = config.is_file() and (
+        config.read_text(encoding="utf-8", errors="replace").startswith(_MARK)
+        # written before the mark existed: the template itself, unedited
+        or re.sub(r"^clinic_id: .*\n", "", config.read_text(encoding="utf-8", errors="replace"))
+        == _CLINIC_YAML.split("\n", 1)[1]
+    )
+    exports = [out_dir / "exports" / name for name in ("appointments.csv", "leads.csv")]
+    if not ours and (config.exists() or any(p.exists() for p in exports)):
+        raise FileExistsError(
+            f"{out_dir} holds a clinic that synth did not write (clinic.yaml or exports/); "
+            "choose a new folder for the synthetic one"
+        )
 
 
 def write_synthetic_clinic(
@@ -149,11 +168,14 @@ def write_synthetic_clinic(
 
     Raises:
         ValueError: for negative counts or a clinic ID ``etl.config`` would refuse.
+        FileExistsError: ``out_dir`` holds a clinic (YAML or exports) synth did not write; a
+            synthetic clinic written earlier is overwritten.
     """
     if appointments < 0 or leads < 0:
         raise ValueError("appointments and leads must not be negative")
     if not _CLINIC_ID.fullmatch(clinic_id):
         raise ValueError("clinic_id must be lowercase letters, digits, '-' or '_' (max 63)")
+    _refuse_a_real_clinic(out_dir)
     rng = np.random.default_rng(seed)
     end_s = _epoch(end)
     span = end_s - _SPAN_DAYS * _DAY
@@ -171,7 +193,7 @@ def write_synthetic_clinic(
     plain = yaml.safe_load(clinic_id) == clinic_id
     config_path = out_dir / "clinic.yaml"
     config_path.write_text(
-        _CLINIC_YAML.replace("@CLINIC_ID@", clinic_id if plain else json.dumps(clinic_id)),
+        _MARK + _CLINIC_YAML.replace("@CLINIC_ID@", clinic_id if plain else json.dumps(clinic_id)),
         encoding="utf-8",
     )
     return SynthResult(
