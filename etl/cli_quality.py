@@ -64,7 +64,8 @@ def validate(
 
     Extracts and stages the exports, runs the input suites, plans the conversions into the
     pending folder, runs the PHI gate and the outbound suites on it, then deletes it. Results are
-    stored in quality_results like a run's; a published run's outbox is left as it is. Exit
+    stored in quality_results under the run id with "__validate" appended: a run of the same
+    interval keeps its own files, outbox and recorded checks (what was checked before it sent). Exit
     codes: 4 a critical check failed, 3 the PHI gate refused a row, 2 bad config or input,
     7 the staging database.
 
@@ -79,15 +80,18 @@ def validate(
 
     cli._setup_logging(verbose)
     results: list[CheckResult] = []
+    spec: tasks.RunSpec | None = None
     try:
         cfg = load_config(config)
         start_at, end_at = cli.parse_boundary(start, cfg), cli.parse_boundary(end, cfg)
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
         secret, _ = resolve_id_secret(real_send=False)
-        spec = tasks.RunSpec(config=cfg, window=RunWindow(start=start_at, end=end_at), database=database)
+        spec = tasks.RunSpec(
+            config=cfg, window=RunWindow(start=start_at, end=end_at), database=database, label="validate"
+        )
         timings = pipeline.Timings(on_step=lambda name: cli.err.print(f"[dim]… {name}[/]"))
-        inputs = tasks.extract(spec, timings, new_attempt=False)  # a sent run's outbox stays
+        inputs = tasks.extract(spec, timings)
         inputs.pop("run_id")
         now = datetime.now(UTC)  # audit stamp of the stored results only
         # the extract suites gate staging, as in a run; the volume suite needs staged history
@@ -113,6 +117,9 @@ def validate(
         quality.raise_on_critical(results, step)
     except MedspaError as exc:
         raise cli._fail(exc) from None
+    finally:  # the checks' results are stored; the hashed extracts they read are not needed
+        if spec is not None:
+            shutil.rmtree(spec.paths.run_dir, ignore_errors=True)
     warned = sum(1 for r in results if not r.success)
     cli.err.print(f"all critical checks passed ({len(results)} checks, {warned} warnings)")
 

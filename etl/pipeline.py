@@ -124,9 +124,12 @@ class Plan:
     conversions: pd.DataFrame | None = None
 
 
-def run_id_for(config: ClinicConfig, window: RunWindow) -> str:
+def run_id_for(config: ClinicConfig, window: RunWindow, label: str | None = None) -> str:
+    """The clinic and the interval (a rerun is the same run); ``label`` marks a run of another
+    kind over the same interval (``validate``), which must not write over the run's records."""
     fmt = "%Y%m%dT%H%M%z"
-    return f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
+    base = f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
+    return f"{base}__{label}" if label else base
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,10 @@ class RunPaths:
         return self.run_dir / "stopped.txt"
 
 
-def paths_for(config: ClinicConfig, window: RunWindow, outbox: Path | None = None) -> RunPaths:
-    run_dir = config.base_dir / "var" / "runs" / run_id_for(config, window)
+def paths_for(
+    config: ClinicConfig, window: RunWindow, outbox: Path | None = None, label: str | None = None
+) -> RunPaths:
+    run_dir = config.base_dir / "var" / "runs" / run_id_for(config, window, label)
     # resolved: "." has no name to put the pending plan beside
     return RunPaths(run_dir=run_dir, outbox=outbox.resolve() if outbox else run_dir / "outbox")
 
@@ -307,6 +312,7 @@ def plan_run(
     timings: Timings | None = None,
     inputs: dict[str, int] | None = None,
     extracts: Path | None = None,
+    run_id: str | None = None,
 ) -> Plan:
     """Apply SPEC section 4 to everything staged before ``end`` and build the gated rows.
 
@@ -317,7 +323,7 @@ def plan_run(
         GateViolation: a row would carry something outside the allowlist; nothing was written.
     """
     timings = timings or Timings()
-    run_id = run_id_for(config, window)
+    run_id = run_id or run_id_for(config, window)
     end = window.end_ts
     with timings.step("read_staged"):
         appts, later_appts = staging.load_staged_and_later(

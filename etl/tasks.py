@@ -46,14 +46,15 @@ class RunSpec:
     window: RunWindow
     database: str | None = None
     outbox: Path | None = None
+    label: str | None = None  # "validate": the checks alone, under a run id and folder of their own
 
     @property
     def paths(self) -> pipeline.RunPaths:
-        return pipeline.paths_for(self.config, self.window, self.outbox)
+        return pipeline.paths_for(self.config, self.window, self.outbox, self.label)
 
     @property
     def run_id(self) -> str:
-        return pipeline.run_id_for(self.config, self.window)
+        return pipeline.run_id_for(self.config, self.window, self.label)
 
     @contextmanager
     def engine(self) -> Iterator[Engine]:
@@ -77,16 +78,13 @@ def _clock() -> datetime:
     return datetime.now(UTC)  # audit stamps only, never a rule input
 
 
-def extract(
-    spec: RunSpec, timings: pipeline.Timings | None = None, *, new_attempt: bool = True
-) -> dict[str, Any]:
+def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
     """The attempt's first step: clear the previous attempt's outputs, then hash the exports.
 
-    ``new_attempt=False`` (``validate``, which publishes nothing) leaves a published run's
-    outbox and upload results where they are.
+    ``validate`` works under a run id and folder of its own (``RunSpec.label``), so this never
+    clears a published run's outbox for it.
     """
-    if new_attempt:
-        pipeline.start_attempt(spec.paths)
+    pipeline.start_attempt(spec.paths)
     counts = pipeline.extract_sources(spec.config, spec.window, spec.paths, timings or pipeline.Timings())
     return {"run_id": spec.run_id, **counts}
 
@@ -136,6 +134,7 @@ def build_conversions(
             timings=timings,
             inputs=inputs,
             extracts=spec.paths.extracts,
+            run_id=spec.run_id,
         )
     pipeline.build_pending(plan, spec.paths)
     return {

@@ -638,8 +638,9 @@ def test_validate_runs_the_checks_alone_and_publishes_nothing(tmp_path: Path) ->
     assert "outbound_hashes" in result.stdout and "all critical checks passed" in result.stderr
     assert "…" not in result.stdout  # names fold in an 80-column log, never cut short
     config = load_config(config_path)
-    spec = tasks.RunSpec(config=config, window=_window(config))
-    assert not spec.paths.outbox.exists() and not spec.paths.pending.exists()
+    spec = tasks.RunSpec(config=config, window=_window(config), label="validate")
+    assert spec.run_id.endswith("__validate")
+    assert not spec.paths.run_dir.exists() and not list((config.base_dir / "var" / "runs").glob("*/outbox"))
     with spec.engine() as engine:
         stored = quality.read_results(engine, spec.run_id)
     assert len(stored) == sum(len(s.expectations) for s in build_suites().values())
@@ -997,5 +998,17 @@ def test_validate_leaves_a_published_run_in_place(tmp_path: Path) -> None:
     config = load_config(config_path)
     spec = tasks.RunSpec(config=config, window=_window(config))
     before = (spec.paths.outbox / SUMMARY_FILE).read_bytes()
+    files = {p: p.read_bytes() for p in spec.paths.run_dir.rglob("*") if p.is_file()}
+    with spec.engine() as engine:
+        checked = quality.read_results(engine, spec.run_id)
+    # validate of the same interval over changed exports: the run keeps the record of what it
+    # checked before it published (a compliance question), and its files
+    _rewrite(
+        config.resolve(config.sources.appointments.path),
+        lambda header, rows: (header, rows[: len(rows) // 2]),
+    )
     assert CliRunner().invoke(app, ["validate", *argv]).exit_code == 0
     assert (spec.paths.outbox / SUMMARY_FILE).read_bytes() == before
+    assert {p: p.read_bytes() for p in spec.paths.run_dir.rglob("*") if p.is_file()} == files
+    with spec.engine() as engine:
+        assert quality.read_results(engine, spec.run_id) == checked
