@@ -244,6 +244,10 @@ def _build_frame(
             report(order, column, is_blank, "missing value")
         if how == _TEXT:
             out[field] = cells.text(cells_in)
+            # PostgreSQL text cannot hold one and refuses the whole load without a line
+            report(
+                order, column, cells.as_bool(pc.match_substring(cells_in, "\x00")), "contains a NUL character"
+            )
             if limit := _MAX_LENGTH[kind].get(field):  # wider than its staging column
                 too_long = cells.as_bool(pc.greater(pc.utf8_length(cells_in), limit))
                 report(order, column, too_long, f"longer than {limit} characters")

@@ -110,9 +110,9 @@ def write_ledger(
         )
     if not rows:
         return
-    with engine.begin() as conn:
-        insert = _dialect_insert(conn, send_ledger)
-        stmt = insert.on_conflict_do_update(
+
+    def upsert(insert: Any) -> Any:
+        return insert.on_conflict_do_update(
             index_elements=["clinic_id", "destination", "opaque_id"],
             set_={
                 "status": insert.excluded.status,
@@ -130,8 +130,9 @@ def write_ledger(
                 send_ledger.c.status.in_(_FINAL_LITERALS) & insert.excluded.status.not_in(_FINAL_LITERALS)
             ),
         )
-        for lo in range(0, len(rows), _CHUNK):
-            conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+    with engine.begin() as conn:
+        _upsert_rows(conn, send_ledger, rows, upsert)
 
 
 CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")  # the ledger's conversion uploads
@@ -165,6 +166,26 @@ def final_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Se
                 ).scalars()
             )
     return out
+
+
+def _upsert_rows(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], upsert: Any) -> None:
+    """Run ``upsert(insert)`` over ``rows``: one executemany per chunk on SQLite, multi-row
+    VALUES statements on PostgreSQL, whose driver runs an executemany of an upsert as one
+    statement (one round trip) per row: 30,000 ledger rows took 8x SQLite's time."""
+    if conn.dialect.name != "postgresql":
+        stmt = upsert(_dialect_insert(conn, table))
+        for lo in range(0, len(rows), _CHUNK):
+            conn.execute(stmt, rows[lo : lo + _CHUNK])
+        return
+    keys = [c.name for c in table.primary_key.columns]
+    per = max(1, 30_000 // len(table.columns))  # bind parameters per statement stay under 65,535
+    for lo in range(0, len(rows), per):
+        chunk = rows[lo : lo + per]
+        if len({tuple(r[k] for k in keys) for r in chunk}) < len(chunk):
+            # one statement may not touch a row twice: a repeated key goes row by row, in order
+            conn.execute(upsert(_dialect_insert(conn, table)), chunk)
+        else:
+            conn.execute(upsert(_dialect_insert(conn, table).values(chunk)))
 
 
 def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
@@ -218,9 +239,9 @@ def record_pending_adds(
     ]  # fmt: skip
     if not rows:
         return
-    with engine.begin() as conn:
-        insert = _dialect_insert(conn, audience_pending)
-        stmt = insert.on_conflict_do_update(
+
+    def upsert(insert: Any) -> Any:
+        return insert.on_conflict_do_update(
             index_elements=["clinic_id", "destination", "member_key"],
             set_={
                 "payload": insert.excluded.payload,
@@ -228,8 +249,9 @@ def record_pending_adds(
                 "recorded_at": insert.excluded.recorded_at,
             },
         )
-        for lo in range(0, len(rows), _CHUNK):
-            conn.execute(stmt, rows[lo : lo + _CHUNK])
+
+    with engine.begin() as conn:
+        _upsert_rows(conn, audience_pending, rows, upsert)
 
 
 def apply_audience_delta(
@@ -286,14 +308,10 @@ def apply_audience_delta(
             }
             for k, v in added.items()
         ]
-        if rows:
-            insert = _dialect_insert(conn, audience_state)
-            stmt = insert.on_conflict_do_update(
-                index_elements=["clinic_id", "destination", "member_key"],
-                set_={"payload": insert.excluded.payload, "synced_at": insert.excluded.synced_at},
-            )
-            for lo in range(0, len(rows), _CHUNK):
-                conn.execute(stmt, rows[lo : lo + _CHUNK])
+        _upsert_rows(conn, audience_state, rows, lambda insert: insert.on_conflict_do_update(
+            index_elements=["clinic_id", "destination", "member_key"],
+            set_={"payload": insert.excluded.payload, "synced_at": insert.excluded.synced_at},
+        ))  # fmt: skip
         # a pending add the state now records as applied says nothing more (a crashed full
         # resync leaves every member pending; the next delta sync re-adds none of the synced)
         synced = sa.select(audience_state.c.member_key).where(where)

@@ -78,7 +78,8 @@ def clear_results(engine: Engine, run_id: str) -> None:
 
 
 def read_results(engine: Engine, run_id: str) -> list[CheckResult]:
-    """A run's stored results, in suite order (``error`` is not stored: a failure is a failure)."""
+    """A run's stored results, in suite order, then by check name (the same page on every
+    database: PostgreSQL returns rows in heap order). ``error`` is not stored: a failure is a failure."""
     table = store.quality_results
     order = {name: i for i, name in enumerate((*INPUT_SUITES, *OUTBOUND_SUITES))}
     with engine.connect() as conn:
@@ -88,7 +89,7 @@ def read_results(engine: Engine, run_id: str) -> list[CheckResult]:
                     unexpected_count=r.unexpected_count, element_count=r.element_count)
         for r in rows
     ]  # fmt: skip
-    return sorted(results, key=lambda r: order.get(r.suite, len(order)))
+    return sorted(results, key=lambda r: (order.get(r.suite, len(order)), r.suite, r.check))
 
 
 def has_critical(results: Sequence[CheckResult]) -> bool:

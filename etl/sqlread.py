@@ -102,6 +102,11 @@ class QueryResult:
             engine = create_engine(sql_url, hide_parameters=True)
         except ArgumentError:
             raise ConfigError("sql_url is not a valid SQLAlchemy URL") from None
+        except ImportError as exc:  # the URL names a driver this environment lacks
+            raise ConfigError(
+                f"sql_url names a database driver that is not installed ({type(exc).__name__}); "
+                "install it into the environment, or use a driver it has (e.g. postgresql+psycopg2)"
+            ) from None
         try:
             with engine.connect() as connection:
                 result = connection.execute(statement)

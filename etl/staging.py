@@ -393,6 +393,17 @@ def _objects(arr: pa.ChunkedArray, *, intern: bool = False) -> np.ndarray:
     return categories.take(codes.indices.cast(pa.int64()).fill_null(len(categories) - 1).to_numpy())
 
 
+def _streaming_cursor(conn: Connection) -> Any:
+    """A raw DB-API cursor that fetches rows as asked: PostgreSQL's default cursor holds the
+    whole result in client memory on ``execute`` (about 1.3 KiB per staged row), a named one
+    stays on the server and hands over ``fetchmany`` chunks. SQLite's steps through anyway."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    if conn.dialect.name == "postgresql":
+        return raw.cursor(name="medspa_staged_rows")
+    return raw.cursor()
+
+
 def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int | None) -> pa.Table:
     """Staged rows dated before ``before_us`` (all with None) through the driver's cursor in
     chunks, each chunk turned into Arrow at once.
@@ -412,9 +423,7 @@ def _read_chunked(engine: Engine, kind: str, clinic_id: str, before_us: int | No
         if before_us is not None:  # None: every row, whatever its date
             sql += f" AND {TIME_COLUMN[kind]} < {mark}"
             params += (before_us,)
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        cur = raw.cursor()
+        cur = _streaming_cursor(conn)
         cur.execute(sql, params)
         while chunk := cur.fetchmany(_CHUNK):
             for i, values in enumerate(zip(*chunk, strict=True)):

@@ -224,6 +224,7 @@ quality_results = sa.Table(
 
 
 _CHUNK = 50_000
+_SCHEMA_LOCK = 0x6D6564737061  # "medspa": the advisory lock key creating the tables takes
 
 
 def open_engine(url: str) -> Engine:
@@ -258,7 +259,12 @@ def open_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        metadata.create_all(engine)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # the first night of a deployment opens an empty database from several task
+                # processes at once; without the lock all but one lose the CREATE TABLE race
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            metadata.create_all(conn)
     except sa.exc.DBAPIError as exc:
         engine.dispose()
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)

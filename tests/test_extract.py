@@ -219,6 +219,17 @@ def test_an_id_wider_than_its_staging_column_is_an_error_by_line(tmp_path: Path)
     assert "A" * 129 not in str(error)
 
 
+def test_a_nul_character_in_a_staged_text_cell_is_an_error_by_line(tmp_path: Path) -> None:
+    # SQLite would keep it; PostgreSQL refuses the whole load without naming a line
+    error = _tmp_error(
+        tmp_path,
+        HEADER + "A1,completed,2026-01-05 10:00,45,x,\n" + "A\x002,completed,2026-01-05 10:00,45,x,\n",
+    )
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (3, "appointment_id", "contains a NUL character")
+    ]
+
+
 def test_duplicate_header_names_the_column():
     error = input_error("duplicate_header.csv")
     assert [(p.column, p.reason) for p in error.problems] == [("status", "duplicate column header")]
@@ -637,6 +648,17 @@ def test_a_failing_sql_source_query_is_one_clear_error_without_values(source_db:
     (problem,) = info.value.problems
     assert problem.file == "bad.sql" and "OperationalError" in problem.reason
     assert "P-SECRET-9" not in str(info.value) and "no_such_table" not in str(info.value)
+
+
+def test_a_sql_source_whose_driver_is_missing_is_a_config_error_without_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / "all.sql").write_text("SELECT appointment_id, status, start_at FROM appointments")
+    monkeypatch.setenv("PMS_URL", "mysql+pymysql://pms:S3CRET-PW@127.0.0.1:1/pms")  # no pymysql here
+    config = make_config(tmp_path, appointments={"sql_url_env": "PMS_URL", "query": "all.sql"})
+    with pytest.raises(ConfigError, match="driver that is not installed") as info:
+        extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    assert "S3CRET-PW" not in str(info.value)
 
 
 def test_bare_cr_line_ends_from_old_excel():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -149,3 +150,90 @@ def test_postgres_load_keeps_a_literal_null_marker_and_refusals_name_no_value(
     message = str(info.value)
     assert "StringDataRightTruncation" in message and "22001" in message
     assert "CNRY" not in message and frame.loc[2, "appointment_id"] not in message
+
+
+def _fresh_database(postgres_url: str, name: str) -> str:
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_several_processes_opening_an_empty_database_at_once_all_get_the_tables(postgres_url: str) -> None:
+    # the first night of a deployment: every clinic's DAG opens the empty database at 03:00
+    import sys
+
+    for attempt in range(3):
+        url = _fresh_database(postgres_url, f"medspa_race_{attempt}")
+        go = time.time() + 3  # all start within the same millisecond or so
+        opener = f"import time; time.sleep(max(0, {go} - time.time())); from etl import store; store.open_engine({url!r}).dispose()"
+        procs = [subprocess.Popen([sys.executable, "-c", opener], cwd=Path(__file__).parents[1],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+        failures = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
+        assert failures == [], failures
+        with store.engine_for(url) as engine:
+            assert set(sa.inspect(engine).get_table_names()) == set(store.metadata.tables)
+
+
+def test_the_history_read_streams_rows_from_the_server(postgres_url: str) -> None:
+    # a client-side cursor holds the whole staged history in memory on execute (1.3 KiB a row)
+    with store.engine_for(postgres_url) as engine, engine.connect() as conn:
+        cur = staging._streaming_cursor(conn)
+        cur.execute("SELECT generate_series(1, 100000)")
+        assert len(cur.fetchmany(10)) == 10
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        probe = raw.cursor()
+        probe.execute("SELECT count(*) FROM pg_cursors WHERE NOT is_holdable")
+        assert probe.fetchone()[0] == 1  # the rows wait on the server
+        cur.close()
+
+
+def test_postgres_ledger_upserts_go_as_multi_row_statements(postgres_url: str) -> None:
+    # psycopg2 runs an executemany of an upsert as one statement per row (8x SQLite's time)
+    from etl import ledger
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    ids = [f"{i:064x}" for i in range(5000)]
+    calls: list[tuple[bool, int]] = []
+    with store.engine_for(postgres_url) as engine:
+
+        def count(
+            conn: object, cursor: object, statement: str, params: object, context: object, many: bool
+        ) -> None:
+            if "send_ledger" in statement and statement.startswith("INSERT"):
+                calls.append((many, statement.count("VALUES")))
+
+        sa.event.listen(engine, "before_cursor_execute", count)
+        ledger.write_ledger(engine, "pg-batch", "meta_events",
+                            [{"opaque_id": k, "status": "accepted"} for k in ids[:10]], run_id="a", at=at)  # fmt: skip
+        calls.clear()
+        ledger.write_ledger(engine, "pg-batch", "meta_events",
+                            [{"opaque_id": k, "status": "planned"} for k in ids], run_id="b", at=at)  # fmt: skip
+        assert calls and not any(many for many, _ in calls) and len(calls) <= 3
+        recorded = ledger.read_ledger(engine, "pg-batch", "meta_events")
+    assert len(recorded) == 5000
+    assert {recorded[k].status for k in ids[:10]} == {"accepted"}  # a final state kept
+    assert {recorded[k].status for k in ids[10:]} == {"planned"}
+
+
+def test_stored_check_results_read_back_in_the_same_order_as_on_sqlite(postgres_url: str) -> None:
+    from etl import quality
+    from etl.quality_gx import CheckResult
+
+    names = ["zeta_share", "alpha_not_null", "mid_unique"]
+    results = [CheckResult("appointments_extract", n, "critical", True, 0, 10) for n in names]
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine:
+
+        def heap_order(dbapi_conn: Any, _record: object) -> None:  # as a big, churned table reads
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
+
+        sa.event.listen(engine, "connect", heap_order)
+        engine.dispose()
+        quality.store_results(engine, "pg-order", "pg-order-run", results, at)
+        read = quality.read_results(engine, "pg-order-run")
+    assert [r.check for r in read] == sorted(names)
