@@ -237,3 +237,19 @@ def test_stored_check_results_read_back_in_the_same_order_as_on_sqlite(postgres_
         quality.store_results(engine, "pg-order", "pg-order-run", results, at)
         read = quality.read_results(engine, "pg-order-run")
     assert [r.check for r in read] == sorted(names)
+
+
+def test_postgres_send_lease_refuses_a_second_sender_and_frees_on_release(postgres_url: str) -> None:
+    from etl import leases
+    from etl.errors import SendInProgress
+
+    with store.engine_for(postgres_url) as engine:
+        with (
+            leases.hold(engine, "pg-lease", "meta_events", run_id="first"),
+            pytest.raises(SendInProgress),
+            leases.hold(engine, "pg-lease", "meta_events", run_id="second"),
+        ):
+            pass
+        with leases.hold(engine, "pg-lease", "meta_events", run_id="second") as lease:
+            lease.renew()
+            lease.check()
