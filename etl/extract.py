@@ -240,6 +240,8 @@ def _build_frame(
             out[field] = cells.absent(how, n)
             continue
         cells_in, is_blank = values[field], blank[field]
+        if field == "currency":  # "usd" from a hand-kept sheet is USD; not a code stays refused later
+            cells_in = pc.utf8_upper(cells_in)
         if field in section.required:
             report(order, column, is_blank, "missing value")
         if how == _TEXT:

@@ -182,6 +182,15 @@ def test_a_row_shifted_by_an_unquoted_amount_is_an_error_not_a_wrong_revenue(tmp
     assert [(p.line, p.reason) for p in error.problems] == [(3, "expected 6 fields, found 7")]
 
 
+def test_a_currency_code_in_lower_case_reads_as_the_code(tmp_path: Path) -> None:
+    (tmp_path / "export.csv").write_text("appointment_id,status,start_at,revenue,currency\n"
+                                         "A0,completed,2026-01-05 09:00,45, usd \nA1,completed,2026-01-05 10:00,12,\n",
+                                         encoding="utf-8")  # fmt: skip
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    frame = extract.read_appointments(config.sources.appointments, config)
+    assert frame["currency"].iloc[0] == "USD" and pd.isna(frame["currency"].iloc[1])
+
+
 def test_trailing_empty_cells_on_every_row_are_forgiven(tmp_path: Path) -> None:
     (tmp_path / "export.csv").write_text(HEADER + "A0,completed,2026-01-05 09:00,45,Botox,,\n"
                                          "A1,completed,2026-01-05 10:00,12,Botox,,\n", encoding="utf-8")  # fmt: skip

@@ -9,6 +9,7 @@ destination, whether it goes there or why not. Conversion-level reasons count co
 from __future__ import annotations
 
 import hmac
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +19,8 @@ import pandas as pd
 from etl.config import ClinicConfig
 from etl.rules.consent import consent_state
 from etl.rules.frames import ordered_lists
+
+log = logging.getLogger(__name__)
 
 STAGES = ("consultation", "purchase")
 _MAX_EMAILS, _MAX_PHONES = 3, 2  # Google allows 5 identifiers per conversion in all
@@ -75,14 +78,21 @@ def _purchase_values(
     appt_person: np.ndarray,
     attended: np.ndarray,
     days: int,
+    default_currency: str,
 ) -> pd.Series:
-    """Sum of attended revenue in ``[event, event + value_window)`` for each purchase row."""
-    purchases = conv.loc[conv["stage"] == "purchase", ["person", "event_time"]].reset_index()
+    """Sum of attended revenue in ``[event, event + value_window)`` for each purchase row.
+
+    Only revenue in the conversion's own currency (the converting visit's) is summed: the value
+    goes out with that one currency code, and 100 USD plus 50 EUR is not 150 of either. Visits
+    in another currency are left out of the value, and counted in a warning.
+    """
+    purchases = conv.loc[conv["stage"] == "purchase", ["person", "event_time", "currency"]].reset_index()
     visits = pd.DataFrame(
         {
             "person": appt_person[attended],
             "visit_at": appts["start_at"].to_numpy(dtype="datetime64[ns]")[attended],
             "revenue": appts["revenue"].to_numpy()[attended],
+            "visit_currency": appts["currency"].fillna(default_currency).to_numpy()[attended],
         }
     )
     pairs = purchases.merge(visits, on="person", how="inner")
@@ -90,7 +100,12 @@ def _purchase_values(
     inside = (pairs["visit_at"] >= pairs["event_time"]) & (
         pairs["visit_at"] < pairs["event_time"] + pd.Timedelta(days=days)
     )
-    sums = pairs[inside].groupby("index")["revenue"].sum()
+    same = (pairs["visit_currency"] == pairs["currency"]).to_numpy()
+    if other := int((inside.to_numpy() & ~same).sum()):
+        log.warning(
+            "purchase values: %d attended visits in another currency than their conversion's left out", other
+        )
+    sums = pairs[inside.to_numpy() & same].groupby("index")["revenue"].sum()
     return sums.reindex(purchases["index"]).fillna(0.0).set_axis(purchases["index"])
 
 
@@ -204,7 +219,9 @@ def build_conversions(
     values = pd.Series(np.nan, index=conv.index)
     if rules.consultation_value is not None:
         values[conv["stage"] == "consultation"] = float(rules.consultation_value)
-    purchase_values = _purchase_values(conv, appts, appt_person, attended, rules.value_window_days)
+    purchase_values = _purchase_values(
+        conv, appts, appt_person, attended, rules.value_window_days, config.currency
+    )
     values.loc[purchase_values.index] = purchase_values.to_numpy()
     conv["value"] = values
 

@@ -7,6 +7,7 @@ the default window is [2026-05-01, 2026-06-30) in America/Los_Angeles.
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,6 +66,20 @@ def test_refund_reduces_the_purchase_value(tmp_path: Path) -> None:
     purchase = next(r for r in run.rows["meta_events"] if r["event_name"] == "Purchase")
     assert purchase["custom_data"] == {"value": 800.0, "currency": "USD"}
     assert run.drops == {"duplicate_in_journey": 1}
+
+
+def test_purchase_value_sums_only_the_conversions_own_currency(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 1000 USD, then 300 EUR at another location, then 200 in the clinic's default (USD): the
+    # value goes with one currency code, so the EUR visit is not added to it
+    with caplog.at_level(logging.WARNING, logger="etl.rules.stages"):
+        run = case("mixed_currency", tmp_path)
+    purchase = next(r for r in run.rows["meta_events"] if r["event_name"] == "Purchase")
+    assert purchase["custom_data"] == {"value": 1200.0, "currency": "USD"}
+    google = next(r for r in run.rows["google_conversions"] if r["conversion_action"].endswith("/222"))
+    assert (google["conversion_value"], google["currency_code"]) == (1200.0, "USD")
+    assert "1 attended visits in another currency" in caplog.text
 
 
 @pytest.mark.parametrize(
