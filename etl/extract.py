@@ -333,6 +333,7 @@ def _read(
             clinic_id=config.clinic_id,
             start=start,
             end=end,
+            timezone=config.timezone,
         )
         name = result.name
         columns = _match_columns(section, result.header, name)

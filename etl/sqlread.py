@@ -70,8 +70,14 @@ class QueryResult:
         clinic_id: str,
         start: datetime | None,
         end: datetime | None,
+        timezone: str | None = None,
     ) -> QueryResult:
         """Execute ``query`` with whichever of the three parameters it uses.
+
+        ``timezone`` (the clinic's) is the PostgreSQL session's time zone: a ``timestamp``
+        column without a zone holds clinic-local times, and PostgreSQL compares it with the
+        bound window instants in the session's zone (the server's default, often UTC, would
+        shift a backfill's window by the clinic's offset).
 
         Raises:
             InputError: the query file does not exist.
@@ -109,6 +115,8 @@ class QueryResult:
             ) from None
         try:
             with engine.connect() as connection:
+                if timezone and connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT set_config('TimeZone', :tz, false)"), {"tz": timezone})
                 result = connection.execute(statement)
                 return cls(query.name, list(result.keys()), list(result.fetchall()))
         except SQLAlchemyError as exc:

@@ -31,6 +31,8 @@
 -- closed, cancelled or refunded after its start date is picked up by the night it changed;
 -- staging keeps the history and the newest updated_at wins.
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
+-- On PostgreSQL the session's time zone is set to the clinic's, so such a column is also
+-- compared with :start and :end as clinic-local time.
 -- Comments name parameters without their colon: text() would bind a colon-prefixed word.
 
 SELECT

@@ -253,3 +253,34 @@ def test_postgres_send_lease_refuses_a_second_sender_and_frees_on_release(postgr
         with leases.hold(engine, "pg-lease", "meta_events", run_id="second") as lease:
             lease.renew()
             lease.check()
+
+
+def test_a_sql_source_with_clinic_local_timestamps_selects_the_clinics_window(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # a PMS table with `timestamp` (no zone) columns holding clinic-local times; the window is
+    # the clinic's local day, and PostgreSQL compares in the session's zone
+    from etl import extract
+    from tests.conftest import make_config
+
+    url = _fresh_database(postgres_url, "medspa_pms")
+    with sa.create_engine(url).begin() as conn:
+        conn.execute(sa.text("CREATE TABLE pms_appts (appointment_id text, status text, start_at timestamp)"))
+        conn.execute(sa.text("INSERT INTO pms_appts VALUES ('A-early', 'completed', '2026-03-02 03:00'),"
+                             " ('A-late', 'completed', '2026-03-02 23:30'), ('A-next', 'completed', '2026-03-03 03:00'),"
+                             " ('A-before', 'completed', '2026-03-01 23:30')"))  # fmt: skip
+    (tmp_path / "appts.sql").write_text(
+        "SELECT appointment_id, status, start_at FROM pms_appts WHERE start_at >= :start AND start_at < :end"
+    )
+    os.environ["MEDSPA_TEST_PMS_URL"] = url
+    try:
+        config = make_config(
+            tmp_path, sources__appointments={"sql_url_env": "MEDSPA_TEST_PMS_URL", "query": "appts.sql"}
+        )
+        day = datetime(2026, 3, 2, tzinfo=config.tz)
+        frame = extract.read_appointments(config.sources.appointments, config, start=day,
+                                          end=datetime(2026, 3, 3, tzinfo=config.tz))  # fmt: skip
+    finally:
+        del os.environ["MEDSPA_TEST_PMS_URL"]
+    assert config.timezone == "America/Los_Angeles"
+    assert sorted(frame["appointment_id"]) == ["A-early", "A-late"]
