@@ -240,7 +240,9 @@ def sync_audience(
     The synced state changes only after the adapter returned, and records only what the
     platform applied: a member it refused or never got (a failed batch) is left out of the
     state, so the next sync sends that add or remove again (adds and removes are idempotent on
-    both platforms); a full resync that did not replace the list leaves the state as it was.
+    both platforms); a full resync empties the state into the pending adds first, so one
+    that did not replace the list, or died after the platform emptied it, is made whole by the
+    next sync.
     The adds are written ahead as pending, so a crash between the platform applying them and
     the state being written leaves them known as possibly on the list.
     """
@@ -267,7 +269,8 @@ def sync_audience(
         check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
         add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
         if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
-            ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id)
+            ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id,
+                                       replacing=full_resync)  # fmt: skip
         try:
             result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
         except (DestinationConfigError, QuotaExhausted) as stop:
@@ -311,7 +314,9 @@ def _record_sync(
     """Move the synced state (and settle pending adds) by what the platform applied."""
     unapplied = result.unapplied | {r.key for r in getattr(result, "rejected_members", ())}
     if full_resync and not result.replaced:
-        log.warning("%s: the full resync did not replace the list; the synced state is unchanged", name)
+        # the state went into the pending adds when the resync began: nobody is known to be on
+        # the list, so the next sync adds every member again and removes whoever left
+        log.warning("%s: the full resync did not replace the list; the next sync re-adds every member", name)
     else:
         applied = {k: v for k, v in add_keys.items() if k not in unapplied}
         removed = [k for k in remove_keys if k not in unapplied]

@@ -226,18 +226,25 @@ def record_pending_adds(
     *,
     at: datetime,
     run_id: str | None = None,
+    replacing: bool = False,
 ) -> None:
     """Write, before the request, the adds a sync is about to hand to the platform.
 
     From here until ``apply_audience_delta`` settles them, each may or may not be on the list;
     the plan treats them as possibly there, so whoever stops being wanted gets a remove.
+
+    ``replacing`` (a full resync, which empties the list first): the synced state moves into
+    the pending adds in the same transaction. Until the sync's outcome is recorded nobody is
+    known to be on the list, only possibly there, so a crash after the platform emptied it
+    makes the next sync add every member again (and remove whoever left), instead of trusting
+    a state that says they are all still there.
     """
     rows = [
         {"clinic_id": clinic_id, "destination": destination, "member_key": k, "payload": v,
          "run_id": run_id, "recorded_at": at}
         for k, v in added.items()
     ]  # fmt: skip
-    if not rows:
+    if not rows and not replacing:
         return
 
     def upsert(insert: Any) -> Any:
@@ -251,7 +258,24 @@ def record_pending_adds(
         )
 
     with engine.begin() as conn:
-        _upsert_rows(conn, audience_pending, rows, upsert)
+        if replacing:
+            state = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
+            columns = ["clinic_id", "destination", "member_key", "payload", "run_id", "recorded_at"]
+            synced = sa.select(
+                audience_state.c.clinic_id,
+                audience_state.c.destination,
+                audience_state.c.member_key,
+                audience_state.c.payload,
+                sa.literal(run_id, sa.String),
+                sa.literal(at, sa.DateTime(timezone=True)),
+            ).where(state)
+            moved = _dialect_insert(conn, audience_pending).from_select(columns, synced)
+            conn.execute(
+                moved.on_conflict_do_nothing(index_elements=["clinic_id", "destination", "member_key"])
+            )
+            conn.execute(audience_state.delete().where(state))
+        if rows:
+            _upsert_rows(conn, audience_pending, rows, upsert)
 
 
 def apply_audience_delta(

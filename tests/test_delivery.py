@@ -39,7 +39,9 @@ def config_for(clinic_dir: Path, api: str) -> ClinicConfig:
     return cfg.model_copy(update={"google_ads": cfg.google_ads.model_copy(update={"api": api})})
 
 
-def build(cfg: ClinicConfig, start: str, end: str, db: str, tmp: Path) -> tasks.RunSpec:
+def build(
+    cfg: ClinicConfig, start: str, end: str, db: str, tmp: Path, *, full_resync: bool = False
+) -> tasks.RunSpec:
     spec = tasks.spec_for(
         cfg,
         datetime.fromisoformat(start).replace(tzinfo=cfg.tz),
@@ -63,7 +65,7 @@ def build(cfg: ClinicConfig, start: str, end: str, db: str, tmp: Path) -> tasks.
     )
     tasks.extract(spec)
     tasks.stage(spec)
-    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox")
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox", full_resync=full_resync)
     tasks.validate_outbound(spec)
     return spec
 
@@ -247,6 +249,48 @@ def test_a_sync_killed_after_the_platform_applied_its_adds_still_removes_who_rev
         assert members() == set()
         with store.engine_for(db) as engine:
             assert ledger.read_pending_adds(engine, cfg.clinic_id, killed_at) == {}
+
+
+def test_a_full_resync_killed_after_the_list_was_emptied_is_refilled_by_the_next_sync(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Data Manager empties the list in its own call (RemoveAllAudienceMembers) before the adds;
+    # a process killed in between left the list empty and a state saying everyone was on it
+    import json
+
+    from google.ads import datamanager_v1
+
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
+    user_list = cfg.google_ads.suppression_user_list
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    first = build(cfg, "2026-10-01", "2026-11-20", db, tmp_path)
+    tasks.sync_suppression(first, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    assert len(sandboxes["google"].list_members(user_list)) > 100
+
+    emptied = datamanager_v1.IngestionServiceClient.remove_all_audience_members
+
+    def killed_once_emptied(self: Any, *args: Any, **kwargs: Any) -> Any:
+        emptied(self, *args, **kwargs)
+        raise Killed
+
+    resync = build(cfg, "2026-11-20", "2026-11-21", db, tmp_path, full_resync=True)
+    monkeypatch.setattr(
+        datamanager_v1.IngestionServiceClient, "remove_all_audience_members", killed_once_emptied
+    )
+    with pytest.raises(Killed):
+        tasks.sync_suppression(resync, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    monkeypatch.setattr(datamanager_v1.IngestionServiceClient, "remove_all_audience_members", emptied)
+    assert sandboxes["google"].list_members(user_list) == set()
+
+    rerun = build(cfg, "2026-11-20", "2026-11-21", db, tmp_path)  # the same night, without --full-resync
+    tasks.sync_suppression(rerun, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    summary = json.loads((rerun.paths.outbox / "summary.json").read_text(encoding="utf-8"))
+    members = summary["destinations"]["google_customer_match"]["members"]
+    assert len(sandboxes["google"].list_members(user_list)) == members > 100
+    with store.engine_for(db) as engine:
+        assert len(ledger.read_audience_state(engine, cfg.clinic_id, "google_customer_match")) == members
+        assert ledger.read_pending_adds(engine, cfg.clinic_id, "google_customer_match") == {}
 
 
 def test_one_list_refused_does_not_hold_back_the_other(

@@ -284,3 +284,16 @@ def test_a_sql_source_with_clinic_local_timestamps_selects_the_clinics_window(
         del os.environ["MEDSPA_TEST_PMS_URL"]
     assert config.timezone == "America/Los_Angeles"
     assert sorted(frame["appointment_id"]) == ["A-early", "A-late"]
+
+
+def test_postgres_a_full_resync_moves_the_synced_state_into_the_pending_adds(postgres_url: str) -> None:
+    from etl import ledger
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine:
+        ledger.apply_audience_delta(engine, "pg-resync", "meta_audience", added={"a": "{}", "b": "{}"},
+                                    removed=[], at=at)  # fmt: skip
+        ledger.record_pending_adds(engine, "pg-resync", "meta_audience", {"c": "{}"}, at=at, run_id="r",
+                                   replacing=True)  # fmt: skip
+        assert ledger.read_audience_state(engine, "pg-resync", "meta_audience") == {}
+        assert set(ledger.read_pending_adds(engine, "pg-resync", "meta_audience")) == {"a", "b", "c"}
