@@ -32,7 +32,7 @@
 -- staging keeps the history and the newest updated_at wins.
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
 -- On PostgreSQL the session's time zone is set to the clinic's, so such a column is also
--- compared with :start and :end as clinic-local time.
+-- compared with the start and end parameters as clinic-local time.
 -- Comments name parameters without their colon: text() would bind a colon-prefixed word.
 
 SELECT
