@@ -276,7 +276,7 @@ def execute_run(
         timings=timings,
     )
     with timings.step("validate_outbound"):
-        tasks.validate_outbound(spec)
+        tasks.validate_outbound(spec, validate_only=validate_only)
     stops: list[MedspaError] = []
     if not dry_run:
         real: Literal["live", "sandbox"] = "live" if target == "live" else "sandbox"

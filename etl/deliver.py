@@ -4,7 +4,8 @@ Every row passes the PHI egress gate (``etl.gate``) again right here, as read fr
 just before it is sent: an outbox is also checked when it is published, but an upload task can
 be re-run on its own later, under other code or config. Exactly-once rests on four things: opaque IDs derived from the source record (so a re-send is
 the same ``order_id``/``event_id`` and the platform de-duplicates it), the ledger written around
-every batch (``planned`` committed before the request, the outcome committed after), rows
+the batches (every row ``planned`` before the first request, each outcome committed as its
+batch is answered), rows
 in a final ledger state never being sent again, and one sender per clinic and destination at a
 time (the lease of ``etl.leases``, held from before the ledger is read). A process killed between two batches therefore
 re-sends nothing it recorded; one killed during a request re-sends that batch, which the
@@ -125,20 +126,19 @@ def _upload(
         "requests": 0,
     }
     rejected_codes: dict[str, int] = {}
+    if not validate_only:
+        # every row still to go is planned before the first request: a process killed at any
+        # batch (or stopped by a quota) leaves the rest unfinished in the ledger, so a later run
+        # carries it over even when its interval no longer covers the rows' ready time
+        ledger.write_ledger(
+            engine, config.clinic_id, name, _planned(config, name, todo), run_id=run_id, at=clock()
+        )
     batches = [todo[lo : lo + destination.max_batch] for lo in range(0, len(todo), destination.max_batch)]
     for number, batch in enumerate(batches, start=1):
         stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
         if lease is not None:
             lease.check()
         if not validate_only:
-            ledger.write_ledger(
-                engine,
-                config.clinic_id,
-                name,
-                [{"opaque_id": k, "stage": s, "status": "planned"} for k, s in stages.items()],
-                run_id=run_id,
-                at=clock(),
-            )
             # rows another run finished since the ledger was read above are not sent twice
             finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
             if finished:
@@ -152,15 +152,8 @@ def _upload(
             # rows the platform already decided before it stopped us are recorded, not re-sent,
             # and counted, so summary.json and the ledger agree
             decided = _tally(exc.partial_results, stages, counts, rejected_codes)
-            if not validate_only:
-                # the batches not reached go into the ledger as planned too: unfinished, so the
-                # next run carries them over even when its interval no longer covers their ready
-                # time (the quota ran out on the last night that did)
-                rest = [{"opaque_id": r[id_field], "stage": _stage_of(config, name, r), "status": "planned"}
-                        for later in batches[number:] for r in later]  # fmt: skip
-                ledger.write_ledger(
-                    engine, config.clinic_id, name, [*decided, *rest], run_id=run_id, at=clock()
-                )
+            if not validate_only:  # the batches not reached stay planned for the next run
+                ledger.write_ledger(engine, config.clinic_id, name, decided, run_id=run_id, at=clock())
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
                 counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -184,6 +177,29 @@ def _upload(
         counts["validate_only"] = True
     log.info("%s: %s", name, {k: v for k, v in counts.items() if k != "rejected_codes"})
     return counts
+
+
+def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"opaque_id": r[_ID_FIELD[name]], "stage": _stage_of(config, name, r), "status": "planned"}
+            for r in rows]  # fmt: skip
+
+
+def plan_conversions(
+    config: ClinicConfig, engine: Engine, outbox: Path, *, run_id: str, at: datetime
+) -> None:
+    """Record every conversion of a published real run's outbox as ``planned`` (final states
+    are kept), before any upload starts.
+
+    The uploads are separate steps (Airflow tasks, or one after the other in the CLI): a run
+    that dies before one of them begins would otherwise leave that platform's conversions
+    nowhere in the ledger, and once the next nights' intervals no longer cover their ready
+    time nothing would carry them over.
+    """
+    for name in _ID_FIELD:
+        rows = list(read_rows(outbox, name))
+        ledger.write_ledger(
+            engine, config.clinic_id, name, _planned(config, name, rows), run_id=run_id, at=at
+        )
 
 
 def _tally(

@@ -148,14 +148,27 @@ def build_conversions(
     }
 
 
-def validate_outbound(spec: RunSpec, checks: Callable[[Path], None] | None = None) -> dict[str, Any]:
-    """Gate the pending plan again (and run outbound data-quality checks), then publish it."""
+def validate_outbound(
+    spec: RunSpec, checks: Callable[[Path], None] | None = None, *, validate_only: bool = False
+) -> dict[str, Any]:
+    """Gate the pending plan again (and run outbound data-quality checks), then publish it.
+
+    A real run's conversions go into the ledger as ``planned`` here, before any upload starts
+    (``deliver.plan_conversions``); a dry run and a validate-only run record nothing.
+    """
     from etl import quality
 
     outbox = pipeline.publish_outbox(
         spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
     )
     shutil.rmtree(spec.paths.results, ignore_errors=True)
+    summary = read_summary(outbox)
+    if not summary["dry_run"] and not validate_only:
+        with spec.engine() as engine:
+            ledger.claim_target(
+                engine, spec.config.clinic_id, summary["target"], run_id=spec.run_id, at=_clock()
+            )
+            deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock())
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
@@ -271,6 +272,13 @@ def test_a_validate_only_run_says_so_in_its_summary(tmp_path: Path) -> None:
     assert summary["destinations"]["google_conversions"]["accepted"] > 0  # Google validated them
     table = RUNNER.invoke(app, [*argv, "--validate-only"])
     assert "validate only" in table.stdout
+    from etl import store
+
+    (database,) = (tmp_path / "var").glob("*.sqlite")
+    with store.engine_for(f"sqlite:///{database}") as engine, engine.connect() as conn:
+        # nothing recorded: not even planned rows, nor a target claim
+        for table_ in (store.send_ledger, store.ledger_targets, store.audience_state, store.audience_pending):
+            assert conn.execute(sa.select(sa.func.count()).select_from(table_)).scalar() == 0, table_.name
     real = RUNNER.invoke(app, [*argv, "--json"])
     assert real.exit_code == 0 and "validate_only" not in json.loads(real.stdout)
 

@@ -155,6 +155,28 @@ def _rows(spec: tasks.RunSpec, name: str) -> list[dict[str, Any]]:
     return list(read_rows(spec.paths.outbox, name))
 
 
+def test_a_run_killed_mid_upload_and_never_rerun_loses_nothing_to_the_next_nights(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # a ten-night catch-up run dies after Google's first batch, before Meta's upload began,
+    # and nobody reruns it; the next night's interval no longer covers most of its ready times
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    first = build(cfg, "2026-11-10", "2026-11-20", db, tmp_path)
+    google = {r["order_id"] for r in _rows(first, "google_conversions")}
+    meta = {r["event_id"] for r in _rows(first, "meta_events")}
+    assert len(google) > 20 and len(meta) > 20
+    with pytest.raises(Killed):
+        upload(first, "google", sandboxes, batch=5, kill_after=1)
+    following = build(cfg, "2026-11-20", "2026-11-21", db, tmp_path)
+    assert {r["order_id"] for r in _rows(following, "google_conversions")} >= google - set(
+        sent_once(sandboxes, "google")
+    )
+    upload(following, "google", sandboxes, batch=2000)
+    upload(following, "meta", sandboxes, batch=1000)
+    assert google <= set(sent_once(sandboxes, "google")) and meta <= set(sent_once(sandboxes, "meta"))
+
+
 def test_ledger_records_outcomes_with_codes(
     clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -170,7 +192,10 @@ def test_ledger_records_outcomes_with_codes(
     unknown = [r for r in with_click if click(r) not in known]
     counts = upload(spec, "google", sandboxes, batch=2000)
     with sa.create_engine(spec.config.resolved_database_url(spec.database)).connect() as conn:
-        rows = conn.execute(sa.select(store.send_ledger)).mappings().all()
+        everything = conn.execute(sa.select(store.send_ledger)).mappings().all()
+    rows = [r for r in everything if r["destination"] == "google_conversions"]
+    # published, not uploaded yet: planned since the outbox was published
+    assert {r["status"] for r in everything if r["destination"] == "meta_events"} == {"planned"}
     statuses = {r["status"] for r in rows}
     assert statuses <= {"accepted", "rejected", "deferred", "already_sent"}
     assert len(rows) == counts["planned"]
