@@ -8,6 +8,7 @@ is never sent again to that destination. Tables are defined in ``etl.store``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from etl.store import (
     run_summaries,
     send_ledger,
 )
+
+log = logging.getLogger(__name__)
 
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
@@ -52,8 +55,17 @@ def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at
     with engine.begin() as conn:
         # insert-if-absent, then read: the three sends of a first night claim at the same time
         insert = _dialect_insert(conn, ledger_targets)
-        conn.execute(insert.on_conflict_do_nothing(index_elements=["clinic_id"]),
-                     {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
+        first = conn.execute(insert.on_conflict_do_nothing(index_elements=["clinic_id"]),
+                             {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
+        if first.rowcount == 1:
+            # the only record of what was sent is this database: a fresh one for a clinic that
+            # has sent before (a lost or replaced file) would send every conversion again
+            log.warning(
+                "first %s send for clinic %s recorded in this staging database; if this clinic sent "
+                "before from another database, restore that one instead (docs/decisions.md)",
+                target,
+                clinic_id,
+            )
         claimed = conn.execute(
             sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
         ).scalar()

@@ -370,3 +370,16 @@ def test_folding_upload_results_twice_counts_them_once(tmp_path: Path) -> None:
     assert once == twice
     assert twice["destinations"][DEST]["already_sent"] == 5
     assert twice["destinations"][DEST]["already_sent_at_upload"] == 3
+
+
+def test_the_first_send_recorded_in_a_database_warns_that_it_is_the_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a fresh database for a clinic that sent before would send everything again
+    import logging
+
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine, caplog.at_level(logging.WARNING):
+        ledger.claim_target(engine, CLINIC, "live", run_id="night-1", at=AT)
+        ledger.claim_target(engine, CLINIC, "live", run_id="night-2", at=AT)
+    warned = [r for r in caplog.records if "first live send" in r.getMessage()]
+    assert len(warned) == 1 and "restore that one instead" in warned[0].getMessage()
