@@ -187,7 +187,8 @@ def run(
     list sync hit a quota or the platform stayed unavailable (a conversion upload that runs out
     of quota plans the rest for the next run and exits 0, summary.json saying stopped:
     daily_quota), 7 the staging database refused the load or cannot be opened, 8 another
-    process is sending to the same clinic's platform (nothing sent; rerun after it ends). Examples:
+    process is sending to the same clinic's platform or working on the same run (nothing sent
+    or changed; rerun after it ends). Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 
@@ -254,59 +255,63 @@ def execute_run(
     """Every step in one process, in the DAG's order; returns (summary, outbox, stage seconds)."""
     from contextlib import ExitStack
 
-    from etl import pipeline, tasks
+    from etl import leases, pipeline, tasks
     from etl.targets import started_sandboxes
 
     timings = pipeline.Timings(on_step=on_step)
     spec = tasks.RunSpec(config=cfg, window=window, database=database, outbox=outbox)
     with spec.engine():  # a wrong or unreachable database fails now, not after the extract
         pass
-    inputs = tasks.extract(spec, timings)
-    tasks.stage(spec, timings)
-    with timings.step("validate_inputs"):
-        tasks.validate_inputs(spec)
-    inputs.pop("run_id")
-    tasks.build_conversions(
-        spec,
-        secret=secret,
-        dry_run=dry_run,
-        target=target,
-        full_resync=full_resync,
-        inputs=inputs,
-        timings=timings,
-    )
-    with timings.step("validate_outbound"):
-        tasks.validate_outbound(spec, validate_only=validate_only)
-    stops: list[MedspaError] = []
-    if not dry_run:
-        real: Literal["live", "sandbox"] = "live" if target == "live" else "sandbox"
-        with ExitStack() as stack:
-            if real == "sandbox" and sandboxes is None:
-                sandboxes = stack.enter_context(started_sandboxes(cfg, now=window.end))
-            # as in the DAG, the three sends are independent: a platform that refuses (account,
-            # quota) holds back neither the other's conversions nor either list's removals
-            sends: list[tuple[str, Callable[[], Any]]] = [
-                (f"upload_{family}", partial(tasks.upload, spec, family, target=real, validate_only=validate_only,
-                                            meta_test_event_code=meta_test_event_code, sandboxes=sandboxes,
-                                            retry_wait=retry_wait))
-                for family in ("google", "meta")
-            ]  # fmt: skip
-            sends.append(("sync_suppression", partial(tasks.sync_suppression, spec, target=real,
-                                                      validate_only=validate_only, sandboxes=sandboxes,
-                                                      retry_wait=retry_wait)))  # fmt: skip
-            for step, send in sends:
-                with timings.step(step):
-                    try:
-                        send()
-                    except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
-                        err.print(
-                            f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}", highlight=False
-                        )
-                        stops.append(stop)
-    result = tasks.report(spec)
-    if stops:  # the summary and report hold what the other sends did; the exit code says what stopped
-        raise stops[0]
-    return result["summary"], spec.paths.outbox, timings.seconds
+    # the whole run holds its folder: a second run of this interval started meanwhile is refused
+    # (exit 8) instead of clearing this one's outbox under it
+    with leases.hold_run_folder(spec.paths.run_dir):
+        inputs = tasks.extract(spec, timings)
+        tasks.stage(spec, timings)
+        with timings.step("validate_inputs"):
+            tasks.validate_inputs(spec)
+        inputs.pop("run_id")
+        tasks.build_conversions(
+            spec,
+            secret=secret,
+            dry_run=dry_run,
+            target=target,
+            full_resync=full_resync,
+            inputs=inputs,
+            timings=timings,
+        )
+        with timings.step("validate_outbound"):
+            tasks.validate_outbound(spec, validate_only=validate_only)
+        stops: list[MedspaError] = []
+        if not dry_run:
+            real: Literal["live", "sandbox"] = "live" if target == "live" else "sandbox"
+            with ExitStack() as stack:
+                if real == "sandbox" and sandboxes is None:
+                    sandboxes = stack.enter_context(started_sandboxes(cfg, now=window.end))
+                # as in the DAG, the three sends are independent: a platform that refuses (account,
+                # quota) holds back neither the other's conversions nor either list's removals
+                sends: list[tuple[str, Callable[[], Any]]] = [
+                    (f"upload_{family}", partial(tasks.upload, spec, family, target=real, validate_only=validate_only,
+                                                meta_test_event_code=meta_test_event_code, sandboxes=sandboxes,
+                                                retry_wait=retry_wait))
+                    for family in ("google", "meta")
+                ]  # fmt: skip
+                sends.append(("sync_suppression", partial(tasks.sync_suppression, spec, target=real,
+                                                          validate_only=validate_only, sandboxes=sandboxes,
+                                                          retry_wait=retry_wait)))  # fmt: skip
+                for step, send in sends:
+                    with timings.step(step):
+                        try:
+                            send()
+                        except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
+                            err.print(
+                                f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}",
+                                highlight=False,
+                            )
+                            stops.append(stop)
+        result = tasks.report(spec)
+        if stops:  # the summary and report hold what the other sends did; the exit code says what stopped
+            raise stops[0]
+        return result["summary"], spec.paths.outbox, timings.seconds
 
 
 def _today_midnight(cfg: ClinicConfig) -> datetime:

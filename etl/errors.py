@@ -118,3 +118,11 @@ class SendInProgress(MedspaError):
 
     exit_code = 8
     retryable = True
+
+
+class RunInProgress(MedspaError):
+    """Another process is working in this run's folder (``etl.leases.hold_run_folder``); this
+    step changed nothing, and a retry after the other one ends works."""
+
+    exit_code = 8
+    retryable = True

@@ -1,4 +1,5 @@
-"""One sender per clinic and destination at a time: a lease row in the staging database.
+"""One sender per clinic and destination at a time (a lease row in the staging database), and
+one writer per run folder (``hold_run_folder``, a file lock).
 
 The ledger keeps a batch from being sent twice once its outcome is recorded, but two processes
 that read the ledger at the same moment (a CLI backfill started beside the nightly DAG, two
@@ -23,11 +24,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.errors import SendInProgress
+from etl.errors import RunInProgress, SendInProgress
 from etl.store import send_leases
 
 log = logging.getLogger(__name__)
@@ -195,3 +197,52 @@ def _alive(pid: int | None) -> bool:
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_folders: dict[Path, tuple[int, int]] = {}  # run folder -> (lock file descriptor, depth) held here
+_folders_guard = threading.Lock()
+
+
+@contextmanager
+def hold_run_folder(run_dir: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold a run's folder: exclusively for the steps that write it (extract, stage, plan,
+    publish, report), shared for the uploads that read its outbox.
+
+    A second run of the same interval started meanwhile (a CLI run beside another, or beside
+    the DAG) would otherwise clear the first one's outbox and pending plan under it. Taken
+    again by a process that holds it (the CLI's run around its own steps), it is not locked
+    twice.
+
+    Raises:
+        RunInProgress: another process holds the folder; this step changed nothing.
+    """
+    import fcntl
+
+    key = run_dir.resolve()
+    with _folders_guard:
+        held = _folders.get(key)
+        if held is not None:
+            _folders[key] = (held[0], held[1] + 1)
+    if held is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInProgress(
+                f"another process is working on the run in {run_dir} (extract, plan, publish, an "
+                "upload or the report); nothing was changed. Rerun when it has ended"
+            ) from None
+        with _folders_guard:
+            _folders[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        with _folders_guard:
+            fd, depth = _folders[key]
+            if depth > 1:
+                _folders[key] = (fd, depth - 1)
+            else:
+                del _folders[key]
+                os.close(fd)  # closing the descriptor releases the lock

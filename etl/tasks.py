@@ -12,6 +12,7 @@ upload google | upload meta | sync_suppression (independent) -> report.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -19,11 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from etl import deliver, ledger, pipeline, store
+from etl import deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
 from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
 from etl.outbox import read_summary
@@ -74,10 +75,32 @@ def spec_for(
     return RunSpec(config=cfg, window=RunWindow(start=start, end=end), database=database, outbox=outbox)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _in_run_folder(
+    *, shared: bool = False
+) -> Callable[[Callable[Concatenate[RunSpec, P], R]], Callable[Concatenate[RunSpec, P], R]]:
+    """The step holds its run's folder (``leases.hold_run_folder``): writers alone, readers
+    of the published outbox side by side."""
+
+    def wrap(step: Callable[Concatenate[RunSpec, P], R]) -> Callable[Concatenate[RunSpec, P], R]:
+        @functools.wraps(step)
+        def held(spec: RunSpec, *args: P.args, **kwargs: P.kwargs) -> R:
+            with leases.hold_run_folder(spec.paths.run_dir, shared=shared):
+                return step(spec, *args, **kwargs)
+
+        return held
+
+    return wrap
+
+
 def _clock() -> datetime:
     return datetime.now(UTC)  # audit stamps only, never a rule input
 
 
+@_in_run_folder()
 def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
     """The attempt's first step: clear the previous attempt's outputs, then hash the exports.
 
@@ -89,6 +112,7 @@ def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str,
     return {"run_id": spec.run_id, **counts}
 
 
+@_in_run_folder()
 def stage(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, Any]:
     """Gate the hashed extracts (critical extract checks), then upsert them into staging."""
     from etl import quality
@@ -100,6 +124,7 @@ def stage(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, A
     return {"run_id": spec.run_id, **counts}
 
 
+@_in_run_folder()
 def validate_inputs(spec: RunSpec) -> dict[str, Any]:
     """Input data-quality suites (hashed extracts, staged daily volume); results stored per run.
 
@@ -111,6 +136,7 @@ def validate_inputs(spec: RunSpec) -> dict[str, Any]:
     return quality.validate_inputs(spec, at=_clock())
 
 
+@_in_run_folder()
 def build_conversions(
     spec: RunSpec,
     *,
@@ -148,6 +174,7 @@ def build_conversions(
     }
 
 
+@_in_run_folder()
 def validate_outbound(
     spec: RunSpec, checks: Callable[[Path], None] | None = None, *, validate_only: bool = False
 ) -> dict[str, Any]:
@@ -183,6 +210,7 @@ def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
     return spec.window.end if target == "sandbox" else max(spec.window.end, _clock())
 
 
+@_in_run_folder(shared=True)
 def upload(
     spec: RunSpec,
     family: Family,
@@ -240,6 +268,7 @@ def upload(
     return {"run_id": spec.run_id, name: {k: v for k, v in counts.items() if k != "rejected_codes"}}
 
 
+@_in_run_folder(shared=True)
 def sync_suppression(
     spec: RunSpec,
     *,
@@ -295,6 +324,7 @@ def sync_suppression(
     return out
 
 
+@_in_run_folder()
 def report(spec: RunSpec) -> dict[str, Any]:
     """Fold upload results into summary.json, record it, render ``report.html``; return the counts."""
     from etl.report import render_run_report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +23,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from etl import deliver, leases, ledger, store
 from etl.destinations.base import AudienceResult, Outcome, RowResult
 from etl.errors import SendInProgress
-from tests.conftest import make_config
+from tests.conftest import BASE_CONFIG, DATA, make_config
 
 CLINIC = "sunrise-medspa"
 DEST = "meta_events"
@@ -219,3 +221,65 @@ def test_a_list_sync_while_another_sender_holds_the_list_changes_nothing(tmp_pat
         deliver.sync_audience(config, engine, outbox, audience, full_resync=False,  # type: ignore[arg-type]
                               clock=lambda: AT, validate_only=True)  # fmt: skip
         assert audience.calls == 1
+
+
+def _holding_the_folder(run_dir: Path, *, shared: bool) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from etl import leases\n"
+         f"with leases.hold_run_folder(Path({str(run_dir)!r}), shared={shared}):\n"
+         "    print('held', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_of_the_same_interval_is_refused_while_the_first_works(tmp_path: Path) -> None:
+    # two CLI runs of one interval at once: the second's extract cleared the first's outbox
+    # and pending plan under it, and both died with a traceback
+    from typer.testing import CliRunner
+
+    from etl.cli import app
+    from etl.errors import RunInProgress
+
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    argv = ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01", "--end", "2026-06-30",
+            "--dry-run", "--outbox", str(tmp_path / "out")]  # fmt: skip
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    published = (tmp_path / "out" / "summary.json").read_bytes()
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    holder = _holding_the_folder(run_dir, shared=False)  # the first run, still working
+    try:
+        second = CliRunner().invoke(app, argv)
+        assert second.exit_code == RunInProgress.exit_code == 8
+        assert "another process is working on the run" in second.stderr and "Traceback" not in second.output
+        assert (tmp_path / "out" / "summary.json").read_bytes() == published  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert CliRunner().invoke(app, argv).exit_code == 0  # the holder is gone: free again
+
+
+def test_uploads_share_the_run_folder_and_a_writer_waits_for_them(tmp_path: Path) -> None:
+    from etl.errors import RunInProgress
+
+    run_dir = tmp_path / "run"
+    holder = _holding_the_folder(run_dir, shared=True)  # one platform's upload, reading the outbox
+    try:
+        with leases.hold_run_folder(run_dir, shared=True):  # the other platform's, side by side
+            pass
+        with pytest.raises(RunInProgress), leases.hold_run_folder(run_dir):  # an extract would clear it
+            pass
+        # a process holding the folder takes it again without locking itself out (the CLI's steps)
+    finally:
+        holder.kill()
+        holder.wait()
+    with (
+        leases.hold_run_folder(run_dir),
+        leases.hold_run_folder(run_dir),
+        leases.hold_run_folder(run_dir, shared=True),
+    ):
+        pass
