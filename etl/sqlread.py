@@ -89,7 +89,11 @@ class QueryResult:
             sql = query.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputError([RowProblem(query.name, None, None, "file not found")]) from None
-        statement = text(sql)
+        # whole-line comments go before text() parses the query: a ":start" in a comment was
+        # bound as a parameter and failed on the database with nothing to say why
+        statement = text(
+            "\n".join("" if line.lstrip().startswith("--") else line for line in sql.splitlines())
+        )
         wanted = sorted(statement.compile().params)
         given: dict[str, object] = {
             "clinic_id": clinic_id,

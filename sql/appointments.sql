@@ -33,7 +33,8 @@
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
 -- On PostgreSQL the session's time zone is set to the clinic's, so such a column is also
 -- compared with the start and end parameters as clinic-local time.
--- Comments name parameters without their colon: text() would bind a colon-prefixed word.
+-- Whole-line comments are dropped before the query is parsed; a colon-prefixed word after
+-- SQL on the same line would be bound as a parameter.
 
 SELECT
     a.appointment_id,

@@ -22,7 +22,8 @@
 -- revoked on an old lead is picked up; rows come oldest change first because, within one
 -- result, the later row of a repeated lead_id wins.
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
--- Comments name parameters without their colon: text() would bind a colon-prefixed word.
+-- Whole-line comments are dropped before the query is parsed; a colon-prefixed word after
+-- SQL on the same line would be bound as a parameter.
 
 SELECT
     l.lead_id,

@@ -637,6 +637,18 @@ def test_sql_source_needs_the_window_it_binds(source_db: str):
         extract.read_appointments(config.sources.appointments, config)
 
 
+def test_a_sql_source_comment_may_name_parameters_with_their_colon(source_db: str, tmp_path: Path):
+    (tmp_path / "commented.sql").write_text(
+        "-- rows of :clinic_id changed in [:start, :end), and :nothing else\n"
+        "SELECT appointment_id, status, start_at FROM appointments\n"
+        "    -- keyed on :clinic_id\n"
+        "WHERE clinic_id = :clinic_id ORDER BY appointment_id"
+    )
+    config = make_config(tmp_path, appointments={"sql_url": source_db, "query": "commented.sql"})
+    frame = extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+
+
 def test_sql_source_without_window_parameters(source_db: str, tmp_path: Path):
     (tmp_path / "all.sql").write_text(
         "SELECT appointment_id, status, start_at FROM appointments "

@@ -100,7 +100,11 @@ def _purchase_values(
     inside = (pairs["visit_at"] >= pairs["event_time"]) & (
         pairs["visit_at"] < pairs["event_time"] + pd.Timedelta(days=days)
     )
-    same = (pairs["visit_currency"] == pairs["currency"]).to_numpy()
+    currencies = {*pd.unique(visits["visit_currency"]), *pd.unique(purchases["currency"])}
+    if len(currencies) <= 1:  # one currency throughout (nearly every clinic): nothing to compare
+        same = np.ones(len(pairs), dtype=bool)
+    else:
+        same = (pairs["visit_currency"] == pairs["currency"]).to_numpy()
     if other := int((inside.to_numpy() & ~same).sum()):
         log.warning(
             "purchase values: %d attended visits in another currency than their conversion's left out", other
