@@ -150,13 +150,22 @@ def write_ledger(
 CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")  # the ledger's conversion uploads
 
 
-def unfinished_ids(engine: Engine, clinic_id: str, destinations: Sequence[str]) -> frozenset[str]:
+def unfinished_ids(
+    engine: Engine, clinic_id: str, destinations: Sequence[str], *, since: datetime | None = None
+) -> frozenset[str]:
     """Opaque IDs a real run planned for one of ``destinations`` and that never reached a final
-    state there (its upload stopped, was deferred, or never ran): the next run sends them."""
+    state there (its upload stopped, was deferred, or never ran): the next run sends them.
+
+    ``since``: only rows planned (or deferred) at or after it. A conversion is planned after
+    its event, so one planned before ``end`` minus the longest age a platform accepts is too old
+    for every platform: carried again, it would only be counted too old night after night.
+    """
+    planned = sa.func.coalesce(send_ledger.c.planned_at, send_ledger.c.updated_at)
     final = sa.select(send_ledger.c.opaque_id).where(
         send_ledger.c.clinic_id == clinic_id,
         send_ledger.c.destination.in_(list(destinations)),
         send_ledger.c.status.not_in(FINAL_STATES),
+        sa.true() if since is None else planned >= since.astimezone(UTC),
     )
     with engine.connect() as conn:
         return frozenset(conn.execute(final).scalars())

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ DROP_REASONS = (
     "already_sent",
 )
 CONVERSION_DESTINATIONS = ledger.CONVERSION_DESTINATIONS
+# the longest age either platform takes (Google: click or conversion 90 days; Meta: 62 at most),
+# plus a day of slack: an unfinished row planned longer ago than this is not carried any more
+_CARRY_HORIZON = timedelta(days=91)
 AUDIENCE_DESTINATIONS = ("google_customer_match", "meta_audience")
 _ID_COLUMN = {"google_conversions": "order_id", "meta_events": "event_id"}
 
@@ -373,7 +376,9 @@ def plan_run(
             attended=attended,
             leads=leads,
             consent=consent,
-            carry=ledger.unfinished_ids(engine, config.clinic_id, CONVERSION_DESTINATIONS),
+            carry=ledger.unfinished_ids(
+                engine, config.clinic_id, CONVERSION_DESTINATIONS, since=window.end - _CARRY_HORIZON
+            ),
         )
         outbound = {
             "google_conversions": payloads.google_conversion_rows(conv, config),

@@ -153,6 +153,27 @@ def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Pat
     assert after.summary["carried_over"] == 0 and after.rows["meta_events"] == []
 
 
+def test_an_unfinished_row_too_old_for_every_platform_is_not_carried_night_after_night(
+    tmp_path: Path,
+) -> None:
+    # a published real run whose uploads never ran: its rows stay planned; once they were
+    # planned longer ago than any platform's age limit, carrying them only counts them again
+    config = make_config(DATA / "rules" / "journeys")
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    first = run_dry(config, "2026-01-15", "2026-03-01", tmp_path / "first", db_url=url)
+    planned_at = datetime(2026, 3, 1, 11, tzinfo=UTC)
+    with store.engine_for(url) as engine:
+        for dest, field in (("google_conversions", "order_id"), ("meta_events", "event_id")):
+            ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": r[field], "status": "planned"}
+                                for r in first.rows[dest]], run_id="first", at=planned_at)  # fmt: skip
+    soon = run_dry(config, "2026-03-05", "2026-03-06", tmp_path / "soon", db_url=url)
+    assert soon.summary["carried_over"] == 2
+    much_later = run_dry(config, "2026-06-05", "2026-06-06", tmp_path / "later", db_url=url)
+    assert much_later.summary["carried_over"] == 0
+    assert much_later.summary["drops"].get("too_old_for_google", 0) == 0
+    assert much_later.summary["drops"].get("too_old_for_meta", 0) == 0
+
+
 class _RefusingAudience:
     """Applies a Meta-shaped delta except the member keys it is told to refuse (a failed batch)."""
 
