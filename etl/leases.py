@@ -106,7 +106,7 @@ def hold(
         while not stop.wait(every):
             try:
                 lease.renew()
-            except sa.exc.SQLAlchemyError as exc:  # a busy database: the next beat tries again
+            except Exception as exc:  # a busy database, say: the next beat tries again
                 log.warning("%s: could not renew the send lease (%s)", destination, type(exc).__name__)
 
     heartbeat = None
@@ -119,7 +119,12 @@ def hold(
         stop.set()
         if heartbeat is not None:
             heartbeat.join()
-        lease.release()
+        try:
+            lease.release()
+        except sa.exc.SQLAlchemyError as exc:
+            # not worth hiding the send's own outcome for: the lease frees itself when this
+            # process is gone (this machine) or after TTL without a heartbeat (another one)
+            log.warning("%s: could not release the send lease (%s)", destination, type(exc).__name__)
 
 
 def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, clock: Clock) -> Lease:
@@ -138,8 +143,15 @@ def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, c
                 )
             )
             .mappings()
-            .one()
+            .one_or_none()
         )
+        if current is None:  # released between the insert and the read (PostgreSQL): free again
+            if _insert_if_absent(conn, row):
+                return Lease(engine, clinic_id, destination, holder, clock)
+            raise SendInProgress(
+                f"{destination} for clinic {clinic_id}: another sender took the lease at the same "
+                "moment; nothing was sent. Rerun when it has ended"
+            )
         renewed_at = _utc(current["renewed_at"])
         gone = current["host"] == host and not _alive(current["pid"])
         if not gone and now - renewed_at < TTL:
@@ -199,7 +211,7 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-_folders: dict[Path, tuple[int, int]] = {}  # run folder -> (lock file descriptor, depth) held here
+_folders: dict[Path, tuple[int, int, bool]] = {}  # run folder -> (lock descriptor, depth, shared) held here
 _folders_guard = threading.Lock()
 
 
@@ -219,30 +231,32 @@ def hold_run_folder(run_dir: Path, *, shared: bool = False) -> Iterator[None]:
     import fcntl
 
     key = run_dir.resolve()
-    with _folders_guard:
+    with _folders_guard:  # the check and the lock as one step: threads of this process too
         held = _folders.get(key)
         if held is not None:
-            _folders[key] = (held[0], held[1] + 1)
-    if held is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunInProgress(
-                f"another process is working on the run in {run_dir} (extract, plan, publish, an "
-                "upload or the report); nothing was changed. Rerun when it has ended"
-            ) from None
-        with _folders_guard:
-            _folders[key] = (fd, 1)
+            fd, depth, was_shared = held
+            if was_shared and not shared:  # this process only reads it: it cannot write it too
+                raise RunInProgress(f"the run in {run_dir} is being read (an upload); nothing was changed")
+            _folders[key] = (fd, depth + 1, was_shared)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # never waits, so holding the guard meanwhile is fine
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunInProgress(
+                    f"another process is working on the run in {run_dir} (extract, plan, publish, an "
+                    "upload or the report); nothing was changed. Rerun when it has ended"
+                ) from None
+            _folders[key] = (fd, 1, shared)
     try:
         yield
     finally:
         with _folders_guard:
-            fd, depth = _folders[key]
+            fd, depth, was_shared = _folders[key]
             if depth > 1:
-                _folders[key] = (fd, depth - 1)
+                _folders[key] = (fd, depth - 1, was_shared)
             else:
                 del _folders[key]
                 os.close(fd)  # closing the descriptor releases the lock

@@ -283,3 +283,58 @@ def test_uploads_share_the_run_folder_and_a_writer_waits_for_them(tmp_path: Path
         leases.hold_run_folder(run_dir, shared=True),
     ):
         pass
+
+
+def test_two_threads_sharing_a_run_folder_leave_it_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the check and the lock were two steps: two threads both locked, one descriptor leaked
+    # (the folder stayed locked for the process's life) and the second release raised KeyError
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def slow_flock(fd: int, op: int) -> None:
+        time.sleep(0.1)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", slow_flock)
+    run_dir = tmp_path / "run"
+    errors: list[BaseException] = []
+
+    def read_outbox() -> None:
+        try:
+            with leases.hold_run_folder(run_dir, shared=True):
+                time.sleep(0.1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read_outbox) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert errors == []
+    free = subprocess.run(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(run_dir / ".lock")],
+        capture_output=True,
+    )  # fmt: skip
+    assert free.returncode == 0, free.stderr  # no descriptor of ours still holds it
+
+
+def test_a_lease_that_cannot_be_released_does_not_hide_the_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def busy(self: leases.Lease) -> None:
+        raise sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(leases.Lease, "release", busy)
+    with (
+        store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine,
+        caplog.at_level(logging.WARNING),
+        leases.hold(engine, CLINIC, DEST, run_id="r"),
+    ):
+        sent = "yes"
+    assert sent == "yes" and "could not release the send lease (OperationalError)" in caplog.text

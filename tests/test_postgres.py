@@ -297,3 +297,32 @@ def test_postgres_a_full_resync_moves_the_synced_state_into_the_pending_adds(pos
                                    replacing=True)  # fmt: skip
         assert ledger.read_audience_state(engine, "pg-resync", "meta_audience") == {}
         assert set(ledger.read_pending_adds(engine, "pg-resync", "meta_audience")) == {"a", "b", "c"}
+
+
+def test_postgres_a_lease_released_between_the_insert_and_the_read_is_taken(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # read committed: the holder may commit its release between our conflicting insert and
+    # our read of it; the read found no row and raised NoResultFound
+    from etl import leases
+
+    with store.engine_for(postgres_url) as engine, store.engine_for(postgres_url) as other:
+        with other.begin() as conn:
+            conn.execute(store.send_leases.insert(), {
+                "clinic_id": "pg-race", "destination": "meta_events", "holder": "h:1:x", "run_id": "first",
+                "host": "h", "pid": 1, "acquired_at": datetime.now(UTC), "renewed_at": datetime.now(UTC)})  # fmt: skip
+        real_insert = leases._insert_if_absent
+        calls: list[bool] = []
+
+        def released_meanwhile(conn: Any, row: dict[str, object]) -> bool:
+            inserted = real_insert(conn, row)
+            if not calls:
+                with other.begin() as o:
+                    o.execute(store.send_leases.delete().where(store.send_leases.c.clinic_id == "pg-race"))
+            calls.append(inserted)
+            return inserted
+
+        monkeypatch.setattr(leases, "_insert_if_absent", released_meanwhile)
+        with leases.hold(engine, "pg-race", "meta_events", run_id="second") as lease:
+            lease.check()
+    assert calls == [False, True]
