@@ -148,10 +148,7 @@ def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, c
         if current is None:  # released between the insert and the read (PostgreSQL): free again
             if _insert_if_absent(conn, row):
                 return Lease(engine, clinic_id, destination, holder, clock)
-            raise SendInProgress(
-                f"{destination} for clinic {clinic_id}: another sender took the lease at the same "
-                "moment; nothing was sent. Rerun when it has ended"
-            )
+            raise _raced(destination, clinic_id)
         renewed_at = _utc(current["renewed_at"])
         gone = current["host"] == host and not _alive(current["pid"])
         if not gone and now - renewed_at < TTL:
@@ -172,10 +169,7 @@ def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, c
             .values(**{k: v for k, v in row.items() if k not in ("clinic_id", "destination")})
         )
         if taken.rowcount != 1:
-            raise SendInProgress(
-                f"{destination} for clinic {clinic_id}: another sender took the lease over at the same "
-                "moment; nothing was sent. Rerun when it has ended"
-            )
+            raise _raced(destination, clinic_id)
     log.warning(
         "%s: took over the send lease of run %s (%s); that sender stopped without releasing it",
         destination,
@@ -183,6 +177,13 @@ def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, c
         "process gone" if gone else "no heartbeat",
     )
     return Lease(engine, clinic_id, destination, holder, clock)
+
+
+def _raced(destination: str, clinic_id: str) -> SendInProgress:
+    return SendInProgress(
+        f"{destination} for clinic {clinic_id}: another sender took the lease at the same moment; "
+        "nothing was sent. Rerun when it has ended"
+    )
 
 
 def _insert_if_absent(conn: Connection, row: dict[str, object]) -> bool:
