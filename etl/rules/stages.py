@@ -270,6 +270,11 @@ def build_conversions(
     ]
     conv["google"] = _google_route(conv, config, window, has_google_click, has_ids)
     conv["meta"] = _meta_route(conv, config, window)
+    if config.google_ads is not None or config.meta is not None:
+        # an identifier no configured destination can use is no identifier (rule 9): a Meta-only
+        # clinic's conversion known only by a gclid would otherwise vanish from every count
+        nowhere = (conv["drop"] == "") & (conv["google"] == "") & (conv["meta"] == "")
+        conv.loc[nowhere, "drop"] = "no_identifiers"
     return conv.drop(columns=["patient_id", "existing"])
 
 

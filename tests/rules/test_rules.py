@@ -263,6 +263,18 @@ def test_fbc_built_from_fbclid(tmp_path: Path) -> None:
     assert "gclid" not in run.rows["google_conversions"][0]
 
 
+def test_a_conversion_no_configured_destination_can_take_has_no_identifiers(tmp_path: Path) -> None:
+    # email, phone and an fbclid, but Google takes identifiers only for enhanced conversions for
+    # leads and there is no Meta section: nothing can carry it, so it is counted, not lost
+    run = case("fbclid_only", tmp_path, meta=None, google_ads__enhanced_conversions_for_leads=False)
+    assert run.drops == {"no_identifiers": 2}
+    assert stages(run) == {"consultation": 0, "purchase": 0}
+    assert run.rows["google_conversions"] == []
+    # the same visit with Meta configured is a conversion
+    sent = case("fbclid_only", tmp_path / "meta", google_ads__enhanced_conversions_for_leads=False)
+    assert stages(sent) == {"consultation": 1, "purchase": 1} and len(sent.rows["meta_events"]) == 2
+
+
 def test_journey_groups_leads_and_dedupes_visits(tmp_path: Path) -> None:
     run = case("journeys", tmp_path, start="2026-01-15", end="2026-03-01")
     assert stages(run) == {"consultation": 1, "purchase": 1}
