@@ -9,6 +9,7 @@ from SQLAlchemy's error messages and no message carries a value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from etl.errors import ConfigError, InputError, RowProblem
 
 PARAMETERS = ("clinic_id", "start", "end")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _aware_utc(value: datetime | None, label: str) -> datetime | None:
@@ -46,7 +48,14 @@ def as_text(value: object) -> str:
         return value.isoformat(sep=" ")
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float | Decimal):
+    if isinstance(value, float):
+        # a single-precision column (`real`) arrives widened: 760.1 as 760.0999755859375. A
+        # double that a float32 holds exactly is printed as the float32's shortest digits, which
+        # for amounts in cents changes nothing else (only .00/.25/.50/.75 are exact in both)
+        exact = math.isfinite(value) and abs(value) <= _FLOAT32_MAX and float(np.float32(value)) == value
+        shortest = np.float32(value) if exact else value
+        return np.format_float_positional(shortest, trim="-")  # never exponent notation
+    if isinstance(value, Decimal):
         return format(value, "f")  # never exponent notation, which no amount pattern accepts
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")

@@ -33,6 +33,9 @@
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
 -- On PostgreSQL the session's time zone is set to the clinic's, so such a column is also
 -- compared with the start and end parameters as clinic-local time.
+-- Amounts: prefer numeric. A real (float4) column, or arithmetic that widens one to a double,
+-- reads as the float's shortest digits (760.1, not 760.0999755859375); a real holds only about
+-- 7 significant digits, so 1234567.89 stored as real is already 1234567.9 in the database.
 -- Whole-line comments are dropped before the query is parsed; a colon-prefixed word after
 -- SQL on the same line would be bound as a parameter.
 

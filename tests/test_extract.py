@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -629,6 +630,17 @@ def test_sql_source_binds_clinic_and_window(source_db: str):
     assert lead_frame["lead_id"].tolist() == ["L1"]
     assert lead_frame["gclid"].tolist() == ["Cj0abc"]
     assert lead_frame["created_at"].tolist() == [utc("2026-03-01 17:00")]
+
+
+def test_sql_source_numbers_read_as_the_digits_the_database_holds() -> None:
+    # a `real` (float4) column arrives widened to a double: 760.1 as 760.0999755859375
+    from etl.sqlread import as_text
+
+    assert as_text(float(np.float32(760.1))) == "760.1"
+    assert as_text(760.1) == "760.1" and as_text(1234567.89) == "1234567.89"
+    assert as_text(100.0) == "100" and as_text(-12.25) == "-12.25"
+    assert as_text(1e20) == "100000000000000000000"  # never exponent notation
+    assert as_text(Decimal("350.50")) == "350.50"
 
 
 def test_sql_source_needs_the_window_it_binds(source_db: str):

@@ -286,6 +286,33 @@ def test_a_sql_source_with_clinic_local_timestamps_selects_the_clinics_window(
     assert sorted(frame["appointment_id"]) == ["A-early", "A-late"]
 
 
+def test_a_sql_source_float4_revenue_reads_as_its_digits(postgres_url: str, tmp_path: Path) -> None:
+    # a query that widens a `real` (arithmetic with a double, a cast) hands the driver
+    # 760.0999755859375 for 760.1, and so does a binary-protocol driver
+    from etl import extract
+    from tests.conftest import make_config
+
+    url = _fresh_database(postgres_url, "medspa_pms_real")
+    with sa.create_engine(url).begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE pms_appts (appointment_id text, status text, start_at timestamptz,"
+                " revenue real, tip double precision)"
+            )
+        )
+        conn.execute(sa.text("INSERT INTO pms_appts VALUES ('A1', 'completed', '2026-03-02 18:00Z', 760.1, 0)"))  # fmt: skip
+    queries = {
+        "real.sql": "SELECT appointment_id, status, start_at, revenue FROM pms_appts",
+        "widened.sql": "SELECT appointment_id, status, start_at, revenue + tip AS revenue FROM pms_appts",
+    }
+    read = {}
+    for name, sql in queries.items():
+        (tmp_path / name).write_text(sql)
+        config = make_config(tmp_path, sources__appointments={"sql_url": url, "query": name})
+        read[name] = extract.read_appointments(config.sources.appointments, config)["revenue"].tolist()
+    assert read == {"real.sql": [760.1], "widened.sql": [760.1]}
+
+
 def test_postgres_a_full_resync_moves_the_synced_state_into_the_pending_adds(postgres_url: str) -> None:
     from etl import ledger
 
