@@ -62,7 +62,7 @@ def build_dag(clinic: steps.Clinic) -> DAG:
                 description="sandbox: local fakes of Google and Meta; live: the real APIs.",
             ),
         },
-        default_args={"retries": 0, "on_failure_callback": steps.notify_failure},
+        default_args={**steps.RETRIES, "on_failure_callback": steps.notify_failure},
     )
     def medspa_conversions() -> None:
         @task

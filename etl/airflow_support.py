@@ -20,7 +20,8 @@ import logging
 import os
 import urllib.request
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,9 +52,12 @@ STEP_IDS = (
     "extract", "stage", "validate_inputs", "build_conversions", "validate_outbound",
     "upload_google", "upload_meta", "sync_suppression", "report",
 )  # fmt: skip
-# upload tasks only: a transient platform or network failure is worth another try; a rerun
-# re-sends nothing the ledger holds as final (SPEC rule 11)
-UPLOAD_RETRIES: dict[str, Any] = {
+# Every step retries what a retry can change: a transient platform, network or database failure,
+# or a refusal because another process holds the run's folder or the platform's send lease.
+# Our own errors (configuration, data, gates) fail at once (_fail_without_retry). Each step is
+# safe to repeat: writers rebuild their files, and a rerun re-sends nothing the ledger holds as
+# final (SPEC rule 11).
+RETRIES: dict[str, Any] = {
     "retries": 3,
     "retry_delay": timedelta(minutes=2),
     "retry_exponential_backoff": 2.0,
@@ -63,7 +67,7 @@ UPLOAD_RETRIES: dict[str, Any] = {
 # backfill's runs are not bound by the DAG's max_active_runs (Airflow 3 gives each backfill its
 # own, 10 unless --max-active-runs says otherwise), and two uploads of overlapping intervals
 # running at once can both send a batch before either records it.
-SENDING_TASK: dict[str, Any] = {**UPLOAD_RETRIES, "max_active_tis_per_dag": 1}
+SENDING_TASK: dict[str, Any] = {"max_active_tis_per_dag": 1}
 
 Target = Literal["sandbox", "live"]
 Family = Literal["google", "meta"]
@@ -270,8 +274,9 @@ def _skip(reason: str) -> NoReturn:
 
 
 def _fail_without_retry(exc: MedspaError) -> NoReturn:
-    """Our errors are about configuration or data, which a retry does not change; the one that
-    is not (another sender holds the lease) fails the try and leaves Airflow's retries to it."""
+    """Our errors are about configuration or data, which a retry does not change; the ones that
+    are not (another process holds the run's folder or the send lease) fail the try and leave
+    Airflow's retries to them."""
     from airflow.sdk.exceptions import AirflowFailException
 
     if exc.retryable:
@@ -293,22 +298,34 @@ def fail_run_for_failed_sends() -> NoReturn:
     )
 
 
+@contextmanager
+def _step_errors() -> Iterator[None]:
+    """Around each step's work: our errors fail the task without a retry unless one can help."""
+    try:
+        yield
+    except MedspaError as exc:
+        _fail_without_retry(exc)
+
+
 def run_extract(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     from etl import tasks
 
-    return _done("extract", tasks.extract(run_spec(config_path, start, end)))
+    with _step_errors():
+        return _done("extract", tasks.extract(run_spec(config_path, start, end)))
 
 
 def run_stage(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     from etl import tasks
 
-    return _done("stage", tasks.stage(run_spec(config_path, start, end)))
+    with _step_errors():
+        return _done("stage", tasks.stage(run_spec(config_path, start, end)))
 
 
 def run_validate_inputs(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     from etl import tasks
 
-    return _done("validate_inputs", tasks.validate_inputs(run_spec(config_path, start, end)))
+    with _step_errors():
+        return _done("validate_inputs", tasks.validate_inputs(run_spec(config_path, start, end)))
 
 
 def run_build_conversions(
@@ -325,18 +342,20 @@ def run_build_conversions(
     """
     from etl import tasks
 
-    dry_run, target = run_params(params)
-    spec = run_spec(config_path, start, end)
-    secret = id_secret(real_send=not dry_run and target == "live")
     counts = {k: int(v) for k, v in (inputs or {}).items() if k != "run_id" and isinstance(v, int)}
-    result = tasks.build_conversions(spec, secret=secret, dry_run=dry_run, target=target, inputs=counts)
-    return _done("build_conversions", result)
+    with _step_errors():
+        dry_run, target = run_params(params)
+        spec = run_spec(config_path, start, end)
+        secret = id_secret(real_send=not dry_run and target == "live")
+        result = tasks.build_conversions(spec, secret=secret, dry_run=dry_run, target=target, inputs=counts)
+        return _done("build_conversions", result)
 
 
 def run_validate_outbound(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     from etl import tasks
 
-    return _done("validate_outbound", tasks.validate_outbound(run_spec(config_path, start, end)))
+    with _step_errors():
+        return _done("validate_outbound", tasks.validate_outbound(run_spec(config_path, start, end)))
 
 
 def run_upload(
@@ -349,15 +368,13 @@ def run_upload(
     """Send one platform's conversions; skipped on a dry run or without that platform's section."""
     from etl import tasks
 
-    dry_run, target = run_params(params)
-    if dry_run:
-        _skip("dry run: the outbox is written, nothing is sent")
-    spec = run_spec(config_path, start, end)
-    environ = live_environ(spec.config, (family,)) if target == "live" else None
-    try:
+    with _step_errors():
+        dry_run, target = run_params(params)
+        if dry_run:
+            _skip("dry run: the outbox is written, nothing is sent")
+        spec = run_spec(config_path, start, end)
+        environ = live_environ(spec.config, (family,)) if target == "live" else None
         result = tasks.upload(spec, family, target=target, environ=environ)
-    except MedspaError as exc:
-        _fail_without_retry(exc)
     if "skipped" in result:
         _skip(str(result["skipped"]))
     return _done(f"upload_{family}", result)
@@ -368,15 +385,13 @@ def run_sync_suppression(
 ) -> dict[str, Any]:
     from etl import tasks
 
-    dry_run, target = run_params(params)
-    if dry_run:
-        _skip("dry run: suppression lists are not synced")
-    spec = run_spec(config_path, start, end)
-    environ = live_environ(spec.config, ("google", "meta")) if target == "live" else None
-    try:
+    with _step_errors():
+        dry_run, target = run_params(params)
+        if dry_run:
+            _skip("dry run: suppression lists are not synced")
+        spec = run_spec(config_path, start, end)
+        environ = live_environ(spec.config, ("google", "meta")) if target == "live" else None
         result = tasks.sync_suppression(spec, target=target, environ=environ)
-    except MedspaError as exc:
-        _fail_without_retry(exc)
     if "skipped" in result:
         _skip(str(result["skipped"]))
     return _done("sync_suppression", result)
@@ -387,12 +402,13 @@ def run_report(config_path: str, start: datetime | None, end: datetime | None) -
     from etl import tasks
     from etl.outbox import SUMMARY_FILE
 
-    spec = run_spec(config_path, start, end)
-    if spec.paths.stopped.exists() or not (spec.paths.outbox / SUMMARY_FILE).exists():
-        # the report runs after failed sends too (trigger rule all_done); before a published
-        # outbox there is nothing to fold, and the failed step has already said why
-        _skip("nothing was published: the run stopped before the outbox")
-    result = tasks.report(spec)
+    with _step_errors():
+        spec = run_spec(config_path, start, end)
+        if spec.paths.stopped.exists() or not (spec.paths.outbox / SUMMARY_FILE).exists():
+            # the report runs after failed sends too (trigger rule all_done); before a published
+            # outbox there is nothing to fold, and the failed step has already said why
+            _skip("nothing was published: the run stopped before the outbox")
+        result = tasks.report(spec)
     summary = result["summary"]
     out: dict[str, Any] = {
         "run_id": result["run_id"],

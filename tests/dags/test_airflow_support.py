@@ -184,6 +184,37 @@ def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
     assert window.start.isoformat() == "2026-11-22T03:00:00-08:00"
 
 
+def test_a_writer_step_refused_for_a_run_in_progress_is_retried_and_bad_input_is_not(tmp_path: Path) -> None:
+    # a CLI run of the same interval holds the run's folder: the DAG's extract failed the whole
+    # run (writer steps had no retries); a missing export fails at once, as before
+    import shutil
+
+    import yaml
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.conftest import BASE_CONFIG, DATA
+    from tests.test_leases import _holding_the_folder
+
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
+    path = tmp_path / "clinic.yaml"
+    path.write_text(yaml.safe_dump(BASE_CONFIG))
+    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    holder = _holding_the_folder(support.run_spec(path, start, end).paths.run_dir, shared=False)
+    try:
+        with pytest.raises(Exception) as refused:
+            support.run_extract(str(path), start, end)
+        assert not isinstance(refused.value, AirflowFailException)  # Airflow's retries take it up
+        assert "another process" in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert support.run_extract(str(path), start, end)["appointments_rows"] == 2  # the retry works
+    (tmp_path / "leads.csv").unlink()
+    with pytest.raises(AirflowFailException, match=r"leads\.csv: file not found"):
+        support.run_extract(str(path), start, end)
+
+
 def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -89,8 +89,9 @@ def test_nightly_dag_shape(parses: list[dict[str, Any]]) -> None:
     assert dag["params"] == {"dry_run": False, "target": "sandbox"}
     assert dag["edges"] == EDGES
     assert dag["has_failure_callback"] is True and dag["watcher_alerts"] is False
-    # retries on the tasks that talk to the platforms only
-    assert {t for t, n in dag["retries"].items() if n} == {"upload_google", "upload_meta", "sync_suppression"}
+    # every step retries (our own errors fail at once, see _fail_without_retry); the watcher not
+    assert {t for t, n in dag["retries"].items() if not n} == {"sends_failed"}
+    assert dag["retries"]["extract"] == dag["retries"]["upload_google"] == 3
     # a backfill's runs are not bound by max_active_runs: the sending tasks never overlap
     assert dag["one_at_a_time"] == ["sync_suppression", "upload_google", "upload_meta"]
     assert dag["trigger_rules"]["report"] == "TriggerRule.ALL_DONE"
