@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from etl import deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
 from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
-from etl.outbox import read_summary
+from etl.outbox import SUMMARY_FILE, read_summary
 from etl.rules.stages import RunWindow
 
 log = logging.getLogger(__name__)
@@ -181,20 +181,23 @@ def validate_outbound(
     """Gate the pending plan again (and run outbound data-quality checks), then publish it.
 
     A real run's conversions go into the ledger as ``planned`` here, before any upload starts
-    (``deliver.plan_conversions``); a dry run and a validate-only run record nothing.
+    (``deliver.plan_conversions``); a dry run and a validate-only run record nothing. The
+    database is claimed for the run's target before the plan is published: a sandbox run
+    refused on a database that sends live leaves no outbox that looks ready to send.
     """
     from etl import quality
 
+    plan = read_summary(spec.paths.pending) if (spec.paths.pending / SUMMARY_FILE).exists() else None
+    sends_to = plan["target"] if plan and not plan["dry_run"] and not validate_only else None
+    if sends_to:
+        with spec.engine() as engine:
+            ledger.claim_target(engine, spec.config.clinic_id, sends_to, run_id=spec.run_id, at=_clock())
     outbox = pipeline.publish_outbox(
         spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
     )
     shutil.rmtree(spec.paths.results, ignore_errors=True)
-    summary = read_summary(outbox)
-    if not summary["dry_run"] and not validate_only:
+    if sends_to:
         with spec.engine() as engine:
-            ledger.claim_target(
-                engine, spec.config.clinic_id, summary["target"], run_id=spec.run_id, at=_clock()
-            )
             deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock())
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 

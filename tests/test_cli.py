@@ -357,3 +357,25 @@ def test_a_send_another_process_holds_exits_8_after_the_others_and_the_report(tm
     destinations = json.loads(summary_file.read_text(encoding="utf-8"))["destinations"]
     assert destinations["google_conversions"]["accepted"] > 0 and destinations["meta_events"]["sent"] == 0
     assert destinations["meta_audience"]["sent_adds"] > 0
+
+
+def test_a_sandbox_run_on_a_database_that_sends_live_publishes_nothing(tmp_path: Path) -> None:
+    # the claim was checked after the outbox was published: the refused run left an outbox
+    # that read as ready to send
+    from datetime import UTC, datetime
+
+    from etl import ledger, store
+
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    database = tmp_path / "var" / "live.sqlite"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with store.engine_for(f"sqlite:///{database}") as engine:
+        ledger.claim_target(
+            engine, "sunrise-medspa", "live", run_id="night-1", at=datetime(2026, 6, 1, tzinfo=UTC)
+        )
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30",
+                                 "--target", "sandbox", "--database", f"sqlite:///{database}"])  # fmt: skip
+    assert result.exit_code == ConfigError.exit_code and "holds live sends" in result.stderr
+    assert not list((tmp_path / "var" / "runs").glob("*/outbox/summary.json"))
+    with store.engine_for(f"sqlite:///{database}") as engine, engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() == 0
