@@ -126,3 +126,9 @@ class RunInProgress(MedspaError):
 
     exit_code = 8
     retryable = True
+
+
+class NotPlanned(MedspaError):
+    """A step found no plan or no published outbox for its run: the step before it has not run
+    for this interval since its extract (a step retried or cleared on its own, out of order).
+    Nothing was changed; run the interval again from its extract."""

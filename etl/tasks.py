@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from etl import deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
-from etl.errors import DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
+from etl.errors import DestinationConfigError, MedspaError, NotPlanned, QuotaExhausted, SendInProgress
 from etl.outbox import SUMMARY_FILE, read_summary
 from etl.rules.stages import RunWindow
 
@@ -184,22 +184,41 @@ def validate_outbound(
     (``deliver.plan_conversions``); a dry run and a validate-only run record nothing. The
     database is claimed for the run's target before the plan is published: a sandbox run
     refused on a database that sends live leaves no outbox that looks ready to send.
+
+    A retry after the plan was published (the ledger refused the planned rows, say) publishes
+    nothing again and records the published plan.
     """
     from etl import quality
 
-    plan = read_summary(spec.paths.pending) if (spec.paths.pending / SUMMARY_FILE).exists() else None
-    sends_to = plan["target"] if plan and not plan["dry_run"] and not validate_only else None
+    pending = (spec.paths.pending / SUMMARY_FILE).exists()
+    if not pending and not (spec.paths.outbox / SUMMARY_FILE).exists():
+        raise NotPlanned(
+            f"no plan to publish for run {spec.run_id}: build_conversions has not run since its extract"
+        )
+    plan = read_summary(spec.paths.pending if pending else spec.paths.outbox)
+    sends_to = plan["target"] if not plan["dry_run"] and not validate_only else None
     if sends_to:
         with spec.engine() as engine:
             ledger.claim_target(engine, spec.config.clinic_id, sends_to, run_id=spec.run_id, at=_clock())
-    outbox = pipeline.publish_outbox(
-        spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
-    )
-    shutil.rmtree(spec.paths.results, ignore_errors=True)
+    outbox = spec.paths.outbox
+    if pending:
+        outbox = pipeline.publish_outbox(
+            spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
+        )
+        shutil.rmtree(spec.paths.results, ignore_errors=True)
     if sends_to:
         with spec.engine() as engine:
             deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock())
     return {"run_id": spec.run_id, "outbox": str(outbox)}
+
+
+def _published_summary(spec: RunSpec) -> dict[str, Any]:
+    """The published outbox's summary; a step run out of order gets a clear error, not a traceback."""
+    if not (spec.paths.outbox / SUMMARY_FILE).exists():
+        raise NotPlanned(
+            f"no published outbox for run {spec.run_id}: validate_outbound has not run since its extract"
+        )
+    return read_summary(spec.paths.outbox)
 
 
 def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
@@ -231,7 +250,7 @@ def upload(
     """
     from etl.targets import open_destinations
 
-    summary = read_summary(spec.paths.outbox)
+    summary = _published_summary(spec)
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
     name = _FAMILY[family][0]
@@ -284,7 +303,7 @@ def sync_suppression(
     """Mirror both suppression lists from the published outbox; the synced state moves after success."""
     from etl.targets import open_destinations
 
-    summary = read_summary(spec.paths.outbox)
+    summary = _published_summary(spec)
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
     out: dict[str, Any] = {"run_id": spec.run_id}
@@ -332,7 +351,7 @@ def report(spec: RunSpec) -> dict[str, Any]:
     """Fold upload results into summary.json, record it, render ``report.html``; return the counts."""
     from etl.report import render_run_report
 
-    summary = read_summary(spec.paths.outbox)
+    summary = _published_summary(spec)
     merged = pipeline.finalize_summary(spec.paths, summary)
     with spec.engine() as engine:
         ledger.record_summary(engine, merged, run_id=spec.run_id, at=_clock())

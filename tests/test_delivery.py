@@ -6,6 +6,7 @@ accepted, not on our ledger alone.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -339,3 +340,34 @@ def test_one_list_refused_does_not_hold_back_the_other(
     assert result["requests"] == len(result["request_ids"]) > 0
     assert all(isinstance(i, str) and i for i in result["request_ids"])
     assert not (spec.paths.results / "google_customer_match.json").exists()
+
+
+def test_validate_outbound_retried_after_it_published_records_the_same_plan(
+    clinic_dir: Path, tmp_path: Path
+) -> None:
+    # every Airflow step now retries: a retry after the publish (the ledger write failed, say)
+    # found no pending plan and raised FileNotFoundError on every try
+    from etl.errors import NotPlanned
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    published = {
+        name: (spec.paths.outbox / name).read_bytes() for name in ("summary.json", "meta_events.jsonl")
+    }
+    with store.engine_for(spec.config.resolved_database_url(spec.database)) as engine:
+        first = ledger.read_ledger(engine, cfg.clinic_id, "meta_events")
+        with engine.begin() as conn:
+            conn.execute(sa.delete(store.send_ledger))  # as if the plan's ledger write had failed
+    assert tasks.validate_outbound(spec)["outbox"] == str(spec.paths.outbox)
+    assert {name: (spec.paths.outbox / name).read_bytes() for name in published} == published
+    with store.engine_for(spec.config.resolved_database_url(spec.database)) as engine:
+        again = ledger.read_ledger(engine, cfg.clinic_id, "meta_events")
+    assert len(first) > 60 and set(again) == set(first)
+    assert {r.status for r in again.values()} == {"planned"}
+
+    # a step run out of order says so instead of a traceback
+    shutil.rmtree(spec.paths.outbox)
+    with pytest.raises(NotPlanned, match="no plan to publish"):
+        tasks.validate_outbound(spec)
+    with pytest.raises(NotPlanned, match="no published outbox"):
+        tasks.upload(spec, "meta", target="sandbox")
