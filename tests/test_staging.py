@@ -179,6 +179,45 @@ def test_duplicates_in_one_export_resolve_by_updated_at(tmp_path: Path) -> None:
     ]
 
 
+def test_a_locked_staging_database_is_a_refusal_a_retry_can_pass_and_refused_data_is_not(
+    tmp_path: Path,
+) -> None:
+    # with retries on every Airflow step, a night of a backfill that finds the SQLite file
+    # locked past the busy timeout is retried; a load the database refuses for its data is not
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from etl.errors import StagingError
+    from tests.conftest import DATA
+
+    config = make_config(DATA / "rules" / "refund")
+    path = _extract(config, tmp_path / "run").extracts / "appointments.parquet"
+    database = tmp_path / "s.sqlite"
+    with store.engine_for(f"sqlite:///{database}"):
+        pass  # the tables
+    impatient = sa.create_engine(f"sqlite:///{database}", connect_args={"timeout": 0.05})
+    holder = sqlite3.connect(database)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StagingError, match="code SQLITE_BUSY") as locked:
+            staging.load_extract(impatient, "appointments", config.clinic_id, path)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert locked.value.retryable
+    assert staging.load_extract(impatient, "appointments", config.clinic_id, path).exact  # it passes
+
+    holder = sqlite3.connect(database)
+    holder.execute("DROP TABLE appointments")  # a refusal no retry changes
+    holder.commit()
+    holder.close()
+    with pytest.raises(StagingError) as missing:
+        staging.load_extract(impatient, "appointments", config.clinic_id, path)
+    assert not missing.value.retryable
+    impatient.dispose()
+
+
 def test_the_committed_ddl_is_the_tables_ddl() -> None:
     committed = Path(__file__).resolve().parents[1] / "sql" / "schema.sql"
     assert committed.read_text(encoding="utf-8") == store.schema_ddl(), "run `make schema`"
