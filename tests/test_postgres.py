@@ -353,3 +353,23 @@ def test_postgres_a_lease_released_between_the_insert_and_the_read_is_taken(
         with leases.hold(engine, "pg-race", "meta_events", run_id="second") as lease:
             lease.check()
     assert calls == [False, True]
+
+
+def test_postgres_refusals_a_retry_can_pass_are_told_from_refused_data(postgres_url: str) -> None:
+    # real psycopg2 errors: a connection the server ended passes (the stage step retries it);
+    # a statement the server refuses for its data does not
+    import psycopg2
+
+    url = sa.make_url(postgres_url)
+    connect = {"host": url.host, "port": url.port, "user": url.username, "dbname": url.database}
+    victim, killer = psycopg2.connect(**connect), psycopg2.connect(**connect)
+    killer.autocommit = True
+    with killer.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (victim.get_backend_pid(),))
+    with pytest.raises(psycopg2.OperationalError) as ended:
+        victim.cursor().execute("SELECT 1")
+    with pytest.raises(psycopg2.DataError) as refused:
+        killer.cursor().execute("SELECT 1 / 0")
+    killer.close()
+    assert staging._passes(ended.value)
+    assert not staging._passes(refused.value)
