@@ -8,8 +8,8 @@ counts a re-sent conversion twice. Airflow's own limits only bind Airflow's task
 lease lives where every sender looks: the staging database that holds the ledger.
 
 A holder renews its lease from a heartbeat thread while it sends; a lease not renewed for
-``TTL`` (its process died on another machine), or one held by a process on this machine that
-no longer exists, is taken over. Anything else refuses the second sender with
+``TTL`` (its process died on another machine), or one held by a process on this machine (and
+in this PID namespace) that no longer exists, is taken over. Anything else refuses the second sender with
 ``SendInProgress`` before it reads the ledger: nothing was sent, and a rerun after the first
 one ends is safe.
 """
@@ -127,9 +127,24 @@ def hold(
             log.warning("%s: could not release the send lease (%s)", destination, type(exc).__name__)
 
 
+def process_space() -> str:
+    """Where this process's PID means something: the host name, plus the PID namespace on Linux.
+
+    Containers sharing a host name (``network_mode: host``) each number their processes from 1:
+    a PID that does not exist here may be a live sender in the container next door, so a lease
+    is only judged "process gone" from within the same namespace.
+    """
+    host = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:  # not Linux, or no /proc: the host name alone
+        return host
+    return f"{host} {namespace}"
+
+
 def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, clock: Clock) -> Lease:
-    host, pid = socket.gethostname(), os.getpid()
-    holder = f"{host}:{pid}:{uuid.uuid4().hex[:12]}"
+    host, pid = process_space(), os.getpid()
+    holder = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:12]}"
     now = clock()
     row = {"clinic_id": clinic_id, "destination": destination, "holder": holder, "run_id": run_id,
            "host": host, "pid": pid, "acquired_at": now, "renewed_at": now}  # fmt: skip
@@ -154,7 +169,7 @@ def _acquire(engine: Engine, clinic_id: str, destination: str, *, run_id: str, c
         if not gone and now - renewed_at < TTL:
             raise SendInProgress(
                 f"{destination} for clinic {clinic_id}: another sender holds it (run {current['run_id']}, "
-                f"{current['host']} pid {current['pid']}, since {_utc(current['acquired_at']):%Y-%m-%d %H:%M:%S} "
+                f"{str(current['host']).split()[0]} pid {current['pid']}, since {_utc(current['acquired_at']):%Y-%m-%d %H:%M:%S} "
                 f"UTC); nothing was sent. Rerun when it has ended (a sender that died is taken over after "
                 f"{int(TTL.total_seconds() // 60)} minutes without a heartbeat)"
             )

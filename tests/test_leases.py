@@ -138,6 +138,52 @@ def test_a_lease_held_by_a_live_process_refuses_and_one_killed_is_taken_over(
     assert "took over the send lease of run cli-backfill (process gone)" in caplog.text
 
 
+def test_a_dead_pid_is_only_judged_gone_from_the_holders_own_pid_namespace(tmp_path: Path) -> None:
+    # a container beside this one with the same host name (network_mode: host) numbers its
+    # processes from 1: a PID missing here may be a live sender there
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that no longer exists here
+    now = datetime.now(UTC)
+    other_namespace = f"{socket.gethostname()} pid:[1]"
+    assert leases.process_space() != other_namespace
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        for space, taken_over in ((other_namespace, False), (leases.process_space(), True)):
+            with engine.begin() as conn:
+                conn.execute(sa.delete(store.send_leases))
+                conn.execute(store.send_leases.insert(), {
+                    "clinic_id": CLINIC, "destination": DEST, "holder": f"x:{gone.pid}:abc", "run_id": "next-door",
+                    "host": space, "pid": gone.pid, "acquired_at": now, "renewed_at": now})  # fmt: skip
+            if taken_over:
+                with leases.hold(engine, CLINIC, DEST, run_id="nightly"):
+                    pass
+            else:
+                with (
+                    pytest.raises(
+                        SendInProgress, match=rf"run next-door, {socket.gethostname()} pid {gone.pid},"
+                    ),
+                    leases.hold(engine, CLINIC, DEST, run_id="nightly"),
+                ):
+                    pass
+
+
+def test_a_process_in_another_pid_namespace_has_another_process_space() -> None:
+    import shutil as sh
+
+    if sh.which("unshare") is None:
+        pytest.skip("no unshare(1) here to start a process in a new PID namespace")
+    inside = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         "from etl.leases import process_space; print(process_space())"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if inside.returncode != 0:
+        pytest.skip("unshare(1) is not permitted here (needs CAP_SYS_ADMIN)")
+    assert inside.stdout.split()[0] == leases.process_space().split()[0]  # same host name
+    assert inside.stdout.strip() != leases.process_space()
+
+
 @pytest.mark.parametrize(("silent_for", "taken_over"), [(timedelta(minutes=1), False), (leases.TTL, True)])
 def test_a_lease_of_another_machine_is_taken_over_only_after_its_heartbeat_stopped(
     tmp_path: Path, silent_for: timedelta, taken_over: bool
