@@ -604,7 +604,7 @@ def email_alert(to: str, payload: Mapping[str, Any]) -> None:
     """Mail the alert via the SMTP connection ``MEDSPA_ALERT_SMTP_CONN`` names (smtp_default)."""
     from airflow.providers.smtp.hooks.smtp import SmtpHook
 
-    conn_id = os.environ.get(ALERT_SMTP_CONN, "").strip() or "smtp_default"
+    conn_id = alert_setting(ALERT_SMTP_CONN) or "smtp_default"
     body = "<pre>" + html.escape(json.dumps(payload, indent=2, sort_keys=True)) + "</pre>"
     with SmtpHook(smtp_conn_id=conn_id) as hook:
         hook.send_email_smtp(to=[a.strip() for a in to.split(",") if a.strip()],

@@ -226,3 +226,41 @@ def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not()
         support._fail_without_retry(SendInProgress("another sender holds it"))
     assert not isinstance(retried.value, AirflowFailException)  # Airflow's retries take it up
     assert "another sender holds it" in str(retried.value)
+
+
+def test_the_alert_mail_goes_through_the_smtp_connection_a_variable_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # MEDSPA_ALERT_SMTP_CONN was read from the environment only, though the docs (and the other
+    # alert settings) take an Airflow Variable too; a real SMTP exchange with a local server
+    import threading
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import asyncore
+        import smtpd
+
+    received: list[tuple[str, list[str], bytes]] = []
+
+    class Server(smtpd.SMTPServer):
+        def process_message(
+            self, peer: Any, mailfrom: str, rcpttos: list[str], data: bytes, **_: Any
+        ) -> None:
+            received.append((mailfrom, rcpttos, data))
+
+    server = Server(("127.0.0.1", 0), None)
+    loop = threading.Thread(target=asyncore.loop, kwargs={"timeout": 0.05}, daemon=True)
+    loop.start()
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_MEDSPA_TEST_SMTP", json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": server.socket.getsockname()[1],
+            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "alerts@clinic.test"}}))  # fmt: skip
+        monkeypatch.delenv(support.ALERT_SMTP_CONN, raising=False)
+        monkeypatch.setenv(f"AIRFLOW_VAR_{support.ALERT_SMTP_CONN}", "medspa_test_smtp")
+        support.email_alert("ops@clinic.test, oncall@clinic.test", {"text": "medspa-conversions: x failed"})
+    finally:
+        server.close()
+    ((mailfrom, to, data),) = received
+    assert (mailfrom, to) == ("alerts@clinic.test", ["ops@clinic.test", "oncall@clinic.test"])
+    assert b"Subject: medspa-conversions: x failed" in data
