@@ -439,6 +439,7 @@ def plan_run(
         leads = leads.drop(columns=list(store.HASH_COLUMNS))
         release_memory()
         audiences = _audience_deltas(config, engine, members, full_resync=full_resync, end=window.end)
+        lists_without_id = _lists_without_id(config)
         outbound["google_customer_match"] = payloads.google_audience_lines(
             list(audiences["google_customer_match"].adds.values())
             if "google_customer_match" in audiences
@@ -461,6 +462,8 @@ def plan_run(
             }
             if delta is not None and delta.skipped:
                 destinations[dest]["skipped_newer_sync"] = 1
+            if dest in lists_without_id:
+                destinations[dest]["skipped_no_list"] = 1
     with timings.step("gate"):
         check_outbound(config, outbound)
     kept = conv[conv["drop"] == ""]
@@ -491,6 +494,27 @@ def plan_run(
 
 def _is_final(entry: ledger.LedgerEntry | None) -> bool:
     return entry is not None and entry.status in ledger.FINAL_STATES
+
+
+def _lists_without_id(config: ClinicConfig) -> set[str]:
+    """Lists with suppression on but no list named: skipped, and said so (``doctor`` flags them
+    too, and a live CLI run refuses), rather than passed over in silence every night."""
+    google, meta = config.google_ads, config.meta
+    lists = [
+        ("google_customer_match", "google_ads", google and (google.suppression_enabled, google.suppression_user_list),
+         "suppression_user_list"),
+        ("meta_audience", "meta", meta and (meta.suppression_enabled, meta.suppression_audience_id),
+         "suppression_audience_id"),
+    ]  # fmt: skip
+    skipped = set()
+    for dest, section, state, key in lists:
+        if state and state[0] and not state[1]:
+            log.warning(
+                "%s: suppression is on but %s.%s is not set: the list is not synced (set it, or "
+                "set %s.suppression_enabled: false)", dest, section, key, section,
+            )  # fmt: skip
+            skipped.add(dest)
+    return skipped
 
 
 def _audience_deltas(

@@ -149,6 +149,23 @@ def test_suppression_lists_respect_the_clinic_switches(tmp_path: Path) -> None:
     assert len(run.rows["meta_audience"]) == 1
 
 
+def test_a_list_switched_on_without_its_id_is_skipped_out_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # it was passed over in silence: members 0, adds 0, night after night
+    config = make_config(DATA / "rules" / "existing_patient", meta__suppression_audience_id=None)
+    with caplog.at_level("WARNING", logger="etl.pipeline"):
+        run = run_dry(config, "2026-05-01", "2026-06-30", tmp_path)
+    assert run.rows["meta_audience"] == [] and len(run.rows["google_customer_match"]) == 1
+    assert run.summary["destinations"]["meta_audience"]["skipped_no_list"] == 1
+    assert "skipped_no_list" not in run.summary["destinations"]["google_customer_match"]
+    assert "meta_audience: suppression is on but meta.suppression_audience_id is not set" in caplog.text
+    switched_off = make_config(DATA / "rules" / "existing_patient", meta__suppression_audience_id=None,
+                               meta__suppression_enabled=False)  # fmt: skip
+    off = run_dry(switched_off, "2026-05-01", "2026-06-30", tmp_path / "off")
+    assert "skipped_no_list" not in off.summary["destinations"]["meta_audience"]
+
+
 def test_failed_gate_writes_no_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from etl import payloads
     from etl.errors import GateViolation
