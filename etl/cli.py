@@ -1,8 +1,9 @@
 """``medspa-conversions``: the command-line door into ``etl.pipeline`` (the DAG is the other).
 
 Progress and logs go to stderr; stdout carries only the run summary (counts, never PHI), so
-``medspa-conversions run ... --json | jq`` works. The CLI is the one place that reads the
-wall clock: for default dates and for audit timestamps in the ledger, never for a rule.
+``medspa-conversions run ... --json | jq`` works. The rules never read the wall clock (the
+run's ``end`` is "now"); the CLI reads it for default dates, and the send steps for audit
+timestamps and for Meta's age limit at a live upload (Meta judges age on receipt).
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ class Target(StrEnum):
 
 
 def parse_boundary(text: str, config: ClinicConfig) -> datetime:
-    """A date is the clinic-local midnight starting it; an ISO datetime needs an offset."""
+    """A date is the clinic-local midnight starting it; an ISO datetime without an offset is
+    clinic-local time."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
             return datetime(day.year, day.month, day.day, tzinfo=config.tz)
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"'{text}' is not a date (2026-11-23) or ISO datetime with offset") from None
+        raise ConfigError(
+            f"'{text}' is not a date (2026-11-23) or ISO datetime (2026-11-23T03:00-08:00)"
+        ) from None
     if value.tzinfo is None:
         return value.replace(tzinfo=config.tz)
     return value
@@ -116,7 +120,7 @@ def run(
     start: Annotated[
         str | None,
         typer.Option(
-            help="Interval start: a clinic-local date (2026-10-01) or ISO datetime with offset. Default: the day before --end."
+            help="Interval start: a clinic-local date (2026-10-01) or ISO datetime (an offset, or none for clinic-local time). Default: the day before --end."
         ),
     ] = None,
     end: Annotated[

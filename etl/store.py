@@ -1,7 +1,7 @@
 """Staging database: the tables, the engine, bulk inserts (loading and reading staged exports is etl.staging).
 
-SQLite (a file beside the clinic YAML) is the embedded default; any SQLAlchemy URL works, and
-PostgreSQL is the deployment target (issue #2, item 4). These Core tables are the source of
+SQLite (``<yaml folder>/var/<clinic_id>.sqlite``) is the embedded default; any SQLAlchemy URL
+works, and PostgreSQL is the deployment target (issue #2, item 4). These Core tables are the source of
 truth and create themselves; ``sql/schema.sql`` is their DDL generated for readers and DBAs
 (``make schema``; a test keeps it current).
 

@@ -348,7 +348,7 @@ def make_meta_destinations(
         retry_wait: scales every wait (transient back-off base in seconds; a throttling minute
             lasts ``60 * retry_wait`` seconds, capped at ``900 * retry_wait``); default 1.0.
         environ: defaults to ``os.environ``.
-        session_seed: seeds audience ``session_id``s; default ``"<clinic_id>:<now>"``.
+        session_seed: seeds audience ``session_id``s; default ``"<clinic_id>:<now>:<nonce>"``.
 
     Raises:
         ConfigError: no ``meta`` section, or ``META_ACCESS_TOKEN`` missing for a live target.

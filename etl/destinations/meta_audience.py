@@ -50,8 +50,9 @@ class MetaAudience:
     """``AudienceDestination`` for one clinic's suppression Custom Audience.
 
     Args:
-        now: the run's end; with the clinic id it seeds the upload ``session_id``s when no
-            ``session_seed`` is given, so a rerun of the same run uses the same ids.
+        now: the run's end; with the clinic id and a random nonce it seeds the upload
+            ``session_id``s when no ``session_seed`` is given, so a rerun (an Airflow retry)
+            never reopens a session an earlier attempt finished.
         session_seed: caller-chosen seed for ``session_id`` (e.g. the run id).
         max_rows: rows per ``/users`` call (Meta allows 10,000).
     """

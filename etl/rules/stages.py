@@ -3,7 +3,7 @@
 Input is the journeys walk (``etl.rules.journeys``); output is one row per conversion candidate
 whose ready time falls in the run's window, with a ``drop`` reason (empty when kept) and, per
 destination, whether it goes there or why not. Conversion-level reasons count conversions
-(journey x stage); appointment-level reasons are counted by ``etl.rules.counts``.
+(journey x stage); appointment-level reasons are counted by ``etl.pipeline._row_drops``.
 """
 
 from __future__ import annotations
