@@ -166,13 +166,16 @@ def _audience_table(summary: dict[str, Any]) -> str:
         if counts:
             cells = "".join(f'<td class="num">{int(counts.get(k, 0)):,}</td>'
                             for k in ("members", "adds", "removes", "sent_adds", "sent_removes", "rejected"))  # fmt: skip
-            rows.append(f"<tr><td>{_e(dest)}</td>{cells}</tr>")
+            note = ("not synced: suppression is on but no list ID is set" if counts.get("skipped_no_list")
+                    else "left alone: a later run already synced it" if counts.get("skipped_newer_sync")
+                    else "")  # fmt: skip
+            rows.append(f"<tr><td>{_e(dest)}</td>{cells}<td>{_e(note)}</td></tr>")
     codes = []
     for dest in ("google_conversions", "meta_events"):
         for code, n in (summary.get("destinations", {}).get(dest, {}).get("rejected_codes") or {}).items():
             codes.append(f'<tr><td>{_e(dest)}</td><td>{_e(code)}</td><td class="num">{int(n):,}</td></tr>')
     out = ("<h3>Suppression lists</h3><table><tr><th>list</th><th>members</th><th>adds</th><th>removes</th>"
-           f"<th>sent adds</th><th>sent removes</th><th>rejected</th></tr>{''.join(rows)}</table>")  # fmt: skip
+           f"<th>sent adds</th><th>sent removes</th><th>rejected</th><th>note</th></tr>{''.join(rows)}</table>")  # fmt: skip
     if codes:
         out += f"<h3>Rejections by platform code</h3><table><tr><th>destination</th><th>code</th><th>rows</th></tr>{''.join(codes)}</table>"
     return out

@@ -222,3 +222,14 @@ def test_upload_outcomes_count_each_conversion_once() -> None:
     assert bars == {"accepted": 5, "rejected": 1, "deferred": 0, "already_sent": 4,
                     "not attempted (dry run or planned)": 2}  # fmt: skip
     assert sum(bars.values()) == counts["planned"] + 2
+
+
+def test_the_list_table_says_why_a_list_was_not_synced() -> None:
+    from etl.report import _audience_table
+
+    html = _audience_table({"destinations": {
+        "google_customer_match": {"members": 5, "adds": 5, "skipped_newer_sync": 1},
+        "meta_audience": {"members": 0, "skipped_no_list": 1}}})  # fmt: skip
+    google, meta = html.split("<td>google_customer_match</td>")[1], html.split("<td>meta_audience</td>")[1]
+    assert "a later run already synced it" in google.split("</tr>")[0]
+    assert "no list ID is set" in meta.split("</tr>")[0]
