@@ -633,10 +633,13 @@ def publish_outbox(
     """Re-check the pending plan (PHI gate, then any data-quality checks) and make it the outbox.
 
     The gate runs on the rows as read back from disk, so what the uploaders will read is
-    exactly what was checked. On any failure the pending plan is deleted: no outbox appears.
+    exactly what was checked. A plan the gates refuse is deleted: no outbox appears. Any other
+    failure (a locked database while the check results are stored, say) keeps it, so a retry
+    checks the same plan again instead of finding nothing to publish.
     """
     import shutil
 
+    from etl.errors import GateViolation, QualityGateFailed
     from etl.outbox import OUTBOX_FILES, check_outbox_folder, read_rows
 
     try:
@@ -646,7 +649,7 @@ def publish_outbox(
         release_memory()
         if checks is not None:
             checks(paths.pending)
-    except BaseException:
+    except (GateViolation, QualityGateFailed):
         shutil.rmtree(paths.pending, ignore_errors=True)
         raise
     check_outbox_folder(paths.outbox)

@@ -41,7 +41,14 @@ def config_for(clinic_dir: Path, api: str) -> ClinicConfig:
 
 
 def build(
-    cfg: ClinicConfig, start: str, end: str, db: str, tmp: Path, *, full_resync: bool = False
+    cfg: ClinicConfig,
+    start: str,
+    end: str,
+    db: str,
+    tmp: Path,
+    *,
+    full_resync: bool = False,
+    publish: bool = True,
 ) -> tasks.RunSpec:
     spec = tasks.spec_for(
         cfg,
@@ -67,7 +74,8 @@ def build(
     tasks.extract(spec)
     tasks.stage(spec)
     tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox", full_resync=full_resync)
-    tasks.validate_outbound(spec)
+    if publish:
+        tasks.validate_outbound(spec)
     return spec
 
 
@@ -371,3 +379,34 @@ def test_validate_outbound_retried_after_it_published_records_the_same_plan(
         tasks.validate_outbound(spec)
     with pytest.raises(NotPlanned, match="no published outbox"):
         tasks.upload(spec, "meta", target="sandbox")
+
+
+def test_validate_outbound_failing_for_a_locked_database_is_retried_on_the_same_plan(
+    clinic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the pending plan was deleted on any error: a try that failed while storing its check
+    # results left every retry with "no plan to publish", and the night was lost
+    from etl import quality
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 'ref.sqlite'}", tmp_path / "ref")
+    reference = (spec.paths.outbox / "google_conversions.jsonl").read_bytes()
+
+    real_store = quality.store_results
+    calls = {"n": 0}
+
+    def locked_once(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        return real_store(*args, **kwargs)
+
+    spec = build(
+        cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path, publish=False
+    )
+    monkeypatch.setattr(quality, "store_results", locked_once)
+    with pytest.raises(sa.exc.OperationalError):
+        tasks.validate_outbound(spec)
+    assert (spec.paths.pending / "summary.json").exists() and not spec.paths.outbox.exists()
+    tasks.validate_outbound(spec)  # Airflow's retry
+    assert (spec.paths.outbox / "google_conversions.jsonl").read_bytes() == reference
