@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,21 +111,23 @@ def _upload(
     name = destination.name
     id_field = _ID_FIELD[name]
     recorded = ledger.read_ledger(engine, config.clinic_id, name)
-    todo = [
-        r
+    final = {
+        r[id_field]: recorded[r[id_field]]
         for r in rows
-        if not (r[id_field] in recorded and recorded[r[id_field]].status in ledger.FINAL_STATES)
-    ]
+        if r[id_field] in recorded and recorded[r[id_field]].status in ledger.FINAL_STATES
+    }
+    todo = [r for r in rows if r[id_field] not in final]
     counts: dict[str, Any] = {
         "planned": len(rows),
         "sent": 0,
         "accepted": 0,
         "rejected": 0,
-        "already_sent": len(rows) - len(todo),
+        "already_sent": 0,
         "deferred": 0,
         "requests": 0,
     }
     rejected_codes: dict[str, int] = {}
+    _count_finished(final.values(), run_id, counts, rejected_codes)
     if not validate_only:
         # every row still to go is planned before the first request: a process killed at any
         # batch (or stopped by a quota) leaves the rest unfinished in the ledger, so a later run
@@ -177,6 +179,34 @@ def _upload(
         counts["validate_only"] = True
     log.info("%s: %s", name, {k: v for k, v in counts.items() if k != "rejected_codes"})
     return counts
+
+
+def _count_finished(
+    entries: Iterable[ledger.LedgerEntry], run_id: str, counts: dict[str, Any], rejected_codes: dict[str, int]
+) -> None:
+    """Count rows found final before this upload started.
+
+    The plan leaves out what was final when it was made, so a row of this plan that is final
+    under this run's id was finished by an earlier attempt of this upload (an Airflow retry, a
+    rerun after a kill): it counts as what that attempt did, so the summary says what this run
+    sent. A row another run finished meanwhile is ``already_sent``. The earlier attempt's
+    request count is not known and is not added.
+    """
+    earlier = 0
+    for entry in entries:
+        if entry.run_id != run_id:
+            counts["already_sent"] += 1
+            continue
+        earlier += 1
+        if entry.status in ("accepted", "sent") or entry.request_id:  # it left this process
+            counts["sent"] += 1
+        if entry.status != "sent":
+            counts[entry.status] += 1
+        if entry.status == "rejected":
+            rejected_codes[entry.code or "unknown"] = rejected_codes.get(entry.code or "unknown", 0) + 1
+    if earlier:
+        counts["finished_by_an_earlier_attempt"] = earlier
+        log.info("%d row(s) were finished by an earlier attempt of this run; counted as its own", earlier)
 
 
 def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -43,6 +43,8 @@ _FINAL_LITERALS: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{state}'") 
 class LedgerEntry:
     status: str
     code: str | None
+    run_id: str | None = None  # the run that recorded this state (a final state is never rewritten)
+    request_id: str | None = None
 
 
 def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at: datetime) -> None:
@@ -80,11 +82,15 @@ def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at
 def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(send_ledger.c.opaque_id, send_ledger.c.status, send_ledger.c.code).where(
-                send_ledger.c.clinic_id == clinic_id, send_ledger.c.destination == destination
-            )
+            sa.select(
+                send_ledger.c.opaque_id,
+                send_ledger.c.status,
+                send_ledger.c.code,
+                send_ledger.c.run_id,
+                send_ledger.c.request_id,
+            ).where(send_ledger.c.clinic_id == clinic_id, send_ledger.c.destination == destination)
         )
-        return {r.opaque_id: LedgerEntry(r.status, r.code) for r in rows}
+        return {r.opaque_id: LedgerEntry(r.status, r.code, r.run_id, r.request_id) for r in rows}
 
 
 def write_ledger(
