@@ -23,9 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from etl import leases, ledger
+from etl import leases, ledger, store
 from etl.config import ClinicConfig
 from etl.destinations.base import (
     AudienceDestination,
@@ -155,7 +157,7 @@ def _upload(
             # and counted, so summary.json and the ledger agree
             decided = _tally(exc.partial_results, stages, counts, rejected_codes)
             if not validate_only:  # the batches not reached stay planned for the next run
-                ledger.write_ledger(engine, config.clinic_id, name, decided, run_id=run_id, at=clock())
+                _record_outcomes(engine, config.clinic_id, name, decided, run_id=run_id, at=clock())
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
                 counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -171,7 +173,7 @@ def _upload(
             break
         entries = _tally(results, stages, counts, rejected_codes)
         if not validate_only:
-            ledger.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
+            _record_outcomes(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:
             on_batch(number, len(batches))
     counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -179,6 +181,31 @@ def _upload(
         counts["validate_only"] = True
     log.info("%s: %s", name, {k: v for k, v in counts.items() if k != "rejected_codes"})
     return counts
+
+
+# The outcome of a batch the platform took is recorded with retries of its own: failing here
+# fails the step, and its retry sends the batch again (Data Manager counts a re-sent conversion
+# twice). About a minute of waits covers a busy SQLite file or a PostgreSQL failover.
+RECORD_ATTEMPTS = 7
+RECORD_WAIT = wait_exponential_jitter(multiplier=0.5, max=20)
+
+
+def _record_outcomes(
+    engine: Engine, clinic_id: str, name: str, entries: list[dict[str, Any]], *, run_id: str, at: datetime
+) -> None:
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None and store.passes_on_retry(exc.orig)
+
+    for attempt in Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(RECORD_ATTEMPTS),
+                            wait=RECORD_WAIT, reraise=True, before_sleep=_log_record_retry):  # fmt: skip
+        with attempt:
+            ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at)
+
+
+def _log_record_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("recording a sent batch failed (%s); trying again (attempt %d of %d)",
+                type(getattr(exc, "orig", None) or exc).__name__, state.attempt_number + 1, RECORD_ATTEMPTS)  # fmt: skip
 
 
 def _count_finished(

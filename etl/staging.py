@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from etl import store
 from etl.errors import StagingError
 from etl.store import HASH_COLUMNS, appointments, bulk_insert, leads, to_epoch_us
 
@@ -216,21 +217,8 @@ def load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loade
             f"staging {kind}: the database refused the load ({type(cause).__name__}, code {code}); "
             "nothing of this load was kept"
         )
-        error.retryable = _passes(cause)
+        error.retryable = store.passes_on_retry(cause)
         raise error from None
-
-
-def _passes(cause: BaseException) -> bool:
-    """A refusal that a later try can get past: a locked SQLite file (another night of a
-    backfill staging beyond the busy timeout), a lost PostgreSQL connection, a deadlock or a
-    server shutting down. Refused data (integrity, type, a missing table) does not pass."""
-    sqlite_name = getattr(cause, "sqlite_errorname", None)
-    if sqlite_name is not None:
-        return str(sqlite_name).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-    if type(cause).__name__ != "OperationalError":
-        return False
-    pgcode = getattr(cause, "pgcode", None)
-    return pgcode is None or str(pgcode).startswith(("08", "40", "53", "57P"))
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:

@@ -395,3 +395,16 @@ def schema_ddl(dialect: str = "postgresql") -> str:
     )
     body = ";\n".join(str(CreateTable(t).compile(dialect=target)).strip() for t in metadata.sorted_tables)
     return header + "\n" + "\n".join(line.rstrip() for line in f"{body};".splitlines()) + "\n"
+
+
+def passes_on_retry(cause: BaseException) -> bool:
+    """A refusal that a later try can get past: a locked SQLite file (another night of a
+    backfill staging beyond the busy timeout), a lost PostgreSQL connection, a deadlock or a
+    server shutting down. Refused data (integrity, type, a missing table) does not pass."""
+    sqlite_name = getattr(cause, "sqlite_errorname", None)
+    if sqlite_name is not None:
+        return str(sqlite_name).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    if type(cause).__name__ != "OperationalError":
+        return False
+    pgcode = getattr(cause, "pgcode", None)
+    return pgcode is None or str(pgcode).startswith(("08", "40", "53", "57P"))

@@ -413,3 +413,41 @@ def test_validate_outbound_failing_for_a_locked_database_is_retried_on_the_same_
     assert (spec.paths.pending / "summary.json").exists() and not spec.paths.outbox.exists()
     tasks.validate_outbound(spec)  # Airflow's retry
     assert (spec.paths.outbox / "google_conversions.jsonl").read_bytes() == reference
+
+
+def test_a_busy_database_while_recording_a_sent_batch_does_not_send_it_again(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the batch's outcome failed to record, the step failed, and its retry sent the batch again:
+    # Data Manager counted those conversions twice
+    import sqlite3
+
+    from tenacity import wait_none
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-23", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    planned = [r["order_id"] for r in _rows(spec, "google_conversions")]
+    locked = tmp_path / "locked.sqlite"
+    holder = sqlite3.connect(locked)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        sqlite3.connect(locked, timeout=0).execute("SELECT * FROM t")
+    holder.rollback()
+    assert busy.value.sqlite_errorname == "SQLITE_BUSY"
+
+    real_write = ledger.write_ledger
+    calls = {"n": 0}
+
+    def busy_after_the_first_batch(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # call 1 plans the rows; call 2 records batch 1, which went out
+            raise sa.exc.OperationalError("INSERT INTO send_ledger", {}, busy.value)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "write_ledger", busy_after_the_first_batch)
+    monkeypatch.setattr(deliver, "RECORD_WAIT", wait_none(), raising=False)
+    counts = upload(spec, "google", sandboxes, batch=25)
+    received = sent_once(sandboxes, "google")
+    assert set(received) == set(planned) and max(received.values()) == 1
+    assert counts["accepted"] == len(planned) and calls["n"] > 2

@@ -371,5 +371,5 @@ def test_postgres_refusals_a_retry_can_pass_are_told_from_refused_data(postgres_
     with pytest.raises(psycopg2.DataError) as refused:
         killer.cursor().execute("SELECT 1 / 0")
     killer.close()
-    assert staging._passes(ended.value)
-    assert not staging._passes(refused.value)
+    assert store.passes_on_retry(ended.value)
+    assert not store.passes_on_retry(refused.value)
