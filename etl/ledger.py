@@ -383,7 +383,18 @@ def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datet
 
 
 def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, at: datetime) -> None:
+    """Add the run's summary as it stands now; one the run's latest row already holds (a report
+    retried after it recorded) is not added twice."""
+    text = json.dumps(summary, sort_keys=True)
     with engine.begin() as conn:
+        latest = conn.execute(
+            sa.select(run_summaries.c.summary)
+            .where(run_summaries.c.run_id == run_id)
+            .order_by(run_summaries.c.recorded_at.desc())
+            .limit(1)
+        ).scalar()
+        if latest == text:
+            return
         conn.execute(
             run_summaries.insert(),
             {
@@ -394,6 +405,6 @@ def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, a
                 "end": summary["end"],
                 "dry_run": bool(summary["dry_run"]),
                 "target": summary["target"],
-                "summary": json.dumps(summary, sort_keys=True),
+                "summary": text,
             },
         )

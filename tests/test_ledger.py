@@ -404,3 +404,25 @@ def test_the_first_send_recorded_in_a_database_warns_that_it_is_the_record(
         ledger.claim_target(engine, CLINIC, "live", run_id="night-2", at=AT)
     warned = [r for r in caplog.records if "first live send" in r.getMessage()]
     assert len(warned) == 1 and "restore that one instead" in warned[0].getMessage()
+
+
+def test_a_report_retried_after_it_recorded_adds_no_second_summary_row(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    summary = {"clinic_id": CLINIC, "start": "2026-05-01T00:00:00-07:00", "end": "2026-06-01T00:00:00-07:00",
+               "dry_run": False, "target": "sandbox", "stages": {"consultation": 3}}  # fmt: skip
+    later = {**summary, "stages": {"consultation": 4}}
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        ledger.record_summary(engine, summary, run_id="r1", at=AT)
+        ledger.record_summary(
+            engine, summary, run_id="r1", at=datetime(2026, 6, 1, 0, 5, tzinfo=UTC)
+        )  # the retry
+        ledger.record_summary(
+            engine, later, run_id="r1", at=datetime(2026, 6, 2, tzinfo=UTC)
+        )  # new facts: a row
+        ledger.record_summary(engine, summary, run_id="r2", at=AT)  # another run
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(store.run_summaries.c.run_id, store.run_summaries.c.summary)
+                                .order_by(store.run_summaries.c.recorded_at, store.run_summaries.c.run_id)).all()  # fmt: skip
+    assert [(r.run_id, json.loads(r.summary)["stages"]["consultation"]) for r in rows] == [
+        ("r1", 3), ("r2", 3), ("r1", 4)]  # fmt: skip
