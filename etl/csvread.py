@@ -31,6 +31,7 @@ from etl.errors import InputError, RowProblem
 _BOM = codecs.BOM_UTF8
 _NEWLINE, _CR, _QUOTE, _COMMA = 0x0A, 0x0D, 0x22, 0x2C
 _SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
+_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refused a long note in a column never read
 
 
 def _problem(name: str, line: int | None, reason: str) -> InputError:
@@ -63,6 +64,7 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         body = raw[len(_BOM) :] if raw.startswith(_BOM) else raw
         if _is_utf8(body):
             return body
+        _refuse_mixed_utf8(body, name)
         try:
             return body.decode("cp1252").encode("utf-8")
         except UnicodeDecodeError as exc:
@@ -76,6 +78,10 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         raise _problem(name, _line_at(raw, exc.start), f"not valid {codec} text") from None
+    except LookupError:  # rot13, base64, zlib...: codecs, but not text encodings
+        raise _problem(
+            name, None, f"the source's 'encoding' setting ({codec}) is not a text encoding"
+        ) from None
     if codec == "utf-8":
         return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
     header = text.removeprefix("\ufeff").partition("\n")[0]
@@ -83,6 +89,28 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         # read as one column, every required column would be "missing": say what it is instead
         raise _problem(name, 1, 'tab-separated (Excel "Unicode text"); save it as "CSV UTF-8" instead')
     return text.removeprefix("\ufeff").encode("utf-8")
+
+
+def _refuse_mixed_utf8(body: bytes, name: str) -> None:
+    """A UTF-8 file with a few bytes that are not (one row pasted from a cp1252 source, or the
+    file cut mid-character) is refused, not re-read as cp1252, which would turn every accented
+    name in it into mojibake that hashes to nothing any platform matches.
+
+    UTF-8 is told from cp1252 by counting: more well-formed multi-byte UTF-8 characters than
+    malformed bytes. A cp1252 file rarely forms even one (an accented capital followed by a
+    curly quote or a no-break space does), and its accented letters are all malformed UTF-8.
+    """
+    text = body.decode("utf-8", errors="replace")
+    malformed = text.count("\ufffd")
+    wellformed = len(text) - len(text.encode("ascii", "ignore")) - malformed
+    if wellformed > malformed:
+        line = None
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = _line_at(body, exc.start)
+        raise _problem(name, line, "UTF-8 text with bytes that are not UTF-8 (mixed encodings); "
+                                   "save the export as CSV UTF-8")  # fmt: skip
 
 
 def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool]:
@@ -153,19 +181,33 @@ class CsvExport:
 
     def __init__(self, path: Path, encoding: str | None = None) -> None:
         self.name = path.name
+        csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))  # process-wide, only ever raised
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise _problem(self.name, None, "file not found") from None
+        except OSError as exc:  # a folder, no permission, an I/O error: said by its class only
+            raise _problem(self.name, None, f"cannot be read ({type(exc).__name__})") from None
         self._data = _decode(raw, self.name, encoding)
         scan = _scan_records(self._data)
         self._starts, ends, self._lines, self._quoted_newlines, self._exact_only = scan
-        if not len(self._starts):
+        self.header: list[str] = []
+        # the first record with a non-blank cell: a line of spaces or commas above it is not it
+        for index, (start, end) in enumerate(zip(self._starts, ends, strict=True)):
+            chunk = self._data[start:end].decode("utf-8")
+            try:
+                rows = list(csv.reader(io.StringIO(chunk, newline=""), strict=True))
+            except csv.Error:
+                raise _problem(
+                    self.name, int(self._lines[index]), "malformed header (a quote that does not close)"
+                ) from None
+            blank = [r for r in rows if not any(cell.strip() for cell in r)]
+            if len(blank) < len(rows):
+                self.header = next(r for r in rows if any(cell.strip() for cell in r))
+                self._header_index = index
+                break
+        if not self.header:
             raise _problem(self.name, None, "file is empty (no header)")
-        first = self._data[self._starts[0] : ends[0]].decode("utf-8")
-        self.header: list[str] = next(csv.reader(io.StringIO(first, newline="")), [])
-        if not any(name.strip() for name in self.header):
-            raise _problem(self.name, int(self._lines[0]), "file is empty (no header)")
 
     def read(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray]:
         """Read the header columns at ``indices`` as strings ("" when blank).
@@ -177,7 +219,7 @@ class CsvExport:
         Raises:
             InputError: every row whose field count differs from the header's.
         """
-        fast = None if self._exact_only else self._read_fast(indices)
+        fast = None if self._exact_only or self._header_index else self._read_fast(indices)
         return fast if fast is not None else self._read_exact(indices)
 
     def _read_fast(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray] | None:
@@ -202,7 +244,9 @@ class CsvExport:
 
     def _read_exact(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray]:
         width = len(self.header)
-        reader = csv.reader(io.StringIO(self._data.decode("utf-8"), newline=""))
+        # strict: a quote that does not close where a field ends (`"oops,` with no closing
+        # quote) would otherwise swallow the rows after it into one cell, without a word
+        reader = csv.reader(io.StringIO(self._data.decode("utf-8"), newline=""), strict=True)
         columns: list[list[str]] = [[] for _ in indices]
         lines: list[int] = []
         problems: list[RowProblem] = []
@@ -215,10 +259,13 @@ class CsvExport:
             except StopIteration:
                 break
             except csv.Error:
-                problems.append(RowProblem(self.name, start, None, "malformed CSV record"))
+                reason = "malformed CSV record (a quoted field does not end where a field can end)"
+                problems.append(RowProblem(self.name, start, None, reason))
                 break
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
+            if not seen_header and not any(cell.strip() for cell in row):
+                continue  # blank-celled lines above the header, as the header search skips them
             if not seen_header:
                 seen_header = True
                 continue

@@ -782,3 +782,67 @@ def test_latest_rows_match_a_row_by_row_reference():
         assert keep is not None
         assert np.flatnonzero(keep).tolist() == sorted(row for _, row in best.values())
     assert extract._latest_rows(pa.array(["A1", "A2"]), None) is None
+
+
+def test_a_quote_left_open_is_an_error_not_a_swallowed_row(tmp_path: Path) -> None:
+    # the lenient reader took L2 into L1's notes: one lead fewer, exit 0, outbox written
+    error = _tmp_error(tmp_path, HEADER + 'A1,completed,2026-01-05 09:00,45,Botox,"oops no end\n'
+                       'A2,completed,2026-01-06 09:00,45,Botox,"said ""hi"" x"\n'
+                       "A3,completed,2026-01-07 09:00,45,Botox,\n")  # fmt: skip
+    assert [(p.line, p.reason.split(" (")[0]) for p in error.problems] == [(2, "malformed CSV record")]
+    glued = _tmp_error(tmp_path, HEADER + 'A1,completed,2026-01-05 09:00,45,"Botox"x,\n')
+    assert [p.line for p in glued.problems] == [2] and "Botox" not in str(glued)
+
+
+def test_a_utf8_export_with_a_byte_that_is_not_utf8_is_refused_not_misread(tmp_path: Path) -> None:
+    # the whole file was re-read as cp1252: "Núñez" became "NÃºÃ±ez" and hashed to nothing
+    path = tmp_path / "export.csv"
+    path.write_bytes("appointment_id,status,start_at,first_name\n"
+                     "A1,completed,2026-01-05 09:00,Núñez\nA2,completed,2026-01-05 09:00,Zoë\n".encode()
+                     + b"A3,completed,2026-01-05 09:00,Jos\xe9\n")  # fmt: skip
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.line, p.reason.split(";")[0]) for p in info.value.problems] == [
+        (4, "UTF-8 text with bytes that are not UTF-8 (mixed encodings)")]  # fmt: skip
+    # a real cp1252 file, even one with an accented capital before a no-break space, still reads
+    path.write_bytes("appointment_id,status,start_at,first_name\n"
+                     "A1,completed,2026-01-05 09:00,RENÉ\xa0\nA2,completed,2026-01-05 09:00,Zoë\n"
+                     "A3,completed,2026-01-05 09:00,José\n".encode("cp1252"))  # fmt: skip
+    assert CsvExport(path).read([3])[0][0].to_pylist() == ["RENÉ\xa0", "Zoë", "José"]
+
+
+def test_an_export_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "export.csv").mkdir()  # a folder where the file should be
+    with pytest.raises(InputError, match=r"export\.csv: cannot be read \(IsADirectoryError\)"):
+        CsvExport(tmp_path / "export.csv")
+    (tmp_path / "rot.csv").write_text(HEADER)
+    with pytest.raises(InputError, match="is not a text encoding"):
+        CsvExport(tmp_path / "rot.csv", "rot13")
+
+
+def test_a_stray_quote_in_the_header_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text('appointment_id,"status,start_at\n' + "A1,completed,2026-01-05 09:00\n" * 20_000)
+    with pytest.raises(InputError, match=r"line 1: malformed header"):
+        CsvExport(path)
+
+
+def test_a_cell_longer_than_the_csv_modules_default_limit_reads(tmp_path: Path) -> None:
+    # a 140 kB note (a column never read) plus a stray quote elsewhere sent the file to the
+    # exact reader, whose 128 KiB field limit called the valid row malformed
+    path = tmp_path / "export.csv"
+    path.write_text(HEADER + f"A1,completed,2026-01-05 09:00,45,Botox,{'x' * 140_000}\n"
+                    'A2,completed,2026-01-06 09:00,45,Sam"s peel,\n')  # fmt: skip
+    columns, lines = CsvExport(path).read([0, 4])
+    assert columns[0].to_pylist() == ["A1", "A2"] and lines.tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("above", [b"  \n", b",,\n", b"\n \r\n"])
+def test_blank_celled_lines_above_the_header_are_skipped(tmp_path: Path, above: bytes) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes(above + HEADER.encode() + b"A1,completed,2026-01-05 09:00,45,Botox,\n")
+    export = CsvExport(path)
+    assert export.header[0] == "appointment_id"
+    columns, lines = export.read([0])
+    assert columns[0].to_pylist() == ["A1"] and lines.tolist() == [above.count(b"\n") + 2]
