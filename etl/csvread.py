@@ -201,10 +201,9 @@ class CsvExport:
                 raise _problem(
                     self.name, int(self._lines[index]), "malformed header (a quote that does not close)"
                 ) from None
-            blank = [r for r in rows if not any(cell.strip() for cell in r)]
-            if len(blank) < len(rows):
-                self.header = next(r for r in rows if any(cell.strip() for cell in r))
-                self._header_index = index
+            header = next((row for row in rows if any(cell.strip() for cell in row)), None)
+            if header is not None:
+                self.header, self._header_index = header, index
                 break
         if not self.header:
             raise _problem(self.name, None, "file is empty (no header)")

@@ -500,21 +500,17 @@ def _lists_without_id(config: ClinicConfig) -> set[str]:
     """Lists with suppression on but no list named: skipped, and said so (``doctor`` flags them
     too, and a live CLI run refuses), rather than passed over in silence every night."""
     google, meta = config.google_ads, config.meta
-    lists = [
-        ("google_customer_match", "google_ads", google and (google.suppression_enabled, google.suppression_user_list),
-         "suppression_user_list"),
-        ("meta_audience", "meta", meta and (meta.suppression_enabled, meta.suppression_audience_id),
-         "suppression_audience_id"),
-    ]  # fmt: skip
-    skipped = set()
-    for dest, section, state, key in lists:
-        if state and state[0] and not state[1]:
-            log.warning(
-                "%s: suppression is on but %s.%s is not set: the list is not synced (set it, or "
-                "set %s.suppression_enabled: false)", dest, section, key, section,
-            )  # fmt: skip
-            skipped.add(dest)
-    return skipped
+    unset = []
+    if google is not None and google.suppression_enabled and not google.suppression_user_list:
+        unset.append(("google_customer_match", "google_ads", "suppression_user_list"))
+    if meta is not None and meta.suppression_enabled and not meta.suppression_audience_id:
+        unset.append(("meta_audience", "meta", "suppression_audience_id"))
+    for dest, section, key in unset:
+        log.warning(
+            "%s: suppression is on but %s.%s is not set: the list is not synced (set it, or "
+            "set %s.suppression_enabled: false)", dest, section, key, section,
+        )  # fmt: skip
+    return {dest for dest, _, _ in unset}
 
 
 def _audience_deltas(
