@@ -68,8 +68,8 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         try:
             return body.decode("cp1252").encode("utf-8")
         except UnicodeDecodeError as exc:
-            line = _line_at(body, exc.start)
-            raise _problem(name, line, "neither UTF-8 nor cp1252 text") from None
+            line, column = _where(body, exc.start, "cp1252")
+            raise InputError([RowProblem(name, line, column, "neither UTF-8 nor cp1252 text")]) from None
     try:
         codec = codecs.lookup(encoding).name
     except LookupError:
@@ -104,13 +104,50 @@ def _refuse_mixed_utf8(body: bytes, name: str) -> None:
     malformed = text.count("\ufffd")
     wellformed = len(text) - len(text.encode("ascii", "ignore")) - malformed
     if wellformed > malformed:
-        line = None
+        line, column = None, None
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = _line_at(body, exc.start)
-        raise _problem(name, line, "UTF-8 text with bytes that are not UTF-8 (mixed encodings); "
-                                   "save the export as CSV UTF-8")  # fmt: skip
+            line, column = _where(body, exc.start, "utf-8")
+        reason = "UTF-8 text with bytes that are not UTF-8 (mixed encodings); save the export as CSV UTF-8"
+        raise InputError([RowProblem(name, line, column, reason)])
+
+
+def _where(body: bytes, offset: int, codec: str) -> tuple[int, str | None]:
+    """The line and header column of the undecodable byte at ``offset``, so a clinic can find
+    the one cell to retype; the column is None when the byte is in the header or the record
+    has more cells than the header. Decoded with replacement characters, which leave every
+    byte before ``offset`` where it was."""
+    line = _line_at(body, offset)
+    text = body.decode(codec, errors="replace")
+    at = len(body[:offset].decode(codec, errors="replace"))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    record_line = 1  # the first line of the record holding the byte
+    try:
+        while True:
+            first = reader.line_num + 1
+            if first > line:
+                break
+            row = next(reader)
+            if header is None and any(cell.strip() for cell in row):
+                if reader.line_num >= line:
+                    return line, None  # the byte is in the header itself
+                header = row
+            record_line = first
+    except (StopIteration, csv.Error):
+        pass
+    if header is None:
+        return line, None
+    pos = at
+    for _ in range(line - record_line + 1):  # back to the newline before the record
+        pos = text.rfind("\n", 0, pos)
+        if pos < 0:
+            break
+    # a fragment ending inside a quoted cell reads as that cell, unclosed quote and all
+    cells = next(csv.reader(io.StringIO(text[pos + 1 : at], newline="")), [""])
+    index = max(len(cells) - 1, 0)
+    return line, header[index] if index < len(header) else None
 
 
 def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool]:
@@ -192,6 +229,7 @@ class CsvExport:
         scan = _scan_records(self._data)
         self._starts, ends, self._lines, self._quoted_newlines, self._exact_only = scan
         self.header: list[str] = []
+        self.header_line = 1
         # the first record with a non-blank cell: a line of spaces or commas above it is not it
         for index, (start, end) in enumerate(zip(self._starts, ends, strict=True)):
             chunk = self._data[start:end].decode("utf-8")
@@ -204,6 +242,7 @@ class CsvExport:
             header = next((row for row in rows if any(cell.strip() for cell in row)), None)
             if header is not None:
                 self.header, self._header_index = header, index
+                self.header_line = int(self._lines[index])
                 break
         if not self.header:
             raise _problem(self.name, None, "file is empty (no header)")

@@ -165,7 +165,11 @@ class _Column:
     utc: bool
 
 
-def _match_columns(section: ProfileSection, header: list[str], name: str) -> list[_Column]:
+def _match_columns(
+    section: ProfileSection, header: list[str], name: str, line: int | None = None
+) -> list[_Column]:
+    """Map the profile's fields to header positions; ``line`` is the header's line in a CSV
+    file (None for a query's result), so a header problem says where to look."""
     positions: dict[str, list[int]] = {}
     for i, label in enumerate(header):
         positions.setdefault(_normalize(label), []).append(i)
@@ -175,7 +179,7 @@ def _match_columns(section: ProfileSection, header: list[str], name: str) -> lis
         for spec in specs:
             hits = positions.get(_normalize(spec.column), [])
             if len(hits) > 1:
-                problems.append(RowProblem(name, None, spec.column, "duplicate column header"))
+                problems.append(RowProblem(name, line, spec.column, "duplicate column header"))
             elif hits:
                 found.append(_Column(field, hits[0], header[hits[0]], spec.utc))
             if hits:
@@ -184,7 +188,7 @@ def _match_columns(section: ProfileSection, header: list[str], name: str) -> lis
             if field in section.required:
                 others = " or ".join(f"'{s.column}'" for s in specs[1:])
                 reason = "missing required column" + (f" (nor {others})" if others else "")
-                problems.append(RowProblem(name, None, specs[0].column, reason))
+                problems.append(RowProblem(name, line, specs[0].column, reason))
     if problems:
         raise InputError(problems)
     return found
@@ -323,7 +327,7 @@ def _read(
     if source.path is not None:
         export = CsvExport(config.resolve(source.path), source.encoding)
         name = export.name
-        columns = _match_columns(section, export.header, name)
+        columns = _match_columns(section, export.header, name, export.header_line)
         arrays, lines = export.read([c.index for c in columns])
     else:
         assert source.query is not None
@@ -354,7 +358,7 @@ def check_csv_header(kind: Kind, source: SourceConfig, config: ClinicConfig) -> 
     assert source.path is not None
     section = _section(source.profile, kind)
     export = CsvExport(config.resolve(source.path), source.encoding)
-    return len(_match_columns(section, export.header, export.name))
+    return len(_match_columns(section, export.header, export.name, export.header_line))
 
 
 def read_appointments(

@@ -55,12 +55,12 @@ def test_good_run_prints_counts_and_the_outbox(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fixture", "encoding", "expected"),
     [
-        ("missing_column.csv", None, "column 'start_at': missing required column"),
+        ("missing_column.csv", None, "line 1, column 'start_at': missing required column"),
         ("bad_date.csv", None, "column 'start_at': not an ISO 8601"),
         ("undecodable.csv", None, "neither UTF-8 nor cp1252 text"),
         ("cp1252.csv", "utf-8", "appointments.csv"),
         ("empty.csv", None, "file is empty"),
-        ("duplicate_header.csv", None, "column 'status': duplicate column header"),
+        ("duplicate_header.csv", None, "line 1, column 'status': duplicate column header"),
     ],
     ids=["missing_column", "bad_date", "undecodable", "wrong_encoding", "empty_file", "duplicate_header"],
 )
@@ -176,7 +176,7 @@ def test_doctor_opens_the_exports_as_a_run_would(tmp_path: Path) -> None:
         app, ["doctor", "--config", str(clinic(tmp_path, tmp_path / "renamed.csv"))], env={"COLUMNS": "250"}
     )  # one line per check
     assert renamed.exit_code == 1
-    assert "invalid: appointments.csv, column 'status': missing required column" in renamed.stdout
+    assert "invalid: appointments.csv, line 1, column 'status': missing required column" in renamed.stdout
 
 
 def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:

@@ -144,8 +144,8 @@ def test_forced_wrong_encoding_names_file_and_line():
 
 def test_missing_required_column_names_file_and_column_not_values():
     error = input_error("missing_column.csv")
-    assert [(p.file, p.column, p.reason) for p in error.problems] == [
-        ("missing_column.csv", "start_at", "missing required column")
+    assert [(p.file, p.line, p.column, p.reason) for p in error.problems] == [
+        ("missing_column.csv", 1, "start_at", "missing required column")
     ]
     assert "missing_column.csv" in str(error) and "start_at" in str(error)
     assert "P-SECRET-1" not in str(error)
@@ -242,7 +242,19 @@ def test_a_nul_character_in_a_staged_text_cell_is_an_error_by_line(tmp_path: Pat
 
 def test_duplicate_header_names_the_column():
     error = input_error("duplicate_header.csv")
-    assert [(p.column, p.reason) for p in error.problems] == [("status", "duplicate column header")]
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (1, "status", "duplicate column header")
+    ]
+
+
+def test_a_header_problem_names_the_header_line_below_blank_lines(tmp_path: Path) -> None:
+    # Excel's "CSV" of a sheet whose table starts lower keeps the empty rows above it
+    error = _tmp_error(
+        tmp_path, ",,,\n\n" + HEADER.replace("start_at", "starts") + "A0,completed,x,45,Botox,\n"
+    )
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (3, "start_at", "missing required column")
+    ]
 
 
 def test_empty_file_is_an_error():
@@ -712,10 +724,10 @@ def test_utf16_with_bom_is_detected():
     assert frame["source_line"].tolist() == [2]
 
 
-def test_neither_utf8_nor_cp1252_names_file_and_line():
+def test_neither_utf8_nor_cp1252_names_file_line_and_column():
     error = input_error("undecodable.csv")
-    assert [(p.file, p.line, p.reason) for p in error.problems] == [
-        ("undecodable.csv", 3, "neither UTF-8 nor cp1252 text")
+    assert [(p.file, p.line, p.column, p.reason) for p in error.problems] == [
+        ("undecodable.csv", 3, "status", "neither UTF-8 nor cp1252 text")
     ]
 
 
@@ -803,13 +815,43 @@ def test_a_utf8_export_with_a_byte_that_is_not_utf8_is_refused_not_misread(tmp_p
     config = make_config(tmp_path, appointments={"path": "export.csv"})
     with pytest.raises(InputError) as info:
         extract.read_appointments(config.sources.appointments, config)
-    assert [(p.line, p.reason.split(";")[0]) for p in info.value.problems] == [
-        (4, "UTF-8 text with bytes that are not UTF-8 (mixed encodings)")]  # fmt: skip
+    assert [(p.line, p.column, p.reason.split(";")[0]) for p in info.value.problems] == [
+        (4, "first_name", "UTF-8 text with bytes that are not UTF-8 (mixed encodings)")]  # fmt: skip
     # a real cp1252 file, even one with an accented capital before a no-break space, still reads
     path.write_bytes("appointment_id,status,start_at,first_name\n"
                      "A1,completed,2026-01-05 09:00,RENÉ\xa0\nA2,completed,2026-01-05 09:00,Zoë\n"
                      "A3,completed,2026-01-05 09:00,José\n".encode("cp1252"))  # fmt: skip
     assert CsvExport(path).read([3])[0][0].to_pylist() == ["RENÉ\xa0", "Zoë", "José"]
+
+
+@pytest.mark.parametrize(
+    ("above", "record", "expected"),
+    [
+        (b"", b"\xe9A4,completed,2026-01-05 09:00,x\n", (5, "appointment_id")),
+        (b"", b'A4,completed,2026-01-05 09:00,"two\nli\xe9nes"\n', (6, "first_name")),  # quoted newline
+        (
+            b",,,\n\n",
+            b"A4,completed,2026-01-05 0\xe99:00,x\n",
+            (7, "start_at"),
+        ),  # blank lines above the header
+        (b"", b"A4,completed,2026-01-05 09:00,x,\xe9\n", (5, None)),  # a cell past the header's width
+    ],
+    ids=["first_cell", "quoted_newline", "below_blank_lines", "past_the_header"],
+)
+def test_an_undecodable_byte_is_placed_by_line_and_column(
+    tmp_path: Path, above: bytes, record: bytes, expected: tuple[int, str | None]
+) -> None:
+    # the clinic retypes one cell in Excel; the line alone leaves a row of a dozen to search
+    good = "A1,completed,2026-01-05 09:00,Núñez\nA2,completed,2026-01-05 09:00,Zoë\nA3,completed,2026-01-05 09:00,Renée\n"
+    path = tmp_path / "export.csv"
+    path.write_bytes(above + b"appointment_id,status,start_at,first_name\n" + good.encode() + record)
+    with pytest.raises(InputError) as info:
+        CsvExport(path)
+    assert [(p.line, p.column) for p in info.value.problems] == [expected]
+    (tmp_path / "header.csv").write_bytes(b"appointment_id,st\xe9tus,start_at,first_name\n" + good.encode())
+    with pytest.raises(InputError) as info:
+        CsvExport(tmp_path / "header.csv")
+    assert [(p.line, p.column) for p in info.value.problems] == [(1, None)]  # in the header itself
 
 
 def test_an_export_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
