@@ -9,10 +9,9 @@ staging (daily volume, the extract results reused) and ``outbound_checks`` insid
 stops the run before the outbox exists and before anything is sent.
 
 PHI-safe by construction (STYLE items 12 and 22): the frames hold hashes, opaque IDs and counts;
-GX is asked for counts only (``SUMMARY`` with ``partial_unexpected_count: 0``,
-``exclude_unexpected_values: True`` and an opaque ``unexpected_index_column_names``); GX runs in
+GX is asked for counts and opaque row keys only (``etl.quality_gx.RESULT_FORMAT``); GX runs in
 an ephemeral context (nothing written to disk) with progress bars off and its logger at WARNING;
-what is kept of a result is a ``CheckResult`` of names and counts. GX is imported lazily: its
+what is kept of a result is a ``CheckResult`` of names, counts and the first failing lines or days. GX is imported lazily: its
 import costs seconds and must not be paid by ``import etl.*`` or a DAG parse.
 """
 

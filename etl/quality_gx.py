@@ -4,11 +4,12 @@ Split from ``etl.quality`` (the gates) so that module reads as the gates' order 
 the contract is issue #5 and ``docs/quality.md``. GX is imported inside functions only: its
 import costs seconds and must not be paid by ``import etl.*`` or a DAG parse.
 
-PHI-safe by construction (STYLE items 12 and 22): GX is asked for counts only (``SUMMARY`` with
-``partial_unexpected_count: 0``, ``exclude_unexpected_values: True`` and an opaque
-``unexpected_index_column_names``); it runs in an ephemeral context (nothing written to disk)
-with progress bars off and its logger at WARNING; what is kept of a result is a ``CheckResult``
-of names and counts.
+PHI-safe by construction (STYLE items 12 and 22): GX is asked for counts and row keys only
+(``SUMMARY`` with ``exclude_unexpected_values: True`` and an opaque
+``unexpected_index_column_names``, so its partial list holds the first few failing rows' keys and
+no value); it runs in an ephemeral context (nothing written to disk) with progress bars off and
+its logger at WARNING; what is kept of a result is a ``CheckResult`` of names, counts and, where
+the key is a line or a day, the first few failing keys.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class CheckResult:
     unexpected_count: int | None
     element_count: int | None
     error: bool = False  # GX could not evaluate it (a missing column): counted as a failure
+    # where to look, e.g. "export lines 7, 12, 40, ...": the first failing rows' keys where
+    # the key is an export line, an outbox line or a day; kept in memory only, not stored
+    where: str = ""
 
     @property
     def label(self) -> str:
@@ -49,13 +53,20 @@ class CheckResult:
             return f"{self.label}: could not be evaluated (column missing or of the wrong type)"
         if self.unexpected_count is None:
             return f"{self.label}: failed (table-level check)"
-        return f"{self.label}: {self.unexpected_count:,} of {self.element_count or 0:,} rows"
+        where = f" ({self.where})" if self.where else ""
+        return f"{self.label}: {self.unexpected_count:,} of {self.element_count or 0:,} rows{where}"
+
+
+# the row keys worth showing: a line to open in the export or the outbox, a day to look at; the
+# other keys (a schema row, an opaque ID, a metric) point at nothing a person can open
+_EXAMPLE_NOUNS = {"source_line": "export line", "line": "outbox line", "day": "day"}  # + "s"
+EXAMPLES_SHOWN = 3
 
 
 # counts plus an opaque row key, never values (STYLE item 22)
 RESULT_FORMAT = {
     "result_format": "SUMMARY",
-    "partial_unexpected_count": 0,
+    "partial_unexpected_count": EXAMPLES_SHOWN,
     "exclude_unexpected_values": True,
     "unexpected_index_column_names": [ROW_KEY],
     "return_unexpected_index_query": False,
@@ -157,6 +168,26 @@ def _raised(info: Any) -> bool:
     return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
 
 
+def _where(suite: Suite, counts: Mapping[str, Any]) -> str:
+    """Where to look: the first failing rows' keys from GX's partial index list, where they are
+    lines or days a person can open."""
+    if suite.key not in _EXAMPLE_NOUNS:
+        return ""
+    keys: list[str] = []
+    # GX's shape varies by expectation: one ``{ROW_KEY: [key]}`` per row, one ``{ROW_KEY: [keys]}``
+    # for them all, or bare lists of keys
+    for item in counts.get("partial_unexpected_index_list") or ():
+        found = item.get(ROW_KEY) if isinstance(item, dict) else item
+        for key in found if isinstance(found, list | tuple) else [found]:
+            if key is not None and len(keys) < EXAMPLES_SHOWN:
+                keys.append(str(pd.Timestamp(key).date()) if suite.key == "day" else str(key))
+    if not keys:
+        return ""
+    noun = _EXAMPLE_NOUNS[suite.key] + ("s" if len(keys) > 1 else "")
+    more = ", ..." if int(counts.get("unexpected_count") or 0) > len(keys) else ""
+    return f"{noun} {', '.join(keys)}{more}"
+
+
 def _collect(suite: Suite, result: Any) -> list[CheckResult]:
     order = {e.meta["check"]: i for i, e in enumerate(suite.expectations)}
     out = []
@@ -175,6 +206,7 @@ def _collect(suite: Suite, result: Any) -> list[CheckResult]:
                 unexpected_count=None if unexpected is None else int(unexpected),
                 element_count=None if elements is None else int(elements),
                 error=_raised(item.exception_info),
+                where="" if item.success else _where(suite, counts),
             )
         )
     return sorted(out, key=lambda r: order[r.check])

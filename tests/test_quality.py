@@ -431,6 +431,9 @@ def test_broken_export_with_a_shifted_column_is_critical(variant: str, layer: st
         # every cell parsed: the statuses became unknown and currencies numbers; GX caught both
         assert "appointments_extract.status_known_share" in result.stderr
         assert "appointments_extract.currency_iso_4217" in result.stderr
+        # where to open the export (rich wraps the message at the console width)
+        flat = " ".join(result.stderr.split())
+        assert "currency_iso_4217: 3,326 of 11,880 rows (export lines 2, 4, 6, ...)" in flat
         assert "report:" in result.stderr
     for leaked in ("Arrived", "Completed", "USD", "@"):
         assert leaked not in result.stderr
@@ -451,7 +454,9 @@ def test_a_volume_drop_is_a_warning_and_the_run_goes_on(
                                       "--end", "2026-11-23", "--dry-run", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert "data-quality warning appointment_volume.daily_volume_vs_trailing_median: 4 of 53 rows" in warned
+    # the first three of the four thin days, so the analyst knows which days to look at
+    assert ("data-quality warning appointment_volume.daily_volume_vs_trailing_median: 4 of 53 rows "
+            "(days 2026-11-18, 2026-11-19, 2026-11-20, ...)") in warned  # fmt: skip
     config = load_config(clinic / "clinic.yaml")
     spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
                                                          datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
