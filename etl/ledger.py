@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
 FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
+# The final states in which the platform holds (or, for "sent", may hold) the conversion: a
+# journey sent under one appointment's ID is not sent again under another's (SPEC rules 4, 11).
+HELD_STATES = ("sent", "accepted", "already_sent")
 
 
 # as SQL literals: an upsert runs as executemany, which cannot expand a bound list

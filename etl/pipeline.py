@@ -31,7 +31,7 @@ from etl.rules.consent import consent_events
 from etl.rules.journeys import build_journeys
 from etl.rules.persons import link_persons
 from etl.rules.records import flag_test_records
-from etl.rules.stages import RunWindow, build_conversions, opaque_id
+from etl.rules.stages import RunWindow, build_conversions, journey_sibling_ids, opaque_id
 from etl.rules.suppression import suppression_members
 
 log = logging.getLogger(__name__)
@@ -398,16 +398,29 @@ def plan_run(
     stages: dict[str, dict[str, str]] = {}
     carried_ids = set(conv.loc[conv["carried"], "opaque_id"])
     with timings.step("ledger"):
+        position = {oid: i for i, oid in enumerate(conv["opaque_id"])}
         for dest in CONVERSION_DESTINATIONS:
             recorded = ledger.read_ledger(engine, config.clinic_id, dest)
             id_col = _ID_COLUMN[dest]
-            fresh = [r for r in outbound[dest] if not _is_final(recorded.get(r[id_col]))]
+            done = {r[id_col] for r in outbound[dest] if _is_final(recorded.get(r[id_col]))}
+            held = {oid for oid, entry in recorded.items() if entry.status in ledger.HELD_STATES}
+            if held:  # the journey sent under another of its appointments (a late re-attribution)
+                open_positions = np.array(
+                    [position[r[id_col]] for r in outbound[dest] if r[id_col] not in done]
+                )
+                siblings = journey_sibling_ids(
+                    conv,
+                    open_positions,
+                    journeys.frame,
+                    appts,
+                    a_person,
+                    secret=secret,
+                    clinic_id=config.clinic_id,
+                )
+                done |= {conv["opaque_id"].iat[p] for p, ids in siblings.items() if not held.isdisjoint(ids)}
+            fresh = [r for r in outbound[dest] if r[id_col] not in done]
             # a carried conversion final here was unfinished elsewhere: not this interval's news
-            already = sum(
-                1
-                for r in outbound[dest]
-                if _is_final(recorded.get(r[id_col])) and r[id_col] not in carried_ids
-            )
+            already = sum(1 for r in outbound[dest] if r[id_col] in done and r[id_col] not in carried_ids)
             outbound[dest] = fresh
             drops["already_sent"] += already
             destinations[dest] = {

@@ -83,6 +83,74 @@ def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) 
     assert len(second.outbound["meta_events"]) == 2  # the ledger is per destination
 
 
+_APPT_HEADER = (
+    "appointment_id,patient_id,first_name,last_name,email,phone,zip,city,state,country,service,status,"
+    "start_at,revenue,currency,location_id,updated_at,consent_marketing,consent_at,consent_revoked_at\n"
+)
+_LEAD = (
+    "lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
+    "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url\n"
+    "L1,2026-11-01 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L1,,,,,,yes,2026-11-01 10:00,,,,,\n"
+)
+
+
+def _visit(aid: str, status: str, day: str, revenue: str = "") -> str:
+    return (f"{aid},P1,Ann,Lee,ann.lee@gmail.com,4155550134,94103,San Francisco,CA,US,Botox,{status},"
+            f"2026-11-{day} 10:00,{revenue},USD,L1,2026-11-{day} 12:00,yes,2026-11-01 10:00,\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("night_one", "night_two", "windows"),
+    [
+        # the earlier visit's "attended" is entered 5 days late: the journey converts there now
+        ([_visit("A1", "booked", "05"), _visit("A2", "completed", "07", "200")],
+         [_visit("A1", "completed", "05", "300"), _visit("A2", "completed", "07", "200")],
+         (("2026-11-07", "2026-11-08"), ("2026-11-10", "2026-11-11"))),
+        # the sent visit is re-exported as cancelled: the journey converts at the next visit now
+        ([_visit("A1", "completed", "05", "300"), _visit("A2", "booked", "07")],
+         [_visit("A1", "cancelled", "05"), _visit("A2", "completed", "07", "200")],
+         (("2026-11-05", "2026-11-06"), ("2026-11-07", "2026-11-08"))),
+    ],
+    ids=["earlier_visit_attended_late", "sent_visit_cancelled"],
+)  # fmt: skip
+def test_a_journey_sent_under_one_visit_is_not_sent_again_under_another(
+    night_one: list[str], night_two: list[str], windows: tuple[tuple[str, str], ...], tmp_path: Path
+) -> None:
+    # SPEC rule 4 (one conversion per journey and stage) and rule 11 (sent once, ever): the
+    # opaque ID names the converting visit, so a late export that moves the conversion to
+    # another visit must not send the journey a second time (a backfill sends it once)
+    config = make_config(tmp_path)
+    (tmp_path / "leads.csv").write_text(_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_one), encoding="utf-8")
+    (first, second) = windows
+    with store.engine_for(f"sqlite:///{tmp_path / 'nightly.sqlite'}") as engine:
+        one = _plan(config, engine, *first, tmp_path)
+        for dest, field in (("google_conversions", "order_id"), ("meta_events", "event_id")):
+            assert len(one.outbound[dest]) == 1
+            ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": one.outbound[dest][0][field],
+                                "status": "accepted"}], run_id="night-one", at=NOW)  # fmt: skip
+        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_two), encoding="utf-8")
+        two = _plan(config, engine, *second, tmp_path)
+    assert two.summary["stages"]["consultation"] == 1  # the journey still converts (at the other visit)
+    for dest in ("google_conversions", "meta_events"):
+        assert two.outbound[dest] == []
+        assert two.summary["destinations"][dest]["already_sent"] == 1
+    assert two.summary["drops"]["already_sent"] == 2
+    # the same exports on a fresh database: the journey is planned once per destination
+    with store.engine_for(f"sqlite:///{tmp_path / 'fresh.sqlite'}") as engine:
+        fresh = _plan(config, engine, first[0], second[1], tmp_path)
+    assert [len(fresh.outbound[d]) for d in ("google_conversions", "meta_events")] == [1, 1]
+    # a sibling the platform rejected holds nothing there: the journey's conversion goes
+    with store.engine_for(f"sqlite:///{tmp_path / 'rejected.sqlite'}") as engine:
+        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_one), encoding="utf-8")
+        one = _plan(config, engine, *first, tmp_path)
+        ledger.write_ledger(engine, config.clinic_id, "meta_events", [{"opaque_id": one.outbound["meta_events"][0]
+                            ["event_id"], "status": "rejected", "code": "x"}], run_id="night-one", at=NOW)  # fmt: skip
+        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_two), encoding="utf-8")
+        two = _plan(config, engine, *second, tmp_path)
+    assert len(two.outbound["meta_events"]) == 1 and len(two.outbound["google_conversions"]) == 1
+
+
 @pytest.mark.parametrize("status", ["planned", "deferred"])
 def test_unfinished_ledger_states_are_sent_again(status: str, tmp_path: Path) -> None:
     config = make_config(DATA / "rules" / "reschedule")

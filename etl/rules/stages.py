@@ -278,6 +278,62 @@ def build_conversions(
     return conv.drop(columns=["patient_id", "existing"])
 
 
+def journey_sibling_ids(
+    conv: pd.DataFrame,
+    positions: np.ndarray,
+    journeys: pd.DataFrame,
+    appts: pd.DataFrame,
+    appt_person: np.ndarray,
+    *,
+    secret: bytes,
+    clinic_id: str,
+) -> dict[int, list[str]]:
+    """For the candidates at ``positions`` of ``conv``: the opaque IDs their journey's stage
+    carried, or would have carried, had it converted at another of the person's appointments in
+    the journey's window (any status: one since cancelled included).
+
+    Rule 4 allows one conversion per journey and stage, and rule 11 sends a conversion once,
+    ever. The opaque ID names the converting appointment, so when a late export moves a
+    journey's conversion onto another visit (an earlier visit's "attended" entered days late, a
+    sent visit since cancelled), the new ID alone would send the journey a second time. The
+    ledger step looks these IDs up: a journey already sent under one of them is not sent again.
+
+    Returns:
+        position -> sibling opaque IDs, for candidates that have any.
+    """
+    if len(positions) == 0:
+        return {}
+    cand = conv.iloc[positions]
+    journey = cand["journey"].to_numpy()
+    mine = pd.DataFrame(
+        {
+            "position": positions,
+            "person": cand["person"].to_numpy(),
+            "own_row": cand["appt_row"].to_numpy(),
+            "stage": cand["stage"].to_numpy(),
+            "lo": journeys["start"].to_numpy(dtype="datetime64[ns]").astype("int64")[journey],
+            "hi": journeys["window_end"].to_numpy(dtype="datetime64[ns]").astype("int64")[journey],
+        }
+    )
+    theirs = np.flatnonzero(np.isin(appt_person, mine["person"].to_numpy()))
+    rows = pd.DataFrame(
+        {
+            "person": appt_person[theirs],
+            "row": theirs,
+            "t": appts["start_at"].to_numpy(dtype="datetime64[ns]").astype("int64")[theirs],
+        }
+    )
+    pairs = mine.merge(rows, on="person")
+    pairs = pairs[
+        (pairs["t"] >= pairs["lo"]) & (pairs["t"] < pairs["hi"]) & (pairs["row"] != pairs["own_row"])
+    ]
+    ids = appts["appointment_id"].to_numpy()[pairs["row"].to_numpy()]
+    out: dict[int, list[str]] = {}
+    for position, stage, aid in zip(pairs["position"].tolist(), pairs["stage"].tolist(), ids, strict=True):
+        out.setdefault(position, []).append(opaque_id(secret, clinic_id, stage, str(aid)))
+    return out
+
+
 def _google_route(
     conv: pd.DataFrame,
     config: ClinicConfig,
