@@ -348,7 +348,14 @@ def sync_suppression(
 
 @_in_run_folder()
 def report(spec: RunSpec) -> dict[str, Any]:
-    """Fold upload results into summary.json, record it, render ``report.html``; return the counts."""
+    """Fold upload results into summary.json, record it, render ``report.html``; return the counts.
+
+    Then the run's hashed extracts are deleted: every later step reads the published outbox,
+    the staging database and the run's small files, and a rerun of the interval extracts again.
+    They are a pseudonymous copy of both whole exports, a few hundred MB a night at a million
+    appointments, so keeping each night's would grow the disk and the data at rest without end
+    (a run a gate stopped keeps them until its rerun, for the diagnosis).
+    """
     from etl.report import render_run_report
 
     summary = _published_summary(spec)
@@ -356,6 +363,7 @@ def report(spec: RunSpec) -> dict[str, Any]:
     with spec.engine() as engine:
         ledger.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
         html = render_run_report(spec.config, spec.paths, engine, run_id=spec.run_id, summary=merged)
+    shutil.rmtree(spec.paths.extracts, ignore_errors=True)
     return {
         "run_id": spec.run_id,
         "outbox": str(spec.paths.outbox),

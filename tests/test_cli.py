@@ -49,7 +49,10 @@ def test_good_run_prints_counts_and_the_outbox(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "conversions: consultation" in result.stdout
     assert "outbox:" in result.stderr
-    assert (tmp_path / "var" / "runs").exists()
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    assert (run_dir / "outbox" / "summary.json").exists() and (run_dir / "report.html").exists()
+    # the hashed copies of both exports are gone once the run reported: not a copy a night
+    assert not (run_dir / "extract").exists()
 
 
 @pytest.mark.parametrize(

@@ -432,6 +432,8 @@ def test_broken_export_with_a_shifted_column_is_critical(variant: str, layer: st
         assert "appointments_extract.status_known_share" in result.stderr
         assert "appointments_extract.currency_iso_4217" in result.stderr
         # where to open the export (rich wraps the message at the console width)
+        # a stopped run keeps its hashed extracts for the diagnosis, until its rerun
+        assert list((clinic / "var" / "runs").glob("*/extract/appointments.parquet"))
         flat = " ".join(result.stderr.split())
         assert "currency_iso_4217: 3,326 of 11,880 rows (export lines 2, 4, 6, ...)" in flat
         assert "report:" in result.stderr
