@@ -196,10 +196,17 @@ def _record_outcomes(
     def transient(exc: BaseException) -> bool:
         return isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None and store.passes_on_retry(exc.orig)
 
-    for attempt in Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(RECORD_ATTEMPTS),
-                            wait=RECORD_WAIT, reraise=True, before_sleep=_log_record_retry):  # fmt: skip
-        with attempt:
-            ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at)
+    try:
+        for attempt in Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(RECORD_ATTEMPTS),
+                                wait=RECORD_WAIT, reraise=True, before_sleep=_log_record_retry):  # fmt: skip
+            with attempt:
+                ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at)
+    except sa.exc.DBAPIError as exc:
+        raise store.refused(
+            exc,
+            f"{name}: the send ledger refused the outcome of a batch the platform answered",
+            "its rows stay planned, so the next run sends them again",
+        ) from None
 
 
 def _log_record_retry(state: RetryCallState) -> None:

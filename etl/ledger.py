@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from etl.errors import ConfigError
 from etl.store import (
     _CHUNK,
+    CODE_WIDTH,
     audience_pending,
     audience_state,
     audience_syncs,
@@ -121,7 +122,9 @@ def write_ledger(
                 "opaque_id": entry["opaque_id"],
                 "stage": entry.get("stage"),
                 "status": status,
-                "code": entry.get("code"),
+                # a code longer than any known one is still recorded, cut, not refused: the
+                # batch it describes has already gone out
+                "code": entry["code"][:CODE_WIDTH] if entry.get("code") else entry.get("code"),
                 "request_id": entry.get("request_id"),
                 "run_id": run_id,
                 "planned_at": at if status == "planned" else None,

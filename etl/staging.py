@@ -39,7 +39,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from etl import store
-from etl.errors import StagingError
 from etl.store import HASH_COLUMNS, appointments, bulk_insert, leads, to_epoch_us
 
 TABLES = {"appointments": appointments, "leads": leads}
@@ -211,14 +210,9 @@ def load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loade
     try:
         return _load_extract(engine, kind, clinic_id, path)
     except _DRIVER_ERRORS as exc:
-        cause = getattr(exc, "orig", None) or exc
-        code = getattr(cause, "pgcode", None) or getattr(cause, "sqlite_errorname", None) or "unknown"
-        error = StagingError(
-            f"staging {kind}: the database refused the load ({type(cause).__name__}, code {code}); "
-            "nothing of this load was kept"
-        )
-        error.retryable = store.passes_on_retry(cause)
-        raise error from None
+        raise store.refused(
+            exc, f"staging {kind}: the database refused the load", "nothing of this load was kept"
+        ) from None
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+if TYPE_CHECKING:
+    from etl.errors import StagingError
 
 metadata = sa.MetaData()
 
@@ -112,6 +115,10 @@ conversions = sa.Table(
     sa.Column("run_id", sa.String(200), nullable=False),
 )
 
+# A platform's error code as recorded: Google Ads enum names run past 64 characters
+# (ConversionUploadError.ORDER_ID_NOT_PERMITTED_FOR_EXTERNALLY_ATTRIBUTED_CONVERSION_ACTION)
+CODE_WIDTH = 255
+
 send_ledger = sa.Table(
     "send_ledger",
     metadata,
@@ -120,7 +127,7 @@ send_ledger = sa.Table(
     sa.Column("opaque_id", sa.String(64), primary_key=True),
     sa.Column("stage", sa.String(16)),
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("code", sa.String(64)),
+    sa.Column("code", sa.String(CODE_WIDTH)),
     sa.Column("request_id", sa.String(128)),
     sa.Column("run_id", sa.String(200), nullable=False),
     sa.Column("planned_at", sa.DateTime(timezone=True)),
@@ -265,6 +272,7 @@ def open_engine(url: str) -> Engine:
                 # processes at once; without the lock all but one lose the CREATE TABLE race
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             metadata.create_all(conn)
+            _upgrade(conn)
     except sa.exc.DBAPIError as exc:
         engine.dispose()
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)
@@ -274,6 +282,21 @@ def open_engine(url: str) -> Engine:
             + "); check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
         ) from None
     return engine
+
+
+def _upgrade(conn: Connection) -> None:
+    """Bring tables an earlier version created up to this one's (``create_all`` only adds
+    missing tables). PostgreSQL enforces text widths; SQLite does not, so it needs nothing."""
+    if conn.dialect.name != "postgresql":
+        return
+    width = conn.execute(
+        sa.text(
+            "SELECT character_maximum_length FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'send_ledger' AND column_name = 'code'"
+        )
+    ).scalar()
+    if width is not None and width < CODE_WIDTH:
+        conn.execute(sa.text(f"ALTER TABLE send_ledger ALTER COLUMN code TYPE VARCHAR({CODE_WIDTH})"))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -395,6 +418,19 @@ def schema_ddl(dialect: str = "postgresql") -> str:
     )
     body = ";\n".join(str(CreateTable(t).compile(dialect=target)).strip() for t in metadata.sorted_tables)
     return header + "\n" + "\n".join(line.rstrip() for line in f"{body};".splitlines()) + "\n"
+
+
+def refused(exc: BaseException, what: str, consequence: str) -> StagingError:
+    """A ``StagingError`` for a database refusal: ``what`` failed, with the error class and
+    SQLSTATE (or SQLite's error name) only, never the driver's message, which quotes the
+    offending row, then what it means; ``retryable`` when a later attempt can pass."""
+    from etl.errors import StagingError
+
+    cause = getattr(exc, "orig", None) or exc
+    code = getattr(cause, "pgcode", None) or getattr(cause, "sqlite_errorname", None) or "unknown"
+    error = StagingError(f"{what} ({type(cause).__name__}, code {code}); {consequence}")
+    error.retryable = passes_on_retry(cause)
+    return error
 
 
 def passes_on_retry(cause: BaseException) -> bool:

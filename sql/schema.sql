@@ -156,7 +156,7 @@ CREATE TABLE send_ledger (
 	opaque_id VARCHAR(64) NOT NULL,
 	stage VARCHAR(16),
 	status VARCHAR(16) NOT NULL,
-	code VARCHAR(64),
+	code VARCHAR(255),
 	request_id VARCHAR(128),
 	run_id VARCHAR(200) NOT NULL,
 	planned_at TIMESTAMP WITH TIME ZONE,

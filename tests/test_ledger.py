@@ -123,6 +123,38 @@ def test_rows_accepted_before_a_quota_stop_are_recorded_not_sent_again(tmp_path:
         assert ledger.unfinished_ids(engine, CLINIC, [DEST]) == frozenset(ids[2:])
 
 
+class _AcceptsAll:
+    name = DEST
+    max_batch = 3
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        return [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows]
+
+
+def test_a_ledger_that_refuses_a_sent_batch_is_one_clear_error_naming_no_value(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from etl.errors import StagingError
+
+    ids = [f"{i:064x}" for i in range(2)]
+    outbox = _events_outbox(tmp_path, ids)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        with engine.begin() as conn:  # the database refuses every outcome (a constraint, a full disk)
+            conn.execute(sa.text("CREATE TRIGGER no_outcomes BEFORE UPDATE ON send_ledger "
+                                 "WHEN NEW.status = 'accepted' BEGIN SELECT RAISE(ABORT, 'refused'); END"))  # fmt: skip
+        with pytest.raises(StagingError) as info:
+            deliver.upload_conversions(make_config(tmp_path), engine, outbox, _AcceptsAll(),  # type: ignore[arg-type]
+                                       run_id="r", clock=lambda: AT)  # fmt: skip
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+    message = str(info.value)
+    assert message.startswith(
+        "meta_events: the send ledger refused the outcome of a batch the platform answered"
+    )
+    assert "IntegrityError" in message and "stay planned" in message and not info.value.retryable
+    assert ids[0] not in message and "refused'" not in message  # no row, no driver text
+    assert recorded == dict.fromkeys(ids, "planned")  # the next run sends them again
+
+
 def test_an_unfinished_upload_is_sent_by_a_later_interval_not_lost(tmp_path: Path) -> None:
     # the journeys case converts on 2026-01-20; a run for [01-15, 03-01) plans both stages
     config = make_config(DATA / "rules" / "journeys")

@@ -119,6 +119,23 @@ def test_postgres_ledger_keeps_a_final_state(postgres_url: str) -> None:
         assert ledger.final_among(engine, "pg-clinic", "meta_events", ["x" * 64]) == {"x" * 64}
 
 
+def test_postgres_ledger_records_a_long_platform_code_and_widens_an_older_table(postgres_url: str) -> None:
+    from etl import ledger
+
+    # a real Google Ads code is 66 characters: VARCHAR(64) refused the record of a sent batch
+    code = "ConversionUploadError.ORDER_ID_NOT_PERMITTED_FOR_EXTERNALLY_ATTRIBUTED_CONVERSION_ACTION"
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine, engine.begin() as conn:  # as an earlier version made it
+        conn.execute(sa.text("ALTER TABLE send_ledger ALTER COLUMN code TYPE VARCHAR(64)"))
+    with store.engine_for(postgres_url) as engine:  # opening it brings the table up to date
+        rows = [{"opaque_id": "c" * 64, "status": "rejected", "code": code},
+                {"opaque_id": "d" * 64, "status": "rejected", "code": "X" * 400}]  # fmt: skip
+        ledger.write_ledger(engine, "pg-codes", "google_conversions", rows, run_id="r", at=at)
+        recorded = ledger.read_ledger(engine, "pg-codes", "google_conversions")
+    assert recorded["c" * 64].code == code
+    assert recorded["d" * 64].code == "X" * store.CODE_WIDTH  # cut, not refused: the batch went out
+
+
 def test_postgres_load_keeps_a_literal_null_marker_and_refusals_name_no_value(
     postgres_url: str, synthetic: Path, tmp_path: Path
 ) -> None:
