@@ -64,6 +64,7 @@ def store_results(engine: Engine, clinic_id: str, run_id: str, results: Sequence
         for r in results
     ]  # fmt: skip
     with engine.begin() as conn:
+        store.exclusive(conn, "quality_results", run_id)
         conn.execute(table.delete().where(table.c.run_id == run_id, table.c.suite.in_(suites)))
         if rows:
             conn.execute(table.insert(), rows)

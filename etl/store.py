@@ -377,6 +377,22 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         conn.execute(table.insert(), records)
 
 
+def exclusive(conn: Connection, *key: str) -> None:
+    """Serialize this transaction with any other taking the same ``key``, until it ends.
+
+    For "delete, then insert" rewrites: on PostgreSQL a second writer's delete cannot see the
+    first's uncommitted rows, so its insert then hits the primary key (two runs of one clinic
+    at once). SQLite serializes writers by itself; PostgreSQL takes a transaction-scoped
+    advisory lock on a 64-bit key derived from ``key``.
+    """
+    if conn.dialect.name == "postgresql":
+        import hashlib
+
+        digest = hashlib.blake2b("\x1f".join(key).encode(), digest_size=8).digest()
+        lock = int.from_bytes(digest, "big", signed=True)
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock})
+
+
 def replace_derived(
     engine: Engine,
     clinic_id: str,
@@ -386,6 +402,7 @@ def replace_derived(
 ) -> None:
     """Replace the clinic's derived persons and conversions with this run's view (for inspection)."""
     with engine.begin() as conn:
+        exclusive(conn, "derived", clinic_id)
         conn.execute(persons.delete().where(persons.c.clinic_id == clinic_id))
         conn.execute(conversions.delete().where(conversions.c.clinic_id == clinic_id))
         for table, frame in ((persons, person_frame), (conversions, conv_frame)):

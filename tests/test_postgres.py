@@ -136,6 +136,67 @@ def test_postgres_ledger_records_a_long_platform_code_and_widens_an_older_table(
     assert recorded["d" * 64].code == "X" * store.CODE_WIDTH  # cut, not refused: the batch went out
 
 
+@pytest.mark.parametrize("rewrite", ["derived", "quality_results"])
+def test_postgres_rewrites_by_two_runs_at_once_wait_for_each_other(rewrite: str, postgres_url: str) -> None:
+    # "delete, then insert": the second writer's delete cannot see the first's uncommitted rows,
+    # so its insert hit the primary key (two intervals of one clinic planned at once; one
+    # interval's checks stored from two machines)
+    import threading
+
+    from etl import quality
+    from etl.quality_gx import CheckResult
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    if rewrite == "derived":
+        persons = pd.DataFrame({"person_key": [f"p{i}" for i in range(50)], "appointments": 1, "leads": 1})
+        convs = pd.DataFrame(
+            columns=["opaque_id", "stage", "person_key", "event_time", "ready_at", "value", "outcome"]
+        )
+        table, key = store.persons, ("derived", "pg-race")
+        rows = persons.assign(clinic_id="pg-race", run_id="run-1")
+
+        def write(engine: sa.Engine) -> None:
+            store.replace_derived(engine, "pg-race", "run-2", persons, convs)
+    else:
+        checks = [CheckResult("s", f"c{i}", "critical", True, 0, 1) for i in range(3)]
+        table, key = store.quality_results, ("quality_results", "r")
+        rows = pd.DataFrame([{"run_id": "r", "clinic_id": "pg-race", "suite": "s", "expectation": c.check,
+                              "severity": "critical", "success": True, "unexpected_count": 0, "element_count": 1,
+                              "recorded_at": at} for c in checks])  # fmt: skip
+
+        def write(engine: sa.Engine) -> None:
+            quality.store_results(engine, "pg-race", "r", checks, at)
+
+    holding, outcome = threading.Event(), {}
+    with store.engine_for(postgres_url) as engine:
+
+        def first() -> None:
+            try:
+                with engine.begin() as conn:  # the other run, between its insert and its commit
+                    store.exclusive(conn, *key)
+                    conn.execute(table.delete().where(table.c.clinic_id == "pg-race"))
+                    store.bulk_insert(conn, table, rows[[c.name for c in table.columns]])
+                    holding.set()
+                    time.sleep(1)
+            finally:
+                holding.set()
+
+        def second() -> None:
+            holding.wait(timeout=60)
+            try:
+                write(engine)
+                outcome["second"] = "ok"
+            except sa.exc.DBAPIError as exc:
+                outcome["second"] = type(exc.orig).__name__
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert outcome == {"second": "ok"}
+
+
 def test_postgres_load_keeps_a_literal_null_marker_and_refusals_name_no_value(
     postgres_url: str, synthetic: Path, tmp_path: Path
 ) -> None:
