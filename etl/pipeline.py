@@ -699,6 +699,10 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
             counts["already_sent_at_upload"] = int(result.get("already_sent", 0))
             counts["already_sent"] = planning + counts["already_sent_at_upload"]
             counts["requests"] = int(result.get("requests", 0))
+            if result.get("finished_by_an_earlier_attempt"):
+                # of `sent`: rows final under this run's id before this attempt (an attempt
+                # killed after sending, or the same interval run from a second folder)
+                counts["finished_by_an_earlier_attempt"] = int(result["finished_by_an_earlier_attempt"])
             if result.get("rejected_codes"):
                 counts["rejected_codes"] = result["rejected_codes"]
             if result.get("stopped"):

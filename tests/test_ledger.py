@@ -416,13 +416,16 @@ def test_folding_upload_results_twice_counts_them_once(tmp_path: Path) -> None:
 
     paths = RunPaths(run_dir=tmp_path, outbox=tmp_path / "outbox")
     paths.results.mkdir()
-    (paths.results / f"{DEST}.json").write_text(json.dumps({"sent": 3, "accepted": 3, "already_sent": 3}))
+    result = {"sent": 4, "accepted": 4, "already_sent": 3, "finished_by_an_earlier_attempt": 4, "requests": 0}
+    (paths.results / f"{DEST}.json").write_text(json.dumps(result))
     summary = {"destinations": {DEST: {"planned": 6, "already_sent": 2}}}
     once = finalize_summary(paths, summary)
     twice = finalize_summary(paths, once)  # a retried report folds the folded summary again
     assert once == twice
     assert twice["destinations"][DEST]["already_sent"] == 5
     assert twice["destinations"][DEST]["already_sent_at_upload"] == 3
+    # sent 4 with no request of its own: the summary says an earlier attempt of the run sent them
+    assert twice["destinations"][DEST]["finished_by_an_earlier_attempt"] == 4
 
 
 def test_the_first_send_recorded_in_a_database_warns_that_it_is_the_record(
