@@ -49,17 +49,33 @@ def as_text(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        # a single-precision column (`real`) arrives widened: 760.1 as 760.0999755859375. A
-        # double that a float32 holds exactly is printed as the float32's shortest digits, which
-        # for amounts in cents changes nothing else (only .00/.25/.50/.75 are exact in both)
-        exact = math.isfinite(value) and abs(value) <= _FLOAT32_MAX and float(np.float32(value)) == value
-        shortest = np.float32(value) if exact else value
-        return np.format_float_positional(shortest, trim="-")  # never exponent notation
+        return _float_text(value)
     if isinstance(value, Decimal):
         return format(value, "f")  # never exponent notation, which no amount pattern accepts
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _float_text(value: float) -> str:
+    """A float's digits, never in exponent notation (no amount pattern accepts it).
+
+    A single-precision column (``real``) arrives widened: 760.1 as 760.0999755859375, whose
+    shortest double digits run past a float32's 7 to 9. Such a value, one a float32 holds
+    exactly, is printed as the float32's shortest digits (760.1). A double with 9 significant
+    digits or fewer (1500000.25, 134217744) is printed as it is: whether it came from a
+    ``real`` or a ``double``, those digits are its exact value.
+    """
+    digits = np.format_float_positional(value, trim="-")
+    significant = len(digits.lstrip("-").replace(".", "").strip("0"))
+    if (
+        significant > 9
+        and math.isfinite(value)
+        and abs(value) <= _FLOAT32_MAX
+        and float(np.float32(value)) == value
+    ):
+        return np.format_float_positional(np.float32(value), trim="-")
+    return digits
 
 
 @dataclass(frozen=True)

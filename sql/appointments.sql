@@ -36,6 +36,8 @@
 -- Amounts: prefer numeric. A real (float4) column, or arithmetic that widens one to a double,
 -- reads as the float's shortest digits (760.1, not 760.0999755859375); a real holds only about
 -- 7 significant digits, so 1234567.89 stored as real is already 1234567.9 in the database.
+-- A double reads as its own digits (1500000.25), except one with more than 9 significant
+-- digits that a real would hold exactly (1234567.875 reads as 1234567.9): not an amount in cents.
 -- Whole-line comments are dropped before the query is parsed; a colon-prefixed word after
 -- SQL on the same line would be bound as a parameter.
 

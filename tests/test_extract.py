@@ -652,6 +652,9 @@ def test_sql_source_numbers_read_as_the_digits_the_database_holds() -> None:
     assert as_text(760.1) == "760.1" and as_text(1234567.89) == "1234567.89"
     assert as_text(100.0) == "100" and as_text(-12.25) == "-12.25"
     assert as_text(1e20) == "100000000000000000000"  # never exponent notation
+    # a double a float32 happens to hold exactly keeps its own digits (was 1500000.2, 134217740)
+    assert as_text(1500000.25) == "1500000.25" and as_text(2500000.75) == "2500000.75"
+    assert as_text(134217744.0) == "134217744" and as_text(float(np.float32(0.1))) == "0.1"
     assert as_text(Decimal("350.50")) == "350.50"
 
 

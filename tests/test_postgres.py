@@ -378,17 +378,19 @@ def test_a_sql_source_float4_revenue_reads_as_its_digits(postgres_url: str, tmp_
                 " revenue real, tip double precision)"
             )
         )
-        conn.execute(sa.text("INSERT INTO pms_appts VALUES ('A1', 'completed', '2026-03-02 18:00Z', 760.1, 0)"))  # fmt: skip
+        conn.execute(sa.text("INSERT INTO pms_appts VALUES ('A1', 'completed', '2026-03-02 18:00Z', 760.1, 0),"
+                             " ('A2', 'completed', '2026-03-02 19:00Z', 12.5, 1500000.25)"))  # fmt: skip
     queries = {
         "real.sql": "SELECT appointment_id, status, start_at, revenue FROM pms_appts",
-        "widened.sql": "SELECT appointment_id, status, start_at, revenue + tip AS revenue FROM pms_appts",
+        "widened.sql": "SELECT appointment_id, status, start_at, revenue + 0 * tip AS revenue FROM pms_appts",
+        "double.sql": "SELECT appointment_id, status, start_at, tip AS revenue FROM pms_appts",
     }
     read = {}
     for name, sql in queries.items():
         (tmp_path / name).write_text(sql)
         config = make_config(tmp_path, sources__appointments={"sql_url": url, "query": name})
         read[name] = extract.read_appointments(config.sources.appointments, config)["revenue"].tolist()
-    assert read == {"real.sql": [760.1], "widened.sql": [760.1]}
+    assert read == {"real.sql": [760.1, 12.5], "widened.sql": [760.1, 12.5], "double.sql": [0.0, 1500000.25]}
 
 
 def test_postgres_a_full_resync_moves_the_synced_state_into_the_pending_adds(postgres_url: str) -> None:
