@@ -78,6 +78,29 @@ def _float_text(value: float) -> str:
     return digits
 
 
+def _cause(exc: SQLAlchemyError) -> str:
+    """``ProgrammingError, SQLSTATE 42601``: the error's class and code, never its text."""
+    orig = getattr(exc, "orig", None)
+    name = type(orig or exc).__name__
+    if pgcode := getattr(orig, "pgcode", None):
+        return f"{name}, SQLSTATE {pgcode}"
+    if sqlite := getattr(orig, "sqlite_errorname", None):
+        return f"{name}, {sqlite}"
+    return name
+
+
+def _server(engine: Any) -> str:
+    """`` at host:port/database`` from the URL, never its user or password; "" for a file."""
+    url = engine.url
+    if not url.host:
+        return ""
+    return (
+        f" at {url.host}"
+        + (f":{url.port}" if url.port else "")
+        + (f"/{url.database}" if url.database else "")
+    )
+
+
 @dataclass(frozen=True)
 class QueryResult:
     """The rows of one source query; ``name`` is the query file's name, for messages."""
@@ -142,17 +165,27 @@ class QueryResult:
                 f"sql_url names a database driver that is not installed ({type(exc).__name__}); "
                 "install it into the environment, or use a driver it has (e.g. postgresql+psycopg2)"
             ) from None
+        # the class names and SQLSTATE say what went wrong; the driver's text can quote cell
+        # values or the URL, so it is not shown (run the query in the database's own client)
         try:
-            with engine.connect() as connection:
+            connection = engine.connect()
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            where = _server(engine)
+            reason = (f"cannot connect to the source database{where} ({_cause(exc)}); check sql_url / "
+                      "sql_url_env, the credentials and that the server is reachable")  # fmt: skip
+            raise InputError([RowProblem(query.name, None, None, reason)]) from None
+        try:
+            with connection:
                 if timezone and connection.dialect.name == "postgresql":
                     connection.execute(text("SELECT set_config('TimeZone', :tz, false)"), {"tz": timezone})
                 result = connection.execute(statement)
                 return cls(query.name, list(result.keys()), list(result.fetchall()))
         except SQLAlchemyError as exc:
-            # the class names say what went wrong; the driver's text can quote cell values or
-            # the URL, so it is not shown (run the query in the database's own client to see it)
-            cause = type(getattr(exc, "orig", None) or exc).__name__
-            reason = f"the query failed on the source database ({type(exc).__name__}: {cause})"
+            reason = f"the query failed on the source database ({_cause(exc)})"
+            raise InputError([RowProblem(query.name, None, None, reason)]) from None
+        except (ValueError, OverflowError) as exc:  # e.g. a year before 1 (BC), which Python has not
+            reason = f"the driver could not convert a value of the result ({type(exc).__name__})"
             raise InputError([RowProblem(query.name, None, None, reason)]) from None
         finally:
             engine.dispose()

@@ -75,7 +75,7 @@ class Loaded:
 
 
 def _merge_sql(kind: str, source: str | None) -> str:
-    """Latest wins: appointments by ``updated_at`` (a row without one counts as newest), leads always.
+    """Latest wins: appointments by ``updated_at`` (the later load when either lacks one), leads always.
 
     With ``source`` None the statement takes one row of parameters (for ``executemany``, which
     applies rows in export order); otherwise it merges a whole table set-wise.

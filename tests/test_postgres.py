@@ -393,6 +393,35 @@ def test_a_sql_source_float4_revenue_reads_as_its_digits(postgres_url: str, tmp_
     assert read == {"real.sql": [760.1, 12.5], "widened.sql": [760.1, 12.5], "double.sql": [0.0, 1500000.25]}
 
 
+def test_a_sql_source_that_cannot_connect_or_convert_says_which_without_values(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from etl import extract
+    from etl.errors import InputError
+    from tests.conftest import make_config
+
+    url = _fresh_database(postgres_url, "medspa_pms_bc")
+    with sa.create_engine(url).begin() as conn:
+        conn.execute(sa.text("CREATE TABLE pms (appointment_id text, status text, start_at timestamptz)"))
+        conn.execute(sa.text("INSERT INTO pms VALUES ('A1', 'completed', '0099-01-01 10:00Z BC')"))
+    (tmp_path / "q.sql").write_text("SELECT appointment_id, status, start_at FROM pms")
+    base = postgres_url.rsplit("/", 1)[0]
+    port = _free_port()
+    cases = {
+        url: "the driver could not convert a value of the result (ValueError)",  # a BC year
+        f"{base}/no_such_db": "cannot connect to the source database at 127.0.0.1:",
+        f"postgresql+psycopg2://postgres:s3cret@127.0.0.1:{port}/pms": f"database at 127.0.0.1:{port}/pms (",
+    }
+    for source, expected in cases.items():
+        monkeypatch.setenv("PMS_URL", source)  # a URL with a password comes from the environment
+        config = make_config(tmp_path, sources__appointments={"sql_url_env": "PMS_URL", "query": "q.sql"})
+        with pytest.raises(InputError) as info:
+            extract.read_appointments(config.sources.appointments, config)
+        message = str(info.value)
+        assert expected in message, message
+        assert "s3cret" not in message and "0099" not in message and "-99" not in message
+
+
 def test_postgres_a_full_resync_moves_the_synced_state_into_the_pending_adds(postgres_url: str) -> None:
     from etl import ledger
 
