@@ -56,7 +56,7 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
+def _decode(raw: bytes, name: str, encoding: str | None, columns: frozenset[str] = frozenset()) -> bytes:
     """Return the file as UTF-8 bytes without a BOM (the only input pyarrow parses)."""
     if encoding is None and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"  # a UTF-16 CSV (Excel's "Unicode text" save is UTF-16 too, tab-separated)
@@ -64,11 +64,11 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
         body = raw[len(_BOM) :] if raw.startswith(_BOM) else raw
         if _is_utf8(body):
             return body
-        _refuse_mixed_utf8(body, name)
+        _refuse_mixed_utf8(body, name, columns)
         try:
             return body.decode("cp1252").encode("utf-8")
         except UnicodeDecodeError as exc:
-            line, column = _where(body, exc.start, "cp1252")
+            line, column = _where(body, exc.start, "cp1252", columns)
             raise InputError([RowProblem(name, line, column, "neither UTF-8 nor cp1252 text")]) from None
     try:
         codec = codecs.lookup(encoding).name
@@ -91,7 +91,7 @@ def _decode(raw: bytes, name: str, encoding: str | None) -> bytes:
     return text.removeprefix("\ufeff").encode("utf-8")
 
 
-def _refuse_mixed_utf8(body: bytes, name: str) -> None:
+def _refuse_mixed_utf8(body: bytes, name: str, columns: frozenset[str]) -> None:
     """A UTF-8 file with a few bytes that are not (one row pasted from a cp1252 source, or the
     file cut mid-character) is refused, not re-read as cp1252, which would turn every accented
     name in it into mojibake that hashes to nothing any platform matches.
@@ -108,16 +108,17 @@ def _refuse_mixed_utf8(body: bytes, name: str) -> None:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line, column = _where(body, exc.start, "utf-8")
+            line, column = _where(body, exc.start, "utf-8", columns)
         reason = "UTF-8 text with bytes that are not UTF-8 (mixed encodings); save the export as CSV UTF-8"
         raise InputError([RowProblem(name, line, column, reason)])
 
 
-def _where(body: bytes, offset: int, codec: str) -> tuple[int, str | None]:
+def _where(body: bytes, offset: int, codec: str, columns: frozenset[str]) -> tuple[int, str | None]:
     """The line and header column of the undecodable byte at ``offset``, so a clinic can find
-    the one cell to retype; the column is None when the byte is in the header or the record
-    has more cells than the header. Decoded with replacement characters, which leave every
-    byte before ``offset`` where it was."""
+    the one cell to retype; the column is None when the byte is in the header, the record has
+    more cells than the header, or the header cell is not one of the profile's ``columns``
+    (then the "header" may be a row of data: its cell is never shown). Decoded with
+    replacement characters, which leave every byte before ``offset`` where it was."""
     line = _line_at(body, offset)
     text = body.decode(codec, errors="replace")
     at = len(body[:offset].decode(codec, errors="replace"))
@@ -147,7 +148,9 @@ def _where(body: bytes, offset: int, codec: str) -> tuple[int, str | None]:
     # a fragment ending inside a quoted cell reads as that cell, unclosed quote and all
     cells = next(csv.reader(io.StringIO(text[pos + 1 : at], newline="")), [""])
     index = max(len(cells) - 1, 0)
-    return line, header[index] if index < len(header) else None
+    if index < len(header) and header[index].strip().lower() in columns:
+        return line, header[index]
+    return line, None
 
 
 def _scan_records(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool]:
@@ -216,7 +219,12 @@ class CsvExport:
         InputError: the file is missing, empty, or not text in the expected encoding.
     """
 
-    def __init__(self, path: Path, encoding: str | None = None) -> None:
+    def __init__(
+        self, path: Path, encoding: str | None = None, columns: frozenset[str] = frozenset()
+    ) -> None:
+        """``columns``: the profile's header names (lower case); an encoding error names the
+        header cell above the bad byte only when it is one of them (a file without its header
+        row would otherwise have a patient's name read as a column's)."""
         self.name = path.name
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))  # process-wide, only ever raised
         try:
@@ -225,7 +233,7 @@ class CsvExport:
             raise _problem(self.name, None, "file not found") from None
         except OSError as exc:  # a folder, no permission, an I/O error: said by its class only
             raise _problem(self.name, None, f"cannot be read ({type(exc).__name__})") from None
-        self._data = _decode(raw, self.name, encoding)
+        self._data = _decode(raw, self.name, encoding, columns)
         scan = _scan_records(self._data)
         self._starts, ends, self._lines, self._quoted_newlines, self._exact_only = scan
         self.header: list[str] = []

@@ -165,6 +165,11 @@ class _Column:
     utc: bool
 
 
+def _header_names(section: ProfileSection) -> frozenset[str]:
+    """Every header the profile maps, normalized: the only header text an error may show."""
+    return frozenset(_normalize(spec.column) for specs in section.columns.values() for spec in specs)
+
+
 def _match_columns(
     section: ProfileSection, header: list[str], name: str, line: int | None = None
 ) -> list[_Column]:
@@ -325,7 +330,7 @@ def _read(
 ) -> pd.DataFrame:
     section = _section(source.profile, kind)
     if source.path is not None:
-        export = CsvExport(config.resolve(source.path), source.encoding)
+        export = CsvExport(config.resolve(source.path), source.encoding, _header_names(section))
         name = export.name
         columns = _match_columns(section, export.header, name, export.header_line)
         arrays, lines = export.read([c.index for c in columns])
@@ -357,7 +362,7 @@ def check_csv_header(kind: Kind, source: SourceConfig, config: ClinicConfig) -> 
     """
     assert source.path is not None
     section = _section(source.profile, kind)
-    export = CsvExport(config.resolve(source.path), source.encoding)
+    export = CsvExport(config.resolve(source.path), source.encoding, _header_names(section))
     return len(_match_columns(section, export.header, export.name, export.header_line))
 
 

@@ -848,13 +848,25 @@ def test_an_undecodable_byte_is_placed_by_line_and_column(
     good = "A1,completed,2026-01-05 09:00,Núñez\nA2,completed,2026-01-05 09:00,Zoë\nA3,completed,2026-01-05 09:00,Renée\n"
     path = tmp_path / "export.csv"
     path.write_bytes(above + b"appointment_id,status,start_at,first_name\n" + good.encode() + record)
+    columns = frozenset({"appointment_id", "status", "start_at", "first_name"})  # the profile's
     with pytest.raises(InputError) as info:
-        CsvExport(path)
+        CsvExport(path, columns=columns)
     assert [(p.line, p.column) for p in info.value.problems] == [expected]
     (tmp_path / "header.csv").write_bytes(b"appointment_id,st\xe9tus,start_at,first_name\n" + good.encode())
     with pytest.raises(InputError) as info:
-        CsvExport(tmp_path / "header.csv")
+        CsvExport(tmp_path / "header.csv", columns=columns)
     assert [(p.line, p.column) for p in info.value.problems] == [(1, None)]  # in the header itself
+
+
+def test_an_undecodable_byte_never_names_a_data_cell_as_its_column(tmp_path: Path) -> None:
+    # an export saved without its header row: the first record is a patient, not a header
+    rows = "A1,completed,2026-01-05 09:00,Núñez\nA2,completed,2026-01-05 09:00,Zoë\nA3,completed,2026-01-05 09:00,Renée\n"
+    (tmp_path / "export.csv").write_bytes(rows.encode() + b"A4,completed,2026-01-05 09:00,Jos\xe9\n")
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.line, p.column) for p in info.value.problems] == [(4, None)]
+    assert "Renée" not in str(info.value) and "Zoë" not in str(info.value)
 
 
 def test_an_export_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
