@@ -414,6 +414,9 @@ def plan_run(
                     journeys.frame,
                     appts,
                     a_person,
+                    leads,
+                    journeys.lead_journey,
+                    attribution_window_days=config.rules.attribution_window_days,
                     secret=secret,
                     clinic_id=config.clinic_id,
                 )

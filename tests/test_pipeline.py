@@ -151,6 +151,53 @@ def test_a_journey_sent_under_one_visit_is_not_sent_again_under_another(
     assert len(two.outbound["meta_events"]) == 1 and len(two.outbound["google_conversions"]) == 1
 
 
+def _lead(lid: str, created: str) -> str:
+    return (f"{lid},{created} 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-{lid},,,,,,yes,"
+            f"{created} 10:00,,,,,\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("late_lead", "lookback", "night_two_planned", "backfill_planned"),
+    [
+        # a second lead between the visits: the late "attended" splits one journey into two, and
+        # the first journey's own conversion goes (the next journey's sent visit is not its sibling)
+        (_lead("L2", "2026-11-06"), 0, 1, 2),
+        # a late lead 88 days before moves the window: the sent visit now lies outside it, but the
+        # lead whose journey it converted is this journey's, so the journey is not sent again
+        (_lead("L0", "2026-08-09"), 365, 0, 1),
+    ],
+    ids=["next_journey_is_not_a_sibling", "window_moved_by_a_late_earlier_lead"],
+)
+def test_a_journey_re_attributed_by_late_data_is_sent_once_as_a_backfill_would(
+    late_lead: str, lookback: int, night_two_planned: int, backfill_planned: int, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, rules__existing_patient_lookback_days=lookback)
+    (tmp_path / "leads.csv").write_text(_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        _APPT_HEADER + _visit("A1", "booked", "05") + _visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    with store.engine_for(f"sqlite:///{tmp_path / 'nightly.sqlite'}") as engine:
+        one = _plan(config, engine, "2026-11-07", "2026-11-08", tmp_path)
+        for dest, field in (("google_conversions", "order_id"), ("meta_events", "event_id")):
+            ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": one.outbound[dest][0][field],
+                                "status": "accepted"}], run_id="night-one", at=NOW)  # fmt: skip
+        (tmp_path / "leads.csv").write_text(_LEAD + late_lead, encoding="utf-8")
+        (tmp_path / "appointments.csv").write_text(
+            _APPT_HEADER + _visit("A1", "completed", "05", "300") + _visit("A2", "completed", "07", "200"),
+            encoding="utf-8",
+        )
+        two = _plan(config, engine, "2026-11-10", "2026-11-11", tmp_path)
+    with store.engine_for(f"sqlite:///{tmp_path / 'fresh.sqlite'}") as engine:
+        fresh = _plan(config, engine, "2026-11-01", "2026-11-11", tmp_path)
+    for dest in ("google_conversions", "meta_events"):
+        assert len(two.outbound[dest]) == night_two_planned
+        assert len(fresh.outbound[dest]) == backfill_planned
+        # what the nights sent in all equals what one backfill sends
+        field = "order_id" if dest == "google_conversions" else "event_id"
+        nightly = {r[field] for r in one.outbound[dest] + two.outbound[dest]}
+        assert len(nightly) == backfill_planned
+
+
 @pytest.mark.parametrize("status", ["planned", "deferred"])
 def test_unfinished_ledger_states_are_sent_again(status: str, tmp_path: Path) -> None:
     config = make_config(DATA / "rules" / "reschedule")

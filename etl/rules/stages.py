@@ -284,19 +284,28 @@ def journey_sibling_ids(
     journeys: pd.DataFrame,
     appts: pd.DataFrame,
     appt_person: np.ndarray,
+    leads: pd.DataFrame,
+    lead_journey: np.ndarray,
     *,
+    attribution_window_days: int,
     secret: bytes,
     clinic_id: str,
 ) -> dict[int, list[str]]:
     """For the candidates at ``positions`` of ``conv``: the opaque IDs their journey's stage
-    carried, or would have carried, had it converted at another of the person's appointments in
-    the journey's window (any status: one since cancelled included).
+    carried, or would have carried, had it converted at another of the visits it owns (any
+    status: one since cancelled included).
 
     Rule 4 allows one conversion per journey and stage, and rule 11 sends a conversion once,
     ever. The opaque ID names the converting appointment, so when a late export moves a
     journey's conversion onto another visit (an earlier visit's "attended" entered days late, a
-    sent visit since cancelled), the new ID alone would send the journey a second time. The
-    ledger step looks these IDs up: a journey already sent under one of them is not sent again.
+    sent visit since cancelled, a late earlier lead that moved the window), the new ID alone
+    would send the journey a second time. The ledger step looks these IDs up: a journey already
+    sent under one of them is not sent again.
+
+    A visit belongs to the latest of the person's journeys whose window holds it, else (outside
+    every window) to the journey of the latest lead whose own window holds it: the journey
+    that lead started before a late earlier lead absorbed it. So a visit converting the
+    person's next journey is never counted as a sibling of this one.
 
     Returns:
         position -> sibling opaque IDs, for candidates that have any.
@@ -304,29 +313,53 @@ def journey_sibling_ids(
     if len(positions) == 0:
         return {}
     cand = conv.iloc[positions]
-    journey = cand["journey"].to_numpy()
+    wanted = np.unique(cand["person"].to_numpy())
+
+    def ns(values: pd.Series) -> np.ndarray:
+        return values.to_numpy(dtype="datetime64[ns]").astype("int64")
+
+    theirs = np.flatnonzero(np.isin(appt_person, wanted))
+    visits = pd.DataFrame(
+        {"person": appt_person[theirs], "row": theirs, "t": ns(appts["start_at"])[theirs]}
+    ).sort_values("t", kind="stable")
+    windows = pd.DataFrame(
+        {
+            "person": journeys["person"].to_numpy(),
+            "journey": np.arange(len(journeys)),
+            "from": ns(journeys["start"]),
+            "until": ns(journeys["window_end"]),
+        }
+    )
+    windows = windows[np.isin(windows["person"].to_numpy(), wanted)].sort_values("from", kind="stable")
+    owned = pd.merge_asof(visits, windows, left_on="t", right_on="from", by="person", direction="backward")
+    inside = owned["t"].to_numpy() < owned["until"].to_numpy()  # NaN (no journey yet) compares False
+    lead_rows = np.flatnonzero(lead_journey >= 0)
+    of_lead = lead_journey[lead_rows]
+    started = pd.DataFrame(
+        {
+            "person": journeys["person"].to_numpy()[of_lead],
+            "journey": of_lead,
+            "from": ns(leads["created_at"])[lead_rows],
+        }
+    )
+    started = started[np.isin(started["person"].to_numpy(), wanted)].sort_values("from", kind="stable")
+    by_lead = pd.merge_asof(visits, started, left_on="t", right_on="from", by="person", direction="backward")
+    window = attribution_window_days * 86_400 * 10**9
+    lead_holds = by_lead["t"].to_numpy() < by_lead["from"].to_numpy() + window
+    owner = np.where(
+        inside, owned["journey"].to_numpy(), np.where(lead_holds, by_lead["journey"].to_numpy(), np.nan)
+    )
+    visits = visits.assign(journey=owner)
     mine = pd.DataFrame(
         {
             "position": positions,
-            "person": cand["person"].to_numpy(),
+            "journey": cand["journey"].to_numpy().astype("float64"),
             "own_row": cand["appt_row"].to_numpy(),
             "stage": cand["stage"].to_numpy(),
-            "lo": journeys["start"].to_numpy(dtype="datetime64[ns]").astype("int64")[journey],
-            "hi": journeys["window_end"].to_numpy(dtype="datetime64[ns]").astype("int64")[journey],
         }
     )
-    theirs = np.flatnonzero(np.isin(appt_person, mine["person"].to_numpy()))
-    rows = pd.DataFrame(
-        {
-            "person": appt_person[theirs],
-            "row": theirs,
-            "t": appts["start_at"].to_numpy(dtype="datetime64[ns]").astype("int64")[theirs],
-        }
-    )
-    pairs = mine.merge(rows, on="person")
-    pairs = pairs[
-        (pairs["t"] >= pairs["lo"]) & (pairs["t"] < pairs["hi"]) & (pairs["row"] != pairs["own_row"])
-    ]
+    pairs = mine.merge(visits[["journey", "row"]], on="journey")
+    pairs = pairs[pairs["row"] != pairs["own_row"]]
     ids = appts["appointment_id"].to_numpy()[pairs["row"].to_numpy()]
     out: dict[int, list[str]] = {}
     for position, stage, aid in zip(pairs["position"].tolist(), pairs["stage"].tolist(), ids, strict=True):
