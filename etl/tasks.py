@@ -117,6 +117,7 @@ def stage(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str, A
     """Gate the hashed extracts (critical extract checks), then upsert them into staging."""
     from etl import quality
 
+    _need_extracts(spec, "stage")
     with (timings or pipeline.Timings()).step("gate_extracts"):
         quality.gate_extracts(spec, at=_clock())
     with spec.engine() as engine:
@@ -133,7 +134,18 @@ def validate_inputs(spec: RunSpec) -> dict[str, Any]:
     """
     from etl import quality
 
+    _need_extracts(spec, "validate_inputs")
     return quality.validate_inputs(spec, at=_clock())
+
+
+def _need_extracts(spec: RunSpec, step: str) -> None:
+    """A step that reads the hashed extracts, run without them (cleared in Airflow after the
+    run's report deleted them): say so, rather than a file-not-found from pyarrow."""
+    if not all((spec.paths.extracts / f"{kind}.parquet").exists() for kind in ("appointments", "leads")):
+        raise NotPlanned(
+            f"no extracts for run {spec.run_id}: {step} needs the extract step's files (a run's report "
+            "deletes them); clear the run from extract"
+        )
 
 
 @_in_run_folder()

@@ -35,9 +35,10 @@
 -- compared with the start and end parameters as clinic-local time.
 -- Amounts: prefer numeric. A real (float4) column, or arithmetic that widens one to a double,
 -- reads as the float's shortest digits (760.1, not 760.0999755859375); a real holds only about
--- 7 significant digits, so 1234567.89 stored as real is already 1234567.9 in the database.
--- A double reads as its own digits (1500000.25), except one with more than 9 significant
--- digits that a real would hold exactly (1234567.875 reads as 1234567.9): not an amount in cents.
+-- 7 significant digits, so 1234567.89 stored as real is already 1234567.9 in the database. A
+-- value with 9 significant digits or fewer reads as its exact digits, whether double or real:
+-- a real holding 1500000.2 holds exactly 1500000.25 and reads so. A double with more than 9
+-- that a real holds exactly (1234567.875) reads as the real's digits (1234567.9).
 -- Whole-line comments are dropped before the query is parsed; a colon-prefixed word after
 -- SQL on the same line would be bound as a parameter.
 

@@ -382,6 +382,10 @@ def test_validate_outbound_retried_after_it_published_records_the_same_plan(
         tasks.validate_outbound(spec)
     with pytest.raises(NotPlanned, match="no published outbox"):
         tasks.upload(spec, "meta", target="sandbox")
+    shutil.rmtree(spec.paths.extracts)  # as a report leaves them: a cleared task after it
+    for step in (tasks.stage, tasks.validate_inputs):
+        with pytest.raises(NotPlanned, match="clear the run from extract"):
+            step(spec)
 
 
 def test_validate_outbound_failing_for_a_locked_database_is_retried_on_the_same_plan(
