@@ -573,6 +573,15 @@ def _stored_text(spec: tasks.RunSpec) -> str:
 
 def test_canary_clean_run_gx_and_stored_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _collect(monkeypatch)
+    records: list[str] = []  # the stage gate's record, read while it exists (the report deletes it)
+    gate = quality.gate_extracts
+
+    def gate_and_read(spec: tasks.RunSpec, **kwargs: Any) -> Any:
+        results = gate(spec, **kwargs)
+        records.append((spec.paths.extracts / quality.CHECKED_FILE).read_text())
+        return results
+
+    monkeypatch.setattr(quality, "gate_extracts", gate_and_read)
     config_path = write_clinic(tmp_path)
     result = CliRunner().invoke(app, ["run", "--config", str(config_path), "--start", START, "--end", END,
                                       "--dry-run", "--json"])  # fmt: skip
@@ -584,7 +593,8 @@ def test_canary_clean_run_gx_and_stored_results(tmp_path: Path, monkeypatch: pyt
     config = load_config(config_path)
     spec = tasks.RunSpec(config=config, window=_window(config))
     assert_no_canary(_stored_text(spec), "quality_results")
-    assert_no_canary((spec.paths.extracts / quality.CHECKED_FILE).read_text(), "the stage gate's record")
+    assert len(records) == 1
+    assert_no_canary(records[0], "the stage gate's record")
 
 
 def test_canary_in_failing_rows_stays_out_of_gx_and_stored_results(tmp_path: Path,
