@@ -25,7 +25,15 @@ from rich.table import Table
 
 from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
-from etl.errors import ConfigError, DestinationConfigError, MedspaError, QuotaExhausted, SendInProgress
+from etl.errors import (
+    ConfigError,
+    DestinationConfigError,
+    MachineError,
+    MedspaError,
+    QuotaExhausted,
+    SendInProgress,
+    StagingError,
+)
 from etl.settings import quiet_third_party_loggers
 
 app = typer.Typer(
@@ -192,16 +200,26 @@ def run(
     of quota plans the rest for the next run and exits 0, summary.json saying stopped:
     daily_quota), 7 the staging database refused the load or cannot be opened, 8 another
     process is sending to the same clinic's platform or working on the same run (nothing sent
-    or changed; rerun after it ends). Examples:
+    or changed; rerun after it ends), 9 the machine refused a file the run writes (a full disk,
+    a file size limit, a folder it may not write; rerun once it is fixed). Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 
         medspa-conversions run --config clinic.yaml --start 2026-11-22 --end 2026-11-23 --target live
     """
+    import sqlalchemy as sa
+
+    from etl import store
     from etl.report import report_path
     from etl.rules.stages import RunWindow
 
     _setup_logging(verbose)
+    step = {"name": "start"}  # the step running, for an error the machine raises in it
+
+    def on_step(name: str) -> None:
+        step["name"] = name
+        err.print(f"[dim]… {name}[/]")
+
     try:
         cfg = load_config(config)
         end_at = parse_boundary(end, cfg) if end else _today_midnight(cfg)
@@ -227,10 +245,15 @@ def run(
             full_resync=full_resync,
             validate_only=validate_only,
             meta_test_event_code=meta_test_event_code,
-            on_step=lambda name: err.print(f"[dim]… {name}[/]"),
+            on_step=on_step,
         )
     except MedspaError as exc:
         raise _fail(exc) from None
+    except OSError as exc:  # a full disk, a file size limit, a folder it may not write
+        raise _fail(MachineError.of(exc, step["name"])) from None
+    except sa.exc.DBAPIError as exc:  # a write the database refused outside the load and the sends
+        raise _fail(store.refused(exc, f"{step['name']}: the staging database refused a write",
+                                  "rerun the interval once it is fixed (what was sent is in the send ledger)")) from None  # fmt: skip
     if json_out:
         out.print_json(json.dumps(summary))
     else:
@@ -268,7 +291,9 @@ def execute_run(
         pass
     # the whole run holds its folder: a second run of this interval started meanwhile is refused
     # (exit 8) instead of clearing this one's outbox under it
+    announce = on_step or (lambda _name: None)
     with leases.hold_run_folder(spec.paths.run_dir):
+        announce("extract")  # clears the previous attempt's files before the timed steps begin
         inputs = tasks.extract(spec, timings)
         tasks.stage(spec, timings)
         with timings.step("validate_inputs"):
@@ -305,13 +330,18 @@ def execute_run(
                 for step, send in sends:
                     with timings.step(step):
                         try:
-                            send()
-                        except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
+                            try:
+                                send()
+                            except OSError as exc:  # its results file: the sends are recorded
+                                raise MachineError.of(exc, step) from None
+                        except (DestinationConfigError, QuotaExhausted, SendInProgress, StagingError,
+                                MachineError) as stop:  # fmt: skip
                             err.print(
                                 f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}",
                                 highlight=False,
                             )
                             stops.append(stop)
+        announce("report")
         result = tasks.report(spec)
         if stops:  # the summary and report hold what the other sends did; the exit code says what stopped
             raise stops[0]

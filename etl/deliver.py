@@ -193,6 +193,17 @@ RECORD_WAIT = wait_exponential_jitter(multiplier=0.5, max=20)
 def _record_outcomes(
     engine: Engine, clinic_id: str, name: str, entries: list[dict[str, Any]], *, run_id: str, at: datetime
 ) -> None:
+    _recorded(
+        lambda: ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at),
+        f"{name}: the send ledger refused the outcome of a batch the platform answered",
+        "its rows stay planned, so the next run sends them again",
+    )
+
+
+def _recorded(write: Callable[[], None], what: str, consequence: str) -> None:
+    """Record what a platform already applied: a busy or lost database is retried in place (a
+    failed step's retry would send again); a refusal no retry passes is a ``StagingError``."""
+
     def transient(exc: BaseException) -> bool:
         return isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None and store.passes_on_retry(exc.orig)
 
@@ -200,13 +211,9 @@ def _record_outcomes(
         for attempt in Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(RECORD_ATTEMPTS),
                                 wait=RECORD_WAIT, reraise=True, before_sleep=_log_record_retry):  # fmt: skip
             with attempt:
-                ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at)
+                write()
     except sa.exc.DBAPIError as exc:
-        raise store.refused(
-            exc,
-            f"{name}: the send ledger refused the outcome of a batch the platform answered",
-            "its rows stay planned, so the next run sends them again",
-        ) from None
+        raise store.refused(exc, what, consequence) from None
 
 
 def _log_record_retry(state: RetryCallState) -> None:
@@ -405,15 +412,21 @@ def _record_sync(
             settled = [k for k in pending if k not in add_keys or k not in unapplied]
         else:
             settled = [*applied, *removed]
-        ledger.apply_audience_delta(
-            engine,
-            config.clinic_id,
-            name,
-            at=clock(),
-            replace_all=full_resync,
-            added=applied,
-            removed=removed,
-            run_id=run_id,
-            run_end=run_end,
-            settled=settled,
+        at = clock()
+        _recorded(
+            lambda: ledger.apply_audience_delta(
+                engine,
+                config.clinic_id,
+                name,
+                at=at,
+                replace_all=full_resync,
+                added=applied,
+                removed=removed,
+                run_id=run_id,
+                run_end=run_end,
+                settled=settled,
+            ),
+            f"{name}: the list state refused what the platform applied",
+            "the state stays as before this sync, so the next sync repeats these adds and removes "
+            "(both platforms apply them idempotently)",
         )

@@ -132,3 +132,24 @@ class NotPlanned(MedspaError):
     """A step found no plan or no published outbox for its run: the step before it has not run
     for this interval since its extract (a step retried or cleared on its own, out of order).
     Nothing was changed; run the interval again from its extract."""
+
+
+class MachineError(MedspaError):
+    """The machine refused a file operation of a step (a full disk, a file size limit, a folder
+    it may not write): names the step, the path and the system's reason, never file contents.
+    What the step wrote is either complete or not published; a rerun once it is fixed resumes."""
+
+    exit_code = 9
+    retryable = True  # space freed or a permission fixed between tries lets a retry pass
+
+    @classmethod
+    def of(cls, exc: OSError, step: str) -> MachineError:
+        import errno
+
+        reason = exc.strerror or str(exc)[:200] or type(exc).__name__
+        code = errno.errorcode.get(exc.errno or -1)
+        where = f" at {exc.filename}" if exc.filename else ""
+        return cls(
+            f"{step}: {reason}{f' ({code})' if code else ''}{where}; free the space or fix the permission, "
+            "then rerun the interval (what was sent is in the send ledger)"
+        )

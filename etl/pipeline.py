@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -185,15 +185,23 @@ def start_attempt(paths: RunPaths) -> None:
     (the report after a stopped rerun did). What was sent stays in the send ledger, the audience
     state and ``run_summaries``.
     """
-    import shutil
-
     from etl.outbox import check_outbox_folder
 
     check_outbox_folder(paths.outbox)
     for folder in (paths.outbox, paths.results, paths.pending):
-        shutil.rmtree(folder, ignore_errors=True)
+        clear_folder(folder)
     paths.stopped.unlink(missing_ok=True)
     paths.conversions.unlink(missing_ok=True)
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove ``folder``; one that cannot be removed (another user's files, a read-only disk)
+    is an error, never passed over: a later step would fold what it holds as this attempt's
+    (a dry run's summary once reported an earlier real run's sends as its own)."""
+    import shutil
+
+    with suppress(FileNotFoundError):
+        shutil.rmtree(folder)
 
 
 def extract_sources(

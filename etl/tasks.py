@@ -26,7 +26,14 @@ from sqlalchemy.engine import Engine
 
 from etl import deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
-from etl.errors import DestinationConfigError, MedspaError, NotPlanned, QuotaExhausted, SendInProgress
+from etl.errors import (
+    DestinationConfigError,
+    MedspaError,
+    NotPlanned,
+    QuotaExhausted,
+    SendInProgress,
+    StagingError,
+)
 from etl.outbox import SUMMARY_FILE, read_summary
 from etl.rules.stages import RunWindow
 
@@ -217,7 +224,7 @@ def validate_outbound(
         outbox = pipeline.publish_outbox(
             spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
         )
-        shutil.rmtree(spec.paths.results, ignore_errors=True)
+        pipeline.clear_folder(spec.paths.results)
     if sends_to:
         with spec.engine() as engine:
             deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock())
@@ -346,8 +353,8 @@ def sync_suppression(
                     run_id=spec.run_id,
                     run_end=spec.window.end,
                 )
-            except (DestinationConfigError, QuotaExhausted, SendInProgress) as stop:
-                # one platform refusing does not hold back the other list's removals
+            except (DestinationConfigError, QuotaExhausted, SendInProgress, StagingError) as stop:
+                # one platform refusing (or its state refused) does not hold back the other list's removals
                 log.error("%s: %s", name, stop)
                 stops.append(stop)
                 continue

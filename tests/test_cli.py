@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
+from etl import ledger, store
 from etl.cli import app
-from etl.errors import ConfigError
+from etl.errors import ConfigError, MachineError
 from tests.conftest import BASE_CONFIG, DATA
 
 RUNNER = CliRunner()
@@ -382,3 +384,78 @@ def test_a_sandbox_run_on_a_database_that_sends_live_publishes_nothing(tmp_path:
     assert not list((tmp_path / "var" / "runs").glob("*/outbox/summary.json"))
     with store.engine_for(f"sqlite:///{database}") as engine, engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() == 0
+
+
+def _sandbox_clinic(tmp_path: Path) -> Path:
+    shutil.copy(GOOD / "appointments.csv", tmp_path / "appointments.csv")
+    shutil.copy(GOOD / "leads.csv", tmp_path / "leads.csv")
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    return tmp_path / "clinic.yaml"
+
+
+def _run_args(config: Path, *mode: str) -> list[str]:
+    return ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30", *mode]
+
+
+def test_a_report_the_disk_refuses_after_every_send_is_one_clear_error(tmp_path: Path) -> None:
+    # the sends all went and are recorded; the report could not be written (a full disk, say):
+    # exit 9 naming the step and the path, not a traceback exiting 1
+    config = _sandbox_clinic(tmp_path)
+    first = RUNNER.invoke(app, _run_args(config, "--dry-run"))
+    assert first.exit_code == 0
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    (run_dir / "report.html").unlink()
+    (run_dir / "report.html").mkdir()  # the report's atomic rename now fails, as on a broken disk
+    (run_dir / "report.html" / "keep").write_text("x")
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
+    assert result.exit_code == MachineError.exit_code, result.output
+    assert "error: report:" in result.stderr and "report.html" in result.stderr
+    assert "Traceback" not in result.output
+    with store.engine_for(f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}") as engine:
+        accepted = ledger.read_ledger(engine, "sunrise-medspa", "meta_events")
+    assert accepted and {e.status for e in accepted.values()} == {"accepted"}  # the sends stand
+
+
+def test_upload_results_a_rerun_cannot_clear_stop_it_instead_of_being_folded_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # results/ that cannot be removed (another user's files) was passed over in silence: the dry
+    # run that followed a real run reported the real run's sends as its own
+    import shutil as shutil_module
+
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    (results,) = (tmp_path / "var" / "runs").glob("*/results")
+    real_rmtree = shutil_module.rmtree
+
+    def rmtree(path: Any, ignore_errors: bool = False, **kwargs: Any) -> None:
+        if Path(path) == results:
+            if ignore_errors:
+                return
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil_module, "rmtree", rmtree)
+    result = RUNNER.invoke(app, _run_args(config, "--dry-run"))
+    assert result.exit_code == MachineError.exit_code, result.output
+    assert "error: extract: Permission denied (EACCES) at" in " ".join(result.stderr.split())
+    summaries = list((tmp_path / "var" / "runs").glob("*/outbox/summary.json"))
+    assert all(not json.loads(p.read_text())["dry_run"] for p in summaries)  # no dry run claiming sends
+
+
+def test_a_list_state_the_database_refuses_is_one_clear_error_after_the_other_sends(tmp_path: Path) -> None:
+    config = _sandbox_clinic(tmp_path)
+    with (
+        store.engine_for(f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}") as engine,
+        engine.begin() as conn,
+    ):
+        conn.execute(sa.text("CREATE TRIGGER no_state BEFORE INSERT ON audience_state "
+                             "WHEN NEW.destination = 'google_customer_match' BEGIN SELECT RAISE(ABORT, 'x'); END"))  # fmt: skip
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
+    assert result.exit_code == 7, result.output
+    flat = " ".join(result.stderr.split())
+    assert "google_customer_match: the list state refused what the platform applied (IntegrityError" in flat
+    assert "Traceback" not in result.output
+    (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    destinations = json.loads(summary_file.read_text(encoding="utf-8"))["destinations"]
+    assert destinations["meta_audience"]["sent_adds"] > 0  # the sync after it still ran
