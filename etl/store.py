@@ -245,7 +245,8 @@ def open_engine(url: str) -> Engine:
     """
     from etl.errors import ConfigError, StagingError
 
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+    # a URI filename (sqlite:///file:...?mode=ro&uri=true) names no folder to make
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not url.startswith("sqlite:///file:"):
         from pathlib import Path
 
         folder = Path(url[len("sqlite:///") :]).parent
@@ -276,10 +277,17 @@ def open_engine(url: str) -> Engine:
     except sa.exc.DBAPIError as exc:
         engine.dispose()
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)
+        # a full disk or a read-only file is not a wrong URL: say which to look at
+        storage = str(code or "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "53"))
+        hint = (
+            "check that its disk has space and its file and folder are writable"
+            if storage
+            else "check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
+        )
         raise StagingError(
             f"staging database: cannot open it ({type(exc.orig).__name__}"
             + (f", {code}" if code else "")
-            + "); check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
+            + f"); {hint}"
         ) from None
     return engine
 

@@ -215,6 +215,7 @@ def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path
         ("foo://bar", 2, "not a database URL"),
         ("sqlite:////proc/medspa/db.sqlite", 2, "cannot create the folder"),
         ("postgresql+psycopg2://medspa@127.0.0.1:9/medspa", 7, "cannot open it"),
+        ("postgresql+psycopg2://medspa@127.0.0.1:9/medspa", 7, "that it is reachable"),
     ],
 )
 def test_a_database_that_cannot_be_used_is_one_clear_error_before_any_work(
@@ -459,3 +460,16 @@ def test_a_list_state_the_database_refuses_is_one_clear_error_after_the_other_se
     (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
     destinations = json.loads(summary_file.read_text(encoding="utf-8"))["destinations"]
     assert destinations["meta_audience"]["sent_adds"] > 0  # the sync after it still ran
+
+
+def test_a_database_read_only_or_full_is_not_called_unreachable(tmp_path: Path) -> None:
+    # a full disk or a read-only file is no wrong URL: the hint says where to look
+    import sqlite3
+
+    from etl.errors import StagingError
+
+    sqlite3.connect(tmp_path / "ro.sqlite").close()  # an empty database file, opened read-only
+    with pytest.raises(StagingError) as info:
+        store.open_engine(f"sqlite:///file:{tmp_path}/ro.sqlite?mode=ro&uri=true")
+    assert "SQLITE_READONLY" in str(info.value)
+    assert "disk has space and its file and folder are writable" in str(info.value)
