@@ -263,6 +263,18 @@ def run(
     err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
 
 
+def _stopped(step: str, send: Callable[[], Any]) -> MedspaError | None:
+    """Run one send; what stops it (the platform, the database, the machine) is returned, not
+    raised, so the other sends and the report still run."""
+    try:
+        send()
+    except OSError as exc:  # writing its results file: what it sent is recorded
+        return MachineError.of(exc, step)
+    except (DestinationConfigError, QuotaExhausted, SendInProgress, StagingError) as stop:
+        return stop
+    return None
+
+
 def execute_run(
     cfg: ClinicConfig,
     window: Any,
@@ -329,13 +341,7 @@ def execute_run(
                                                           retry_wait=retry_wait)))  # fmt: skip
                 for step, send in sends:
                     with timings.step(step):
-                        try:
-                            try:
-                                send()
-                            except OSError as exc:  # its results file: the sends are recorded
-                                raise MachineError.of(exc, step) from None
-                        except (DestinationConfigError, QuotaExhausted, SendInProgress, StagingError,
-                                MachineError) as stop:  # fmt: skip
+                        if (stop := _stopped(step, send)) is not None:
                             err.print(
                                 f"[bold red]{step} stopped:[/] {rich.markup.escape(str(stop))}",
                                 highlight=False,
