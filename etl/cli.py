@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from etl.cli_audit import register as register_audit
 from etl.cli_quality import register as register_quality
 from etl.config import ClinicConfig, load_config, resolve_id_secret
 from etl.errors import (
@@ -431,6 +432,7 @@ def main() -> None:
 
 
 register_quality(app)
+register_audit(app)
 
 
 if __name__ == "__main__":

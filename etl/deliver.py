@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -256,21 +256,47 @@ def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) ->
 
 
 def plan_conversions(
-    config: ClinicConfig, engine: Engine, outbox: Path, *, run_id: str, at: datetime
+    config: ClinicConfig,
+    engine: Engine,
+    outbox: Path,
+    *,
+    run_id: str,
+    at: datetime,
+    consent: Mapping[str, datetime] | None = None,
 ) -> None:
     """Record every conversion of a published real run's outbox as ``planned`` (final states
-    are kept), before any upload starts.
+    are kept), before any upload starts, with ``consent``: per opaque ID, the time of the
+    authorization in force at the run's end (``consent_granted``).
 
     The uploads are separate steps (Airflow tasks, or one after the other in the CLI): a run
     that dies before one of them begins would otherwise leave that platform's conversions
     nowhere in the ledger, and once the next nights' intervals no longer cover their ready
     time nothing would carry them over.
     """
+    known = consent or {}
     for name in _ID_FIELD:
-        rows = list(read_rows(outbox, name))
-        ledger.write_ledger(
-            engine, config.clinic_id, name, _planned(config, name, rows), run_id=run_id, at=at
-        )
+        planned = _planned(config, name, list(read_rows(outbox, name)))
+        for entry in planned:
+            entry["consent_at"] = known.get(entry["opaque_id"])
+        ledger.write_ledger(engine, config.clinic_id, name, planned, run_id=run_id, at=at)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def consent_granted(conversions: Path) -> dict[str, datetime]:
+    """Per opaque ID of a run's conversion candidates (``RunPaths.conversions``), the time of
+    the consent grant in force at the run's end; empty when the file is gone."""
+    import pyarrow.parquet as pq
+
+    if not conversions.exists():
+        return {}
+    table = pq.read_table(conversions, columns=["opaque_id", "consent_at"])
+    out: dict[str, datetime] = {}
+    for key, micros in zip(table["opaque_id"].to_pylist(), table["consent_at"].to_pylist(), strict=True):
+        if micros is not None:
+            out[key] = _EPOCH + timedelta(microseconds=micros)
+    return out
 
 
 def _tally(

@@ -130,6 +130,7 @@ def write_ledger(
                 "planned_at": at if status == "planned" else None,
                 "sent_at": None if status in ("planned", "deferred") else at,
                 "updated_at": at,
+                "consent_at": entry.get("consent_at"),
             }
         )
     if not rows:
@@ -147,6 +148,8 @@ def write_ledger(
                 "planned_at": sa.func.coalesce(send_ledger.c.planned_at, insert.excluded.planned_at),
                 "updated_at": insert.excluded.updated_at,
                 "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),
+                # an outcome carries no consent: the plan's record of it stays
+                "consent_at": sa.func.coalesce(insert.excluded.consent_at, send_ledger.c.consent_at),
             },
             # a final state is never taken back to planned or deferred: another run (an overlapping
             # backfill) may have finished the row since this one read the ledger
@@ -393,13 +396,7 @@ def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, a
     retried after it recorded) is not added twice."""
     text = json.dumps(summary, sort_keys=True)
     with engine.begin() as conn:
-        latest = conn.execute(
-            sa.select(run_summaries.c.summary)
-            .where(run_summaries.c.run_id == run_id)
-            .order_by(run_summaries.c.recorded_at.desc())
-            .limit(1)
-        ).scalar()
-        if latest == text:
+        if latest_summary(conn, run_id) == text:
             return
         conn.execute(
             run_summaries.insert(),
@@ -414,3 +411,13 @@ def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, a
                 "summary": text,
             },
         )
+
+
+def latest_summary(conn: Connection, run_id: str) -> str | None:
+    """The run's summary as its latest report recorded it (JSON text), None before any."""
+    return conn.execute(
+        sa.select(run_summaries.c.summary)
+        .where(run_summaries.c.run_id == run_id)
+        .order_by(run_summaries.c.recorded_at.desc())
+        .limit(1)
+    ).scalar()

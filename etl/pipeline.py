@@ -628,6 +628,7 @@ def _store_derived(
             "ready_at": store.to_epoch_us(conv["ready_at"]),
             "value": conv["value"],
             "outcome": [d or "kept" for d in conv["drop"]],
+            "consent_at": store.to_epoch_us(conv["consent_at"]),
         }
     )
     store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)

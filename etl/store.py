@@ -113,6 +113,9 @@ conversions = sa.Table(
     sa.Column("value", sa.Float),
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("run_id", sa.String(200), nullable=False),
+    # the time of the marketing authorization in force at the run's end (SPEC rule 6), null
+    # when none is: what a kept conversion is uploaded under
+    sa.Column("consent_at", sa.BigInteger),
 )
 
 # A platform's error code as recorded: Google Ads enum names run past 64 characters
@@ -133,6 +136,10 @@ send_ledger = sa.Table(
     sa.Column("planned_at", sa.DateTime(timezone=True)),
     sa.Column("sent_at", sa.DateTime(timezone=True)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # the authorization the conversion left under: the time of the consent grant in force when
+    # it was last planned (SPEC rule 6); kept when the person later revokes or the PMS
+    # rewrites the row, so "under which consent?" still has an answer
+    sa.Column("consent_at", sa.DateTime(timezone=True)),
 )
 
 audience_state = sa.Table(
@@ -292,9 +299,26 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
+# Columns added after their table was first released: a database an earlier version created
+# gains them (nullable, so its existing rows stay valid and read as "not recorded").
+_ADDED_COLUMNS = (("conversions", "consent_at"), ("send_ledger", "consent_at"))
+
+
 def _upgrade(conn: Connection) -> None:
     """Bring tables an earlier version created up to this one's (``create_all`` only adds
-    missing tables). PostgreSQL enforces text widths; SQLite does not, so it needs nothing."""
+    missing tables). PostgreSQL enforces text widths; SQLite does not."""
+    inspector = sa.inspect(conn)
+    for table_name, column_name in _ADDED_COLUMNS:
+        if column_name not in {c["name"] for c in inspector.get_columns(table_name)}:
+            column = metadata.tables[table_name].c[column_name]
+            kind = column.type.compile(dialect=conn.dialect)
+            try:
+                conn.execute(sa.text(f"ALTER TABLE {table_name} ADD COLUMN {column_name} {kind}"))
+            except sa.exc.OperationalError:
+                # another process opening the same SQLite file added it first (PostgreSQL
+                # serializes this behind the schema lock)
+                if column_name not in {c["name"] for c in sa.inspect(conn).get_columns(table_name)}:
+                    raise
     if conn.dialect.name != "postgresql":
         return
     width = conn.execute(

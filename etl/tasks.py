@@ -227,7 +227,8 @@ def validate_outbound(
         pipeline.clear_folder(spec.paths.results)
     if sends_to:
         with spec.engine() as engine:
-            deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock())
+            deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock(),
+                                     consent=deliver.consent_granted(spec.paths.conversions))  # fmt: skip
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 
 

@@ -68,6 +68,7 @@ CREATE TABLE conversions (
 	value FLOAT,
 	outcome VARCHAR(32) NOT NULL,
 	run_id VARCHAR(200) NOT NULL,
+	consent_at BIGINT,
 	PRIMARY KEY (clinic_id, opaque_id)
 );
 CREATE TABLE leads (
@@ -162,5 +163,6 @@ CREATE TABLE send_ledger (
 	planned_at TIMESTAMP WITH TIME ZONE,
 	sent_at TIMESTAMP WITH TIME ZONE,
 	updated_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	consent_at TIMESTAMP WITH TIME ZONE,
 	PRIMARY KEY (clinic_id, destination, opaque_id)
 );

@@ -136,6 +136,26 @@ def test_postgres_ledger_records_a_long_platform_code_and_widens_an_older_table(
     assert recorded["d" * 64].code == "X" * store.CODE_WIDTH  # cut, not refused: the batch went out
 
 
+def test_postgres_an_older_ledger_gains_the_consent_record_and_keeps_it(postgres_url: str) -> None:
+    from etl import ledger
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    granted = datetime(2026, 5, 2, 16, 0, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine, engine.begin() as conn:  # as an earlier version made it
+        conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN consent_at"))
+        conn.execute(sa.text("ALTER TABLE conversions DROP COLUMN consent_at"))
+    with store.engine_for(postgres_url) as engine:  # opening it brings the tables up to date
+        planned = [{"opaque_id": "e" * 64, "status": "planned", "consent_at": granted}]
+        ledger.write_ledger(engine, "pg-consent", "meta_events", planned, run_id="r", at=at)
+        answered = [{"opaque_id": "e" * 64, "status": "accepted"}]  # an outcome carries no consent
+        ledger.write_ledger(engine, "pg-consent", "meta_events", answered, run_id="r", at=at)
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(store.send_ledger.c.status, store.send_ledger.c.consent_at)
+                               .where(store.send_ledger.c.clinic_id == "pg-consent")).one()  # fmt: skip
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("conversions")}
+    assert row.status == "accepted" and row.consent_at == granted and "consent_at" in columns
+
+
 @pytest.mark.parametrize("rewrite", ["derived", "quality_results"])
 def test_postgres_rewrites_by_two_runs_at_once_wait_for_each_other(rewrite: str, postgres_url: str) -> None:
     # "delete, then insert": the second writer's delete cannot see the first's uncommitted rows,

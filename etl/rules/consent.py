@@ -69,20 +69,40 @@ def consent_events(
 
 def consent_state(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:
     """Per query row: 1 granted, 0 revoked, -1 no authorization event yet, at time ``at``."""
+    kind, _ = _latest(events, person, at)
+    out = np.where(np.isnan(kind), -1, np.where(kind == _GRANT, 1, 0))
+    return out.astype(np.int8)
+
+
+def granted_since(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:
+    """Per query row: the time of the grant in force at ``at`` (UTC ``datetime64[ns]``), NaT
+    when the state at ``at`` is not granted.
+
+    This names the authorization a disclosure was made under: the ledger keeps it with each
+    conversion a real run plans, so "under which consent?" still has an answer after the
+    person revokes or the PMS rewrites the row.
+    """
+    kind, time = _latest(events, person, at)
+    return np.where(kind == _GRANT, time, np.datetime64("NaT", "ns")).astype("datetime64[ns]")
+
+
+def _latest(
+    events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row: the kind (float, NaN when none) and UTC time of the person's latest
+    consent event at or before ``at``."""
     query = pd.DataFrame({"person": person, "time": at, "_q": np.arange(len(person))})
     query["time"] = utc_ns(query["time"])
-    if query.empty:
-        return np.empty(0, dtype=np.int8)
-    if events.empty:
-        return np.full(len(query), -1, dtype=np.int8)
+    if query.empty or events.empty:
+        return np.full(len(query), np.nan), np.full(len(query), np.datetime64("NaT", "ns"))
     merged = pd.merge_asof(
         query.sort_values("time", kind="stable"),
-        events[["person", "time", "kind"]],
+        events[["person", "time", "kind"]].assign(event_time=events["time"]),
         on="time",
         by="person",
         direction="backward",
         allow_exact_matches=True,
     ).sort_values("_q")
     kind = merged["kind"].to_numpy(dtype="float64")
-    out = np.where(np.isnan(kind), -1, np.where(kind == _GRANT, 1, 0))
-    return out.astype(np.int8)
+    time = merged["event_time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
+    return kind, time

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from etl.config import ClinicConfig
-from etl.rules.consent import consent_state
+from etl.rules.consent import consent_state, granted_since
 from etl.rules.frames import ordered_lists
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ def build_conversions(
 
     state_at_event = consent_state(consent, conv["person"].to_numpy(), conv["event_time"])
     state_at_end = consent_state(consent, conv["person"].to_numpy(), window.end_ts)
+    # the authorization an upload at the run's end is made under (SPEC rule 6), for the ledger
+    conv["consent_at"] = granted_since(consent, conv["person"].to_numpy(), window.end_ts)
     has_google_click = conv[["gclid", "gbraid", "wbraid"]].notna().any(axis=1)
     has_any_click = has_google_click | conv["fbc"].notna()
     has_ids = (conv["em_g"].map(len) > 0) | (conv["ph_g"].map(len) > 0)

@@ -1,0 +1,221 @@
+"""What left the building, and under which consent: the accounting a compliance officer asks for.
+
+Read-only over the tables the sends write (``send_ledger``, ``audience_syncs``,
+``run_summaries``, ``ledger_targets``); nothing here changes them. The answer is counts plus,
+on request, one line per conversion that left, keyed by its opaque ID: the same ID the platform
+holds, so a deletion request or a breach review can name it, and nothing that identifies the
+person outside this database (``MEDSPA_ID_SECRET`` and the staged rows are needed to go back
+from an ID to an appointment).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from etl.ledger import latest_summary
+from etl.store import audience_state, audience_syncs, ledger_targets, send_ledger
+
+# one line per conversion that left, in this column order (docs: README "Disclosures")
+CSV_COLUMNS = (
+    "destination",
+    "stage",
+    "opaque_id",
+    "status",
+    "code",
+    "request_id",
+    "run_id",
+    "sent_at",
+    "consent_at",
+)
+LIST_DESTINATIONS = ("google_customer_match", "meta_audience")
+
+
+@dataclass
+class Accounting:
+    """Counts of what left ``clinic_id``'s database for the platforms in ``[since, until)``."""
+
+    clinic_id: str
+    since: datetime | None
+    until: datetime | None
+    target: str | None  # sandbox or live, as the first send claimed this database (None: never sent)
+    # (destination, stage, status) -> rows, and of those the rows with their consent recorded
+    conversions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    consent_recorded: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # destination -> {"syncs", "adds", "removes"} applied in the period, plus "members_now"
+    lists: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "clinic_id": self.clinic_id,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "target": self.target,
+            "conversions": [
+                {
+                    "destination": d,
+                    "stage": s,
+                    "status": st,
+                    "rows": n,
+                    "consent_recorded": self.consent_recorded[(d, s, st)],
+                }
+                for (d, s, st), n in sorted(self.conversions.items())
+            ],
+            "lists": self.lists,
+        }
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive UTC datetimes; PostgreSQL aware ones
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _bound(engine: Engine, value: datetime | None) -> datetime | None:
+    """A period boundary as the dialect compares it: naive UTC for SQLite, aware otherwise."""
+    if value is None:
+        return None
+    return (
+        value.astimezone(UTC).replace(tzinfo=None)
+        if engine.dialect.name == "sqlite"
+        else value.astimezone(UTC)
+    )
+
+
+def account(engine: Engine, clinic_id: str, *, since: datetime | None, until: datetime | None) -> Accounting:
+    """Count the conversions that left in ``[since, until)`` (by the time the row was sent) per
+    destination, stage and outcome, and the list syncs applied in it.
+
+    A conversion "left" once a request carried it: sent, accepted, rejected (the platform saw
+    it and refused it) and already_sent (the platform said it holds it). Planned and deferred
+    rows did not leave.
+    """
+    result = Accounting(clinic_id=clinic_id, since=since, until=until, target=None)
+    lo, hi = _bound(engine, since), _bound(engine, until)
+    with engine.connect() as conn:
+        result.target = conn.execute(
+            sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
+        ).scalar()
+        rows = conn.execute(
+            sa.select(
+                send_ledger.c.destination,
+                sa.func.coalesce(send_ledger.c.stage, ""),
+                send_ledger.c.status,
+                sa.func.count(),
+                sa.func.count(send_ledger.c.consent_at),
+            )
+            .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi))
+            .group_by(
+                send_ledger.c.destination, sa.func.coalesce(send_ledger.c.stage, ""), send_ledger.c.status
+            )
+        )
+        for destination, stage, status, n, with_consent in rows:
+            result.conversions[(destination, stage, status)] = int(n)
+            result.consent_recorded[(destination, stage, status)] = int(with_consent)
+        syncs = conn.execute(
+            sa.select(audience_syncs.c.destination, audience_syncs.c.run_id).where(
+                audience_syncs.c.clinic_id == clinic_id, _synced_in(lo, hi)
+            )
+        ).all()
+        for destination in LIST_DESTINATIONS:
+            members = conn.execute(
+                sa.select(sa.func.count()).where(
+                    audience_state.c.clinic_id == clinic_id, audience_state.c.destination == destination
+                )
+            ).scalar_one()
+            runs = [run_id for dest, run_id in syncs if dest == destination]
+            adds = removes = 0
+            for run_id in runs:
+                counts = (
+                    json.loads(latest_summary(conn, run_id) or "{}")
+                    .get("destinations", {})
+                    .get(destination, {})
+                )
+                adds += int(counts.get("sent_adds", 0))
+                removes += int(counts.get("sent_removes", 0))
+            if runs or members:
+                result.lists[destination] = {
+                    "syncs": len(runs), "adds": adds, "removes": removes, "members_now": int(members)
+                }  # fmt: skip
+    return result
+
+
+def _sent_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
+    clauses: list[sa.ColumnElement[bool]] = [send_ledger.c.sent_at.is_not(None)]
+    if lo is not None:
+        clauses.append(send_ledger.c.sent_at >= lo)
+    if hi is not None:
+        clauses.append(send_ledger.c.sent_at < hi)
+    return sa.and_(*clauses)
+
+
+def _synced_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
+    clauses: list[sa.ColumnElement[bool]] = [sa.true()]
+    if lo is not None:
+        clauses.append(audience_syncs.c.synced_at >= lo)
+    if hi is not None:
+        clauses.append(audience_syncs.c.synced_at < hi)
+    return sa.and_(*clauses)
+
+
+def conversion_lines(
+    engine: Engine, clinic_id: str, *, since: datetime | None, until: datetime | None
+) -> Iterator[tuple[str, ...]]:
+    """One tuple per conversion that left in ``[since, until)``, in ``CSV_COLUMNS`` order,
+    sorted by send time then destination and opaque ID; times in UTC ISO 8601."""
+    lo, hi = _bound(engine, since), _bound(engine, until)
+    query = (
+        sa.select(
+            send_ledger.c.destination,
+            send_ledger.c.stage,
+            send_ledger.c.opaque_id,
+            send_ledger.c.status,
+            send_ledger.c.code,
+            send_ledger.c.request_id,
+            send_ledger.c.run_id,
+            send_ledger.c.sent_at,
+            send_ledger.c.consent_at,
+        )
+        .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi))
+        .order_by(send_ledger.c.sent_at, send_ledger.c.destination, send_ledger.c.opaque_id)
+    )
+    with engine.connect() as conn:
+        for row in conn.execution_options(stream_results=True).execute(query):
+            *head, sent_at, consent_at = row
+            yield (
+                *(value or "" for value in head),
+                _iso(sent_at),
+                _iso(consent_at),
+            )
+
+
+def _iso(value: datetime | None) -> str:
+    moment = _utc(value)
+    return moment.isoformat() if moment else ""
+
+
+def write_csv(path: Path, lines: Iterator[tuple[str, ...]]) -> int:
+    """Write the lines to ``path`` (owner read/write only: it is an internal record), replacing
+    it only once complete. Returns the number of conversion lines."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for line in lines:
+            writer.writerow(line)
+            count += 1
+    tmp.replace(path)
+    return count

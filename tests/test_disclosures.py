@@ -1,0 +1,180 @@
+"""What left, and under which consent: the ledger keeps each conversion's authorization, and
+``disclosures`` accounts for it (real sends to the sandboxes through the real SDK clients)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from typer.testing import CliRunner
+
+from etl import store
+from etl.cli import app
+from etl.rules.stages import opaque_id
+from tests.conftest import BASE_CONFIG, SECRET
+
+RUNNER = CliRunner()
+LEAD_HEADER = (
+    "lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
+    "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url"
+)
+APPT_HEADER = (
+    "appointment_id,patient_id,first_name,last_name,email,phone,zip,city,state,country,service,status,"
+    "start_at,revenue,currency,location_id,updated_at,consent_marketing,consent_at,consent_revoked_at"
+)
+# Jane authorized on her lead form (May 1), then signed a new authorization at a booking (June 10):
+# at the run's end the June one is in force. Bob's only authorization is his lead form's.
+APPOINTMENTS = [
+    "APPT-JANE-1,PAT-JANE,Janecanary,Doecanary,jane.canary@gmail.com,(415) 555-0123,94110,San Francisco,CA,US,"
+    "Botox for hyperhidrosis,Completed,2026-05-05 10:00,450.00,USD,L1,2026-05-05 10:00,,,",
+    "APPT-JANE-2,PAT-JANE,Janecanary,Doecanary,jane.canary@gmail.com,(415) 555-0123,94110,San Francisco,CA,US,"
+    "Filler,Booked,2026-07-20 10:00,0,USD,L1,2026-06-10 08:00,yes,2026-06-10 08:00,",
+    "APPT-BOB-1,PAT-BOB,Bobcanary,Smithcanary,bob.canary@yahoo.com,(415) 555-0188,94110,San Francisco,CA,US,"
+    "Laser hair removal,Completed,2026-05-06 11:00,300.00,USD,L1,2026-05-06 11:00,,,",
+]
+LEADS = [
+    "LEAD-JANE,2026-05-01 09:00,Janecanary,Doecanary,jane.canary@gmail.com,(415) 555-0123,94110,Cj0KCQ-jane,,,,,,"
+    "yes,2026-05-01 09:00,,google,hyperhidrosis,sweaty palms,https://spa.example/botox",
+    "LEAD-BOB,2026-05-02 09:00,Bobcanary,Smithcanary,bob.canary@yahoo.com,(415) 555-0188,94110,Cj0KCQ-bob,,,,,,"
+    "yes,,,google,laser,back hair,https://spa.example/laser",
+]
+RAW = ["canary", "APPT-", "PAT-", "LEAD-", "Botox", "hyperhidrosis", "555-01", "spa.example"]
+JANE_CONSENT = datetime(2026, 6, 10, 15, 0, tzinfo=UTC)  # 08:00 Pacific daylight time
+BOB_CONSENT = datetime(2026, 5, 2, 16, 0, tzinfo=UTC)  # his lead's created_at: no consent_at given
+
+
+def _clinic(tmp_path: Path, leads: list[str] = LEADS) -> Path:
+    (tmp_path / "appointments.csv").write_text("\n".join([APPT_HEADER, *APPOINTMENTS]) + "\n")
+    (tmp_path / "leads.csv").write_text("\n".join([LEAD_HEADER, *leads]) + "\n")
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    return tmp_path / "clinic.yaml"
+
+
+def _ledger(tmp_path: Path) -> list[dict[str, object]]:
+    url = f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}"
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(store.send_ledger)).mappings()]
+
+
+def _as_utc(value: object) -> datetime:
+    assert isinstance(value, datetime)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@pytest.fixture
+def sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MEDSPA_ID_SECRET", SECRET.decode())
+    config = _clinic(tmp_path)
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30",
+                                 "--target", "sandbox"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return config
+
+
+def test_each_conversion_sent_records_the_authorization_in_force_at_the_run_end(sent: Path) -> None:
+    expected = {
+        opaque_id(SECRET, "sunrise-medspa", stage, appointment): consent
+        for appointment, consent in (("APPT-JANE-1", JANE_CONSENT), ("APPT-BOB-1", BOB_CONSENT))
+        for stage in ("consultation", "purchase")
+    }
+    rows = _ledger(sent.parent)
+    assert {r["destination"] for r in rows} == {"google_conversions", "meta_events"}
+    assert {r["opaque_id"] for r in rows} == set(expected)  # both stages of both people, to both
+    for row in rows:
+        assert row["status"] == "accepted"
+        assert _as_utc(row["consent_at"]) == expected[str(row["opaque_id"])]
+
+
+def test_a_later_revocation_keeps_the_record_of_the_consent_a_conversion_left_under(
+    sent: Path, tmp_path: Path
+) -> None:
+    revoked = [LEADS[0].replace("yes,2026-05-01 09:00,,", "yes,2026-05-01 09:00,2026-07-05 09:00,"), LEADS[1]]
+    _clinic(tmp_path, revoked)
+    result = RUNNER.invoke(app, ["run", "--config", str(sent), "--start", "2026-06-30", "--end", "2026-07-10",
+                                 "--target", "sandbox"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    jane = {
+        opaque_id(SECRET, "sunrise-medspa", stage, "APPT-JANE-1") for stage in ("consultation", "purchase")
+    }
+    rows = [r for r in _ledger(tmp_path) if r["opaque_id"] in jane]
+    assert len(rows) == 4 and all(_as_utc(r["consent_at"]) == JANE_CONSENT for r in rows)
+
+
+def test_disclosures_counts_what_left_and_lists_it_by_opaque_id(sent: Path, tmp_path: Path) -> None:
+    out_csv = tmp_path / "disclosures.csv"
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--since", "2026-01-01",
+                                 "--csv", str(out_csv), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert counts["target"] == "sandbox"
+    assert {(c["destination"], c["stage"], c["status"], c["rows"], c["consent_recorded"])
+            for c in counts["conversions"]} == {
+        (dest, stage, "accepted", 2, 2)
+        for dest in ("google_conversions", "meta_events")
+        for stage in ("consultation", "purchase")
+    }  # fmt: skip
+    lists = counts["lists"]
+    assert set(lists) == {"google_customer_match", "meta_audience"}
+    assert all(
+        v["syncs"] == 1 and v["adds"] == v["members_now"] == 2 and v["removes"] == 0 for v in lists.values()
+    )
+    with out_csv.open(newline="", encoding="utf-8") as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == 8 and out_csv.stat().st_mode & 0o077 == 0
+    assert all(re.fullmatch(r"[0-9a-f]{64}", line["opaque_id"]) for line in lines)
+    by_id = {line["opaque_id"]: line for line in lines}
+    jane = opaque_id(SECRET, "sunrise-medspa", "purchase", "APPT-JANE-1")
+    assert datetime.fromisoformat(by_id[jane]["consent_at"]) == JANE_CONSENT
+    assert all(line["request_id"] and line["run_id"] and line["sent_at"] for line in lines)
+    everything = result.output + out_csv.read_text(encoding="utf-8")
+    assert not [raw for raw in RAW if raw in everything]
+
+
+def test_disclosures_counts_only_the_sends_inside_the_period(sent: Path) -> None:
+    # the sends happened "now" (the sandbox run's wall clock); a period that ended before has none
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--until", "2026-01-01", "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert counts["conversions"] == [] and all(v["syncs"] == 0 for v in counts["lists"].values())
+    table = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--since", "2030-01-01"])
+    assert table.exit_code == 0 and "nothing sent in this period" in " ".join(table.stdout.split())
+    backwards = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--since", "2026-06-01",
+                                    "--until", "2026-05-01"])  # fmt: skip
+    assert backwards.exit_code == 2 and "--since must be before --until" in backwards.stderr
+
+
+def test_a_database_from_before_the_consent_record_gains_it_and_reads_not_recorded(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    ddl = "".join(
+        line for line in store.schema_ddl("sqlite").splitlines(keepends=True) if not line.startswith("--")
+    )
+    old = ddl.replace(
+        "\tconsent_at BIGINT,\n\tPRIMARY KEY (clinic_id, opaque_id)", "\tPRIMARY KEY (clinic_id, opaque_id)"
+    )
+    old = old.replace("\tconsent_at DATETIME,\n", "")
+    assert (
+        old.count("consent_at BIGINT,") == 2 and "consent_at DATETIME" not in old
+    )  # the two added columns gone
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in old.split(";"):
+            if "CREATE TABLE" in statement:
+                conn.execute(sa.text(statement))
+        conn.execute(sa.text(
+            "INSERT INTO send_ledger (clinic_id, destination, opaque_id, stage, status, run_id, sent_at, updated_at) "
+            "VALUES ('sunrise-medspa', 'meta_events', :id, 'purchase', 'accepted', 'r1', "
+            "'2026-06-01 00:00:00.000000', '2026-06-01 00:00:00.000000')"), {"id": "a" * 64})  # fmt: skip
+    engine.dispose()
+    config = _clinic(tmp_path)
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(config), "--database", url, "--json"])
+    assert result.exit_code == 0, result.output
+    (line,) = json.loads(result.stdout)["conversions"]
+    assert line["rows"] == 1 and line["consent_recorded"] == 0
+    with store.engine_for(url) as upgraded:
+        assert {c["name"] for c in sa.inspect(upgraded).get_columns("conversions")} >= {"consent_at"}
