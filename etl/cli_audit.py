@@ -117,5 +117,70 @@ def _table(accounting: Accounting) -> Table:
     return table
 
 
+def prune(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
+    older_than: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Days a run folder has not changed. Default: retention.run_files_days from the YAML."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON.")] = False,
+) -> None:
+    """Delete the working files of this clinic's old run folders; keep each run's record.
+
+    In every folder under <yaml folder>/var/runs/ that has not changed for --older-than days:
+    the outbox rows (hashed identifiers, click IDs, opaque IDs), the candidate file and any
+    hashed extracts a stopped run left are deleted; outbox/summary.json, results/*.json and
+    report.html (counts only) stay, with pruned.json recording what was deleted and when. A
+    folder a run is working in is left alone. What was sent stays in the send ledger; a pruned
+    interval can be run again from its exports. An --outbox folder outside the run folder is
+    not touched. With retention.run_files_days in the YAML every run's report step prunes too.
+    Example:
+
+        medspa-conversions prune --config clinic.yaml --older-than 90 --dry-run
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from etl import cli
+    from etl.config import load_config
+    from etl.errors import ConfigError, MachineError, MedspaError
+    from etl.retention import prune_runs, runs_dir
+
+    try:
+        cfg = load_config(config)
+        days = older_than if older_than is not None else cfg.retention.run_files_days
+        if days is None:
+            raise ConfigError("say how old: --older-than DAYS, or retention.run_files_days in the YAML")
+        results = list(
+            prune_runs(cfg, older_than=timedelta(days=days), now=datetime.now(UTC), dry_run=dry_run)
+        )
+    except MedspaError as exc:
+        raise cli._fail(exc) from None
+    except OSError as exc:
+        raise cli._fail(MachineError.of(exc, "prune")) from None
+    done = [r for r in results if r.skipped is None]
+    if json_out:
+        cli.out.print_json(json.dumps({"dry_run": dry_run, "older_than_days": days,
+                                       "runs": [vars(r) for r in results]}))  # fmt: skip
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        table = Table(title=f"prune: {runs_dir(cfg)}, unchanged for {days} days ({verb})")
+        table.add_column("run", overflow="fold")
+        table.add_column("files", justify="right")
+        table.add_column("bytes", justify="right")
+        for r in results:
+            table.add_row(r.run_id, r.skipped or str(r.files), "" if r.skipped else f"{r.bytes:,}")
+        if not results:
+            table.caption = "nothing to prune"
+        cli.out.print(table)
+    total = sum(r.bytes for r in done)
+    cli.err.print(f"{len(done)} run folder(s), {total:,} bytes {'to delete' if dry_run else 'deleted'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(disclosures)
+    app.command()(prune)

@@ -139,6 +139,7 @@ def report(
     from etl.config import load_config
     from etl.errors import ConfigError, MedspaError
     from etl.report import paths_for_run_id, render_run_report
+    from etl.retention import pruned_at
 
     try:
         if not _RUN_ID.match(run_id):
@@ -148,6 +149,12 @@ def report(
         if not paths.run_dir.is_dir():
             raise ConfigError(
                 f"no run {run_id} in {paths.run_dir.parent} (the run folders there are its run ids)"
+            )
+        pruned = pruned_at(paths.run_dir)
+        if pruned is not None:
+            raise ConfigError(
+                f"run {run_id}: its outbox rows were pruned at {pruned}; its report.html is kept as "
+                "rendered (rerun the interval to render it from new files)"
             )
         with store.engine_for(cfg.resolved_database_url(database)) as engine:
             path = render_run_report(cfg, paths, engine, run_id=run_id)

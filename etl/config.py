@@ -136,6 +136,20 @@ class Exclude(_Model):
         return patterns
 
 
+class Retention(_Model):
+    """How long a run's working files stay in its folder (``medspa-conversions prune``)."""
+
+    run_files_days: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Days after a run folder's last change that its outbox rows (hashed identifiers), "
+            "leftover hashed extracts and candidate file are deleted, the summary, results and "
+            "report kept; pruned by every run's report step. Default: kept until pruned by hand."
+        ),
+    )
+
+
 class Quality(_Model):
     """Where a data-quality share or ratio becomes a finding (docs/quality.md). The defaults are
     what the committed suites under ``expectations/`` hold; a clinic whose exports differ (a CRM
@@ -262,6 +276,7 @@ class ClinicConfig(_Model):
     rules: Rules = Field(default_factory=Rules)
     exclude: Exclude = Field(default_factory=Exclude)
     quality: Quality = Field(default_factory=Quality)
+    retention: Retention = Field(default_factory=Retention)
     google_ads: GoogleAds | None = None
     meta: Meta | None = None
     # Folder of the YAML file; relative paths in the file resolve against it.

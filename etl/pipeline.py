@@ -186,12 +186,14 @@ def start_attempt(paths: RunPaths) -> None:
     state and ``run_summaries``.
     """
     from etl.outbox import check_outbox_folder
+    from etl.retention import PRUNED_FILE
 
     check_outbox_folder(paths.outbox)
     for folder in (paths.outbox, paths.results, paths.pending):
         clear_folder(folder)
     paths.stopped.unlink(missing_ok=True)
     paths.conversions.unlink(missing_ok=True)
+    (paths.run_dir / PRUNED_FILE).unlink(missing_ok=True)  # this attempt's files are new
 
 
 def clear_folder(folder: Path) -> None:

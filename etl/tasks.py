@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
@@ -233,7 +233,19 @@ def validate_outbound(
 
 
 def _published_summary(spec: RunSpec) -> dict[str, Any]:
-    """The published outbox's summary; a step run out of order gets a clear error, not a traceback."""
+    """The published outbox's summary; a step run out of order gets a clear error, not a traceback.
+
+    A pruned run's outbox holds its summary but no rows (``etl.retention``): sending it would
+    send nothing and call that done, so its steps are refused too.
+    """
+    from etl.retention import pruned_at
+
+    pruned = pruned_at(spec.paths.run_dir)
+    if pruned is not None:
+        raise NotPlanned(
+            f"run {spec.run_id}: its outbox rows were pruned at {pruned} (retention); rerun the "
+            "interval from extract to send or report it again (the send ledger keeps what was sent)"
+        )
     if not (spec.paths.outbox / SUMMARY_FILE).exists():
         raise NotPlanned(
             f"no published outbox for run {spec.run_id}: validate_outbound has not run since its extract"
@@ -384,9 +396,31 @@ def report(spec: RunSpec) -> dict[str, Any]:
         ledger.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
         html = render_run_report(spec.config, spec.paths, engine, run_id=spec.run_id, summary=merged)
     shutil.rmtree(spec.paths.extracts, ignore_errors=True)
+    _prune_older_runs(spec)
     return {
         "run_id": spec.run_id,
         "outbox": str(spec.paths.outbox),
         "summary": merged,
         "report": str(html),
     }
+
+
+def _prune_older_runs(spec: RunSpec) -> None:
+    """With ``retention.run_files_days`` set, each report prunes the clinic's older run folders
+    (``etl.retention``): nightly runs then need no separate clean-up job. A folder that cannot
+    be pruned (another user's files) is logged and left for the next night, never failing a
+    run whose sends are done."""
+    from etl.retention import prune_runs
+
+    days = spec.config.retention.run_files_days
+    if days is None:
+        return
+    try:
+        for pruned in prune_runs(
+            spec.config, older_than=timedelta(days=days), now=_clock(), keep=spec.run_id
+        ):
+            if pruned.skipped:
+                log.info("retention: run %s left alone (%s)", pruned.run_id, pruned.skipped)
+    except OSError as exc:
+        log.warning("retention: pruning older runs stopped (%s); the next report tries again",
+                    exc.strerror or type(exc).__name__)  # fmt: skip

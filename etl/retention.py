@@ -1,0 +1,125 @@
+"""Run folders keep their pseudonymous working files only as long as they are useful.
+
+Each run leaves ``var/runs/<run id>/`` behind: the outbox rows (hashed identifiers, click IDs,
+opaque IDs: one copy of each night's suppression lists), the candidate file, and after a gate
+stop the hashed extracts. Nightly runs would keep a copy of every list member's hashes per
+night, without end. Pruning deletes those once a folder has not changed for the configured
+number of days and keeps the run's record: ``outbox/summary.json``, ``results/*.json`` and
+``report.html`` (counts only), plus ``pruned.json`` saying what was deleted and when. What was
+sent stays in the send ledger; a rerun of the interval extracts again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from etl.config import ClinicConfig
+from etl.errors import RunInProgress
+from etl.leases import hold_run_folder
+from etl.outbox import OUTBOX_FILES
+
+log = logging.getLogger(__name__)
+
+PRUNED_FILE = "pruned.json"
+_NOT_ACTIVITY = (".lock", PRUNED_FILE, PRUNED_FILE + ".tmp")
+
+
+@dataclass(frozen=True)
+class Pruned:
+    run_id: str
+    files: int  # files deleted (or that would be, in a dry run)
+    bytes: int
+    skipped: str | None = None  # why the folder was left alone ("in use")
+
+
+def runs_dir(config: ClinicConfig) -> Path:
+    return config.base_dir / "var" / "runs"
+
+
+def _working_files(run_dir: Path) -> list[Path]:
+    """The files in ``run_dir`` that hold rows (hashes, click IDs, opaque IDs), not counts."""
+    outbox = run_dir / "outbox"
+    found = [outbox / name for name in OUTBOX_FILES.values()]
+    found.append(run_dir / "conversions.parquet")
+    for folder in (run_dir / "extract", run_dir / ".outbox.pending", run_dir / ".outbox.old"):
+        if folder.is_dir():
+            found.extend(p for p in folder.rglob("*") if p.is_file())
+    return [p for p in found if p.is_file()]
+
+
+def _last_change(run_dir: Path) -> datetime:
+    # the lock and the prune record are not the run's activity
+    newest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p.name not in _NOT_ACTIVITY),
+                 default=run_dir.stat().st_mtime)  # fmt: skip
+    return datetime.fromtimestamp(newest, tz=UTC)
+
+
+def prune_runs(
+    config: ClinicConfig,
+    *,
+    older_than: timedelta,
+    now: datetime,
+    dry_run: bool = False,
+    keep: str | None = None,
+) -> Iterator[Pruned]:
+    """Delete the working files of every run folder of ``config`` unchanged for ``older_than``.
+
+    ``keep``: a run id never pruned (the run calling this). A folder another process holds
+    (a run in progress) is left alone and reported as skipped.
+    """
+    base = runs_dir(config)
+    if not base.is_dir():
+        return
+    for run_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        if run_dir.name == keep or now - _last_change(run_dir) < older_than:
+            continue
+        files = _working_files(run_dir)
+        if not files:
+            continue
+        size = sum(p.stat().st_size for p in files)
+        if dry_run:
+            yield Pruned(run_dir.name, len(files), size)
+            continue
+        try:
+            with hold_run_folder(run_dir):
+                _prune(run_dir, files, size, now)
+        except RunInProgress:
+            yield Pruned(run_dir.name, 0, 0, skipped="in use")
+            continue
+        log.info("pruned run %s: %d files, %d bytes", run_dir.name, len(files), size)
+        yield Pruned(run_dir.name, len(files), size)
+
+
+def _prune(run_dir: Path, files: list[Path], size: int, now: datetime) -> None:
+    marker = run_dir / PRUNED_FILE
+    previous = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
+    record = {
+        "pruned_at": now.astimezone(UTC).isoformat(),
+        "files": int(previous.get("files", 0)) + len(files),
+        "bytes": int(previous.get("bytes", 0)) + size,
+        "deleted": sorted(
+            {*previous.get("deleted", []), *(p.relative_to(run_dir).as_posix() for p in files)}
+        ),
+    }
+    # the record first: a prune killed halfway is still on record, and a second one finishes it
+    tmp = marker.with_name(PRUNED_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(marker)
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in ("extract", ".outbox.pending", ".outbox.old"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
+def pruned_at(run_dir: Path) -> str | None:
+    """When the run's working files were pruned, or None."""
+    marker = run_dir / PRUNED_FILE
+    if not marker.exists():
+        return None
+    return str(json.loads(marker.read_text(encoding="utf-8")).get("pruned_at"))
