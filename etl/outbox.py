@@ -15,6 +15,7 @@ on which codec ran.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -152,12 +153,18 @@ def write_outbox(
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    digests: dict[str, str] = {}
     for destination, name in OUTBOX_FILES.items():
         rows = list(outbound.get(destination, ()))
+        digest = hashlib.sha256()
         with (staging / name).open("wb") as fh, collector_paused():
             for lo in range(0, len(rows), _CHUNK):
-                fh.write(b"".join(line + b"\n" for line in encode_canonical_all(rows[lo : lo + _CHUNK])))
-    write_summary(staging, summary)
+                chunk = b"".join(line + b"\n" for line in encode_canonical_all(rows[lo : lo + _CHUNK]))
+                digest.update(chunk)
+                fh.write(chunk)
+        digests[name] = digest.hexdigest()
+    # the files' digests in their summary: what the run planned to send, provably unchanged since
+    write_summary(staging, {**summary, "outbox_sha256": digests})
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

@@ -208,13 +208,17 @@ def clear_folder(folder: Path) -> None:
 
 def extract_sources(
     config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Read both exports, flag test records, hash identifiers; write hashed Parquet extracts.
 
     Raw identifiers live only inside this function's frames: what reaches disk is the
     ``is_test`` flag and the per-platform hashes (plus the clinic's own record IDs).
+
+    Returns:
+        row counts per kind, and each source's fingerprint (``<kind>_sha256``: a CSV file's
+        bytes, or a SQL source's query text), so the run's record says which export it read.
     """
-    counts: dict[str, int] = {}
+    counts: dict[str, Any] = {}
     readers = {"appointments": extract.read_appointments, "leads": extract.read_leads}
     paths.extracts.mkdir(parents=True, exist_ok=True)
     for kind, reader in readers.items():
@@ -226,10 +230,34 @@ def extract_sources(
             frame = hash_identifiers(frame, config.default_region)
             frame.to_parquet(paths.extracts / f"{kind}.parquet", index=False)
         counts[f"{kind}_rows"] = len(frame)
+        counts[f"{kind}_sha256"] = source_fingerprint(config, source)
         if kind == "appointments":
             counts["unknown_statuses"] = int((~frame["status_known"].astype(bool)).sum())
         log.info("extracted %s: %d rows", kind, len(frame))
     return counts
+
+
+def source_fingerprint(config: ClinicConfig, source: Any) -> str:
+    """SHA-256 of what a source is: a CSV export's bytes, or (``query:`` prefixed) a SQL source's
+    query file, since its rows are not a file. Not PHI: a digest of a whole file only confirms
+    a copy someone already holds."""
+    import hashlib
+
+    if source.path is not None:
+        digest = hashlib.sha256()
+        with config.resolve(source.path).open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return "query:" + hashlib.sha256(config.resolve(source.query).read_bytes()).hexdigest()
+
+
+def config_fingerprint(config: ClinicConfig) -> str:
+    """SHA-256 of the validated clinic config (canonical JSON, defaults filled in): the rules a
+    run applied, whatever the YAML's layout or comments."""
+    import hashlib
+
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
 
 
 def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timings: Timings) -> dict[str, int]:
@@ -253,7 +281,7 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
 
 def stage_sources(
     config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings, paths: RunPaths
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Extract then stage, in one call."""
     counts = extract_sources(config, window, paths, timings)
     stage_extracts(config, engine, paths, timings)
@@ -323,7 +351,7 @@ def plan_run(
     dry_run: bool,
     full_resync: bool = False,
     timings: Timings | None = None,
-    inputs: dict[str, int] | None = None,
+    inputs: dict[str, Any] | None = None,
     extracts: Path | None = None,
     run_id: str | None = None,
 ) -> Plan:
@@ -502,6 +530,8 @@ def plan_run(
         "target": target,
         "full_resync": full_resync,
         "inputs": inputs or {},
+        "config_sha256": config_fingerprint(config),
+        "version": _version(),
         "stages": {stage: int((kept["stage"] == stage).sum()) for stage in ("consultation", "purchase")},
         "carried_over": len(carried_ids),
         "drops": {reason: int(drops.get(reason, 0)) for reason in DROP_REASONS},
@@ -730,3 +760,12 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
     if paths.outbox.exists():
         write_summary(paths.outbox, merged)
     return merged
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medspa-conversions")
+    except PackageNotFoundError:  # a source tree not installed
+        return "unknown"

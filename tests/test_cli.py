@@ -473,3 +473,30 @@ def test_a_database_read_only_or_full_is_not_called_unreachable(tmp_path: Path) 
         store.open_engine(f"sqlite:///file:{tmp_path}/ro.sqlite?mode=ro&uri=true")
     assert "SQLITE_READONLY" in str(info.value)
     assert "disk has space and its file and folder are writable" in str(info.value)
+
+
+def test_the_summary_names_the_exports_config_and_files_of_the_run(tmp_path: Path) -> None:
+    # the run's record says which export and which rules it ran on, and which bytes it planned
+    import hashlib
+
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    assert run(config).exit_code == 0  # type: ignore[attr-defined]
+    (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    inputs = summary["inputs"]
+    for kind in ("appointments", "leads"):
+        assert inputs[f"{kind}_sha256"] == hashlib.sha256((tmp_path / f"{kind}.csv").read_bytes()).hexdigest()
+    assert summary["outbox_sha256"] == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in summary_file.parent.glob("*.jsonl")
+    }
+    first = summary["config_sha256"]
+    # the same rules in another layout are the same config; another rule is not
+    text = config.read_text()
+    config.write_text("# re-saved by hand\n" + yaml.safe_dump(yaml.safe_load(text), default_flow_style=True))
+    assert run(config).exit_code == 0  # type: ignore[attr-defined]
+    assert json.loads(summary_file.read_text(encoding="utf-8"))["config_sha256"] == first
+    raw = yaml.safe_load(text)
+    raw["rules"] = {"attribution_window_days": 60}
+    config.write_text(yaml.safe_dump(raw))
+    assert run(config).exit_code == 0  # type: ignore[attr-defined]
+    assert json.loads(summary_file.read_text(encoding="utf-8"))["config_sha256"] != first

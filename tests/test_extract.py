@@ -644,6 +644,17 @@ def test_sql_source_binds_clinic_and_window(source_db: str):
     assert lead_frame["created_at"].tolist() == [utc("2026-03-01 17:00")]
 
 
+def test_a_sql_source_is_fingerprinted_by_its_query(source_db: str):
+    # its rows are no file: the run's record names the query that read them
+    import hashlib
+
+    from etl.pipeline import source_fingerprint
+
+    config = make_config(SQL, appointments={"sql_url": source_db, "query": "appointments.sql"})
+    query = hashlib.sha256((SQL / "appointments.sql").read_bytes()).hexdigest()
+    assert source_fingerprint(config, config.sources.appointments) == f"query:{query}"
+
+
 def test_sql_source_numbers_read_as_the_digits_the_database_holds() -> None:
     # a `real` (float4) column arrives widened to a double: 760.1 as 760.0999755859375
     from etl.sqlread import as_text

@@ -117,12 +117,15 @@ def test_outbox_files_are_the_reference_bytes_and_read_back(tmp_path: Path) -> N
     }
     summary = {"b": 1, "a": "é"}
     outbox = write_outbox(tmp_path / "outbox", rows, summary)
+    digests = {}
     for destination, name in OUTBOX_FILES.items():
         expected = b"".join(_reference(r) + b"\n" for r in rows[destination])
         assert (outbox / name).read_bytes() == expected, destination
         assert list(read_rows(outbox, destination)) == rows[destination]
+        digests[name] = hashlib.sha256(expected).hexdigest()
     written = (outbox / "summary.json").read_text(encoding="utf-8")
-    assert written == json.dumps(summary, sort_keys=True, indent=2) + "\n"
+    # the summary names the exact bytes beside it
+    assert written == json.dumps({**summary, "outbox_sha256": digests}, sort_keys=True, indent=2) + "\n"
 
 
 def test_reading_restores_the_collector_state(tmp_path: Path) -> None:
