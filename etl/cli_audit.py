@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from etl.disclosures import Accounting
+    from etl.disclosures import Accounting, Recall
 
 
 def disclosures(
@@ -41,6 +41,14 @@ def disclosures(
             "send time, consent time) to this file, readable by its owner only.",
         ),
     ] = None,
+    person: Annotated[
+        Path | None,
+        typer.Option(
+            "--person",
+            help="Account for one person instead: a file of 'email: ...', 'phone: ...' or "
+            "'patient_id: ...' lines (a file, so no identifier lands in shell history).",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", metavar="", help="Print the counts as JSON.")] = False,
 ) -> None:
     """Account for what this clinic's database sent to Google and Meta, and under which consent.
@@ -51,11 +59,19 @@ def disclosures(
     planned by a version before this record existed have none), and the suppression-list
     syncs applied in the period with their adds and removes. Read-only; prints counts, never
     an identifier. The --csv file names conversions by opaque ID, the ID the platform holds:
-    going back from it to a patient needs MEDSPA_ID_SECRET and the staging database. Examples:
+    going back from it to a patient needs MEDSPA_ID_SECRET and the staging database.
+
+    With --person FILE it answers for one person (an access or deletion request, a breach
+    review): the identifiers are hashed as a run hashes them, widened to everyone linked to
+    them (SPEC rule 2), and every conversion of theirs that left is counted (and listed with
+    --csv), with the suppression-list entries holding their hashes now. It needs the
+    MEDSPA_ID_SECRET the sends used. The identifiers are never printed. Examples:
 
         medspa-conversions disclosures --config clinic.yaml --since 2026-01-01 --until 2026-07-01
 
         medspa-conversions disclosures --config clinic.yaml --csv disclosures-2026H1.csv
+
+        medspa-conversions disclosures --config clinic.yaml --person request-0042.txt --csv request-0042.csv
     """
     from etl import cli, disclosures, store
     from etl.config import load_config
@@ -67,6 +83,16 @@ def disclosures(
         end = cli.parse_boundary(until, cfg) if until else None
         if start is not None and end is not None and start >= end:
             raise ConfigError("--since must be before --until")
+        if person is not None:
+            identities = disclosures.read_person_file(person)
+            with store.engine_for(cfg.resolved_database_url(database)) as engine:
+                secret = _secret_for(engine, cfg.clinic_id)
+                found = disclosures.recall(engine, cfg, secret, identities, since=start, until=end)
+            _print_recall(found, json_out)
+            if csv_out is not None:
+                count = disclosures.write_csv(csv_out, iter(found.lines))
+                cli.err.print(f"{count} conversion line(s) written to {csv_out}")
+            return
         with store.engine_for(cfg.resolved_database_url(database)) as engine:
             accounting = disclosures.account(engine, cfg.clinic_id, since=start, until=end)
             lines = None
@@ -86,6 +112,58 @@ def disclosures(
         cli.out.print(_table(accounting))
     if lines is not None:
         cli.err.print(f"{lines} conversion line(s) written to {csv_out}")
+
+
+def _secret_for(engine: Any, clinic_id: str) -> bytes:
+    """The ID secret the sends used: a database that sent live needs the real one; a sandbox
+    or dry-run database may use the development key (a warning says so)."""
+    import sqlalchemy as sa
+
+    from etl import cli, store
+    from etl.config import resolve_id_secret
+
+    with engine.connect() as conn:
+        target = conn.execute(
+            sa.select(store.ledger_targets.c.target).where(store.ledger_targets.c.clinic_id == clinic_id)
+        ).scalar()
+    secret, development = resolve_id_secret(real_send=target == "live")
+    if development:
+        cli.err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; matching with the DEVELOPMENT key "
+                      "(right only for sends made with it)[/]")  # fmt: skip
+    return secret
+
+
+def _print_recall(found: Recall, json_out: bool) -> None:
+    from collections import Counter
+
+    from etl import cli
+
+    left = Counter((line[0], line[1], line[3]) for line in found.lines)
+    counts = {
+        "persons": found.persons,
+        "appointments": found.appointments,
+        "leads": found.leads,
+        "conversions": [
+            {"destination": d, "stage": s, "status": st, "rows": n} for (d, s, st), n in sorted(left.items())
+        ],
+        "lists_now": found.lists,
+    }
+    if json_out:
+        cli.out.print_json(json.dumps(counts))
+        return
+    table = Table(title=f"disclosures for one person: {found.persons} linked person(s), "
+                  f"{found.appointments} appointment(s), {found.leads} lead(s)")  # fmt: skip
+    table.add_column("destination", overflow="fold")
+    table.add_column("stage", overflow="fold")
+    table.add_column("outcome", overflow="fold")
+    table.add_column("rows", justify="right")
+    for (destination, stage, status), n in sorted(left.items()):
+        table.add_row(destination, stage, status, str(n))
+    for destination, n in sorted(found.lists.items()):
+        table.add_row(destination, "list", "entries holding their hashes now", str(n))
+    if found.persons == 0:
+        table.caption = "no staged row matches these identifiers"
+    cli.out.print(table)
 
 
 def _table(accounting: Accounting) -> Table:

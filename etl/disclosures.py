@@ -170,10 +170,16 @@ def _synced_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[boo
 
 
 def conversion_lines(
-    engine: Engine, clinic_id: str, *, since: datetime | None, until: datetime | None
+    engine: Engine,
+    clinic_id: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    where: sa.ColumnElement[bool] | None = None,
 ) -> Iterator[tuple[str, ...]]:
-    """One tuple per conversion that left in ``[since, until)``, in ``CSV_COLUMNS`` order,
-    sorted by send time then destination and opaque ID; times in UTC ISO 8601."""
+    """One tuple per conversion that left in ``[since, until)`` (and matches ``where``), in
+    ``CSV_COLUMNS`` order, sorted by send time then destination and opaque ID; times in UTC
+    ISO 8601."""
     lo, hi = _bound(engine, since), _bound(engine, until)
     query = (
         sa.select(
@@ -187,7 +193,7 @@ def conversion_lines(
             send_ledger.c.sent_at,
             send_ledger.c.consent_at,
         )
-        .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi))
+        .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi), sa.true() if where is None else where)
         .order_by(send_ledger.c.sent_at, send_ledger.c.destination, send_ledger.c.opaque_id)
     )
     with engine.connect() as conn:
@@ -219,3 +225,128 @@ def write_csv(path: Path, lines: Iterator[tuple[str, ...]]) -> int:
             count += 1
     tmp.replace(path)
     return count
+
+
+# --- one person: what left about them (a patient's access or deletion request, a revocation) ---
+
+PERSON_KINDS = ("email", "phone", "patient_id")
+
+
+@dataclass
+class Recall:
+    """What the ledger and the lists hold about one person, found from identifiers the officer
+    supplied (never echoed): counts here, the lines by opaque ID in ``lines``."""
+
+    persons: int  # linked persons the identifiers found (more than one: they name several people)
+    appointments: int
+    leads: int
+    lines: list[tuple[str, ...]]  # CSV_COLUMNS, one per conversion of theirs that left
+    lists: dict[str, int]  # destination -> list entries holding one of their hashes now
+
+
+def read_person_file(path: Path) -> list[tuple[str, str]]:
+    """``kind: value`` lines (``email``, ``phone``, ``patient_id``); blank and ``#`` lines skipped.
+
+    Raises:
+        ConfigError: naming the file and line, never the value.
+    """
+    from etl.errors import ConfigError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the person file ({type(exc).__name__})") from None
+    out: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        kind, sep, value = line.partition(":")
+        kind = kind.strip().lower()
+        if not sep or kind not in PERSON_KINDS or not value.strip():
+            raise ConfigError(
+                f"{path}, line {number}: expected 'email: ...', 'phone: ...' or 'patient_id: ...'"
+            )
+        out.append((kind, value.strip()))
+    if not out:
+        raise ConfigError(f"{path}: no identifier in the person file")
+    return out
+
+
+def recall(
+    engine: Engine,
+    config: Any,
+    secret: bytes,
+    identities: list[tuple[str, str]],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Recall:
+    """Everything sent about the person (or people) the identities name.
+
+    The identities are normalized and hashed as the pipeline does (SPEC rule 9, Google form, as
+    rule 2 links), matched against every staged row, and widened to the whole linked person
+    (rule 2, today's staging). Each of their appointments names two opaque IDs (consultation,
+    purchase): the ledger rows under those that left are theirs, whichever journey sent them.
+    The lists hold their hashes when a current member entry carries any of them.
+
+    Raises:
+        ConfigError: no identity normalizes to anything usable.
+    """
+    import numpy as np
+
+    from etl import staging
+    from etl.errors import ConfigError
+    from etl.identifiers import normalize_email_google, normalize_phone_e164, sha256_hex
+    from etl.rules.persons import link_persons
+    from etl.rules.stages import opaque_id
+
+    emails, phones, patients = set(), set(), set()
+    for kind, value in identities:
+        if kind == "email" and (email := normalize_email_google(value)) is not None:
+            emails.add(sha256_hex(email))
+        elif kind == "phone" and (phone := normalize_phone_e164(value, config.default_region)) is not None:
+            phones.add(sha256_hex(phone))
+        elif kind == "patient_id":
+            patients.add(value)
+    if not (emails or phones or patients):
+        raise ConfigError("no email, phone or patient_id in the person file is usable (rule 9 normalization)")
+    everything = datetime(9999, 1, 1, tzinfo=UTC)
+    # test records take no part in linking (rule 1), as in a run
+    appts = staging.load_staged(engine, "appointments", config.clinic_id, before=everything)
+    appts = appts[~appts["is_test"].to_numpy(dtype=bool)].reset_index(drop=True)
+    leads = staging.load_staged(engine, "leads", config.clinic_id, before=everything)
+    leads = leads[~leads["is_test"].to_numpy(dtype=bool)].reset_index(drop=True)
+    a_person, l_person = link_persons(appts, leads)
+    seed_a = appts["em_g"].isin(emails) | appts["ph_g"].isin(phones) | appts["patient_id"].isin(patients)
+    seed_l = leads["em_g"].isin(emails) | leads["ph_g"].isin(phones)
+    persons = np.union1d(a_person[seed_a.to_numpy()], l_person[seed_l.to_numpy()])
+    mine_a = appts[np.isin(a_person, persons)]
+    mine_l = leads[np.isin(l_person, persons)]
+    ids = [
+        opaque_id(secret, config.clinic_id, stage, str(aid))
+        for aid in mine_a["appointment_id"]
+        for stage in ("consultation", "purchase")
+    ]
+    lines: list[tuple[str, ...]] = []
+    for lo in range(0, len(ids), 500):
+        chunk = ids[lo : lo + 500]
+        query = sa.and_(send_ledger.c.clinic_id == config.clinic_id, send_ledger.c.opaque_id.in_(chunk))
+        lines.extend(conversion_lines(engine, config.clinic_id, since=since, until=until, where=query))
+    lines.sort(key=lambda line: (line[7], line[0], line[2]))
+    hashes = {
+        h
+        for frame in (mine_a, mine_l)
+        for column in ("em_g", "em_m", "ph_g", "ph_m")
+        for h in frame[column].dropna()
+    }
+    lists: dict[str, int] = {}
+    with engine.connect() as conn:
+        for destination in LIST_DESTINATIONS:
+            payloads = conn.execute(
+                sa.select(audience_state.c.payload).where(
+                    audience_state.c.clinic_id == config.clinic_id,
+                    audience_state.c.destination == destination,
+                )
+            ).scalars()
+            lists[destination] = sum(1 for payload in payloads if any(h in payload for h in hashes))
+    return Recall(persons=len(persons), appointments=len(mine_a), leads=len(mine_l), lines=lines, lists=lists)

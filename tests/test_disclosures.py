@@ -178,3 +178,52 @@ def test_a_database_from_before_the_consent_record_gains_it_and_reads_not_record
     assert line["rows"] == 1 and line["consent_recorded"] == 0
     with store.engine_for(url) as upgraded:
         assert {c["name"] for c in sa.inspect(upgraded).get_columns("conversions")} >= {"consent_at"}
+
+
+def _recall(
+    config: Path, tmp_path: Path, lines: str, *extra: str
+) -> tuple[dict[str, object], list[dict[str, str]]]:
+    person = tmp_path / "request.txt"
+    person.write_text(lines)
+    out_csv = tmp_path / "request.csv"
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(config), "--person", str(person),
+                                 "--csv", str(out_csv), "--json", *extra])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not [raw for raw in [*RAW, "Jane.Canary"] if raw in result.output]  # nothing they typed, echoed
+    with out_csv.open(newline="", encoding="utf-8") as handle:
+        return json.loads(result.stdout), list(csv.DictReader(handle))
+
+
+def test_one_persons_disclosures_are_found_from_any_of_their_identifiers(sent: Path, tmp_path: Path) -> None:
+    jane = {
+        opaque_id(SECRET, "sunrise-medspa", stage, "APPT-JANE-1") for stage in ("consultation", "purchase")
+    }
+    # a Gmail variant of her address finds her (rule 9's Google form, as rule 2 links)
+    counts, lines = _recall(sent, tmp_path, "# access request 42\nemail: Jane.Canary+spa@Gmail.com\n")
+    assert counts["persons"] == 1 and counts["appointments"] == 2 and counts["leads"] == 1
+    assert {line["opaque_id"] for line in lines} == jane and len(lines) == 4  # both stages, both platforms
+    assert all(datetime.fromisoformat(line["consent_at"]) == JANE_CONSENT for line in lines)
+    assert counts["lists_now"] == {"google_customer_match": 1, "meta_audience": 1}
+    # her phone in another format, or Bob's patient ID, find the same way
+    by_phone, _ = _recall(sent, tmp_path, "phone: +1 415-555-0123\n")
+    assert by_phone == counts
+    bob, bob_lines = _recall(sent, tmp_path, "patient_id: PAT-BOB\n")
+    assert bob["persons"] == 1 and bob["leads"] == 1  # his lead has no patient_id: linked by email
+    assert len(bob_lines) == 4 and not {line["opaque_id"] for line in bob_lines} & jane
+    nobody, none = _recall(sent, tmp_path, "email: someone.else@yahoo.com\n")
+    assert nobody["persons"] == 0 and none == [] and nobody["lists_now"] == {
+        "google_customer_match": 0, "meta_audience": 0
+    }  # fmt: skip
+
+
+def test_a_person_file_line_that_is_not_an_identifier_names_the_line_not_the_value(
+    sent: Path, tmp_path: Path
+) -> None:
+    person = tmp_path / "request.txt"
+    person.write_text("email: jane.canary@gmail.com\nJanecanary Doecanary\n")
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--person", str(person)])
+    assert (
+        result.exit_code == 2
+        and "line 2" in " ".join(result.stderr.split())
+        and "canary" not in result.output
+    )
