@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from etl.config import ClinicConfig
-from etl.rules.consent import consent_state, granted_since
+from etl.rules.consent import consent_state, granted_since, revoked_on_record
 from etl.rules.frames import ordered_lists
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def build_conversions(
     rules_in_order = [
         ("existing_patient", conv["existing"].to_numpy(dtype=bool)),
         ("no_revenue", ((conv["stage"] == "purchase") & ~(conv["value"] > 0)).to_numpy()),
-        ("consent_revoked", state_at_end == 0),
+        ("consent_revoked", (state_at_end == 0) | revoked_on_record(consent, conv["person"].to_numpy())),
         ("no_consent", (state_at_event != 1) | (state_at_end != 1)),
         ("no_identifiers", (~has_ids & ~has_any_click).to_numpy()),
     ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from etl.rules.consent import consent_state
+from etl.rules.consent import consent_state, revoked_on_record
 from etl.rules.frames import ordered_lists
 
 _LIST_CAP = 3
@@ -58,6 +58,7 @@ def suppression_members(
         # without the consent requirement, people with no authorization event are members;
         # a revoked person never is (rule 6: removed from suppression lists at the next sync)
         state = consent_state(consent, people, end)
+        state[revoked_on_record(consent, people)] = 0  # a backfill's end predates a revocation
         people = people[state == 1] if requires_consent else people[state != 0]
     member = np.zeros(int(max(appt_person.max(initial=-1), lead_person.max(initial=-1))) + 2, dtype=bool)
     member[people] = True

@@ -181,10 +181,21 @@ def test_a_revocation_taken_at_the_intake_of_a_booked_visit_is_in_force(tmp_path
     run = case("consent_revoked_at_a_booked_visit", tmp_path)
     assert run.drops == {"consent_revoked": 2}
     assert all(not rows for rows in run.rows.values())
-    # a run whose end is before the revocation still sends both stages and lists the patient
+    # a run whose end is before the revocation (a backfill) uploads after it: a revoked person is
+    # never uploaded again (rule 6), so nothing goes and the list does not take her either; the
+    # consent was granted at that end, so it is the revocation on record that drops her
     earlier = case("consent_revoked_at_a_booked_visit", tmp_path / "earlier", end="2026-06-15")
-    assert earlier.drops == {} and stages(earlier) == {"consultation": 1, "purchase": 1}
-    assert len(earlier.rows["google_conversions"]) == 2 and len(earlier.rows["google_customer_match"]) == 1
+    assert earlier.drops == {"consent_revoked": 2} and stages(earlier) == {"consultation": 0, "purchase": 0}
+    assert all(not rows for rows in earlier.rows.values())
+    # a grant after the revocation restores her, for that backfill too
+    name = "consent_revoked_at_a_booked_visit"
+    regranted = tmp_path / "regranted.csv"
+    regranted.write_text((CASES / name / "appointments.csv").read_text()
+                         + "A3,P1,,,,,,,,,Peel,Booked,2026-08-01 10:00,0,USD,L1,2026-07-01 09:00,yes,2026-07-01 09:00,\n")  # fmt: skip
+    restored = run_dry(make_config(CASES / name), "2026-05-01", "2026-06-15", tmp_path / "restored",
+                       appointments=str(regranted))  # fmt: skip
+    assert restored.drops == {} and stages(restored) == {"consultation": 1, "purchase": 1}
+    assert len(restored.rows["google_conversions"]) == 2 and len(restored.rows["google_customer_match"]) == 1
 
 
 def test_test_records_are_dropped(tmp_path: Path) -> None:
