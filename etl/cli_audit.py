@@ -8,6 +8,7 @@ conversion that left, keyed by opaque ID, with the time of the authorization it 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,35 +84,47 @@ def disclosures(
         end = cli.parse_boundary(until, cfg) if until else None
         if start is not None and end is not None and start >= end:
             raise ConfigError("--since must be before --until")
+        url = cfg.resolved_database_url(database)
         if person is not None:
             identities = disclosures.read_person_file(person)
-            with store.engine_for(cfg.resolved_database_url(database)) as engine:
+            with store.existing_for_reading(url) as (engine, columns):
                 secret = _secret_for(engine, cfg.clinic_id)
-                found = disclosures.recall(engine, cfg, secret, identities, since=start, until=end)
+                found = disclosures.recall(engine, cfg, secret, identities, since=start, until=end,
+                                           has_consent="consent_at" in columns)  # fmt: skip
             _print_recall(found, json_out)
             if csv_out is not None:
-                count = disclosures.write_csv(csv_out, iter(found.lines))
+                count = _write_csv(csv_out, iter(found.lines))
                 cli.err.print(f"{count} conversion line(s) written to {csv_out}")
             return
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
-            accounting = disclosures.account(engine, cfg.clinic_id, since=start, until=end)
+        with store.existing_for_reading(url) as (engine, columns):
+            has_consent = "consent_at" in columns
+            accounting = disclosures.account(
+                engine, cfg.clinic_id, since=start, until=end, has_consent=has_consent
+            )
             lines = None
             if csv_out is not None:
-                lines = disclosures.write_csv(
-                    csv_out, disclosures.conversion_lines(engine, cfg.clinic_id, since=start, until=end)
+                rows = disclosures.conversion_lines(
+                    engine, cfg.clinic_id, since=start, until=end, has_consent=has_consent
                 )
+                lines = _write_csv(csv_out, rows)
     except MedspaError as exc:
         raise cli._fail(exc) from None
-    except OSError as exc:
-        raise cli._fail(
-            ConfigError(f"--csv: cannot write {csv_out} ({exc.strerror or type(exc).__name__})")
-        ) from None
     if json_out:
         cli.out.print_json(json.dumps(accounting.as_json()))
     else:
         cli.out.print(_table(accounting))
     if lines is not None:
         cli.err.print(f"{lines} conversion line(s) written to {csv_out}")
+
+
+def _write_csv(path: Path, lines: Iterator[tuple[str, ...]]) -> int:
+    from etl import disclosures
+    from etl.errors import ConfigError
+
+    try:
+        return disclosures.write_csv(path, lines)
+    except OSError as exc:
+        raise ConfigError(f"--csv: cannot write {path} ({exc.strerror or type(exc).__name__})") from None
 
 
 def _secret_for(engine: Any, clinic_id: str) -> bytes:

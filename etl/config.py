@@ -319,7 +319,12 @@ class ClinicConfig(_Model):
         if url is None:
             return f"sqlite:///{self.base_dir / 'var' / (self.clinic_id + '.sqlite')}"
         prefix = "sqlite:///"
-        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+        # a URI filename (sqlite:///file:...?mode=ro&uri=true) is no relative path
+        if (
+            url.startswith(prefix)
+            and not url.startswith((prefix + "/", prefix + "file:"))
+            and url != "sqlite://"
+        ):
             return prefix + str(self.base_dir / url[len(prefix) :])
         return url
 
@@ -346,6 +351,9 @@ def load_config(path: str | Path) -> ClinicConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, a file it may not read, not text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{path}: cannot read the config file ({reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -289,8 +289,8 @@ def consent_granted(conversions: Path) -> dict[str, datetime]:
     the consent grant in force at the run's end; empty when the file is gone."""
     import pyarrow.parquet as pq
 
-    if not conversions.exists():
-        return {}
+    if not conversions.exists() or "consent_at" not in pq.read_schema(conversions).names:
+        return {}  # gone, or written by a version before the record (an upgrade mid-run)
     table = pq.read_table(conversions, columns=["opaque_id", "consent_at"])
     out: dict[str, datetime] = {}
     for key, micros in zip(table["opaque_id"].to_pylist(), table["consent_at"].to_pylist(), strict=True):

@@ -93,7 +93,19 @@ def _bound(engine: Engine, value: datetime | None) -> datetime | None:
     )
 
 
-def account(engine: Engine, clinic_id: str, *, since: datetime | None, until: datetime | None) -> Accounting:
+def _consent(has_consent: bool) -> sa.ColumnElement[Any]:
+    # a ledger an earlier version made has no consent column: its rows read "not recorded"
+    return send_ledger.c.consent_at if has_consent else sa.null()
+
+
+def account(
+    engine: Engine,
+    clinic_id: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    has_consent: bool = True,
+) -> Accounting:
     """Count the conversions that left in ``[since, until)`` (by the time the row was sent) per
     destination, stage and outcome, and the list syncs applied in it.
 
@@ -113,7 +125,7 @@ def account(engine: Engine, clinic_id: str, *, since: datetime | None, until: da
                 sa.func.coalesce(send_ledger.c.stage, ""),
                 send_ledger.c.status,
                 sa.func.count(),
-                sa.func.count(send_ledger.c.consent_at),
+                sa.func.count(_consent(has_consent)),
             )
             .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi))
             .group_by(
@@ -176,6 +188,7 @@ def conversion_lines(
     since: datetime | None,
     until: datetime | None,
     where: sa.ColumnElement[bool] | None = None,
+    has_consent: bool = True,
 ) -> Iterator[tuple[str, ...]]:
     """One tuple per conversion that left in ``[since, until)`` (and matches ``where``), in
     ``CSV_COLUMNS`` order, sorted by send time then destination and opaque ID; times in UTC
@@ -191,7 +204,7 @@ def conversion_lines(
             send_ledger.c.request_id,
             send_ledger.c.run_id,
             send_ledger.c.sent_at,
-            send_ledger.c.consent_at,
+            _consent(has_consent).label("consent_at"),
         )
         .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi), sa.true() if where is None else where)
         .order_by(send_ledger.c.sent_at, send_ledger.c.destination, send_ledger.c.opaque_id)
@@ -217,13 +230,16 @@ def write_csv(path: Path, lines: Iterator[tuple[str, ...]]) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for line in lines:
-            writer.writerow(line)
-            count += 1
-    tmp.replace(path)
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_COLUMNS)
+            for line in lines:
+                writer.writerow(line)
+                count += 1
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a database error mid-stream leaves no half file
     return count
 
 
@@ -280,6 +296,7 @@ def recall(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    has_consent: bool = True,
 ) -> Recall:
     """Everything sent about the person (or people) the identities name.
 
@@ -331,7 +348,11 @@ def recall(
     for lo in range(0, len(ids), 500):
         chunk = ids[lo : lo + 500]
         query = sa.and_(send_ledger.c.clinic_id == config.clinic_id, send_ledger.c.opaque_id.in_(chunk))
-        lines.extend(conversion_lines(engine, config.clinic_id, since=since, until=until, where=query))
+        lines.extend(
+            conversion_lines(
+                engine, config.clinic_id, since=since, until=until, where=query, has_consent=has_consent
+            )
+        )
     lines.sort(key=lambda line: (line[7], line[0], line[2]))
     hashes = {
         h

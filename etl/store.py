@@ -250,7 +250,7 @@ def open_engine(url: str) -> Engine:
         StagingError: the database cannot be opened or reached (error class and SQLSTATE only:
             a driver's message can carry the URL with its password).
     """
-    from etl.errors import ConfigError, StagingError
+    from etl.errors import ConfigError
 
     # a URI filename (sqlite:///file:...?mode=ro&uri=true) names no folder to make
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not url.startswith("sqlite:///file:"):
@@ -263,14 +263,7 @@ def open_engine(url: str) -> Engine:
             raise ConfigError(
                 f"staging database: cannot create the folder {folder} ({type(exc).__name__})"
             ) from None
-    try:
-        # hide_parameters: a failing statement's error text then carries no row values
-        engine = sa.create_engine(url, future=True, hide_parameters=True)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ConfigError(
-            f"staging database: not a database URL SQLAlchemy can use ({type(exc).__name__}); "
-            "expected e.g. sqlite:///var/clinic.sqlite or postgresql+psycopg2://user@host/db"
-        ) from None
+    engine = _create(url)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     try:
@@ -283,20 +276,93 @@ def open_engine(url: str) -> Engine:
             _upgrade(conn)
     except sa.exc.DBAPIError as exc:
         engine.dispose()
-        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)
-        # a full disk or a read-only file is not a wrong URL: say which to look at
-        storage = str(code or "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "53"))
-        hint = (
-            "check that its disk has space and its file and folder are writable"
-            if storage
-            else "check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
-        )
-        raise StagingError(
-            f"staging database: cannot open it ({type(exc.orig).__name__}"
-            + (f", {code}" if code else "")
-            + f"); {hint}"
-        ) from None
+        raise _cannot_open(exc) from None
     return engine
+
+
+def _create(url: str) -> Engine:
+    from etl.errors import ConfigError
+
+    try:
+        # hide_parameters: a failing statement's error text then carries no row values
+        return sa.create_engine(url, future=True, hide_parameters=True)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"staging database: not a database URL SQLAlchemy can use ({type(exc).__name__}); "
+            "expected e.g. sqlite:///var/clinic.sqlite or postgresql+psycopg2://user@host/db"
+        ) from None
+
+
+def _cannot_open(exc: sa.exc.DBAPIError) -> Exception:
+    from etl.errors import StagingError
+
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlite_errorname", None)
+    # a full disk or a read-only file is not a wrong URL: say which to look at
+    storage = str(code or "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "53"))
+    hint = (
+        "check that its disk has space and its file and folder are writable"
+        if storage
+        else "check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
+    )
+    return StagingError(
+        f"staging database: cannot open it ({type(exc.orig).__name__}"
+        + (f", {code}" if code else "")
+        + f"); {hint}"
+    )
+
+
+_AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_syncs", "run_summaries")
+
+
+@contextmanager
+def existing_for_reading(url: str) -> Iterator[tuple[Engine, set[str]]]:
+    """Open a staging database that must already exist, for reading only: nothing is created
+    or upgraded (an audit of a copy, or of a read-only file, must not change it), and a wrong
+    URL is an error rather than a new, empty database that reads as "nothing sent".
+
+    Yields:
+        the engine and the columns ``send_ledger`` has (an earlier version's lacks some).
+
+    Raises:
+        ConfigError: no such SQLite file, or the database holds no send ledger.
+        StagingError: it cannot be opened or reached.
+    """
+    from pathlib import Path
+
+    from etl.errors import ConfigError
+
+    engine = _create(url)
+    try:
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database or ""
+            uri = bool(engine.url.query.get("uri")) or database.startswith("file:")
+            if not uri and (database in ("", ":memory:") or not Path(database).is_file()):
+                raise ConfigError(f"staging database: no SQLite file at {database or '(memory)'}")
+
+            def read_only(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.execute("PRAGMA query_only=ON")
+
+            sa.event.listen(engine, "connect", read_only)
+        try:
+            with engine.connect() as conn:
+                inspector = sa.inspect(conn)
+                if not inspector.has_table("send_ledger"):
+                    raise ConfigError(
+                        "staging database: it holds no send ledger (not this tool's staging database, "
+                        "or nothing was ever sent from it); check --database / database_url"
+                    )
+                missing = [t for t in _AUDIT_TABLES if not inspector.has_table(t)]
+                if missing:
+                    raise ConfigError(
+                        f"staging database: made by an earlier version (no {', '.join(missing)}); "
+                        "open it once with this version (`doctor` or a run) to bring it up to date"
+                    )
+                columns = {c["name"] for c in inspector.get_columns("send_ledger")}
+        except sa.exc.DBAPIError as exc:
+            raise _cannot_open(exc) from None
+        yield engine, columns
+    finally:
+        engine.dispose()
 
 
 # Columns added after their table was first released: a database an earlier version created

@@ -176,8 +176,36 @@ def test_a_database_from_before_the_consent_record_gains_it_and_reads_not_record
     assert result.exit_code == 0, result.output
     (line,) = json.loads(result.stdout)["conversions"]
     assert line["rows"] == 1 and line["consent_recorded"] == 0
-    with store.engine_for(url) as upgraded:
+    out_csv = tmp_path / "old.csv"
+    listed = RUNNER.invoke(
+        app, ["disclosures", "--config", str(config), "--database", url, "--csv", str(out_csv)]
+    )
+    assert listed.exit_code == 0 and out_csv.read_text().splitlines()[1].endswith(",")  # consent_at empty
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:  # an audit changes nothing, not even the schema
+        assert "consent_at" not in {c["name"] for c in sa.inspect(conn).get_columns("send_ledger")}
+    engine.dispose()
+    with store.engine_for(url) as upgraded:  # a run's open brings it up to date
         assert {c["name"] for c in sa.inspect(upgraded).get_columns("conversions")} >= {"consent_at"}
+        assert {c["name"] for c in sa.inspect(upgraded).get_columns("send_ledger")} >= {"consent_at"}
+
+
+def test_disclosures_never_creates_a_database_and_reads_a_read_only_one(sent: Path, tmp_path: Path) -> None:
+    # a typo in --database made a new, empty database that read "nothing sent": the worst answer
+    missing = tmp_path / "typo" / "sunrise.sqlite"
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--database", f"sqlite:///{missing}"])
+    assert result.exit_code == 2 and "no SQLite file" in result.stderr and not missing.parent.exists()
+    empty = tmp_path / "empty.sqlite"
+    sa.create_engine(f"sqlite:///{empty}").connect().close()
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--database", f"sqlite:///{empty}"])
+    assert result.exit_code == 2 and "no send ledger" in result.stderr
+    # a read-only URI (an auditor's copy) is read as it is, and makes no stray folder
+    staging = sent.parent / "var" / "sunrise-medspa.sqlite"
+    read_only = f"sqlite:///file:{staging}?mode=ro&uri=true"
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--database", read_only, "--json"])
+    assert result.exit_code == 0, result.output
+    assert sum(c["rows"] for c in json.loads(result.stdout)["conversions"]) == 8
+    assert not list(sent.parent.glob("file:*"))
 
 
 def _recall(
@@ -227,3 +255,21 @@ def test_a_person_file_line_that_is_not_an_identifier_names_the_line_not_the_val
         and "line 2" in " ".join(result.stderr.split())
         and "canary" not in result.output
     )
+
+
+def test_a_plan_written_before_the_consent_record_still_publishes(tmp_path: Path) -> None:
+    # an upgrade between build_conversions and validate_outbound: the candidate file has no
+    # consent column, and every retry of validate_outbound failed on it
+    import pandas as pd
+
+    from etl.deliver import consent_granted
+
+    older = tmp_path / "conversions.parquet"
+    pd.DataFrame({"opaque_id": ["a" * 64], "stage": ["purchase"]}).to_parquet(older, index=False)
+    assert consent_granted(older) == {} and consent_granted(tmp_path / "gone.parquet") == {}
+
+
+def test_a_config_path_that_is_a_folder_is_one_clear_error(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(tmp_path)])
+    flat = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "cannot read the config file" in flat and "--csv" not in flat
