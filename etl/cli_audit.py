@@ -54,8 +54,9 @@ def disclosures(
 ) -> None:
     """Account for what this clinic's database sent to Google and Meta, and under which consent.
 
-    Counts every conversion a request carried in [since, until) (by send time) per
-    destination, stage and outcome (sent, accepted, rejected, already_sent), how many of
+    Counts every conversion a request carried in [since, until) (by the time one first did)
+    per destination, stage and outcome (sent, accepted, rejected, already_sent, deferred after
+    a request; a row our own checks refused never left), how many of
     them have the time of the marketing authorization they left under recorded (conversions
     planned by a version before this record existed have none), and the suppression-list
     syncs applied in the period with their adds and removes. Read-only; prints counts, never

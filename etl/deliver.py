@@ -59,7 +59,7 @@ def _stage_of(config: ClinicConfig, destination: str, row: dict[str, Any]) -> st
 
 def _entry(result: RowResult, stages: dict[str, str | None]) -> dict[str, Any]:
     return {"opaque_id": result.key, "stage": stages.get(result.key), "status": str(result.outcome),
-            "code": result.code, "request_id": result.request_id}  # fmt: skip
+            "code": result.code, "request_id": result.request_id, "transmitted": result.transmitted}  # fmt: skip
 
 
 def write_result(results_dir: Path, name: str, counts: dict[str, Any]) -> None:

@@ -109,9 +109,10 @@ def account(
     """Count the conversions that left in ``[since, until)`` (by the time the row was sent) per
     destination, stage and outcome, and the list syncs applied in it.
 
-    A conversion "left" once a request carried it: sent, accepted, rejected (the platform saw
-    it and refused it) and already_sent (the platform said it holds it). Planned and deferred
-    rows did not leave.
+    A conversion "left" once a request carried it (``send_ledger.sent_at``, the first time):
+    sent, accepted, rejected by the platform, already_sent (the platform said it holds it), and
+    deferred after a request (throttled, too recent). Planned rows, rows our own checks refused
+    and rows deferred without a request did not leave.
     """
     result = Accounting(clinic_id=clinic_id, since=since, until=until, target=None)
     lo, hi = _bound(engine, since), _bound(engine, until)

@@ -128,7 +128,11 @@ def write_ledger(
                 "request_id": entry.get("request_id"),
                 "run_id": run_id,
                 "planned_at": at if status == "planned" else None,
-                "sent_at": None if status in ("planned", "deferred") else at,
+                # when a request first carried it: a row our own checks refused never left, and
+                # a row deferred after a request did (``transmitted``; without it, by status)
+                "sent_at": at
+                if status != "planned" and entry.get("transmitted", status != "deferred")
+                else None,
                 "updated_at": at,
                 "consent_at": entry.get("consent_at"),
             }
@@ -144,7 +148,7 @@ def write_ledger(
                 "code": insert.excluded.code,
                 "request_id": insert.excluded.request_id,
                 "run_id": insert.excluded.run_id,
-                "sent_at": sa.func.coalesce(insert.excluded.sent_at, send_ledger.c.sent_at),
+                "sent_at": sa.func.coalesce(send_ledger.c.sent_at, insert.excluded.sent_at),  # the first
                 "planned_at": sa.func.coalesce(send_ledger.c.planned_at, insert.excluded.planned_at),
                 "updated_at": insert.excluded.updated_at,
                 "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),

@@ -273,3 +273,33 @@ def test_a_config_path_that_is_a_folder_is_one_clear_error(tmp_path: Path) -> No
     result = RUNNER.invoke(app, ["disclosures", "--config", str(tmp_path)])
     flat = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "cannot read the config file" in flat and "--csv" not in flat
+
+
+def test_left_means_a_request_carried_it(tmp_path: Path) -> None:
+    # a row our own checks refused never left; one deferred after a request carried it did
+    from etl import ledger
+    from etl.deliver import _entry
+    from etl.destinations.base import Outcome, RowResult
+    from etl.disclosures import account
+
+    results = [
+        RowResult("a" * 64, Outcome.REJECTED, "invalid_format", transmitted=False),
+        RowResult("b" * 64, Outcome.DEFERRED, "throttled/2", transmitted=True),
+        RowResult("c" * 64, Outcome.DEFERRED, "validate_only", transmitted=False),
+        RowResult("d" * 64, Outcome.ACCEPTED, request_id="r-1"),
+    ]
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(url) as engine:
+        ledger.write_ledger(engine, "c1", "meta_events", [_entry(r, {}) for r in results], run_id="r", at=at)
+        counts = account(engine, "c1", since=None, until=None)
+        # the deferred row goes again and is accepted: it first left at the first request
+        later = datetime(2026, 6, 2, tzinfo=UTC)
+        again = [_entry(RowResult("b" * 64, Outcome.ACCEPTED, request_id="r-2"), {})]
+        ledger.write_ledger(engine, "c1", "meta_events", again, run_id="r2", at=later)
+        with engine.connect() as conn:
+            sent_at = conn.execute(
+                sa.select(store.send_ledger.c.sent_at).where(store.send_ledger.c.opaque_id == "b" * 64)
+            ).scalar_one()
+    assert {status: n for (_, _, status), n in counts.conversions.items()} == {"deferred": 1, "accepted": 1}
+    assert _as_utc(sent_at) == at

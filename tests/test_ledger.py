@@ -324,9 +324,10 @@ def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     for dest in ("google_customer_match", "meta_audience"):
         assert backfill.rows[dest] == []
         assert backfill.summary["destinations"][dest]["skipped_newer_sync"] == 1
-    # on a database no later run synced, the same backfill lists the patient (granted then)
+    # on a database no later run synced, the same backfill plans the lists, and still leaves the
+    # patient off: granted at its end, but revoked on record before its upload (rule 6)
     fresh = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "fresh")
-    assert len(fresh.rows["google_customer_match"]) == len(fresh.rows["meta_audience"]) == 1
+    assert fresh.rows["google_customer_match"] == fresh.rows["meta_audience"] == []
     assert "skipped_newer_sync" not in fresh.summary["destinations"]["meta_audience"]
 
 
