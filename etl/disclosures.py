@@ -11,7 +11,6 @@ from an ID to an appointment).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -23,8 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl.ledger import latest_summary
-from etl.store import audience_state, audience_syncs, ledger_targets, send_ledger
+from etl.store import audience_state, audience_sync_log, ledger_targets, send_ledger
 
 # one line per conversion that left, in this column order (docs: README "Disclosures")
 CSV_COLUMNS = (
@@ -136,30 +134,25 @@ def account(
         for destination, stage, status, n, with_consent in rows:
             result.conversions[(destination, stage, status)] = int(n)
             result.consent_recorded[(destination, stage, status)] = int(with_consent)
-        syncs = conn.execute(
-            sa.select(audience_syncs.c.destination, audience_syncs.c.run_id).where(
-                audience_syncs.c.clinic_id == clinic_id, _synced_in(lo, hi)
+        log = audience_sync_log.c
+        synced = {
+            destination: (int(n), int(adds or 0), int(removes or 0))
+            for destination, n, adds, removes in conn.execute(
+                sa.select(log.destination, sa.func.count(), sa.func.sum(log.adds), sa.func.sum(log.removes))
+                .where(log.clinic_id == clinic_id, _synced_in(lo, hi))
+                .group_by(log.destination)
             )
-        ).all()
+        }
         for destination in LIST_DESTINATIONS:
             members = conn.execute(
                 sa.select(sa.func.count()).where(
                     audience_state.c.clinic_id == clinic_id, audience_state.c.destination == destination
                 )
             ).scalar_one()
-            runs = [run_id for dest, run_id in syncs if dest == destination]
-            adds = removes = 0
-            for run_id in runs:
-                counts = (
-                    json.loads(latest_summary(conn, run_id) or "{}")
-                    .get("destinations", {})
-                    .get(destination, {})
-                )
-                adds += int(counts.get("sent_adds", 0))
-                removes += int(counts.get("sent_removes", 0))
-            if runs or members:
+            syncs, adds, removes = synced.get(destination, (0, 0, 0))
+            if syncs or members:
                 result.lists[destination] = {
-                    "syncs": len(runs), "adds": adds, "removes": removes, "members_now": int(members)
+                    "syncs": syncs, "adds": adds, "removes": removes, "members_now": int(members)
                 }  # fmt: skip
     return result
 
@@ -176,9 +169,9 @@ def _sent_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]
 def _synced_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
     clauses: list[sa.ColumnElement[bool]] = [sa.true()]
     if lo is not None:
-        clauses.append(audience_syncs.c.synced_at >= lo)
+        clauses.append(audience_sync_log.c.synced_at >= lo)
     if hi is not None:
-        clauses.append(audience_syncs.c.synced_at < hi)
+        clauses.append(audience_sync_log.c.synced_at < hi)
     return sa.and_(*clauses)
 
 

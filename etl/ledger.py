@@ -23,6 +23,7 @@ from etl.store import (
     CODE_WIDTH,
     audience_pending,
     audience_state,
+    audience_sync_log,
     audience_syncs,
     ledger_targets,
     run_summaries,
@@ -353,6 +354,14 @@ def apply_audience_delta(
                 # in UTC: SQLite keeps a datetime's wall time and drops its offset
                 {"clinic_id": clinic_id, "destination": destination, "run_id": run_id,
                  "run_end": run_end.astimezone(UTC), "synced_at": at},
+            )  # fmt: skip
+        if run_id is not None:
+            # upsert: a retry of this same transaction after its commit was lost writes it once
+            log_insert = _dialect_insert(conn, audience_sync_log)
+            conn.execute(
+                log_insert.on_conflict_do_nothing(index_elements=["clinic_id", "destination", "run_id", "synced_at"]),
+                {"clinic_id": clinic_id, "destination": destination, "run_id": run_id, "synced_at": at,
+                 "adds": len(added), "removes": len(removed), "full_resync": replace_all},
             )  # fmt: skip
         if replace_all:
             conn.execute(audience_state.delete().where(where))

@@ -165,6 +165,21 @@ audience_syncs = sa.Table(
     sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# One row per list sync the platform confirmed (append-only): what it applied and when. The
+# disclosure record for lists: ``audience_syncs`` holds only each run's latest sync, and run
+# summaries only the latest attempt's counts.
+audience_sync_log = sa.Table(
+    "audience_sync_log",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("synced_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("adds", sa.Integer, nullable=False),
+    sa.Column("removes", sa.Integer, nullable=False),
+    sa.Column("full_resync", sa.Boolean, nullable=False),
+)
+
 # Adds handed to a platform whose outcome is not recorded yet: written before the request,
 # cleared when the sync's result is recorded. A crash in between (or a failed batch the
 # platform may have applied) leaves them here, and the next plan removes every one of them no
@@ -311,7 +326,7 @@ def _cannot_open(exc: sa.exc.DBAPIError) -> Exception:
     )
 
 
-_AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_syncs", "run_summaries")
+_AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_sync_log")
 
 
 @contextmanager

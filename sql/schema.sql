@@ -50,6 +50,16 @@ CREATE TABLE audience_state (
 	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (clinic_id, destination, member_key)
 );
+CREATE TABLE audience_sync_log (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	adds INTEGER NOT NULL,
+	removes INTEGER NOT NULL,
+	full_resync BOOLEAN NOT NULL,
+	PRIMARY KEY (clinic_id, destination, run_id, synced_at)
+);
 CREATE TABLE audience_syncs (
 	clinic_id VARCHAR(64) NOT NULL,
 	destination VARCHAR(32) NOT NULL,

@@ -303,3 +303,22 @@ def test_left_means_a_request_carried_it(tmp_path: Path) -> None:
             ).scalar_one()
     assert {status: n for (_, _, status), n in counts.conversions.items()} == {"deferred": 1, "accepted": 1}
     assert _as_utc(sent_at) == at
+
+
+def test_list_syncs_are_counted_once_each_whatever_reruns_follow(sent: Path) -> None:
+    # run_summaries and audience_syncs keep only a run's latest attempt: a rerun of the interval
+    # (its sync adds nothing new), a dry run or a validate-only run over it erased the first
+    # sync's adds from the account
+    def lists() -> dict[str, dict[str, int]]:
+        result = RUNNER.invoke(app, ["disclosures", "--config", str(sent), "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["lists"]
+
+    first = {"syncs": 1, "adds": 2, "removes": 0, "members_now": 2}
+    assert lists() == {"google_customer_match": first, "meta_audience": first}
+    for mode in (["--target", "sandbox"], ["--dry-run"], ["--target", "sandbox", "--validate-only"]):
+        result = RUNNER.invoke(app, ["run", "--config", str(sent), "--start", "2026-05-01", "--end", "2026-06-30",
+                                     *mode])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    both = {"syncs": 2, "adds": 2, "removes": 0, "members_now": 2}  # the rerun's sync applied nothing new
+    assert lists() == {"google_customer_match": both, "meta_audience": both}
