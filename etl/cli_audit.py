@@ -91,21 +91,18 @@ def disclosures(
             with store.existing_for_reading(url) as (engine, columns):
                 secret = _secret_for(engine, cfg.clinic_id)
                 found = disclosures.recall(engine, cfg, secret, identities, since=start, until=end,
-                                           has_consent="consent_at" in columns)  # fmt: skip
+                                           columns=columns)  # fmt: skip
             _print_recall(found, json_out)
             if csv_out is not None:
                 count = _write_csv(csv_out, iter(found.lines))
                 cli.err.print(f"{count} conversion line(s) written to {csv_out}")
             return
         with store.existing_for_reading(url) as (engine, columns):
-            has_consent = "consent_at" in columns
-            accounting = disclosures.account(
-                engine, cfg.clinic_id, since=start, until=end, has_consent=has_consent
-            )
+            accounting = disclosures.account(engine, cfg.clinic_id, since=start, until=end, columns=columns)
             lines = None
             if csv_out is not None:
                 rows = disclosures.conversion_lines(
-                    engine, cfg.clinic_id, since=start, until=end, has_consent=has_consent
+                    engine, cfg.clinic_id, since=start, until=end, columns=columns
                 )
                 lines = _write_csv(csv_out, rows)
     except MedspaError as exc:

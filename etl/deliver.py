@@ -262,11 +262,11 @@ def plan_conversions(
     *,
     run_id: str,
     at: datetime,
-    consent: Mapping[str, datetime] | None = None,
+    consent: Mapping[str, tuple[datetime, bool | None]] | None = None,
 ) -> None:
     """Record every conversion of a published real run's outbox as ``planned`` (final states
     are kept), before any upload starts, with ``consent``: per opaque ID, the time of the
-    authorization in force at the run's end (``consent_granted``).
+    authorization in force at the run's end and whether the export stated it (``consent_granted``).
 
     The uploads are separate steps (Airflow tasks, or one after the other in the CLI): a run
     that dies before one of them begins would otherwise leave that platform's conversions
@@ -277,25 +277,29 @@ def plan_conversions(
     for name in _ID_FIELD:
         planned = _planned(config, name, list(read_rows(outbox, name)))
         for entry in planned:
-            entry["consent_at"] = known.get(entry["opaque_id"])
+            entry["consent_at"], entry["consent_stated"] = known.get(entry["opaque_id"], (None, None))
         ledger.write_ledger(engine, config.clinic_id, name, planned, run_id=run_id, at=at)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def consent_granted(conversions: Path) -> dict[str, datetime]:
+def consent_granted(conversions: Path) -> dict[str, tuple[datetime, bool | None]]:
     """Per opaque ID of a run's conversion candidates (``RunPaths.conversions``), the time of
-    the consent grant in force at the run's end; empty when the file is gone."""
+    the consent grant in force at the run's end and whether the export stated it; empty when
+    the file is gone."""
     import pyarrow.parquet as pq
 
-    if not conversions.exists() or "consent_at" not in pq.read_schema(conversions).names:
+    if not conversions.exists() or "consent_at" not in (names := pq.read_schema(conversions).names):
         return {}  # gone, or written by a version before the record (an upgrade mid-run)
-    table = pq.read_table(conversions, columns=["opaque_id", "consent_at"])
-    out: dict[str, datetime] = {}
-    for key, micros in zip(table["opaque_id"].to_pylist(), table["consent_at"].to_pylist(), strict=True):
+    columns = ["opaque_id", "consent_at", *(["consent_stated"] if "consent_stated" in names else [])]
+    table = pq.read_table(conversions, columns=columns)
+    stated = table["consent_stated"].to_pylist() if "consent_stated" in names else [None] * table.num_rows
+    out: dict[str, tuple[datetime, bool | None]] = {}
+    for key, micros, flag in zip(table["opaque_id"].to_pylist(), table["consent_at"].to_pylist(), stated,
+                                 strict=True):  # fmt: skip
         if micros is not None:
-            out[key] = _EPOCH + timedelta(microseconds=micros)
+            out[key] = (_EPOCH + timedelta(microseconds=micros), flag)
     return out
 
 

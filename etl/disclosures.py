@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,9 @@ CSV_COLUMNS = (
     "run_id",
     "sent_at",
     "consent_at",
+    # "export": the export stated the consent time; "row_time": it flagged consent without a
+    # time, and the lead's created_at or the appointment's start_at stands in (rule 6)
+    "consent_at_source",
 )
 LIST_DESTINATIONS = ("google_customer_match", "meta_audience")
 
@@ -91,9 +94,9 @@ def _bound(engine: Engine, value: datetime | None) -> datetime | None:
     )
 
 
-def _consent(has_consent: bool) -> sa.ColumnElement[Any]:
-    # a ledger an earlier version made has no consent column: its rows read "not recorded"
-    return send_ledger.c.consent_at if has_consent else sa.null()
+def _column(name: str, columns: Collection[str] | None) -> sa.ColumnElement[Any]:
+    # a ledger an earlier version made lacks the consent columns: its rows read "not recorded"
+    return send_ledger.c[name] if columns is None or name in columns else sa.null()
 
 
 def account(
@@ -102,7 +105,7 @@ def account(
     *,
     since: datetime | None,
     until: datetime | None,
-    has_consent: bool = True,
+    columns: Collection[str] | None = None,
 ) -> Accounting:
     """Count the conversions that left in ``[since, until)`` (by the time the row was sent) per
     destination, stage and outcome, and the list syncs applied in it.
@@ -124,7 +127,7 @@ def account(
                 sa.func.coalesce(send_ledger.c.stage, ""),
                 send_ledger.c.status,
                 sa.func.count(),
-                sa.func.count(_consent(has_consent)),
+                sa.func.count(_column("consent_at", columns)),
             )
             .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi))
             .group_by(
@@ -182,7 +185,7 @@ def conversion_lines(
     since: datetime | None,
     until: datetime | None,
     where: sa.ColumnElement[bool] | None = None,
-    has_consent: bool = True,
+    columns: Collection[str] | None = None,
 ) -> Iterator[tuple[str, ...]]:
     """One tuple per conversion that left in ``[since, until)`` (and matches ``where``), in
     ``CSV_COLUMNS`` order, sorted by send time then destination and opaque ID; times in UTC
@@ -198,18 +201,20 @@ def conversion_lines(
             send_ledger.c.request_id,
             send_ledger.c.run_id,
             send_ledger.c.sent_at,
-            _consent(has_consent).label("consent_at"),
+            _column("consent_at", columns).label("consent_at"),
+            _column("consent_stated", columns).label("consent_stated"),
         )
         .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi), sa.true() if where is None else where)
         .order_by(send_ledger.c.sent_at, send_ledger.c.destination, send_ledger.c.opaque_id)
     )
     with engine.connect() as conn:
         for row in conn.execution_options(stream_results=True).execute(query):
-            *head, sent_at, consent_at = row
+            *head, sent_at, consent_at, stated = row
             yield (
                 *(value or "" for value in head),
                 _iso(sent_at),
                 _iso(consent_at),
+                "" if consent_at is None or stated is None else ("export" if stated else "row_time"),
             )
 
 
@@ -290,7 +295,7 @@ def recall(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
-    has_consent: bool = True,
+    columns: Collection[str] | None = None,
 ) -> Recall:
     """Everything sent about the person (or people) the identities name.
 
@@ -343,9 +348,7 @@ def recall(
         chunk = ids[lo : lo + 500]
         query = sa.and_(send_ledger.c.clinic_id == config.clinic_id, send_ledger.c.opaque_id.in_(chunk))
         lines.extend(
-            conversion_lines(
-                engine, config.clinic_id, since=since, until=until, where=query, has_consent=has_consent
-            )
+            conversion_lines(engine, config.clinic_id, since=since, until=until, where=query, columns=columns)
         )
     lines.sort(key=lambda line: (line[7], line[0], line[2]))
     hashes = {

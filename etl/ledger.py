@@ -136,6 +136,7 @@ def write_ledger(
                 else None,
                 "updated_at": at,
                 "consent_at": entry.get("consent_at"),
+                "consent_stated": entry.get("consent_stated"),
             }
         )
     if not rows:
@@ -155,6 +156,10 @@ def write_ledger(
                 "stage": sa.func.coalesce(insert.excluded.stage, send_ledger.c.stage),
                 # an outcome carries no consent: the plan's record of it stays
                 "consent_at": sa.func.coalesce(insert.excluded.consent_at, send_ledger.c.consent_at),
+                "consent_stated": sa.case(
+                    (insert.excluded.consent_at.is_(None), send_ledger.c.consent_stated),
+                    else_=insert.excluded.consent_stated,
+                ),
             },
             # a final state is never taken back to planned or deferred: another run (an overlapping
             # backfill) may have finished the row since this one read the ledger

@@ -661,6 +661,7 @@ def _store_derived(
             "value": conv["value"],
             "outcome": [d or "kept" for d in conv["drop"]],
             "consent_at": store.to_epoch_us(conv["consent_at"]),
+            "consent_stated": pd.array(conv["consent_stated"].to_numpy(), dtype="boolean"),
         }
     )
     store.replace_derived(engine, config.clinic_id, run_id, person_frame, conv_frame)

@@ -116,6 +116,7 @@ conversions = sa.Table(
     # the time of the marketing authorization in force at the run's end (SPEC rule 6), null
     # when none is: what a kept conversion is uploaded under
     sa.Column("consent_at", sa.BigInteger),
+    sa.Column("consent_stated", sa.Boolean),  # False: the row's own time stood in for consent_at
 )
 
 # A platform's error code as recorded: Google Ads enum names run past 64 characters
@@ -140,6 +141,9 @@ send_ledger = sa.Table(
     # it was last planned (SPEC rule 6); kept when the person later revokes or the PMS
     # rewrites the row, so "under which consent?" still has an answer
     sa.Column("consent_at", sa.DateTime(timezone=True)),
+    # whether the export stated that time; False: a consent flag without a time, the lead's
+    # created_at or the appointment's start_at standing in (docs/decisions.md)
+    sa.Column("consent_stated", sa.Boolean),
 )
 
 audience_state = sa.Table(
@@ -382,7 +386,12 @@ def existing_for_reading(url: str) -> Iterator[tuple[Engine, set[str]]]:
 
 # Columns added after their table was first released: a database an earlier version created
 # gains them (nullable, so its existing rows stay valid and read as "not recorded").
-_ADDED_COLUMNS = (("conversions", "consent_at"), ("send_ledger", "consent_at"))
+_ADDED_COLUMNS = (
+    ("conversions", "consent_at"),
+    ("conversions", "consent_stated"),
+    ("send_ledger", "consent_at"),
+    ("send_ledger", "consent_stated"),
+)
 
 
 def _upgrade(conn: Connection) -> None:

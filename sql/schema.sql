@@ -79,6 +79,7 @@ CREATE TABLE conversions (
 	outcome VARCHAR(32) NOT NULL,
 	run_id VARCHAR(200) NOT NULL,
 	consent_at BIGINT,
+	consent_stated BOOLEAN,
 	PRIMARY KEY (clinic_id, opaque_id)
 );
 CREATE TABLE leads (
@@ -174,5 +175,6 @@ CREATE TABLE send_ledger (
 	sent_at TIMESTAMP WITH TIME ZONE,
 	updated_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	consent_at TIMESTAMP WITH TIME ZONE,
+	consent_stated BOOLEAN,
 	PRIMARY KEY (clinic_id, destination, opaque_id)
 );

@@ -86,9 +86,12 @@ def test_each_conversion_sent_records_the_authorization_in_force_at_the_run_end(
     rows = _ledger(sent.parent)
     assert {r["destination"] for r in rows} == {"google_conversions", "meta_events"}
     assert {r["opaque_id"] for r in rows} == set(expected)  # both stages of both people, to both
+    bob = {opaque_id(SECRET, "sunrise-medspa", stage, "APPT-BOB-1") for stage in ("consultation", "purchase")}
     for row in rows:
         assert row["status"] == "accepted"
         assert _as_utc(row["consent_at"]) == expected[str(row["opaque_id"])]
+        # Jane's export stated her consent time; Bob's lead flagged consent without one
+        assert row["consent_stated"] is (row["opaque_id"] not in bob)
 
 
 def test_a_later_revocation_keeps_the_record_of_the_consent_a_conversion_left_under(
@@ -131,6 +134,10 @@ def test_disclosures_counts_what_left_and_lists_it_by_opaque_id(sent: Path, tmp_
     by_id = {line["opaque_id"]: line for line in lines}
     jane = opaque_id(SECRET, "sunrise-medspa", "purchase", "APPT-JANE-1")
     assert datetime.fromisoformat(by_id[jane]["consent_at"]) == JANE_CONSENT
+    assert by_id[jane]["consent_at_source"] == "export"
+    bob = opaque_id(SECRET, "sunrise-medspa", "purchase", "APPT-BOB-1")
+    assert datetime.fromisoformat(by_id[bob]["consent_at"]) == BOB_CONSENT
+    assert by_id[bob]["consent_at_source"] == "row_time"  # his lead's created_at stands in
     assert all(line["request_id"] and line["run_id"] and line["sent_at"] for line in lines)
     everything = result.output + out_csv.read_text(encoding="utf-8")
     assert not [raw for raw in RAW if raw in everything]
@@ -155,9 +162,11 @@ def test_a_database_from_before_the_consent_record_gains_it_and_reads_not_record
         line for line in store.schema_ddl("sqlite").splitlines(keepends=True) if not line.startswith("--")
     )
     old = ddl.replace(
-        "\tconsent_at BIGINT,\n\tPRIMARY KEY (clinic_id, opaque_id)", "\tPRIMARY KEY (clinic_id, opaque_id)"
+        "\tconsent_at BIGINT,\n\tconsent_stated BOOLEAN,\n\tPRIMARY KEY (clinic_id, opaque_id)",
+        "\tPRIMARY KEY (clinic_id, opaque_id)",
     )
-    old = old.replace("\tconsent_at DATETIME,\n", "")
+    old = old.replace("\tconsent_at DATETIME,\n\tconsent_stated BOOLEAN,\n", "")
+    assert "consent_stated" not in old
     assert (
         old.count("consent_at BIGINT,") == 2 and "consent_at DATETIME" not in old
     )  # the two added columns gone
@@ -180,7 +189,9 @@ def test_a_database_from_before_the_consent_record_gains_it_and_reads_not_record
     listed = RUNNER.invoke(
         app, ["disclosures", "--config", str(config), "--database", url, "--csv", str(out_csv)]
     )
-    assert listed.exit_code == 0 and out_csv.read_text().splitlines()[1].endswith(",")  # consent_at empty
+    assert listed.exit_code == 0 and out_csv.read_text().splitlines()[1].endswith(
+        ",,"
+    )  # consent not recorded
     engine = sa.create_engine(url)
     with engine.connect() as conn:  # an audit changes nothing, not even the schema
         assert "consent_at" not in {c["name"] for c in sa.inspect(conn).get_columns("send_ledger")}

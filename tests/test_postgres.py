@@ -142,18 +142,22 @@ def test_postgres_an_older_ledger_gains_the_consent_record_and_keeps_it(postgres
     at = datetime(2026, 6, 1, tzinfo=UTC)
     granted = datetime(2026, 5, 2, 16, 0, tzinfo=UTC)
     with store.engine_for(postgres_url) as engine, engine.begin() as conn:  # as an earlier version made it
-        conn.execute(sa.text("ALTER TABLE send_ledger DROP COLUMN consent_at"))
-        conn.execute(sa.text("ALTER TABLE conversions DROP COLUMN consent_at"))
+        for table in ("send_ledger", "conversions"):
+            conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN consent_at, DROP COLUMN consent_stated"))
     with store.engine_for(postgres_url) as engine:  # opening it brings the tables up to date
-        planned = [{"opaque_id": "e" * 64, "status": "planned", "consent_at": granted}]
+        planned = [
+            {"opaque_id": "e" * 64, "status": "planned", "consent_at": granted, "consent_stated": True}
+        ]
         ledger.write_ledger(engine, "pg-consent", "meta_events", planned, run_id="r", at=at)
         answered = [{"opaque_id": "e" * 64, "status": "accepted"}]  # an outcome carries no consent
         ledger.write_ledger(engine, "pg-consent", "meta_events", answered, run_id="r", at=at)
         with engine.connect() as conn:
-            row = conn.execute(sa.select(store.send_ledger.c.status, store.send_ledger.c.consent_at)
+            row = conn.execute(sa.select(store.send_ledger.c.status, store.send_ledger.c.consent_at,
+                                         store.send_ledger.c.consent_stated)
                                .where(store.send_ledger.c.clinic_id == "pg-consent")).one()  # fmt: skip
             columns = {c["name"] for c in sa.inspect(conn).get_columns("conversions")}
-    assert row.status == "accepted" and row.consent_at == granted and "consent_at" in columns
+    assert row.status == "accepted" and row.consent_at == granted and row.consent_stated is True
+    assert {"consent_at", "consent_stated"} <= columns
 
 
 @pytest.mark.parametrize("rewrite", ["derived", "quality_results"])

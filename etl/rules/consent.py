@@ -26,13 +26,15 @@ def utc_ns(values: pd.Series) -> pd.Series:
 def consent_events(
     appts: pd.DataFrame, appt_person: np.ndarray, leads: pd.DataFrame, lead_person: np.ndarray
 ) -> pd.DataFrame:
-    """One row per consent event: ``person``, ``time`` (UTC), ``kind`` (0 grant, 1 revoke)."""
+    """One row per consent event: ``person``, ``time`` (UTC), ``kind`` (0 grant, 1 revoke),
+    ``stated`` (the export gave the time; False when the row's own time stands in)."""
     parts = []
     for frame, person, fallback in (
         (appts, appt_person, "start_at"),
         (leads, lead_person, "created_at"),
     ):
         granted = frame["consent_marketing"].to_numpy(dtype=bool)
+        stated = frame["consent_at"].notna().to_numpy()
         grant_time = frame["consent_at"].where(frame["consent_at"].notna(), frame[fallback])
         parts.append(
             pd.DataFrame(
@@ -40,6 +42,7 @@ def consent_events(
                     "person": person[granted],
                     "time": grant_time[granted].to_numpy(dtype="datetime64[ns]"),
                     "kind": _GRANT,
+                    "stated": stated[granted],  # False: the row's own time stands in
                 }
             )
         )
@@ -50,6 +53,7 @@ def consent_events(
                     "person": person[revoked],
                     "time": frame["consent_revoked_at"][revoked].to_numpy(dtype="datetime64[ns]"),
                     "kind": _REVOKE,
+                    "stated": True,
                 }
             )
         )
@@ -60,6 +64,7 @@ def consent_events(
                 "person": pd.Series(dtype="int64"),
                 "time": pd.Series(dtype="datetime64[ns, UTC]"),
                 "kind": pd.Series(dtype="int64"),
+                "stated": pd.Series(dtype=bool),
             }
         )
     events = pd.concat(parts, ignore_index=True)
@@ -85,35 +90,43 @@ def revoked_on_record(events: pd.DataFrame, person: np.ndarray) -> np.ndarray:
 
 def consent_state(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:
     """Per query row: 1 granted, 0 revoked, -1 no authorization event yet, at time ``at``."""
-    kind, _ = _latest(events, person, at)
+    kind, _, _ = _latest(events, person, at)
     out = np.where(np.isnan(kind), -1, np.where(kind == _GRANT, 1, 0))
     return out.astype(np.int8)
 
 
-def granted_since(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:
-    """Per query row: the time of the grant in force at ``at`` (UTC ``datetime64[ns]``), NaT
-    when the state at ``at`` is not granted.
+def granted_since(
+    events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row: the time of the grant in force at ``at`` (UTC ``datetime64[ns]``, NaT
+    when the state at ``at`` is not granted), and whether the export stated that time (an
+    object array of True / False / None; False: the lead's or appointment's own time stands in).
 
     This names the authorization a disclosure was made under: the ledger keeps it with each
     conversion a real run plans, so "under which consent?" still has an answer after the
     person revokes or the PMS rewrites the row.
     """
-    kind, time = _latest(events, person, at)
-    return np.where(kind == _GRANT, time, np.datetime64("NaT", "ns")).astype("datetime64[ns]")
+    kind, time, stated = _latest(events, person, at)
+    granted = kind == _GRANT
+    times = np.where(granted, time, np.datetime64("NaT", "ns")).astype("datetime64[ns]")
+    flags = np.full(len(granted), None, dtype=object)
+    flags[granted] = stated[granted]
+    return times, flags
 
 
 def _latest(
     events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per query row: the kind (float, NaN when none) and UTC time of the person's latest
-    consent event at or before ``at``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query row: the kind (float, NaN when none), UTC time and ``stated`` flag of the
+    person's latest consent event at or before ``at``."""
     query = pd.DataFrame({"person": person, "time": at, "_q": np.arange(len(person))})
     query["time"] = utc_ns(query["time"])
     if query.empty or events.empty:
-        return np.full(len(query), np.nan), np.full(len(query), np.datetime64("NaT", "ns"))
+        none = np.full(len(query), None, dtype=object)
+        return np.full(len(query), np.nan), np.full(len(query), np.datetime64("NaT", "ns")), none
     merged = pd.merge_asof(
         query.sort_values("time", kind="stable"),
-        events[["person", "time", "kind"]].assign(event_time=events["time"]),
+        events[["person", "time", "kind", "stated"]].assign(event_time=events["time"]),
         on="time",
         by="person",
         direction="backward",
@@ -121,4 +134,4 @@ def _latest(
     ).sort_values("_q")
     kind = merged["kind"].to_numpy(dtype="float64")
     time = merged["event_time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
-    return kind, time
+    return kind, time, merged["stated"].to_numpy(dtype=object)

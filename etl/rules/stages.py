@@ -246,7 +246,9 @@ def build_conversions(
     state_at_event = consent_state(consent, conv["person"].to_numpy(), conv["event_time"])
     state_at_end = consent_state(consent, conv["person"].to_numpy(), window.end_ts)
     # the authorization an upload at the run's end is made under (SPEC rule 6), for the ledger
-    conv["consent_at"] = granted_since(consent, conv["person"].to_numpy(), window.end_ts)
+    conv["consent_at"], conv["consent_stated"] = granted_since(
+        consent, conv["person"].to_numpy(), window.end_ts
+    )
     has_google_click = conv[["gclid", "gbraid", "wbraid"]].notna().any(axis=1)
     has_any_click = has_google_click | conv["fbc"].notna()
     has_ids = (conv["em_g"].map(len) > 0) | (conv["ph_g"].map(len) > 0)
