@@ -8,6 +8,7 @@ paths; none reads the clock: ``window.end`` is "now" for every rule, and audit t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -208,17 +209,19 @@ def clear_folder(folder: Path) -> None:
 
 def extract_sources(
     config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings
-) -> dict[str, Any]:
+) -> dict[str, int]:
     """Read both exports, flag test records, hash identifiers; write hashed Parquet extracts.
 
     Raw identifiers live only inside this function's frames: what reaches disk is the
     ``is_test`` flag and the per-platform hashes (plus the clinic's own record IDs).
 
     Returns:
-        row counts per kind, and each source's fingerprint (``<kind>_sha256``: a CSV file's
-        bytes, or a SQL source's query text), so the run's record says which export it read.
+        row counts per kind. Each source's fingerprint (a CSV file's bytes, or a SQL source's
+        query text) goes to ``extract/sources.json`` for the plan's summary, so the run's record
+        says which export it read (not in the return value: that is a task's XCom, counts only).
     """
-    counts: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    fingerprints: dict[str, str] = {}
     readers = {"appointments": extract.read_appointments, "leads": extract.read_leads}
     paths.extracts.mkdir(parents=True, exist_ok=True)
     for kind, reader in readers.items():
@@ -230,11 +233,26 @@ def extract_sources(
             frame = hash_identifiers(frame, config.default_region)
             frame.to_parquet(paths.extracts / f"{kind}.parquet", index=False)
         counts[f"{kind}_rows"] = len(frame)
-        counts[f"{kind}_sha256"] = source_fingerprint(config, source)
+        fingerprints[kind] = source_fingerprint(config, source)
         if kind == "appointments":
             counts["unknown_statuses"] = int((~frame["status_known"].astype(bool)).sum())
         log.info("extracted %s: %d rows", kind, len(frame))
+    (paths.extracts / SOURCES_FILE).write_text(
+        json.dumps(fingerprints, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return counts
+
+
+SOURCES_FILE = "sources.json"  # beside the extracts: each source's fingerprint, for the summary
+
+
+def read_fingerprints(extracts: Path | None) -> dict[str, str]:
+    """The fingerprints ``extract_sources`` wrote for this run's extracts (empty without them)."""
+    path = None if extracts is None else extracts / SOURCES_FILE
+    if path is None or not path.exists():
+        return {}
+    loaded: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    return loaded
 
 
 def source_fingerprint(config: ClinicConfig, source: Any) -> str:
@@ -281,7 +299,7 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
 
 def stage_sources(
     config: ClinicConfig, engine: Engine, window: RunWindow, timings: Timings, paths: RunPaths
-) -> dict[str, Any]:
+) -> dict[str, int]:
     """Extract then stage, in one call."""
     counts = extract_sources(config, window, paths, timings)
     stage_extracts(config, engine, paths, timings)
@@ -351,7 +369,7 @@ def plan_run(
     dry_run: bool,
     full_resync: bool = False,
     timings: Timings | None = None,
-    inputs: dict[str, Any] | None = None,
+    inputs: dict[str, int] | None = None,
     extracts: Path | None = None,
     run_id: str | None = None,
 ) -> Plan:
@@ -530,6 +548,7 @@ def plan_run(
         "target": target,
         "full_resync": full_resync,
         "inputs": inputs or {},
+        "sources_sha256": read_fingerprints(extracts),
         "config_sha256": config_fingerprint(config),
         "version": _version(),
         "stages": {stage: int((kept["stage"] == stage).sum()) for stage in ("consultation", "purchase")},
@@ -608,8 +627,6 @@ def _audience_deltas(
 
 
 def _stored_payload(dest: str, text: str) -> Any:
-    import json
-
     value = json.loads(text)
     if dest == "google_customer_match":
         return {"operation": "remove", "user_identifiers": value["user_identifiers"]}
@@ -723,8 +740,6 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
     ``planned`` stays what the plan held; ``already_sent`` adds rows the ledger or the platform
     reported as already there at upload time to those left out while planning.
     """
-    import json
-
     from etl.outbox import write_summary
 
     merged = json.loads(json.dumps(summary))

@@ -163,7 +163,7 @@ def build_conversions(
     dry_run: bool,
     target: str,
     full_resync: bool = False,
-    inputs: dict[str, Any] | None = None,
+    inputs: dict[str, int] | None = None,
     timings: pipeline.Timings | None = None,
 ) -> dict[str, Any]:
     """Apply the rules and write the gated plan as ``pending`` (not yet an outbox)."""

@@ -251,9 +251,17 @@ def test_invalid_meta_token_stops_with_one_clear_message_and_nothing_recorded_as
 def test_a_sync_killed_after_the_platform_applied_its_adds_still_removes_who_revoked(
     killed_at: str, api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # consent_revoked: the patient is granted on 05-20 and revoked on 05-25. The first sync
-    # lists them and is killed before recording it; the next run must still take them off
+    # consent_revoked: the patient is granted on 05-01 and revoked on 05-25. The first sync (the
+    # night of 05-20, before the revocation was exported) lists them and is killed before
+    # recording it; the next run, whose export holds the revocation, must still take them off
     cfg = make_config(DATA / "rules" / "consent_revoked", google_ads__api=api)
+    not_yet = tmp_path / "export-05-20"
+    not_yet.mkdir()
+    shutil.copy(DATA / "rules" / "consent_revoked" / "appointments.csv", not_yet / "appointments.csv")
+    leads = (DATA / "rules" / "consent_revoked" / "leads.csv").read_text(encoding="utf-8")
+    assert ",2026-05-25 12:00," in leads
+    (not_yet / "leads.csv").write_text(leads.replace(",2026-05-25 12:00,", ",,"), encoding="utf-8")
+    cfg_then = make_config(not_yet, google_ads__api=api)
     assert cfg.google_ads is not None and cfg.meta is not None
     lists = {"google_customer_match": cfg.google_ads.suppression_user_list,
              "meta_audience": cfg.meta.suppression_audience_id}  # fmt: skip
@@ -272,7 +280,7 @@ def test_a_sync_killed_after_the_platform_applied_its_adds_still_removes_who_rev
                 return set(sandboxes["meta"].audience_members(lists[killed_at]))
             return sandboxes["google"].list_members(lists[killed_at])
 
-        before = build(cfg, "2026-05-01", "2026-05-20", db, tmp_path)
+        before = build(cfg_then, "2026-05-01", "2026-05-20", db, tmp_path)
         monkeypatch.setattr(ledger, "apply_audience_delta", killed_before_recording)
         with pytest.raises(Killed):
             tasks.sync_suppression(before, target="sandbox", sandboxes=sandboxes, retry_wait=0)
