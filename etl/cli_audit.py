@@ -221,9 +221,10 @@ def prune(
 ) -> None:
     """Delete the working files of this clinic's old run folders; keep each run's record.
 
-    In every folder under <yaml folder>/var/runs/ that has not changed for --older-than days:
-    the outbox rows (hashed identifiers, click IDs, opaque IDs), the candidate file and any
-    hashed extracts a stopped run left are deleted; outbox/summary.json, results/*.json and
+    In every folder of this clinic under <yaml folder>/var/runs/ that has not changed for
+    --older-than days: the outbox rows (hashed identifiers, click IDs, opaque IDs), the
+    candidate file, and any hashed extracts or plan folders a stopped or killed run left are
+    deleted; outbox/summary.json, results/*.json and
     report.html (counts only) stay, with pruned.json recording what was deleted and when. A
     folder a run is working in is left alone. What was sent stays in the send ledger; a pruned
     interval can be run again from its exports. An --outbox folder outside the run folder is

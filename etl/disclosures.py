@@ -1,7 +1,8 @@
 """What left the building, and under which consent: the accounting a compliance officer asks for.
 
-Read-only over the tables the sends write (``send_ledger``, ``audience_syncs``,
-``run_summaries``, ``ledger_targets``); nothing here changes them. The answer is counts plus,
+Read-only over the tables the sends write (``send_ledger``, ``audience_sync_log``,
+``audience_state``, ``ledger_targets``) and, for one person, the staged rows; nothing here
+changes them. The answer is counts plus,
 on request, one line per conversion that left, keyed by its opaque ID: the same ID the platform
 holds, so a deletion request or a breach review can name it, and nothing that identifies the
 person outside this database (``MEDSPA_ID_SECRET`` and the staged rows are needed to go back

@@ -42,14 +42,23 @@ def runs_dir(config: ClinicConfig) -> Path:
     return config.base_dir / "var" / "runs"
 
 
+def _scratch_folders(run_dir: Path) -> list[Path]:
+    """Folders of rows a step writes on its way: extracts, and the plan's staging folders
+    (``.outbox.pending``, ``.outbox.old``, and ``write_outbox``'s ``*.partial`` / ``*.old``
+    siblings a killed write leaves)."""
+    hidden = [
+        p for p in run_dir.glob(".*") if p.is_dir() and p.name.endswith((".pending", ".partial", ".old"))
+    ]
+    return [p for p in [run_dir / "extract", *hidden] if p.is_dir()]
+
+
 def _working_files(run_dir: Path) -> list[Path]:
     """The files in ``run_dir`` that hold rows (hashes, click IDs, opaque IDs), not counts."""
     outbox = run_dir / "outbox"
     found = [outbox / name for name in OUTBOX_FILES.values()]
     found.append(run_dir / "conversions.parquet")
-    for folder in (run_dir / "extract", run_dir / ".outbox.pending", run_dir / ".outbox.old"):
-        if folder.is_dir():
-            found.extend(p for p in folder.rglob("*") if p.is_file())
+    for folder in _scratch_folders(run_dir):
+        found.extend(p for p in folder.rglob("*") if p.is_file())
     return [p for p in found if p.is_file()]
 
 
@@ -68,53 +77,77 @@ def prune_runs(
     dry_run: bool = False,
     keep: str | None = None,
 ) -> Iterator[Pruned]:
-    """Delete the working files of every run folder of ``config`` unchanged for ``older_than``.
+    """Delete the working files of every run folder of ``config``'s clinic unchanged for
+    ``older_than``.
 
-    ``keep``: a run id never pruned (the run calling this). A folder another process holds
-    (a run in progress) is left alone and reported as skipped.
+    Only folders of this clinic (``<clinic_id>__...``): several clinic YAMLs may share one
+    folder and so one ``var/runs``. ``keep``: a run id never pruned (the run calling this). A
+    folder another process holds (a run in progress) is left alone and reported as skipped;
+    one that cannot be pruned (another user's files, a damaged record) is logged, reported
+    as skipped and left for the next time, without stopping the others.
     """
     base = runs_dir(config)
     if not base.is_dir():
         return
-    for run_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        if run_dir.name == keep or now - _last_change(run_dir) < older_than:
-            continue
-        files = _working_files(run_dir)
-        if not files:
-            continue
-        size = sum(p.stat().st_size for p in files)
-        if dry_run:
-            yield Pruned(run_dir.name, len(files), size)
+    mine = f"{config.clinic_id}__"
+    for run_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith(mine)):
+        if run_dir.name == keep:
             continue
         try:
-            with hold_run_folder(run_dir):
-                _prune(run_dir, files, size, now)
+            pruned = _prune_one(run_dir, older_than=older_than, now=now, dry_run=dry_run)
         except RunInProgress:
-            yield Pruned(run_dir.name, 0, 0, skipped="in use")
-            continue
-        log.info("pruned run %s: %d files, %d bytes", run_dir.name, len(files), size)
-        yield Pruned(run_dir.name, len(files), size)
+            pruned = Pruned(run_dir.name, 0, 0, skipped="in use")
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            log.warning(
+                "retention: run %s left as it is (%s); the next prune tries again", run_dir.name, reason
+            )
+            pruned = Pruned(run_dir.name, 0, 0, skipped=f"failed: {reason}")
+        if pruned is not None:
+            yield pruned
+
+
+def _prune_one(run_dir: Path, *, older_than: timedelta, now: datetime, dry_run: bool) -> Pruned | None:
+    if now - _last_change(run_dir) < older_than or not _working_files(run_dir):
+        return None
+    if dry_run:
+        files = _working_files(run_dir)
+        return Pruned(run_dir.name, len(files), sum(p.stat().st_size for p in files))
+    with hold_run_folder(run_dir):
+        # again under the lock: a rerun may have started since the first look
+        files = _working_files(run_dir)
+        if now - _last_change(run_dir) < older_than or not files:
+            return None
+        size = sum(p.stat().st_size for p in files)
+        _prune(run_dir, files, size, now)
+    log.info("pruned run %s: %d files, %d bytes", run_dir.name, len(files), size)
+    return Pruned(run_dir.name, len(files), size)
 
 
 def _prune(run_dir: Path, files: list[Path], size: int, now: datetime) -> None:
-    marker = run_dir / PRUNED_FILE
-    previous = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
-    record = {
-        "pruned_at": now.astimezone(UTC).isoformat(),
-        "files": int(previous.get("files", 0)) + len(files),
-        "bytes": int(previous.get("bytes", 0)) + size,
-        "deleted": sorted(
-            {*previous.get("deleted", []), *(p.relative_to(run_dir).as_posix() for p in files)}
-        ),
-    }
-    # the record first: a prune killed halfway is still on record, and a second one finishes it
-    tmp = marker.with_name(PRUNED_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(marker)
+    """Delete ``files``; record it in ``pruned.json`` when outbox rows go (the run can no longer
+    be sent or re-reported from its folder). A run whose outbox lives elsewhere (``--outbox``)
+    loses only its candidate file and extracts, and stays sendable."""
+    outbox_rows = [p for p in files if p.parent == run_dir / "outbox"]
+    if outbox_rows:
+        marker = run_dir / PRUNED_FILE
+        previous = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
+        record = {
+            "pruned_at": now.astimezone(UTC).isoformat(),
+            "files": int(previous.get("files", 0)) + len(files),
+            "bytes": int(previous.get("bytes", 0)) + size,
+            "deleted": sorted(
+                {*previous.get("deleted", []), *(p.relative_to(run_dir).as_posix() for p in files)}
+            ),
+        }
+        # the record first: a prune killed halfway is still on record, and a second one finishes it
+        tmp = marker.with_name(PRUNED_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(marker)
+    for folder in _scratch_folders(run_dir):
+        shutil.rmtree(folder)
     for path in files:
         path.unlink(missing_ok=True)
-    for folder in ("extract", ".outbox.pending", ".outbox.old"):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
 def pruned_at(run_dir: Path) -> str | None:

@@ -231,6 +231,7 @@ def test_uploads_carry_no_planted_value(tmp_path: Path, caplog: pytest.LogCaptur
     with store.engine_for(config.resolved_database_url()) as engine, engine.connect() as conn:
         # every table a send writes (staging itself holds hashes and record IDs, checked elsewhere)
         for table in (store.send_ledger, store.audience_state, store.audience_pending, store.audience_syncs,
+                      store.audience_sync_log,
                       store.ledger_targets, store.run_summaries, store.conversions, store.quality_results):  # fmt: skip
             dump = repr(conn.execute(sa.select(table)).all())
             assert_no_canary(dump, f"table {table.name}")

@@ -134,3 +134,58 @@ def test_with_retention_configured_each_report_prunes_the_older_runs(tmp_path: P
 def test_prune_needs_an_age(tmp_path: Path) -> None:
     result = RUNNER.invoke(app, ["prune", "--config", str(_clinic(tmp_path))])
     assert result.exit_code == 2 and "--older-than" in result.stderr
+
+
+def test_prune_keeps_to_its_own_clinics_folders(tmp_path: Path) -> None:
+    # clinic YAMLs may share one folder (the DAG reads <root>/*.yaml), and so var/runs
+    config = _clinic(tmp_path, retention={"run_files_days": 1})
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**BASE_CONFIG, "clinic_id": "other-clinic"}))
+    theirs = _run(other, "2026-05-01", "2026-06-30", "--dry-run")
+    _age(theirs, 10)
+    _run(config, "2026-05-02", "2026-06-30", "--dry-run")  # its report prunes its own clinic's folders
+    result = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "1", "--json"])
+    assert json.loads(result.stdout)["runs"] == []
+    assert not (theirs / "pruned.json").exists() and _holds_hashes(theirs)
+
+
+def test_a_folder_that_cannot_be_pruned_does_not_stop_the_others(tmp_path: Path) -> None:
+    config = _clinic(tmp_path)
+    first = _run(config, "2026-05-01", "2026-06-30", "--dry-run")
+    second = _run(config, "2026-05-02", "2026-06-30", "--dry-run")
+    (first / "pruned.json").write_text("")  # a damaged record (a disk filled while writing it)
+    _age(first, 40)
+    _age(second, 40)
+    result = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = {r["run_id"]: r for r in json.loads(result.stdout)["runs"]}
+    assert runs[first.name]["skipped"].startswith("failed") and runs[second.name]["skipped"] is None
+    assert _holds_hashes(first) and not _holds_hashes(second)
+
+
+def test_prune_takes_what_a_killed_plan_write_left(tmp_path: Path) -> None:
+    config = _clinic(tmp_path)
+    run_dir = _run(config, "2026-05-01", "2026-06-30", "--dry-run")
+    partial = run_dir / "..outbox.pending.partial"  # write_outbox's staging folder, killed mid-write
+    shutil.copytree(run_dir / "outbox", partial)
+    _age(run_dir, 40)
+    assert RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30"]).exit_code == 0
+    assert not partial.exists() and not _holds_hashes(run_dir)
+
+
+def test_a_run_whose_outbox_is_elsewhere_stays_sendable(tmp_path: Path) -> None:
+    # only its candidate file goes; its outbox (outside the folder) is intact, so it is no
+    # "pruned" run that refuses to send or report
+    config = _clinic(tmp_path)
+    outbox = tmp_path / "elsewhere"
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30",
+                                 "--dry-run", "--outbox", str(outbox)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    assert (run_dir / "conversions.parquet").exists()
+    _age(run_dir, 40)
+    assert RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30"]).exit_code == 0
+    assert not (run_dir / "conversions.parquet").exists() and not (run_dir / "pruned.json").exists()
+    rerender = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name,
+                                   "--outbox", str(outbox)])  # fmt: skip
+    assert rerender.exit_code == 0, rerender.output
