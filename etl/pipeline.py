@@ -372,8 +372,13 @@ def plan_run(
     inputs: dict[str, int] | None = None,
     extracts: Path | None = None,
     run_id: str | None = None,
+    consent_as_of: datetime | None = None,
 ) -> Plan:
     """Apply SPEC section 4 to everything staged before ``end`` and build the gated rows.
+
+    ``consent_as_of``: when the plan will be uploaded (the task passes its clock; the rules read
+    none). A person whose consent is revoked then, by a revocation staged after ``end``, is not
+    sent or listed (rule 6: never uploaded again). Default: ``end``.
 
     ``extracts`` is this run's extract folder: when staging holds exactly those exports, the
     history is read from them rather than from the database (same rows, same frame).
@@ -384,6 +389,7 @@ def plan_run(
     timings = timings or Timings()
     run_id = run_id or run_id_for(config, window)
     end = window.end_ts
+    as_of = end if consent_as_of is None else max(end, pd.Timestamp(consent_as_of).tz_convert("UTC"))
     with timings.step("read_staged"):
         appts, later_appts = staging.load_staged_and_later(
             engine, "appointments", config.clinic_id, before=window.end, extracts=extracts
@@ -435,6 +441,7 @@ def plan_run(
             carry=ledger.unfinished_ids(
                 engine, config.clinic_id, CONVERSION_DESTINATIONS, since=window.end - _CARRY_HORIZON
             ),
+            consent_as_of=as_of,
         )
         outbound = {
             "google_conversions": payloads.google_conversion_rows(conv, config),
@@ -504,6 +511,7 @@ def plan_run(
             end=end,
             lookback_days=config.rules.suppression_lookback_days,
             requires_consent=config.rules.suppression_requires_consent,
+            consent_as_of=as_of,
         )
         # every hash the plan sends is now in ``conv`` or ``members``: drop the history's hash
         # columns before the audience payloads are built (a few hundred MiB at 1M rows)

@@ -180,6 +180,8 @@ def build_conversions(
             inputs=inputs,
             extracts=spec.paths.extracts,
             run_id=spec.run_id,
+            # a revocation recorded since a backfill's end is in force at its upload
+            consent_as_of=_clock(),
         )
     pipeline.build_pending(plan, spec.paths)
     return {

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ def run_dry(
             dry_run=True,
             inputs=inputs,
             extracts=paths.extracts,
+            consent_as_of=datetime.now(UTC),  # as tasks.build_conversions plans
         )
     pipeline.build_pending(plan, paths)
     outbox = pipeline.publish_outbox(config, paths)

@@ -72,20 +72,18 @@ def consent_events(
     return events.sort_values(["time", "kind", "person"], kind="stable", ignore_index=True)
 
 
-# "on record": after every event staging holds (no clock read: the latest event is data)
-ON_RECORD = pd.Timestamp("2262-01-01", tz="UTC")
-
-
-def revoked_on_record(events: pd.DataFrame, person: np.ndarray) -> np.ndarray:
-    """Per person: their latest consent event on record, at any time, is a revocation.
+def revoked_on_record(events: pd.DataFrame, person: np.ndarray, as_of: pd.Timestamp) -> np.ndarray:
+    """Per person: their consent state at ``as_of``, when the upload happens, is a revocation.
 
     Rule 6 judges consent at the event and at the run's end, and says a revoked person is never
     uploaded again. A backfill's end lies in the past: a revocation staged since (dated after
-    that end) is invisible to the state at ``end``, yet the upload happens now, after it. Such
-    a person is not uploaded and leaves the lists (164.508(b)(5): a revocation stops every
-    later disclosure). A grant after the revocation restores them.
+    that end) is invisible to the state at ``end``, yet the upload happens after it. Such a
+    person is not uploaded and leaves the lists (164.508(b)(5): a revocation stops every later
+    disclosure). A grant after the revocation restores them; a revocation dated after
+    ``as_of`` (an expiry entered ahead) is not in force yet. The rules read no clock: the
+    caller passes ``as_of`` (``tasks.build_conversions``: the time it plans).
     """
-    return consent_state(events, person, ON_RECORD) == 0
+    return consent_state(events, person, as_of) == 0
 
 
 def consent_state(events: pd.DataFrame, person: np.ndarray, at: pd.Series | pd.Timestamp) -> np.ndarray:

@@ -192,8 +192,12 @@ def build_conversions(
     leads: pd.DataFrame,
     consent: pd.DataFrame,
     carry: frozenset[str] = frozenset(),
+    consent_as_of: pd.Timestamp | None = None,
 ) -> pd.DataFrame:
     """Conversion candidates ready in ``[start - late_arrival, end)`` with drops and destinations.
+
+    ``consent_as_of``: when the upload happens (passed in: the rules read no clock); a person
+    revoked then is dropped (``consent_revoked``) even when granted at ``end`` (default: ``end``).
 
     ``carry`` holds the opaque IDs of conversions a real run planned and whose upload never
     finished (``ledger.unfinished_ids``): they are candidates again whatever their ready time
@@ -243,6 +247,7 @@ def build_conversions(
     )
     conv = conv.join(_identifiers(conv, appts, leads, pairs))
 
+    as_of = window.end_ts if consent_as_of is None else max(consent_as_of, window.end_ts)
     state_at_event = consent_state(consent, conv["person"].to_numpy(), conv["event_time"])
     state_at_end = consent_state(consent, conv["person"].to_numpy(), window.end_ts)
     # the authorization an upload at the run's end is made under (SPEC rule 6), for the ledger
@@ -257,7 +262,10 @@ def build_conversions(
     rules_in_order = [
         ("existing_patient", conv["existing"].to_numpy(dtype=bool)),
         ("no_revenue", ((conv["stage"] == "purchase") & ~(conv["value"] > 0)).to_numpy()),
-        ("consent_revoked", (state_at_end == 0) | revoked_on_record(consent, conv["person"].to_numpy())),
+        (
+            "consent_revoked",
+            (state_at_end == 0) | revoked_on_record(consent, conv["person"].to_numpy(), as_of),
+        ),
         ("no_consent", (state_at_event != 1) | (state_at_end != 1)),
         ("no_identifiers", (~has_ids & ~has_any_click).to_numpy()),
     ]

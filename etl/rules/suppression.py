@@ -45,6 +45,7 @@ def suppression_members(
     end: pd.Timestamp,
     lookback_days: int,
     requires_consent: bool,
+    consent_as_of: pd.Timestamp | None = None,
 ) -> pd.DataFrame:
     """One row per member: ``person``, ``em_g``/``ph_g`` lists and the first non-null of each other hash."""
     start_at = pd.to_datetime(appts["start_at"], utc=True)
@@ -58,7 +59,9 @@ def suppression_members(
         # without the consent requirement, people with no authorization event are members;
         # a revoked person never is (rule 6: removed from suppression lists at the next sync)
         state = consent_state(consent, people, end)
-        state[revoked_on_record(consent, people)] = 0  # a backfill's end predates a revocation
+        # a backfill's end predates a revocation recorded since, in force when the sync happens
+        as_of = end if consent_as_of is None else max(consent_as_of, end)
+        state[revoked_on_record(consent, people, as_of)] = 0
         people = people[state == 1] if requires_consent else people[state != 0]
     member = np.zeros(int(max(appt_person.max(initial=-1), lead_person.max(initial=-1))) + 2, dtype=bool)
     member[people] = True

@@ -198,6 +198,21 @@ def test_a_revocation_taken_at_the_intake_of_a_booked_visit_is_in_force(tmp_path
     assert len(restored.rows["google_conversions"]) == 2 and len(restored.rows["google_customer_match"]) == 1
 
 
+def test_a_revocation_dated_after_the_upload_is_not_in_force_yet(tmp_path: Path) -> None:
+    # an authorization's expiry entered ahead (or a typo'd year): a revocation dated after the
+    # upload is not in force yet, and the runs before it keep sending and listing
+    name = "consent_revoked_at_a_booked_visit"
+    ahead = tmp_path / "ahead.csv"
+    rows = (CASES / name / "appointments.csv").read_text()
+    assert rows.endswith(",2026-06-20 12:00\n")
+    ahead.write_text(rows[: -len("2026-06-20 12:00\n")] + "2099-01-01 00:00\n")
+    run = run_dry(
+        make_config(CASES / name), "2026-05-01", "2026-06-30", tmp_path / "run", appointments=str(ahead)
+    )
+    assert run.drops == {} and stages(run) == {"consultation": 1, "purchase": 1}
+    assert len(run.rows["google_customer_match"]) == 1
+
+
 def test_test_records_are_dropped(tmp_path: Path) -> None:
     run = case("test_records", tmp_path)
     assert run.drops == {"test_record": 4}
