@@ -38,7 +38,7 @@ from etl.destinations.base import (
 )
 from etl.errors import DestinationConfigError, QuotaExhausted
 from etl.gate import check_outbound
-from etl.outbox import read_rows
+from etl.outbox import read_rows, verify_published
 from etl.payloads import canonical_json, google_member_key, meta_member_key
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def upload_conversions(
         ``planned`` in the ledger and go out on the next run).
     """
     name = destination.name
+    verify_published(outbox, name)  # the bytes the gates checked, not an edited copy
     rows = list(read_rows(outbox, name))
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
     if validate_only:  # nothing is recorded, so nothing to race on
@@ -322,6 +323,7 @@ def _tally(
 
 
 def _audience_rows(outbox: Path, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    verify_published(outbox, name)
     rows = list(read_rows(outbox, name))
     add_op = "create" if name == "google_customer_match" else "add"
     return [r for r in rows if r["operation"] == add_op], [r for r in rows if r["operation"] == "remove"]

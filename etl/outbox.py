@@ -212,6 +212,36 @@ def read_rows(directory: Path, destination: str) -> Iterator[dict[str, Any]]:
     yield from rows
 
 
+def verify_published(directory: Path, destination: str) -> None:
+    """Refuse a destination's file whose bytes are not the ones published: ``summary.json``
+    names each file's SHA-256 (``outbox_sha256``), and what leaves must be what the gates
+    checked (an edited value, a file swapped in). An outbox without digests (an earlier
+    version's) is not checked.
+
+    Raises:
+        GateViolation: the file changed since it was published; nothing was sent.
+    """
+    import hashlib
+
+    from etl.errors import GateViolation
+
+    if not (Path(directory) / SUMMARY_FILE).exists():
+        return
+    name = OUTBOX_FILES[destination]
+    expected = (read_summary(directory).get("outbox_sha256") or {}).get(name)
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    path = Path(directory) / name
+    if path.exists():
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise GateViolation(destination, [(name, "changed since the outbox was published (its SHA-256 is not "
+                                                 "summary.json's outbox_sha256); rerun the interval")])  # fmt: skip
+
+
 def read_summary(directory: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads((Path(directory) / SUMMARY_FILE).read_text(encoding="utf-8"))
     return result

@@ -349,6 +349,29 @@ def test_an_outbox_changed_after_publishing_is_stopped_at_upload(tmp_path: Path)
     assert "user_data.em[0]" in str(info.value) and "jane" not in str(info.value)
 
 
+def test_an_outbox_file_whose_bytes_are_not_the_published_ones_is_not_sent(tmp_path: Path) -> None:
+    # a value edited after publishing passes the PHI gate (it is still a number); summary.json's
+    # digests catch it, so what leaves is what the gates checked
+    from etl.errors import GateViolation
+    from etl.outbox import write_outbox
+
+    config = make_config(tmp_path)
+    event = {"event_name": "Purchase", "event_time": 1780000000, "event_id": "f" * 64,
+             "action_source": "physical_store", "user_data": {"em": ["e" * 64]},
+             "custom_data": {"value": 450.0, "currency": "USD"}}  # fmt: skip
+    outbox = write_outbox(tmp_path / "outbox", {DEST: [event]}, {"clinic_id": CLINIC})
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        untouched = _OtherRunFinishesTheNextBatch(engine, [])
+        deliver.upload_conversions(config, engine, outbox, untouched, run_id="r", clock=lambda: AT)  # type: ignore[arg-type]
+        assert untouched.received == ["f" * 64]  # the published bytes go
+        path = outbox / "meta_events.jsonl"
+        path.write_text(path.read_text(encoding="utf-8").replace("450.0", "4500.0"), encoding="utf-8")
+        edited = _OtherRunFinishesTheNextBatch(engine, [])
+        with pytest.raises(GateViolation, match="changed since the outbox was published"):
+            deliver.upload_conversions(config, engine, outbox, edited, run_id="r2", clock=lambda: AT)  # type: ignore[arg-type]
+        assert edited.received == []
+
+
 def test_sandbox_and_live_sends_never_share_a_ledger(tmp_path: Path) -> None:
     from etl.errors import ConfigError
 
