@@ -128,16 +128,11 @@ def _write_csv(path: Path, lines: Iterator[tuple[str, ...]]) -> int:
 def _secret_for(engine: Any, clinic_id: str) -> bytes:
     """The ID secret the sends used: a database that sent live needs the real one; a sandbox
     or dry-run database may use the development key (a warning says so)."""
-    import sqlalchemy as sa
-
-    from etl import cli, store
+    from etl import cli
     from etl.config import resolve_id_secret
+    from etl.disclosures import target_of
 
-    with engine.connect() as conn:
-        target = conn.execute(
-            sa.select(store.ledger_targets.c.target).where(store.ledger_targets.c.clinic_id == clinic_id)
-        ).scalar()
-    secret, development = resolve_id_secret(real_send=target == "live")
+    secret, development = resolve_id_secret(real_send=target_of(engine, clinic_id) == "live")
     if development:
         cli.err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; matching with the DEVELOPMENT key "
                       "(right only for sends made with it)[/]")  # fmt: skip

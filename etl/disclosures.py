@@ -100,6 +100,15 @@ def _column(name: str, columns: Collection[str] | None) -> sa.ColumnElement[Any]
     return send_ledger.c[name] if columns is None or name in columns else sa.null()
 
 
+def target_of(engine: Engine, clinic_id: str) -> str | None:
+    """The target (sandbox or live) the clinic's first send claimed this database for."""
+    with engine.connect() as conn:
+        target: str | None = conn.execute(
+            sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
+        ).scalar()
+    return target
+
+
 def account(
     engine: Engine,
     clinic_id: str,
@@ -118,10 +127,8 @@ def account(
     """
     result = Accounting(clinic_id=clinic_id, since=since, until=until, target=None)
     lo, hi = _bound(engine, since), _bound(engine, until)
+    result.target = target_of(engine, clinic_id)
     with engine.connect() as conn:
-        result.target = conn.execute(
-            sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
-        ).scalar()
         rows = conn.execute(
             sa.select(
                 send_ledger.c.destination,

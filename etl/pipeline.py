@@ -262,11 +262,8 @@ def source_fingerprint(config: ClinicConfig, source: Any) -> str:
     import hashlib
 
     if source.path is not None:
-        digest = hashlib.sha256()
         with config.resolve(source.path).open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return hashlib.file_digest(fh, "sha256").hexdigest()
     return "query:" + hashlib.sha256(config.resolve(source.query).read_bytes()).hexdigest()
 
 
