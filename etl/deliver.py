@@ -120,6 +120,12 @@ def _upload(
         if r[id_field] in recorded and recorded[r[id_field]].status in ledger.FINAL_STATES
     }
     todo = [r for r in rows if r[id_field] not in final]
+    elsewhere: set[str] = set()
+    if not validate_only:
+        # a journey the platform holds under another of its IDs is not sent again (SPEC rules 4,
+        # 11): a newer run sent it after a late export moved the conversion to another visit
+        elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo])
+        todo = [r for r in todo if r[id_field] not in elsewhere]
     counts: dict[str, Any] = {
         "planned": len(rows),
         "sent": 0,
@@ -131,6 +137,12 @@ def _upload(
     }
     rejected_codes: dict[str, int] = {}
     _count_finished(final.values(), run_id, counts, rejected_codes)
+    if elsewhere:
+        counts["already_sent"] += len(elsewhere)
+        counts["held_under_another_id"] = len(elsewhere)
+        log.info(
+            "%s: %d row(s) not sent: the platform holds their journey under another ID", name, len(elsewhere)
+        )
     if not validate_only:
         # every row still to go is planned before the first request: a process killed at any
         # batch (or stopped by a quota) leaves the rest unfinished in the ledger, so a later run
@@ -144,8 +156,15 @@ def _upload(
         if lease is not None:
             lease.check()
         if not validate_only:
-            # rows another run finished since the ledger was read above are not sent twice
+            # rows another run finished since the ledger was read above are not sent twice, nor
+            # rows whose journey another run sent meanwhile under another ID
             finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
+            late = _held_under_another_id(
+                engine, config.clinic_id, name, [k for k in stages if k not in finished]
+            )
+            if late:
+                counts["held_under_another_id"] = counts.get("held_under_another_id", 0) + len(late)
+            finished |= late
             if finished:
                 batch = [r for r in batch if r[id_field] not in finished]
                 counts["already_sent"] += len(finished)
@@ -256,6 +275,23 @@ def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) ->
             for r in rows]  # fmt: skip
 
 
+def _held_under_another_id(engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str]) -> set[str]:
+    """Which of ``opaque_ids`` name a journey and stage the ledger holds under a related ID
+    (``ledger.journey_relatives``) for this destination."""
+    relatives = ledger.journey_relatives(engine, clinic_id, opaque_ids)
+    if not relatives:
+        return set()
+    held = ledger.held_among(engine, clinic_id, name, sorted(set().union(*relatives.values())))
+    return {oid for oid, related in relatives.items() if not held.isdisjoint(related)}
+
+
+def read_siblings(path: Path) -> dict[str, list[str]]:
+    """A plan's journey siblings (``RunPaths.siblings``); empty for a plan made before they were kept."""
+    if not path.exists():
+        return {}
+    return {str(k): [str(v) for v in vs] for k, vs in json.loads(path.read_text(encoding="utf-8")).items()}
+
+
 def plan_conversions(
     config: ClinicConfig,
     engine: Engine,
@@ -264,6 +300,7 @@ def plan_conversions(
     run_id: str,
     at: datetime,
     consent: Mapping[str, tuple[datetime, bool | None]] | None = None,
+    siblings: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Record every conversion of a published real run's outbox as ``planned`` (final states
     are kept), before any upload starts, with ``consent``: per opaque ID, the time of the
@@ -273,6 +310,10 @@ def plan_conversions(
     that dies before one of them begins would otherwise leave that platform's conversions
     nowhere in the ledger, and once the next nights' intervals no longer cover their ready
     time nothing would carry them over.
+
+    ``siblings`` (``read_siblings``): per planned opaque ID, the IDs its journey would carry at
+    its other visits, recorded in ``journey_siblings`` before any upload starts, so an older
+    run's upload rerun after this run sent skips the journey's old ID.
     """
     known = consent or {}
     for name in _ID_FIELD:
@@ -280,6 +321,7 @@ def plan_conversions(
         for entry in planned:
             entry["consent_at"], entry["consent_stated"] = known.get(entry["opaque_id"], (None, None))
         ledger.write_ledger(engine, config.clinic_id, name, planned, run_id=run_id, at=at)
+    ledger.record_siblings(engine, config.clinic_id, siblings or {}, run_id=run_id, at=at)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

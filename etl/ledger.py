@@ -25,6 +25,7 @@ from etl.store import (
     audience_state,
     audience_sync_log,
     audience_syncs,
+    journey_siblings,
     ledger_targets,
     run_summaries,
     send_ledger,
@@ -198,16 +199,80 @@ def unfinished_ids(
 
 def final_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:
     """Which of ``opaque_ids`` are in a final state now (read just before a batch is sent)."""
-    out: set[str] = set()
+    return _among(engine, clinic_id, destination, opaque_ids, send_ledger.c.status.in_(FINAL_STATES))
+
+
+def held_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:
+    """Which of ``opaque_ids`` the platform holds (or may hold) now: ``HELD_STATES``."""
+    return _among(engine, clinic_id, destination, opaque_ids, send_ledger.c.status.in_(HELD_STATES))
+
+
+def record_siblings(
+    engine: Engine, clinic_id: str, siblings: Mapping[str, Sequence[str]], *, run_id: str, at: datetime
+) -> None:
+    """Record that each planned opaque ID and its siblings name one journey and stage
+    (``journey_siblings``); pairs already recorded are kept as they are."""
+    rows = [
+        {"clinic_id": clinic_id, "opaque_id": oid, "sibling_id": sib, "run_id": run_id, "recorded_at": at}
+        for oid, sibs in sorted(siblings.items())
+        for sib in sorted(set(sibs))
+        if sib != oid
+    ]
+    if not rows:
+        return
+    with engine.begin() as conn:
+        _upsert_rows(conn, journey_siblings, rows, lambda insert: insert.on_conflict_do_nothing())
+
+
+def journey_relatives(engine: Engine, clinic_id: str, opaque_ids: Iterable[str]) -> dict[str, set[str]]:
+    """Per opaque ID, every other ID recorded as naming the same journey and stage, followed
+    through every plan's record (a journey re-attributed twice links its three IDs)."""
+    c = journey_siblings.c
+    wanted = set(opaque_ids)
+    links: dict[str, set[str]] = {}
+    seen, frontier = set(wanted), sorted(wanted)
     with engine.connect() as conn:
-        for lo in range(0, len(opaque_ids), 500):
+        while frontier:
+            found: set[str] = set()
+            for lo in range(0, len(frontier), 500):
+                chunk = frontier[lo : lo + 500]
+                pairs = conn.execute(
+                    sa.select(c.opaque_id, c.sibling_id).where(
+                        c.clinic_id == clinic_id, sa.or_(c.opaque_id.in_(chunk), c.sibling_id.in_(chunk))
+                    )
+                )
+                for a, b in pairs:
+                    links.setdefault(a, set()).add(b)
+                    links.setdefault(b, set()).add(a)
+                    found.update((a, b))
+            frontier = sorted(found - seen)
+            seen |= found
+    out: dict[str, set[str]] = {}
+    for oid in wanted & links.keys():
+        group, todo = {oid}, [oid]
+        while todo:
+            for other in links.get(todo.pop(), ()):
+                if other not in group:
+                    group.add(other)
+                    todo.append(other)
+        out[oid] = group - {oid}
+    return out
+
+
+def _among(
+    engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str], condition: Any
+) -> set[str]:
+    out: set[str] = set()
+    ids = list(opaque_ids)
+    with engine.connect() as conn:
+        for lo in range(0, len(ids), 500):
             out.update(
                 conn.execute(
                     sa.select(send_ledger.c.opaque_id).where(
                         send_ledger.c.clinic_id == clinic_id,
                         send_ledger.c.destination == destination,
-                        send_ledger.c.opaque_id.in_(list(opaque_ids[lo : lo + 500])),
-                        send_ledger.c.status.in_(FINAL_STATES),
+                        send_ledger.c.opaque_id.in_(ids[lo : lo + 500]),
+                        condition,
                     )
                 ).scalars()
             )

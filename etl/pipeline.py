@@ -123,6 +123,9 @@ class Plan:
     audiences: dict[str, AudienceDelta]
     summary: dict[str, Any]
     stages: dict[str, dict[str, str]]  # destination -> opaque id -> stage, for the ledger
+    # planned opaque id -> the IDs its journey's stage would carry at its other visits: a real
+    # run's upload skips a row whose journey another run has sent under one of them since
+    siblings: dict[str, list[str]] = field(default_factory=dict)
     # this run's conversion candidates as the rules made them (opaque keys, times, values,
     # outcome, carried): what the staged-conversion checks judge, kept with the run's files
     conversions: pd.DataFrame | None = None
@@ -163,6 +166,11 @@ class RunPaths:
     def conversions(self) -> Path:
         """This attempt's conversion candidates as the rules made them (see ``build_pending``)."""
         return self.run_dir / "conversions.parquet"
+
+    @property
+    def siblings(self) -> Path:
+        """The plan's journey siblings (``Plan.siblings``; opaque IDs only), read by its uploads."""
+        return self.run_dir / "siblings.json"
 
     @property
     def stopped(self) -> Path:
@@ -459,31 +467,61 @@ def plan_run(
     carried_ids = set(conv.loc[conv["carried"], "opaque_id"])
     with timings.step("ledger"):
         position = {oid: i for i, oid in enumerate(conv["opaque_id"])}
+        recorded = {
+            dest: ledger.read_ledger(engine, config.clinic_id, dest) for dest in CONVERSION_DESTINATIONS
+        }
+        done = {
+            dest: {
+                r[_ID_COLUMN[dest]]
+                for r in outbound[dest]
+                if _is_final(recorded[dest].get(r[_ID_COLUMN[dest]]))
+            }
+            for dest in CONVERSION_DESTINATIONS
+        }
+        held = {
+            dest: {oid for oid, entry in recorded[dest].items() if entry.status in ledger.HELD_STATES}
+            for dest in CONVERSION_DESTINATIONS
+        }
+        # the journey's other possible IDs: a journey held under one of them is not sent again
+        # (a late re-attribution), and the uploads check them again (``Plan.siblings``)
+        open_ids = {
+            r[_ID_COLUMN[d]]
+            for d in CONVERSION_DESTINATIONS
+            for r in outbound[d]
+            if r[_ID_COLUMN[d]] not in done[d]
+        }
+        siblings: dict[str, list[str]] = {}
+        if open_ids:
+            found = journey_sibling_ids(
+                conv,
+                np.array(sorted(position[oid] for oid in open_ids)),
+                journeys.frame,
+                appts,
+                a_person,
+                leads,
+                journeys.lead_journey,
+                attribution_window_days=config.rules.attribution_window_days,
+                secret=secret,
+                clinic_id=config.clinic_id,
+            )
+            siblings = {str(conv["opaque_id"].iat[p]): sorted(set(ids)) for p, ids in found.items()}
+        # and the IDs earlier published plans related to them: a visit since re-linked to another
+        # person (a corrected email or patient ID) no longer shows as the journey's own
+        recorded_relatives = (
+            ledger.journey_relatives(engine, config.clinic_id, open_ids) if any(held.values()) else {}
+        )
+        stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
         for dest in CONVERSION_DESTINATIONS:
-            recorded = ledger.read_ledger(engine, config.clinic_id, dest)
             id_col = _ID_COLUMN[dest]
-            done = {r[id_col] for r in outbound[dest] if _is_final(recorded.get(r[id_col]))}
-            held = {oid for oid, entry in recorded.items() if entry.status in ledger.HELD_STATES}
-            if held:  # the journey sent under another of its appointments (a late re-attribution)
-                open_positions = np.array(
-                    [position[r[id_col]] for r in outbound[dest] if r[id_col] not in done]
-                )
-                siblings = journey_sibling_ids(
-                    conv,
-                    open_positions,
-                    journeys.frame,
-                    appts,
-                    a_person,
-                    leads,
-                    journeys.lead_journey,
-                    attribution_window_days=config.rules.attribution_window_days,
-                    secret=secret,
-                    clinic_id=config.clinic_id,
-                )
-                done |= {conv["opaque_id"].iat[p] for p, ids in siblings.items() if not held.isdisjoint(ids)}
-            fresh = [r for r in outbound[dest] if r[id_col] not in done]
+            final = done[dest] | {
+                r[id_col]
+                for r in outbound[dest]
+                if not held[dest].isdisjoint(siblings.get(r[id_col], ()))
+                or not held[dest].isdisjoint(recorded_relatives.get(r[id_col], ()))
+            }
+            fresh = [r for r in outbound[dest] if r[id_col] not in final]
             # a carried conversion final here was unfinished elsewhere: not this interval's news
-            already = sum(1 for r in outbound[dest] if r[id_col] in done and r[id_col] not in carried_ids)
+            already = sum(1 for r in outbound[dest] if r[id_col] in final and r[id_col] not in carried_ids)
             outbound[dest] = fresh
             drops["already_sent"] += already
             destinations[dest] = {
@@ -494,8 +532,9 @@ def plan_run(
                 "already_sent": already,
                 "deferred": 0,
             }
-            stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
             stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
+        planned_ids = {oid for dest in CONVERSION_DESTINATIONS for oid in stages[dest]}
+        siblings = {oid: ids for oid, ids in sorted(siblings.items()) if oid in planned_ids}
     with timings.step("suppression"):
         members = suppression_members(
             appts=appts,
@@ -569,7 +608,7 @@ def plan_run(
         {k: v.get("planned", v.get("adds")) for k, v in destinations.items()},
     )
     return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages,
-                conversions=checked)  # fmt: skip
+                siblings=siblings, conversions=checked)  # fmt: skip
 
 
 def _is_final(entry: ledger.LedgerEntry | None) -> bool:
@@ -697,9 +736,13 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
     folder: the ``conversions`` table holds only the latest run's view, and two backfill runs of
     one clinic planning side by side would otherwise check each other's rows.
     """
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
     if plan.conversions is not None:
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
         plan.conversions.to_parquet(paths.conversions, index=False)
+    # always written: an earlier attempt's siblings must not outlive the plan they belong to
+    tmp = paths.siblings.with_name(paths.siblings.name + ".tmp")
+    tmp.write_text(json.dumps(plan.siblings, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(paths.siblings)
     return write_outbox(paths.pending, plan.outbound, plan.summary)
 
 
@@ -768,6 +811,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
                 # of `sent`: rows final under this run's id before this attempt (an attempt
                 # killed after sending, or the same interval run from a second folder)
                 counts["finished_by_an_earlier_attempt"] = int(result["finished_by_an_earlier_attempt"])
+            if result.get("held_under_another_id"):  # of `already_sent`: the journey left under another ID
+                counts["held_under_another_id"] = int(result["held_under_another_id"])
             if result.get("rejected_codes"):
                 counts["rejected_codes"] = result["rejected_codes"]
             if result.get("stopped"):

@@ -146,6 +146,21 @@ send_ledger = sa.Table(
     sa.Column("consent_stated", sa.Boolean),
 )
 
+# Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): each published real
+# plan records, for every conversion it plans, the IDs the journey would carry at its other
+# visits. The uploads read it: a row whose journey the platform already holds under a related
+# ID is not sent (a late export moved the conversion to another visit, and an older run's
+# upload is rerun after a newer run sent the journey). Opaque IDs only.
+journey_siblings = sa.Table(
+    "journey_siblings",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("opaque_id", sa.String(64), primary_key=True),
+    sa.Column("sibling_id", sa.String(64), primary_key=True, index=True),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 audience_state = sa.Table(
     "audience_state",
     metadata,

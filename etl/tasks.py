@@ -230,7 +230,8 @@ def validate_outbound(
     if sends_to:
         with spec.engine() as engine:
             deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock(),
-                                     consent=deliver.consent_granted(spec.paths.conversions))  # fmt: skip
+                                     consent=deliver.consent_granted(spec.paths.conversions),
+                                     siblings=deliver.read_siblings(spec.paths.siblings))  # fmt: skip
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 
 

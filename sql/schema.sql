@@ -82,6 +82,14 @@ CREATE TABLE conversions (
 	consent_stated BOOLEAN,
 	PRIMARY KEY (clinic_id, opaque_id)
 );
+CREATE TABLE journey_siblings (
+	clinic_id VARCHAR(64) NOT NULL,
+	opaque_id VARCHAR(64) NOT NULL,
+	sibling_id VARCHAR(64) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (clinic_id, opaque_id, sibling_id)
+);
 CREATE TABLE leads (
 	clinic_id VARCHAR(64) NOT NULL,
 	lead_id VARCHAR(128) NOT NULL,

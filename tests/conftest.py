@@ -78,6 +78,24 @@ def local(text: str, config: ClinicConfig) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=config.tz)
 
 
+# one person's lead and visits, for tests that rewrite a clinic's exports night by night
+APPT_HEADER = (
+    "appointment_id,patient_id,first_name,last_name,email,phone,zip,city,state,country,service,status,"
+    "start_at,revenue,currency,location_id,updated_at,consent_marketing,consent_at,consent_revoked_at\n"
+)
+ONE_LEAD = (
+    "lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
+    "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url\n"
+    "L1,2026-11-01 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L1,,,,,,yes,2026-11-01 10:00,,,,,\n"
+)
+
+
+def visit(aid: str, status: str, day: str, revenue: str = "") -> str:
+    """An appointment of ONE_LEAD's person on 2026-11-<day>, consent granted."""
+    return (f"{aid},P1,Ann,Lee,ann.lee@gmail.com,4155550134,94103,San Francisco,CA,US,Botox,{status},"
+            f"2026-11-{day} 10:00,{revenue},USD,L1,2026-11-{day} 12:00,yes,2026-11-01 10:00,\n")  # fmt: skip
+
+
 @dataclass
 class CaseRun:
     summary: dict[str, Any]

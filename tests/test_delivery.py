@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
 from etl.targets import open_destinations, started_sandboxes
-from tests.conftest import DATA, SECRET, make_config
+from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, make_config, visit
 
 
 class Killed(BaseException):
@@ -463,3 +463,45 @@ def test_a_busy_database_while_recording_a_sent_batch_does_not_send_it_again(
     received = sent_once(sandboxes, "google")
     assert set(received) == set(planned) and max(received.values()) == 1
     assert counts["accepted"] == len(planned) and calls["n"] > 2
+
+
+@pytest.mark.parametrize(
+    "night_one",
+    [
+        [visit("A1", "booked", "05"), visit("A2", "completed", "07", "200")],  # A1 known, not attended
+        [visit("A2", "completed", "07", "200")],  # A1 not in the first export at all
+    ],
+    ids=["earlier_visit_attended_late", "earlier_visit_entered_late"],
+)
+@pytest.mark.parametrize("older_first", [False, True], ids=["older_upload_rerun_after", "older_upload_first"])
+@pytest.mark.parametrize(("family", "api"), [FAMILIES[0], FAMILIES[2]], ids=[IDS[0], IDS[2]])
+def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_runs_first(
+    family: str, api: str, older_first: bool, night_one: list[str], sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # night one plans the journey under A2 and its upload fails; by night two the PMS shows A1
+    # attended, so night two plans it under A1 and sends. Someone then reruns night one's
+    # failed upload (or it runs late, before night two's): the platform must get the journey
+    # once (SPEC rules 4 and 11), though the two rows' opaque IDs differ
+    cfg = make_config(tmp_path)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    name, field = ("meta_events", "event_id") if family == "meta" else ("google_conversions", "order_id")
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + "".join(night_one), encoding="utf-8")
+    one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
+    (old_id,) = [r[field] for r in _rows(one, name)]
+    (new_id,) = [r[field] for r in _rows(two, name)]
+    assert old_id != new_id  # the conversion moved to A1
+    first, second = (one, two) if older_first else (two, one)
+    upload(first, family, sandboxes, batch=100)
+    counts = upload(second, family, sandboxes, batch=100)
+    received = sent_once(sandboxes, family)
+    assert dict(received) == {(old_id if older_first else new_id): 1}
+    assert counts["sent"] == 0 and counts["already_sent"] == 1 and counts["held_under_another_id"] == 1
+    with store.engine_for(db) as engine:
+        recorded = ledger.read_ledger(engine, cfg.clinic_id, name)
+    assert recorded[old_id if older_first else new_id].status == "accepted"

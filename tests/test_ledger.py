@@ -94,6 +94,47 @@ def test_rows_another_run_finished_meanwhile_are_not_sent_again(tmp_path: Path) 
     assert {k: e.status for k, e in recorded.items()} == dict.fromkeys(ids, "accepted")
 
 
+class _OtherRunSendsTheJourneyOfTheNextBatch(_OtherRunFinishesTheNextBatch):
+    """During the first request, "another run" plans and sends the journey of the second batch's
+    first row under another opaque ID (a re-attribution it saw), recording the relation."""
+
+    def send(self, rows: Sequence[dict[str, Any]], *, validate_only: bool = False) -> list[RowResult]:
+        if not self.received:
+            other = "f" * 64
+            ledger.record_siblings(
+                self.engine, CLINIC, {other: self.second_batch}, run_id="the-other-run", at=AT
+            )
+            ledger.write_ledger(self.engine, CLINIC, DEST, [{"opaque_id": other, "status": "accepted"}],
+                                run_id="the-other-run", at=AT)  # fmt: skip
+        self.received += [r["event_id"] for r in rows]
+        return [RowResult(r["event_id"], Outcome.ACCEPTED) for r in rows]
+
+
+def test_a_row_whose_journey_another_run_sent_meanwhile_under_another_id_is_not_sent(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(6)]
+    outbox = _events_outbox(tmp_path, ids)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        destination = _OtherRunSendsTheJourneyOfTheNextBatch(engine, [ids[4]])
+        counts = deliver.upload_conversions(config, engine, outbox, destination,  # type: ignore[arg-type]
+                                            run_id="this-run", clock=lambda: AT)  # fmt: skip
+        recorded = ledger.read_ledger(engine, CLINIC, DEST)
+    assert destination.received == [*ids[:4], ids[5]]
+    assert counts["already_sent"] == 1 and counts["held_under_another_id"] == 1 and counts["sent"] == 5
+    assert recorded[ids[4]].status == "planned"  # never sent: a later plan finds its journey held
+
+
+def test_journey_relatives_follow_every_plans_record(tmp_path: Path) -> None:
+    a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", at=AT)
+        ledger.record_siblings(engine, CLINIC, {c: [b, c]}, run_id="night-two", at=AT)  # itself: ignored
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-three", at=AT)  # again: kept once
+        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", at=AT)
+        assert ledger.journey_relatives(engine, CLINIC, [a, c, d]) == {a: {b, c}, c: {a, b}}
+        assert ledger.journey_relatives(engine, "another-clinic", [a]) == {a: {d}}
+
+
 class _QuotaRunsOutMidBatch:
     """Accepts the first two rows of its first request, then the daily quota runs out."""
 

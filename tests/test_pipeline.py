@@ -12,7 +12,7 @@ import pytest
 from etl import ledger, pipeline, store
 from etl.outbox import OUTBOX_FILES
 from etl.rules.stages import RunWindow
-from tests.conftest import DATA, SECRET, make_config, run_dry
+from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, make_config, run_dry, visit
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 
@@ -55,7 +55,8 @@ def _plan(config, engine, start: str, end: str, tmp: Path | None = None, **kwarg
     pipeline.stage_sources(
         config, engine, window, pipeline.Timings(), pipeline.RunPaths(run_dir, run_dir / "outbox")
     )
-    return pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=True, **kwargs)
+    dry_run = kwargs.pop("dry_run", True)
+    return pipeline.plan_run(config, engine, window, secret=SECRET, target="none", dry_run=dry_run, **kwargs)
 
 
 def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) -> None:
@@ -83,32 +84,16 @@ def test_ledger_sent_conversion_is_left_out_of_the_next_dry_run(tmp_path: Path) 
     assert len(second.outbound["meta_events"]) == 2  # the ledger is per destination
 
 
-_APPT_HEADER = (
-    "appointment_id,patient_id,first_name,last_name,email,phone,zip,city,state,country,service,status,"
-    "start_at,revenue,currency,location_id,updated_at,consent_marketing,consent_at,consent_revoked_at\n"
-)
-_LEAD = (
-    "lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
-    "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url\n"
-    "L1,2026-11-01 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L1,,,,,,yes,2026-11-01 10:00,,,,,\n"
-)
-
-
-def _visit(aid: str, status: str, day: str, revenue: str = "") -> str:
-    return (f"{aid},P1,Ann,Lee,ann.lee@gmail.com,4155550134,94103,San Francisco,CA,US,Botox,{status},"
-            f"2026-11-{day} 10:00,{revenue},USD,L1,2026-11-{day} 12:00,yes,2026-11-01 10:00,\n")  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("night_one", "night_two", "windows"),
     [
         # the earlier visit's "attended" is entered 5 days late: the journey converts there now
-        ([_visit("A1", "booked", "05"), _visit("A2", "completed", "07", "200")],
-         [_visit("A1", "completed", "05", "300"), _visit("A2", "completed", "07", "200")],
+        ([visit("A1", "booked", "05"), visit("A2", "completed", "07", "200")],
+         [visit("A1", "completed", "05", "300"), visit("A2", "completed", "07", "200")],
          (("2026-11-07", "2026-11-08"), ("2026-11-10", "2026-11-11"))),
         # the sent visit is re-exported as cancelled: the journey converts at the next visit now
-        ([_visit("A1", "completed", "05", "300"), _visit("A2", "booked", "07")],
-         [_visit("A1", "cancelled", "05"), _visit("A2", "completed", "07", "200")],
+        ([visit("A1", "completed", "05", "300"), visit("A2", "booked", "07")],
+         [visit("A1", "cancelled", "05"), visit("A2", "completed", "07", "200")],
          (("2026-11-05", "2026-11-06"), ("2026-11-07", "2026-11-08"))),
     ],
     ids=["earlier_visit_attended_late", "sent_visit_cancelled"],
@@ -120,8 +105,8 @@ def test_a_journey_sent_under_one_visit_is_not_sent_again_under_another(
     # opaque ID names the converting visit, so a late export that moves the conversion to
     # another visit must not send the journey a second time (a backfill sends it once)
     config = make_config(tmp_path)
-    (tmp_path / "leads.csv").write_text(_LEAD, encoding="utf-8")
-    (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_one), encoding="utf-8")
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + "".join(night_one), encoding="utf-8")
     (first, second) = windows
     with store.engine_for(f"sqlite:///{tmp_path / 'nightly.sqlite'}") as engine:
         one = _plan(config, engine, *first, tmp_path)
@@ -129,7 +114,7 @@ def test_a_journey_sent_under_one_visit_is_not_sent_again_under_another(
             assert len(one.outbound[dest]) == 1
             ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": one.outbound[dest][0][field],
                                 "status": "accepted"}], run_id="night-one", at=NOW)  # fmt: skip
-        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_two), encoding="utf-8")
+        (tmp_path / "appointments.csv").write_text(APPT_HEADER + "".join(night_two), encoding="utf-8")
         two = _plan(config, engine, *second, tmp_path)
     assert two.summary["stages"]["consultation"] == 1  # the journey still converts (at the other visit)
     for dest in ("google_conversions", "meta_events"):
@@ -142,13 +127,45 @@ def test_a_journey_sent_under_one_visit_is_not_sent_again_under_another(
     assert [len(fresh.outbound[d]) for d in ("google_conversions", "meta_events")] == [1, 1]
     # a sibling the platform rejected holds nothing there: the journey's conversion goes
     with store.engine_for(f"sqlite:///{tmp_path / 'rejected.sqlite'}") as engine:
-        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_one), encoding="utf-8")
+        (tmp_path / "appointments.csv").write_text(APPT_HEADER + "".join(night_one), encoding="utf-8")
         one = _plan(config, engine, *first, tmp_path)
         ledger.write_ledger(engine, config.clinic_id, "meta_events", [{"opaque_id": one.outbound["meta_events"][0]
                             ["event_id"], "status": "rejected", "code": "x"}], run_id="night-one", at=NOW)  # fmt: skip
-        (tmp_path / "appointments.csv").write_text(_APPT_HEADER + "".join(night_two), encoding="utf-8")
+        (tmp_path / "appointments.csv").write_text(APPT_HEADER + "".join(night_two), encoding="utf-8")
         two = _plan(config, engine, *second, tmp_path)
     assert len(two.outbound["meta_events"]) == 1 and len(two.outbound["google_conversions"]) == 1
+
+
+def test_a_journey_sent_under_a_visit_since_re_linked_to_another_person_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    # night one sends the journey under A1; the PMS then corrects A1 to another patient, so the
+    # journey now converts at A2 and today's data no longer shows A1 as its visit: the relation
+    # the published plan recorded (journey_siblings) still says the journey is on the platform
+    config = make_config(tmp_path)
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+    other = "A1,P9,Bob,Roe,bob.roe@gmail.com,6505550199,94103,San Francisco,CA,US,Botox,completed,"
+    other += "2026-11-05 10:00,300,USD,L1,2026-11-09 12:00,yes,2026-11-01 10:00,\n"
+    with store.engine_for(f"sqlite:///{tmp_path / 'nightly.sqlite'}") as engine:
+        one = _plan(config, engine, "2026-11-05", "2026-11-08", tmp_path, dry_run=False)
+        (sent,) = {r["order_id"] for r in one.outbound["google_conversions"]}
+        assert set(one.siblings) == {sent} and len(one.siblings[sent]) == 1  # A2's ID
+        for dest in ("google_conversions", "meta_events"):
+            ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": sent, "status": "accepted"}],
+                                run_id="night-one", at=NOW)  # fmt: skip
+        ledger.record_siblings(engine, config.clinic_id, one.siblings, run_id="night-one", at=NOW)
+        (tmp_path / "appointments.csv").write_text(
+            APPT_HEADER + other + visit("A2", "completed", "07", "200"), encoding="utf-8"
+        )
+        two = _plan(config, engine, "2026-11-08", "2026-11-10", tmp_path)
+    assert two.summary["stages"]["consultation"] == 1  # the journey converts at A2 now
+    for dest in ("google_conversions", "meta_events"):
+        assert two.outbound[dest] == []
+        assert two.summary["destinations"][dest]["already_sent"] == 1
 
 
 def _lead(lid: str, created: str) -> str:
@@ -172,18 +189,18 @@ def test_a_journey_re_attributed_by_late_data_is_sent_once_as_a_backfill_would(
     late_lead: str, lookback: int, night_two_planned: int, backfill_planned: int, tmp_path: Path
 ) -> None:
     config = make_config(tmp_path, rules__existing_patient_lookback_days=lookback)
-    (tmp_path / "leads.csv").write_text(_LEAD, encoding="utf-8")
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
     (tmp_path / "appointments.csv").write_text(
-        _APPT_HEADER + _visit("A1", "booked", "05") + _visit("A2", "completed", "07", "200"), encoding="utf-8"
+        APPT_HEADER + visit("A1", "booked", "05") + visit("A2", "completed", "07", "200"), encoding="utf-8"
     )
     with store.engine_for(f"sqlite:///{tmp_path / 'nightly.sqlite'}") as engine:
         one = _plan(config, engine, "2026-11-07", "2026-11-08", tmp_path)
         for dest, field in (("google_conversions", "order_id"), ("meta_events", "event_id")):
             ledger.write_ledger(engine, config.clinic_id, dest, [{"opaque_id": one.outbound[dest][0][field],
                                 "status": "accepted"}], run_id="night-one", at=NOW)  # fmt: skip
-        (tmp_path / "leads.csv").write_text(_LEAD + late_lead, encoding="utf-8")
+        (tmp_path / "leads.csv").write_text(ONE_LEAD + late_lead, encoding="utf-8")
         (tmp_path / "appointments.csv").write_text(
-            _APPT_HEADER + _visit("A1", "completed", "05", "300") + _visit("A2", "completed", "07", "200"),
+            APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
             encoding="utf-8",
         )
         two = _plan(config, engine, "2026-11-10", "2026-11-11", tmp_path)
