@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,13 @@ def upload_conversions(
     clock: Clock,
     validate_only: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    relations_since: datetime | None = None,
 ) -> dict[str, Any]:
     """Send every outbox row of one destination not yet final in the ledger, batch by batch.
+
+    A row whose journey the ledger holds under another of its IDs is not sent either, as plans
+    made at or after ``relations_since`` (this run's plan time, ``PlanSiblings.planned_at``;
+    None: every plan) related the IDs.
 
     Returns:
         counts ``planned, sent, accepted, rejected, already_sent, deferred`` (plus
@@ -93,10 +99,10 @@ def upload_conversions(
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
     if validate_only:  # nothing is recorded, so nothing to race on
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
-                       validate_only=True, on_batch=on_batch)  # fmt: skip
+                       validate_only=True, on_batch=on_batch, since=relations_since)  # fmt: skip
     with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
-                       validate_only=False, on_batch=on_batch)  # fmt: skip
+                       validate_only=False, on_batch=on_batch, since=relations_since)  # fmt: skip
 
 
 def _upload(
@@ -110,6 +116,7 @@ def _upload(
     lease: leases.Lease | None,
     validate_only: bool,
     on_batch: Callable[[int, int], None] | None,
+    since: datetime | None,
 ) -> dict[str, Any]:
     name = destination.name
     id_field = _ID_FIELD[name]
@@ -124,7 +131,8 @@ def _upload(
     if not validate_only:
         # a journey the platform holds under another of its IDs is not sent again (SPEC rules 4,
         # 11): a newer run sent it after a late export moved the conversion to another visit
-        elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo])
+        elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo],
+                                           since=since)  # fmt: skip
         todo = [r for r in todo if r[id_field] not in elsewhere]
     counts: dict[str, Any] = {
         "planned": len(rows),
@@ -159,9 +167,8 @@ def _upload(
             # rows another run finished since the ledger was read above are not sent twice, nor
             # rows whose journey another run sent meanwhile under another ID
             finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
-            late = _held_under_another_id(
-                engine, config.clinic_id, name, [k for k in stages if k not in finished]
-            )
+            late = _held_under_another_id(engine, config.clinic_id, name, [k for k in stages if k not in finished],
+                                          since=since)  # fmt: skip
             if late:
                 counts["held_under_another_id"] = counts.get("held_under_another_id", 0) + len(late)
             finished |= late
@@ -275,21 +282,35 @@ def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) ->
             for r in rows]  # fmt: skip
 
 
-def _held_under_another_id(engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str]) -> set[str]:
+def _held_under_another_id(
+    engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str], *, since: datetime | None
+) -> set[str]:
     """Which of ``opaque_ids`` name a journey and stage the ledger holds under a related ID
-    (``ledger.journey_relatives``) for this destination."""
-    relatives = ledger.journey_relatives(engine, clinic_id, opaque_ids)
+    (``ledger.journey_relatives``, as plans made since ``since`` knew it) for this destination."""
+    relatives = ledger.journey_relatives(engine, clinic_id, opaque_ids, since=since)
     if not relatives:
         return set()
     held = ledger.held_among(engine, clinic_id, name, sorted(set().union(*relatives.values())))
     return {oid for oid, related in relatives.items() if not held.isdisjoint(related)}
 
 
-def read_siblings(path: Path) -> dict[str, list[str]]:
-    """A plan's journey siblings (``RunPaths.siblings``); empty for a plan made before they were kept."""
+@dataclass(frozen=True)
+class PlanSiblings:
+    """A plan's journey siblings file (``RunPaths.siblings``): per planned opaque ID, the IDs its
+    journey would carry at its other visits, and when the plan was made."""
+
+    planned_at: datetime | None = None
+    siblings: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+def read_siblings(path: Path) -> PlanSiblings:
+    """Empty (no plan time) for a plan made before the file existed: its uploads then read every
+    plan's record of journey siblings."""
     if not path.exists():
-        return {}
-    return {str(k): [str(v) for v in vs] for k, vs in json.loads(path.read_text(encoding="utf-8")).items()}
+        return PlanSiblings()
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    planned_at = datetime.fromisoformat(raw["planned_at"]) if raw.get("planned_at") else None
+    return PlanSiblings(planned_at, {str(k): [str(v) for v in vs] for k, vs in raw["siblings"].items()})
 
 
 def plan_conversions(
@@ -300,7 +321,7 @@ def plan_conversions(
     run_id: str,
     at: datetime,
     consent: Mapping[str, tuple[datetime, bool | None]] | None = None,
-    siblings: Mapping[str, Sequence[str]] | None = None,
+    siblings: PlanSiblings | None = None,
 ) -> None:
     """Record every conversion of a published real run's outbox as ``planned`` (final states
     are kept), before any upload starts, with ``consent``: per opaque ID, the time of the
@@ -312,8 +333,8 @@ def plan_conversions(
     time nothing would carry them over.
 
     ``siblings`` (``read_siblings``): per planned opaque ID, the IDs its journey would carry at
-    its other visits, recorded in ``journey_siblings`` before any upload starts, so an older
-    run's upload rerun after this run sent skips the journey's old ID.
+    its other visits, recorded in ``journey_siblings`` (with the plan's time) before any upload
+    starts, so an older run's upload rerun after this run sent skips the journey's old ID.
     """
     known = consent or {}
     for name in _ID_FIELD:
@@ -321,7 +342,9 @@ def plan_conversions(
         for entry in planned:
             entry["consent_at"], entry["consent_stated"] = known.get(entry["opaque_id"], (None, None))
         ledger.write_ledger(engine, config.clinic_id, name, planned, run_id=run_id, at=at)
-    ledger.record_siblings(engine, config.clinic_id, siblings or {}, run_id=run_id, at=at)
+    if siblings is not None:
+        ledger.record_siblings(engine, config.clinic_id, siblings.siblings, run_id=run_id,
+                               planned_at=siblings.planned_at or at)  # fmt: skip
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

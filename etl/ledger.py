@@ -208,10 +208,21 @@ def held_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Seq
 
 
 def record_siblings(
-    engine: Engine, clinic_id: str, siblings: Mapping[str, Sequence[str]], *, run_id: str, at: datetime
+    engine: Engine,
+    clinic_id: str,
+    siblings: Mapping[str, Sequence[str]],
+    *,
+    run_id: str,
+    planned_at: datetime,
 ) -> None:
     """Record that each planned opaque ID and its siblings name one journey and stage
-    (``journey_siblings``); pairs already recorded are kept as they are."""
+    (``journey_siblings``), as known to a plan made at ``planned_at``.
+
+    A pair recorded again keeps the latest plan's time: uploads read only what plans made since
+    their own knew (``journey_relatives``), and a plan republished later (a retried publish step)
+    passes its own plan time, not the time it is republished.
+    """
+    at = planned_at.astimezone(UTC)
     rows = [
         {"clinic_id": clinic_id, "opaque_id": oid, "sibling_id": sib, "run_id": run_id, "recorded_at": at}
         for oid, sibs in sorted(siblings.items())
@@ -220,17 +231,37 @@ def record_siblings(
     ]
     if not rows:
         return
+    table = journey_siblings
+
+    def upsert(insert: Any) -> Any:
+        newer = insert.excluded.recorded_at > table.c.recorded_at
+        return insert.on_conflict_do_update(
+            index_elements=["clinic_id", "opaque_id", "sibling_id"],
+            set_={
+                "recorded_at": sa.case((newer, insert.excluded.recorded_at), else_=table.c.recorded_at),
+                "run_id": sa.case((newer, insert.excluded.run_id), else_=table.c.run_id),
+            },
+        )
+
     with engine.begin() as conn:
-        _upsert_rows(conn, journey_siblings, rows, lambda insert: insert.on_conflict_do_nothing())
+        _upsert_rows(conn, table, rows, upsert)
 
 
-def journey_relatives(engine: Engine, clinic_id: str, opaque_ids: Iterable[str]) -> dict[str, set[str]]:
+def journey_relatives(
+    engine: Engine, clinic_id: str, opaque_ids: Iterable[str], *, since: datetime | None = None
+) -> dict[str, set[str]]:
     """Per opaque ID, every other ID recorded as naming the same journey and stage, followed
-    through every plan's record (a journey re-attributed twice links its three IDs)."""
+    through every plan's record (a journey re-attributed twice links its three IDs).
+
+    ``since``: only what plans made at or after it knew. An upload passes its own plan's time:
+    an older plan's view is stale (a late lead may have split that journey in two since, and
+    the visit it related is now the next journey's own conversion).
+    """
     c = journey_siblings.c
     wanted = set(opaque_ids)
     links: dict[str, set[str]] = {}
     seen, frontier = set(wanted), sorted(wanted)
+    fresh = sa.true() if since is None else c.recorded_at >= since.astimezone(UTC)
     with engine.connect() as conn:
         while frontier:
             found: set[str] = set()
@@ -238,7 +269,9 @@ def journey_relatives(engine: Engine, clinic_id: str, opaque_ids: Iterable[str])
                 chunk = frontier[lo : lo + 500]
                 pairs = conn.execute(
                     sa.select(c.opaque_id, c.sibling_id).where(
-                        c.clinic_id == clinic_id, sa.or_(c.opaque_id.in_(chunk), c.sibling_id.in_(chunk))
+                        c.clinic_id == clinic_id,
+                        fresh,
+                        sa.or_(c.opaque_id.in_(chunk), c.sibling_id.in_(chunk)),
                     )
                 )
                 for a, b in pairs:

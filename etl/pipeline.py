@@ -126,6 +126,7 @@ class Plan:
     # planned opaque id -> the IDs its journey's stage would carry at its other visits: a real
     # run's upload skips a row whose journey another run has sent under one of them since
     siblings: dict[str, list[str]] = field(default_factory=dict)
+    planned_at: datetime | None = None  # the plan's clock (``consent_as_of``), else its end
     # this run's conversion candidates as the rules made them (opaque keys, times, values,
     # outcome, carried): what the staged-conversion checks judge, kept with the run's files
     conversions: pd.DataFrame | None = None
@@ -505,19 +506,11 @@ def plan_run(
                 clinic_id=config.clinic_id,
             )
             siblings = {str(conv["opaque_id"].iat[p]): sorted(set(ids)) for p, ids in found.items()}
-        # and the IDs earlier published plans related to them: a visit since re-linked to another
-        # person (a corrected email or patient ID) no longer shows as the journey's own
-        recorded_relatives = (
-            ledger.journey_relatives(engine, config.clinic_id, open_ids) if any(held.values()) else {}
-        )
         stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
         for dest in CONVERSION_DESTINATIONS:
             id_col = _ID_COLUMN[dest]
             final = done[dest] | {
-                r[id_col]
-                for r in outbound[dest]
-                if not held[dest].isdisjoint(siblings.get(r[id_col], ()))
-                or not held[dest].isdisjoint(recorded_relatives.get(r[id_col], ()))
+                r[id_col] for r in outbound[dest] if not held[dest].isdisjoint(siblings.get(r[id_col], ()))
             }
             fresh = [r for r in outbound[dest] if r[id_col] not in final]
             # a carried conversion final here was unfinished elsewhere: not this interval's news
@@ -608,7 +601,7 @@ def plan_run(
         {k: v.get("planned", v.get("adds")) for k, v in destinations.items()},
     )
     return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages,
-                siblings=siblings, conversions=checked)  # fmt: skip
+                siblings=siblings, planned_at=as_of.to_pydatetime(), conversions=checked)  # fmt: skip
 
 
 def _is_final(entry: ledger.LedgerEntry | None) -> bool:
@@ -741,7 +734,9 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
         plan.conversions.to_parquet(paths.conversions, index=False)
     # always written: an earlier attempt's siblings must not outlive the plan they belong to
     tmp = paths.siblings.with_name(paths.siblings.name + ".tmp")
-    tmp.write_text(json.dumps(plan.siblings, sort_keys=True) + "\n", encoding="utf-8")
+    planned_at = plan.planned_at.isoformat() if plan.planned_at else None
+    tmp.write_text(json.dumps({"planned_at": planned_at, "siblings": plan.siblings}, sort_keys=True) + "\n",
+                   encoding="utf-8")  # fmt: skip
     tmp.replace(paths.siblings)
     return write_outbox(paths.pending, plan.outbound, plan.summary)
 

@@ -148,9 +148,10 @@ send_ledger = sa.Table(
 
 # Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): each published real
 # plan records, for every conversion it plans, the IDs the journey would carry at its other
-# visits. The uploads read it: a row whose journey the platform already holds under a related
-# ID is not sent (a late export moved the conversion to another visit, and an older run's
-# upload is rerun after a newer run sent the journey). Opaque IDs only.
+# visits, with the plan's time (``recorded_at``: the latest plan that knew the pair). The uploads
+# read what plans made since their own knew: a row whose journey the platform already holds
+# under a related ID is not sent (a late export moved the conversion to another visit, and an
+# older run's upload is rerun after a newer run sent the journey). Opaque IDs only.
 journey_siblings = sa.Table(
     "journey_siblings",
     metadata,

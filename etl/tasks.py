@@ -316,6 +316,7 @@ def upload(
                 run_id=spec.run_id,
                 clock=_clock,
                 validate_only=validate_only,
+                relations_since=deliver.read_siblings(spec.paths.siblings).planned_at,
             )
         except DestinationConfigError as stop:
             if stop.counts is not None:  # what was decided before the stop reaches summary.json

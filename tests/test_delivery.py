@@ -104,6 +104,7 @@ def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch
         return deliver.upload_conversions(
             spec.config, engine, spec.paths.outbox, destination, run_id=spec.run_id,
             clock=lambda: spec.window.end, on_batch=on_batch,
+            relations_since=deliver.read_siblings(spec.paths.siblings).planned_at,  # as tasks.upload
         )  # fmt: skip
 
 
@@ -482,7 +483,7 @@ def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_
     # attended, so night two plans it under A1 and sends. Someone then reruns night one's
     # failed upload (or it runs late, before night two's): the platform must get the journey
     # once (SPEC rules 4 and 11), though the two rows' opaque IDs differ
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, google_ads__api=api)
     db = f"sqlite:///{tmp_path / 's.sqlite'}"
     name, field = ("meta_events", "event_id") if family == "meta" else ("google_conversions", "order_id")
     (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
@@ -505,3 +506,35 @@ def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_
     with store.engine_for(db) as engine:
         recorded = ledger.read_ledger(engine, cfg.clinic_id, name)
     assert recorded[old_id if older_first else new_id].status == "accepted"
+
+
+@pytest.mark.parametrize(("family", "api"), [FAMILIES[0], FAMILIES[2]], ids=[IDS[0], IDS[2]])
+def test_a_journey_a_late_lead_split_in_two_sends_its_new_conversion(
+    family: str, api: str, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # night one sends the journey under A2 (A1 still booked), and its plan relates A1 and A2 as
+    # one journey. By night two a lead created between the visits and A1's late "attended"
+    # split it in two: the first journey converts at A1, the next at A2 (already sent). Night
+    # one's view is stale; A1's conversion goes, as one backfill over both nights would plan both
+    cfg = make_config(tmp_path, rules__existing_patient_lookback_days=0, google_ads__api=api)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    name, field = ("meta_events", "event_id") if family == "meta" else ("google_conversions", "order_id")
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "booked", "05") + visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
+    upload(one, family, sandboxes, batch=100)
+    (sent,) = [r[field] for r in _rows(one, name)]
+    assert deliver.read_siblings(one.paths.siblings).siblings[sent]  # A1's ID, as night one saw it
+    second_lead = "L2,2026-11-06 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L2,,,,,,yes,"
+    (tmp_path / "leads.csv").write_text(ONE_LEAD + second_lead + "2026-11-06 10:00,,,,,\n", encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
+    (new,) = [r[field] for r in _rows(two, name)]
+    counts = tasks.upload(two, family, target="sandbox", sandboxes=sandboxes, retry_wait=0)[name]  # type: ignore[arg-type]
+    assert counts["sent"] == 1 and counts["already_sent"] == 0, counts
+    assert dict(sent_once(sandboxes, family)) == {sent: 1, new: 1}

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from etl import deliver, ledger, store
 from etl.destinations.base import Outcome, RowResult
@@ -102,7 +103,7 @@ class _OtherRunSendsTheJourneyOfTheNextBatch(_OtherRunFinishesTheNextBatch):
         if not self.received:
             other = "f" * 64
             ledger.record_siblings(
-                self.engine, CLINIC, {other: self.second_batch}, run_id="the-other-run", at=AT
+                self.engine, CLINIC, {other: self.second_batch}, run_id="the-other-run", planned_at=AT
             )
             ledger.write_ledger(self.engine, CLINIC, DEST, [{"opaque_id": other, "status": "accepted"}],
                                 run_id="the-other-run", at=AT)  # fmt: skip
@@ -124,15 +125,31 @@ def test_a_row_whose_journey_another_run_sent_meanwhile_under_another_id_is_not_
     assert recorded[ids[4]].status == "planned"  # never sent: a later plan finds its journey held
 
 
-def test_journey_relatives_follow_every_plans_record(tmp_path: Path) -> None:
+def test_journey_relatives_follow_every_plans_record_since_a_time(tmp_path: Path) -> None:
     a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    later = AT + timedelta(days=1)
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", at=AT)
-        ledger.record_siblings(engine, CLINIC, {c: [b, c]}, run_id="night-two", at=AT)  # itself: ignored
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-three", at=AT)  # again: kept once
-        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", at=AT)
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
+        ledger.record_siblings(
+            engine, CLINIC, {c: [b, c]}, run_id="night-two", planned_at=later
+        )  # itself: ignored
+        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", planned_at=later)
         assert ledger.journey_relatives(engine, CLINIC, [a, c, d]) == {a: {b, c}, c: {a, b}}
         assert ledger.journey_relatives(engine, "another-clinic", [a]) == {a: {d}}
+        # an upload reads what plans made since its own knew: night one's view is older
+        assert ledger.journey_relatives(engine, CLINIC, [a, c], since=later) == {c: {b}}
+        # night one's publish retried today passes night one's plan time: still older
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
+        assert ledger.journey_relatives(engine, CLINIC, [a], since=later) == {}
+        # a newer plan that knows the pair again makes it current (one row, the newer time)
+        ledger.record_siblings(engine, CLINIC, {b: [a]}, run_id="night-three", planned_at=later)
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-three", planned_at=later)
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
+        assert ledger.journey_relatives(engine, CLINIC, [a], since=later) == {a: {b, c}}
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(store.journey_siblings.c.run_id).where(
+                store.journey_siblings.c.opaque_id == a)).scalars().all()  # fmt: skip
+        assert rows == ["night-three"]
 
 
 class _QuotaRunsOutMidBatch:

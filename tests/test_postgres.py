@@ -126,7 +126,7 @@ def test_postgres_journey_relations_are_recorded_once_and_followed(postgres_url:
     a, b, c = ("a" * 64, "b" * 64, "c" * 64)
     with store.engine_for(postgres_url) as engine:
         for _ in range(2):  # a publish retried records the same pairs again
-            ledger.record_siblings(engine, "pg-clinic", {a: [b, b], c: [b]}, run_id="r", at=at)
+            ledger.record_siblings(engine, "pg-clinic", {a: [b, b], c: [b]}, run_id="r", planned_at=at)
         assert ledger.journey_relatives(engine, "pg-clinic", [a]) == {a: {b, c}}
         ledger.write_ledger(engine, "pg-clinic", "meta_events", [{"opaque_id": c, "status": "accepted"}],
                             run_id="r", at=at)  # fmt: skip
