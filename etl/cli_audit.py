@@ -218,7 +218,7 @@ def prune(
 
     In every folder of this clinic under <yaml folder>/var/runs/ that has not changed for
     --older-than days: the outbox rows (hashed identifiers, click IDs, opaque IDs), the
-    candidate file and journey siblings file, and any hashed extracts or plan folders a stopped or killed run left are
+    candidate file, and any hashed extracts or plan folders a stopped or killed run left are
     deleted; outbox/summary.json, results/*.json and
     report.html (counts only) stay, with pruned.json recording what was deleted and when. A
     folder a run is working in is left alone. What was sent stays in the send ledger; a pruned

@@ -80,13 +80,15 @@ def upload_conversions(
     clock: Clock,
     validate_only: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    relations_since: datetime | None = None,
+    siblings: PlanSiblings | None = None,
 ) -> dict[str, Any]:
     """Send every outbox row of one destination not yet final in the ledger, batch by batch.
 
-    A row whose journey the ledger holds under another of its IDs is not sent either, as plans
-    made at or after ``relations_since`` (this run's plan time, ``PlanSiblings.planned_at``;
-    None: every plan) related the IDs.
+    A row whose journey the ledger holds under another of its IDs is not sent either (it is
+    recorded ``superseded``), as plans made at or after this run's own (``siblings``, its
+    ``read_siblings``; None: every plan) related the IDs. This run's own relations are recorded
+    first: a journey held on a platform was sent by an upload that recorded its relations
+    before it sent, whichever run's upload comes later.
 
     Returns:
         counts ``planned, sent, accepted, rejected, already_sent, deferred`` (plus
@@ -97,12 +99,15 @@ def upload_conversions(
     verify_published(outbox, name)  # the bytes the gates checked, not an edited copy
     rows = list(read_rows(outbox, name))
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
+    since = siblings.planned_at if siblings is not None else None
     if validate_only:  # nothing is recorded, so nothing to race on
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
-                       validate_only=True, on_batch=on_batch, since=relations_since)  # fmt: skip
+                       validate_only=True, on_batch=on_batch, since=since)  # fmt: skip
     with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
+        if siblings is not None:
+            _record_siblings(engine, config.clinic_id, siblings, run_id=run_id, at=clock())
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
-                       validate_only=False, on_batch=on_batch, since=relations_since)  # fmt: skip
+                       validate_only=False, on_batch=on_batch, since=since)  # fmt: skip
 
 
 def _upload(
@@ -148,9 +153,7 @@ def _upload(
     if elsewhere:
         counts["already_sent"] += len(elsewhere)
         counts["held_under_another_id"] = len(elsewhere)
-        log.info(
-            "%s: %d row(s) not sent: the platform holds their journey under another ID", name, len(elsewhere)
-        )
+        _supersede(config, engine, name, rows, elsewhere, run_id=run_id, at=clock())
     if not validate_only:
         # every row still to go is planned before the first request: a process killed at any
         # batch (or stopped by a quota) leaves the rest unfinished in the ledger, so a later run
@@ -171,6 +174,7 @@ def _upload(
                                           since=since)  # fmt: skip
             if late:
                 counts["held_under_another_id"] = counts.get("held_under_another_id", 0) + len(late)
+                _supersede(config, engine, name, batch, late, run_id=run_id, at=clock())
             finished |= late
             if finished:
                 batch = [r for r in batch if r[id_field] not in finished]
@@ -282,6 +286,31 @@ def _planned(config: ClinicConfig, name: str, rows: Sequence[dict[str, Any]]) ->
             for r in rows]  # fmt: skip
 
 
+def _supersede(
+    config: ClinicConfig,
+    engine: Engine,
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    keys: set[str],
+    *,
+    run_id: str,
+    at: datetime,
+) -> None:
+    """Record rows not sent because the platform holds their journey under another ID."""
+    log.info("%s: %d row(s) not sent: the platform holds their journey under another ID", name, len(keys))
+    entries = [{**entry, "status": ledger.SUPERSEDED, "transmitted": False}
+               for entry in _planned(config, name, [r for r in rows if r[_ID_FIELD[name]] in keys])]  # fmt: skip
+    ledger.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=at)
+
+
+def _record_siblings(
+    engine: Engine, clinic_id: str, siblings: PlanSiblings, *, run_id: str, at: datetime
+) -> None:
+    ledger.record_siblings(
+        engine, clinic_id, siblings.siblings, run_id=run_id, planned_at=siblings.planned_at or at
+    )
+
+
 def _held_under_another_id(
     engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str], *, since: datetime | None
 ) -> set[str]:
@@ -321,7 +350,6 @@ def plan_conversions(
     run_id: str,
     at: datetime,
     consent: Mapping[str, tuple[datetime, bool | None]] | None = None,
-    siblings: PlanSiblings | None = None,
 ) -> None:
     """Record every conversion of a published real run's outbox as ``planned`` (final states
     are kept), before any upload starts, with ``consent``: per opaque ID, the time of the
@@ -331,10 +359,6 @@ def plan_conversions(
     that dies before one of them begins would otherwise leave that platform's conversions
     nowhere in the ledger, and once the next nights' intervals no longer cover their ready
     time nothing would carry them over.
-
-    ``siblings`` (``read_siblings``): per planned opaque ID, the IDs its journey would carry at
-    its other visits, recorded in ``journey_siblings`` (with the plan's time) before any upload
-    starts, so an older run's upload rerun after this run sent skips the journey's old ID.
     """
     known = consent or {}
     for name in _ID_FIELD:
@@ -342,9 +366,6 @@ def plan_conversions(
         for entry in planned:
             entry["consent_at"], entry["consent_stated"] = known.get(entry["opaque_id"], (None, None))
         ledger.write_ledger(engine, config.clinic_id, name, planned, run_id=run_id, at=at)
-    if siblings is not None:
-        ledger.record_siblings(engine, config.clinic_id, siblings.siblings, run_id=run_id,
-                               planned_at=siblings.planned_at or at)  # fmt: skip
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -39,6 +39,11 @@ FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
 # The final states in which the platform holds (or, for "sent", may hold) the conversion: a
 # journey sent under one appointment's ID is not sent again under another's (SPEC rules 4, 11).
 HELD_STATES = ("sent", "accepted", "already_sent")
+# Not sent, by an upload that found the row's journey held under another of its IDs
+# (``journey_relatives``). Not final: a later plan that converts the journey at that visit
+# again (its visits' journeys rearranged) may plan and send it. Not unfinished either: nothing
+# carries it over night after night as if its upload had stopped.
+SUPERSEDED = "superseded"
 
 
 # as SQL literals: an upsert runs as executemany, which cannot expand a bound list
@@ -108,7 +113,8 @@ def write_ledger(
     run_id: str,
     at: datetime,
 ) -> None:
-    """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent).
+    """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent,
+    superseded).
 
     Each call commits on its own: the pipeline calls it before and after every batch, so a
     process killed between batches leaves an exact record of what went out. A row already in a
@@ -190,7 +196,7 @@ def unfinished_ids(
     final = sa.select(send_ledger.c.opaque_id).where(
         send_ledger.c.clinic_id == clinic_id,
         send_ledger.c.destination.in_(list(destinations)),
-        send_ledger.c.status.not_in(FINAL_STATES),
+        send_ledger.c.status.not_in((*FINAL_STATES, SUPERSEDED)),
         sa.true() if since is None else planned >= since.astimezone(UTC),
     )
     with engine.connect() as conn:
@@ -219,8 +225,8 @@ def record_siblings(
     (``journey_siblings``), as known to a plan made at ``planned_at``.
 
     A pair recorded again keeps the latest plan's time: uploads read only what plans made since
-    their own knew (``journey_relatives``), and a plan republished later (a retried publish step)
-    passes its own plan time, not the time it is republished.
+    their own knew (``journey_relatives``), and an old run's upload rerun later passes its own
+    plan's time, not the time it runs.
     """
     at = planned_at.astimezone(UTC)
     rows = [
@@ -267,17 +273,16 @@ def journey_relatives(
             found: set[str] = set()
             for lo in range(0, len(frontier), 500):
                 chunk = frontier[lo : lo + 500]
-                pairs = conn.execute(
-                    sa.select(c.opaque_id, c.sibling_id).where(
-                        c.clinic_id == clinic_id,
-                        fresh,
-                        sa.or_(c.opaque_id.in_(chunk), c.sibling_id.in_(chunk)),
+                for column in (c.opaque_id, c.sibling_id):  # two index searches, not one OR
+                    pairs = conn.execute(
+                        sa.select(c.opaque_id, c.sibling_id).where(
+                            c.clinic_id == clinic_id, column.in_(chunk), fresh
+                        )
                     )
-                )
-                for a, b in pairs:
-                    links.setdefault(a, set()).add(b)
-                    links.setdefault(b, set()).add(a)
-                    found.update((a, b))
+                    for a, b in pairs:
+                        links.setdefault(a, set()).add(b)
+                        links.setdefault(b, set()).add(a)
+                        found.update((a, b))
             frontier = sorted(found - seen)
             seen |= found
     out: dict[str, set[str]] = {}

@@ -203,6 +203,7 @@ def start_attempt(paths: RunPaths) -> None:
         clear_folder(folder)
     paths.stopped.unlink(missing_ok=True)
     paths.conversions.unlink(missing_ok=True)
+    paths.siblings.unlink(missing_ok=True)
     (paths.run_dir / PRUNED_FILE).unlink(missing_ok=True)  # this attempt's files are new
 
 

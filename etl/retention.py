@@ -1,9 +1,8 @@
 """Run folders keep their pseudonymous working files only as long as they are useful.
 
 Each run leaves ``var/runs/<run id>/`` behind: the outbox rows (hashed identifiers, click IDs,
-opaque IDs: one copy of each night's suppression lists), the candidate file, the journey
-siblings file (opaque IDs; a real run records them in the database when it publishes), and after a
-gate stop the hashed extracts. Nightly runs would keep a copy of every list member's hashes per
+opaque IDs: one copy of each night's suppression lists), the candidate file, and after a gate
+stop the hashed extracts. Nightly runs would keep a copy of every list member's hashes per
 night, without end. Pruning deletes those once a folder has not changed for the configured
 number of days and keeps the run's record: ``outbox/summary.json``, ``results/*.json`` and
 ``report.html`` (counts only), plus ``pruned.json`` saying what was deleted and when. What was
@@ -57,7 +56,7 @@ def _working_files(run_dir: Path) -> list[Path]:
     """The files in ``run_dir`` that hold rows (hashes, click IDs, opaque IDs), not counts."""
     outbox = run_dir / "outbox"
     found = [outbox / name for name in OUTBOX_FILES.values()]
-    found += [run_dir / "conversions.parquet", run_dir / "siblings.json"]  # the latter: recorded at publish
+    found.append(run_dir / "conversions.parquet")  # not siblings.json: opaque IDs its upload needs
     for folder in _scratch_folders(run_dir):
         found.extend(p for p in folder.rglob("*") if p.is_file())
     return [p for p in found if p.is_file()]

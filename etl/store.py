@@ -146,20 +146,24 @@ send_ledger = sa.Table(
     sa.Column("consent_stated", sa.Boolean),
 )
 
-# Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): each published real
-# plan records, for every conversion it plans, the IDs the journey would carry at its other
-# visits, with the plan's time (``recorded_at``: the latest plan that knew the pair). The uploads
-# read what plans made since their own knew: a row whose journey the platform already holds
-# under a related ID is not sent (a late export moved the conversion to another visit, and an
-# older run's upload is rerun after a newer run sent the journey). Opaque IDs only.
+# Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): before it sends, each
+# real run's upload records, for every conversion its plan planned, the IDs the journey would
+# carry at its other visits as the plan saw them, with the plan's time (``recorded_at``: the
+# latest plan that knew the pair). Uploads read what plans made since their own knew: a row
+# whose journey the platform already holds under a related ID is not sent (a late export moved
+# the conversion to another visit, and an older run's upload is rerun after a newer run sent
+# the journey). Opaque IDs only.
 journey_siblings = sa.Table(
     "journey_siblings",
     metadata,
     sa.Column("clinic_id", sa.String(64), primary_key=True),
     sa.Column("opaque_id", sa.String(64), primary_key=True),
-    sa.Column("sibling_id", sa.String(64), primary_key=True, index=True),
+    sa.Column("sibling_id", sa.String(64), primary_key=True),
     sa.Column("run_id", sa.String(200), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    # the reverse lookup: with the primary key, each direction is one index search per ID
+    # (SQLite reads every row of the clinic for an OR over the two columns)
+    sa.Index("ix_journey_siblings_reverse", "clinic_id", "sibling_id", "opaque_id"),
 )
 
 audience_state = sa.Table(

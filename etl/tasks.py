@@ -230,8 +230,7 @@ def validate_outbound(
     if sends_to:
         with spec.engine() as engine:
             deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock(),
-                                     consent=deliver.consent_granted(spec.paths.conversions),
-                                     siblings=deliver.read_siblings(spec.paths.siblings))  # fmt: skip
+                                     consent=deliver.consent_granted(spec.paths.conversions))  # fmt: skip
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 
 
@@ -316,7 +315,7 @@ def upload(
                 run_id=spec.run_id,
                 clock=_clock,
                 validate_only=validate_only,
-                relations_since=deliver.read_siblings(spec.paths.siblings).planned_at,
+                siblings=deliver.read_siblings(spec.paths.siblings),
             )
         except DestinationConfigError as stop:
             if stop.counts is not None:  # what was decided before the stop reaches summary.json

@@ -104,7 +104,7 @@ def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch
         return deliver.upload_conversions(
             spec.config, engine, spec.paths.outbox, destination, run_id=spec.run_id,
             clock=lambda: spec.window.end, on_batch=on_batch,
-            relations_since=deliver.read_siblings(spec.paths.siblings).planned_at,  # as tasks.upload
+            siblings=deliver.read_siblings(spec.paths.siblings),  # as tasks.upload
         )  # fmt: skip
 
 
@@ -503,9 +503,12 @@ def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_
     received = sent_once(sandboxes, family)
     assert dict(received) == {(old_id if older_first else new_id): 1}
     assert counts["sent"] == 0 and counts["already_sent"] == 1 and counts["held_under_another_id"] == 1
+    skipped, kept = (new_id, old_id) if older_first else (old_id, new_id)
     with store.engine_for(db) as engine:
         recorded = ledger.read_ledger(engine, cfg.clinic_id, name)
-    assert recorded[old_id if older_first else new_id].status == "accepted"
+        unfinished = ledger.unfinished_ids(engine, cfg.clinic_id, [name])
+    assert recorded[kept].status == "accepted" and recorded[skipped].status == "superseded"
+    assert skipped not in unfinished  # not carried over night after night as an unfinished upload
 
 
 @pytest.mark.parametrize(("family", "api"), [FAMILIES[0], FAMILIES[2]], ids=[IDS[0], IDS[2]])

@@ -38,6 +38,8 @@ DEST = "meta_events"
         ("deferred", "planned", "planned"),
         ("planned", "deferred", "deferred"),
         ("sent", "accepted", "accepted"),
+        ("superseded", "planned", "planned"),  # a later plan converts the journey there again
+        ("accepted", "superseded", "accepted"),
     ],
 )
 def test_a_final_state_is_never_taken_back(first: str, then: str, kept: str, tmp_path: Path) -> None:
@@ -122,7 +124,13 @@ def test_a_row_whose_journey_another_run_sent_meanwhile_under_another_id_is_not_
         recorded = ledger.read_ledger(engine, CLINIC, DEST)
     assert destination.received == [*ids[:4], ids[5]]
     assert counts["already_sent"] == 1 and counts["held_under_another_id"] == 1 and counts["sent"] == 5
-    assert recorded[ids[4]].status == "planned"  # never sent: a later plan finds its journey held
+    assert recorded[ids[4]].status == "superseded"  # never sent, and not carried over as unfinished
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        assert ledger.unfinished_ids(engine, CLINIC, [DEST]) == frozenset()
+        with engine.connect() as conn:
+            sent_at = conn.execute(sa.select(store.send_ledger.c.sent_at).where(
+                store.send_ledger.c.opaque_id == ids[4])).scalar()  # fmt: skip
+    assert sent_at is None  # it never left: disclosures do not count it
 
 
 def test_journey_relatives_follow_every_plans_record_since_a_time(tmp_path: Path) -> None:
