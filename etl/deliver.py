@@ -85,9 +85,9 @@ def upload_conversions(
     """Send every outbox row of one destination not yet final in the ledger, batch by batch.
 
     A row whose journey the ledger holds under another of its IDs is not sent either (it is
-    recorded ``superseded``), as plans made at or after this run's own (``siblings``, its
-    ``read_siblings``; None: every plan) related the IDs. This run's own relations are recorded
-    first: a journey held on a platform was sent by an upload that recorded its relations
+    recorded ``superseded``), as the newest recorded views of its journey relate them
+    (``ledger.journey_relatives``). This run's own view (``siblings``: ``read_siblings``) is
+    recorded first: a journey held on a platform was sent by an upload that recorded its view
     before it sent, whichever run's upload comes later.
 
     Returns:
@@ -99,15 +99,14 @@ def upload_conversions(
     verify_published(outbox, name)  # the bytes the gates checked, not an edited copy
     rows = list(read_rows(outbox, name))
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
-    since = siblings.planned_at if siblings is not None else None
     if validate_only:  # nothing is recorded, so nothing to race on
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
-                       validate_only=True, on_batch=on_batch, since=since)  # fmt: skip
+                       validate_only=True, on_batch=on_batch)  # fmt: skip
     with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
         if siblings is not None:
-            _record_siblings(engine, config.clinic_id, siblings, run_id=run_id, at=clock())
+            _record_siblings(engine, config.clinic_id, siblings, run_id=run_id)
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
-                       validate_only=False, on_batch=on_batch, since=since)  # fmt: skip
+                       validate_only=False, on_batch=on_batch)  # fmt: skip
 
 
 def _upload(
@@ -121,7 +120,6 @@ def _upload(
     lease: leases.Lease | None,
     validate_only: bool,
     on_batch: Callable[[int, int], None] | None,
-    since: datetime | None,
 ) -> dict[str, Any]:
     name = destination.name
     id_field = _ID_FIELD[name]
@@ -136,8 +134,7 @@ def _upload(
     if not validate_only:
         # a journey the platform holds under another of its IDs is not sent again (SPEC rules 4,
         # 11): a newer run sent it after a late export moved the conversion to another visit
-        elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo],
-                                           since=since)  # fmt: skip
+        elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo])  # fmt: skip
         todo = [r for r in todo if r[id_field] not in elsewhere]
     counts: dict[str, Any] = {
         "planned": len(rows),
@@ -170,8 +167,7 @@ def _upload(
             # rows another run finished since the ledger was read above are not sent twice, nor
             # rows whose journey another run sent meanwhile under another ID
             finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
-            late = _held_under_another_id(engine, config.clinic_id, name, [k for k in stages if k not in finished],
-                                          since=since)  # fmt: skip
+            late = _held_under_another_id(engine, config.clinic_id, name, [k for k in stages if k not in finished])  # fmt: skip
             if late:
                 counts["held_under_another_id"] = counts.get("held_under_another_id", 0) + len(late)
                 _supersede(config, engine, name, batch, late, run_id=run_id, at=clock())
@@ -303,20 +299,17 @@ def _supersede(
     ledger.write_ledger(engine, config.clinic_id, name, entries, run_id=run_id, at=at)
 
 
-def _record_siblings(
-    engine: Engine, clinic_id: str, siblings: PlanSiblings, *, run_id: str, at: datetime
-) -> None:
-    ledger.record_siblings(
-        engine, clinic_id, siblings.siblings, run_id=run_id, planned_at=siblings.planned_at or at
-    )
+def _record_siblings(engine: Engine, clinic_id: str, siblings: PlanSiblings, *, run_id: str) -> None:
+    if siblings.planned_at is not None:  # a view without its time cannot be ranked: not recorded
+        ledger.record_siblings(
+            engine, clinic_id, siblings.siblings, run_id=run_id, planned_at=siblings.planned_at
+        )
 
 
-def _held_under_another_id(
-    engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str], *, since: datetime | None
-) -> set[str]:
-    """Which of ``opaque_ids`` name a journey and stage the ledger holds under a related ID
-    (``ledger.journey_relatives``, as plans made since ``since`` knew it) for this destination."""
-    relatives = ledger.journey_relatives(engine, clinic_id, opaque_ids, since=since)
+def _held_under_another_id(engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str]) -> set[str]:
+    """Which of ``opaque_ids`` name a journey and stage the ledger holds, for this destination,
+    under a related ID (``ledger.journey_relatives``: as the newest views have the journey)."""
+    relatives = ledger.journey_relatives(engine, clinic_id, opaque_ids)
     if not relatives:
         return set()
     held = ledger.held_among(engine, clinic_id, name, sorted(set().union(*relatives.values())))
@@ -326,18 +319,25 @@ def _held_under_another_id(
 @dataclass(frozen=True)
 class PlanSiblings:
     """A plan's journey siblings file (``RunPaths.siblings``): per planned opaque ID, the IDs its
-    journey would carry at its other visits, and when the plan was made."""
+    journey would carry at its other visits (possibly none), and when the plan was made."""
 
     planned_at: datetime | None = None
     siblings: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
-def read_siblings(path: Path) -> PlanSiblings:
-    """Empty (no plan time) for a plan made before the file existed: its uploads then read every
-    plan's record of journey siblings."""
+def read_siblings(path: Path, outbox: Path) -> PlanSiblings:
+    """The siblings file of the plan ``outbox`` holds; empty when it is gone (a plan made before
+    the file existed) or belongs to another plan (the interval planned again, and the new plan
+    refused by a gate: the published outbox is the older plan's)."""
+    from etl.outbox import read_summary
+
     if not path.exists():
         return PlanSiblings()
     raw = json.loads(path.read_text(encoding="utf-8"))
+    if raw.get("outbox_sha256") != read_summary(outbox).get("outbox_sha256"):
+        log.warning("%s belongs to another plan than the published outbox: this upload records no journey "
+                    "view", path.name)  # fmt: skip
+        return PlanSiblings()
     planned_at = datetime.fromisoformat(raw["planned_at"]) if raw.get("planned_at") else None
     return PlanSiblings(planned_at, {str(k): [str(v) for v in vs] for k, vs in raw["siblings"].items()})
 

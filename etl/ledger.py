@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from etl.store import (
     audience_sync_log,
     audience_syncs,
     journey_siblings,
+    journey_views,
     ledger_targets,
     run_summaries,
     send_ledger,
@@ -40,9 +41,9 @@ FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
 # journey sent under one appointment's ID is not sent again under another's (SPEC rules 4, 11).
 HELD_STATES = ("sent", "accepted", "already_sent")
 # Not sent, by an upload that found the row's journey held under another of its IDs
-# (``journey_relatives``). Not final: a later plan that converts the journey at that visit
-# again (its visits' journeys rearranged) may plan and send it. Not unfinished either: nothing
-# carries it over night after night as if its upload had stopped.
+# (``journey_relatives``). Not final: a later plan whose interval (with its late-arrival days)
+# covers the row and that converts the journey at that visit again plans and sends it. Not
+# unfinished either: nothing carries it over night after night as if its upload had stopped.
 SUPERSEDED = "superseded"
 
 
@@ -186,7 +187,8 @@ def unfinished_ids(
     engine: Engine, clinic_id: str, destinations: Sequence[str], *, since: datetime | None = None
 ) -> frozenset[str]:
     """Opaque IDs a real run planned for one of ``destinations`` and that never reached a final
-    state there (its upload stopped, was deferred, or never ran): the next run sends them.
+    state there (its upload stopped, was deferred, or never ran): the next run sends them. Not
+    ``superseded`` rows: their journey is on the platform under another ID.
 
     ``since``: only rows planned (or deferred) at or after it. A conversion is planned after
     its event, so one planned before ``end`` minus the longest age a platform accepts is too old
@@ -221,79 +223,86 @@ def record_siblings(
     run_id: str,
     planned_at: datetime,
 ) -> None:
-    """Record that each planned opaque ID and its siblings name one journey and stage
-    (``journey_siblings``), as known to a plan made at ``planned_at``.
+    """Record a plan's view of its conversions' journeys: for each opaque ID it planned, the IDs
+    its journey would carry at its other visits (possibly none), as of ``planned_at``.
 
-    A pair recorded again keeps the latest plan's time: uploads read only what plans made since
-    their own knew (``journey_relatives``), and an old run's upload rerun later passes its own
-    plan's time, not the time it runs.
+    Times only move forward: a pair or a view recorded again keeps the latest plan's time, so an
+    old run's upload rerun later (it records its own plan's time) does not make its view newest.
     """
     at = planned_at.astimezone(UTC)
-    rows = [
+    views = [
+        {"clinic_id": clinic_id, "opaque_id": oid, "viewed_at": at, "run_id": run_id}
+        for oid in sorted(siblings)
+    ]
+    pairs = [
         {"clinic_id": clinic_id, "opaque_id": oid, "sibling_id": sib, "run_id": run_id, "recorded_at": at}
         for oid, sibs in sorted(siblings.items())
         for sib in sorted(set(sibs))
         if sib != oid
     ]
-    if not rows:
-        return
-    table = journey_siblings
 
-    def upsert(insert: Any) -> Any:
-        newer = insert.excluded.recorded_at > table.c.recorded_at
-        return insert.on_conflict_do_update(
-            index_elements=["clinic_id", "opaque_id", "sibling_id"],
-            set_={
-                "recorded_at": sa.case((newer, insert.excluded.recorded_at), else_=table.c.recorded_at),
-                "run_id": sa.case((newer, insert.excluded.run_id), else_=table.c.run_id),
-            },
-        )
+    def latest(table: sa.Table, keys: list[str], time: str) -> Callable[[Any], Any]:
+        def upsert(insert: Any) -> Any:
+            newer = insert.excluded[time] > table.c[time]
+            return insert.on_conflict_do_update(
+                index_elements=keys,
+                set_={
+                    time: sa.case((newer, insert.excluded[time]), else_=table.c[time]),
+                    "run_id": sa.case((newer, insert.excluded.run_id), else_=table.c.run_id),
+                },
+            )
+
+        return upsert
 
     with engine.begin() as conn:
-        _upsert_rows(conn, table, rows, upsert)
+        if views:
+            _upsert_rows(
+                conn, journey_views, views, latest(journey_views, ["clinic_id", "opaque_id"], "viewed_at")
+            )
+        if pairs:
+            _upsert_rows(conn, journey_siblings, pairs,
+                         latest(journey_siblings, ["clinic_id", "opaque_id", "sibling_id"], "recorded_at"))  # fmt: skip
 
 
-def journey_relatives(
-    engine: Engine, clinic_id: str, opaque_ids: Iterable[str], *, since: datetime | None = None
-) -> dict[str, set[str]]:
-    """Per opaque ID, every other ID recorded as naming the same journey and stage, followed
-    through every plan's record (a journey re-attributed twice links its three IDs).
+def journey_relatives(engine: Engine, clinic_id: str, opaque_ids: Iterable[str]) -> dict[str, set[str]]:
+    """Per opaque ID, the other IDs that name the same journey and stage as the newest views
+    recorded (``record_siblings``) have it.
 
-    ``since``: only what plans made at or after it knew. An upload passes its own plan's time:
-    an older plan's view is stale (a late lead may have split that journey in two since, and
-    the visit it related is now the next journey's own conversion).
+    A pair holds while no plan looked at either of its IDs later and left it out: night one
+    related two visits as one journey, but a lead created between them, exported late, split it
+    in two, and the plans since saw each visit's conversion without the other. Pairs are not
+    chained across plans (one view's siblings are already all of the journey's other visits).
     """
-    c = journey_siblings.c
-    wanted = set(opaque_ids)
-    links: dict[str, set[str]] = {}
-    seen, frontier = set(wanted), sorted(wanted)
-    fresh = sa.true() if since is None else c.recorded_at >= since.astimezone(UTC)
+    c, v = journey_siblings.c, journey_views.c
+    wanted = sorted(set(opaque_ids))
+    pairs: list[tuple[str, str, Any]] = []
     with engine.connect() as conn:
-        while frontier:
-            found: set[str] = set()
-            for lo in range(0, len(frontier), 500):
-                chunk = frontier[lo : lo + 500]
-                for column in (c.opaque_id, c.sibling_id):  # two index searches, not one OR
-                    pairs = conn.execute(
-                        sa.select(c.opaque_id, c.sibling_id).where(
-                            c.clinic_id == clinic_id, column.in_(chunk), fresh
-                        )
+        for lo in range(0, len(wanted), 500):
+            chunk = wanted[lo : lo + 500]
+            for column in (c.opaque_id, c.sibling_id):  # two index searches, not one OR
+                rows = conn.execute(
+                    sa.select(c.opaque_id, c.sibling_id, c.recorded_at).where(
+                        c.clinic_id == clinic_id, column.in_(chunk)
                     )
-                    for a, b in pairs:
-                        links.setdefault(a, set()).add(b)
-                        links.setdefault(b, set()).add(a)
-                        found.update((a, b))
-            frontier = sorted(found - seen)
-            seen |= found
+                )
+                pairs += [(a, b, at) for a, b, at in rows]
+        involved = sorted({oid for a, b, _ in pairs for oid in (a, b)})
+        viewed: dict[str, Any] = {}
+        for lo in range(0, len(involved), 500):
+            rows = conn.execute(
+                sa.select(v.opaque_id, v.viewed_at).where(
+                    v.clinic_id == clinic_id, v.opaque_id.in_(involved[lo : lo + 500])
+                )
+            )
+            viewed.update((oid, at) for oid, at in rows)
+    wanted_set = set(wanted)
     out: dict[str, set[str]] = {}
-    for oid in wanted & links.keys():
-        group, todo = {oid}, [oid]
-        while todo:
-            for other in links.get(todo.pop(), ()):
-                if other not in group:
-                    group.add(other)
-                    todo.append(other)
-        out[oid] = group - {oid}
+    for a, b, at in pairs:
+        if any(oid in viewed and viewed[oid] > at for oid in (a, b)):
+            continue  # a later look at one of them left the other out
+        for mine, other in ((a, b), (b, a)):
+            if mine in wanted_set:
+                out.setdefault(mine, set()).add(other)
     return out
 
 

@@ -126,7 +126,7 @@ class Plan:
     # planned opaque id -> the IDs its journey's stage would carry at its other visits: a real
     # run's upload skips a row whose journey another run has sent under one of them since
     siblings: dict[str, list[str]] = field(default_factory=dict)
-    planned_at: datetime | None = None  # the plan's clock (``consent_as_of``), else its end
+    planned_at: datetime | None = None  # the plan task's clock (``consent_as_of``), if it passed one
     # this run's conversion candidates as the rules made them (opaque keys, times, values,
     # outcome, carried): what the staged-conversion checks judge, kept with the run's files
     conversions: pd.DataFrame | None = None
@@ -528,7 +528,7 @@ def plan_run(
             }
             stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
         planned_ids = {oid for dest in CONVERSION_DESTINATIONS for oid in stages[dest]}
-        siblings = {oid: ids for oid, ids in sorted(siblings.items()) if oid in planned_ids}
+        siblings = {oid: siblings.get(oid, []) for oid in sorted(planned_ids)}  # no sibling is a view too
     with timings.step("suppression"):
         members = suppression_members(
             appts=appts,
@@ -602,7 +602,7 @@ def plan_run(
         {k: v.get("planned", v.get("adds")) for k, v in destinations.items()},
     )
     return Plan(run_id=run_id, outbound=outbound, audiences=audiences, summary=summary, stages=stages,
-                siblings=siblings, planned_at=as_of.to_pydatetime(), conversions=checked)  # fmt: skip
+                siblings=siblings, planned_at=consent_as_of, conversions=checked)  # fmt: skip
 
 
 def _is_final(entry: ledger.LedgerEntry | None) -> bool:
@@ -733,13 +733,20 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     if plan.conversions is not None:
         plan.conversions.to_parquet(paths.conversions, index=False)
-    # always written: an earlier attempt's siblings must not outlive the plan they belong to
+    pending = write_outbox(paths.pending, plan.outbound, plan.summary)
+    # beside the outbox, bound to it by its digests: the uploads of this plan, and only of this
+    # plan, record its view of each conversion's journey (``deliver.read_siblings``)
+    from etl.outbox import read_summary
+
+    record = {
+        "planned_at": plan.planned_at.isoformat() if plan.planned_at else None,
+        "outbox_sha256": read_summary(pending).get("outbox_sha256"),
+        "siblings": plan.siblings,
+    }
     tmp = paths.siblings.with_name(paths.siblings.name + ".tmp")
-    planned_at = plan.planned_at.isoformat() if plan.planned_at else None
-    tmp.write_text(json.dumps({"planned_at": planned_at, "siblings": plan.siblings}, sort_keys=True) + "\n",
-                   encoding="utf-8")  # fmt: skip
+    tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(paths.siblings)
-    return write_outbox(paths.pending, plan.outbound, plan.summary)
+    return pending
 
 
 def publish_outbox(

@@ -148,11 +148,12 @@ send_ledger = sa.Table(
 
 # Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): before it sends, each
 # real run's upload records, for every conversion its plan planned, the IDs the journey would
-# carry at its other visits as the plan saw them, with the plan's time (``recorded_at``: the
-# latest plan that knew the pair). Uploads read what plans made since their own knew: a row
-# whose journey the platform already holds under a related ID is not sent (a late export moved
-# the conversion to another visit, and an older run's upload is rerun after a newer run sent
-# the journey). Opaque IDs only.
+# carry at its other visits as the plan saw them (``recorded_at``: the latest plan time that
+# saw the pair), and when a plan last looked at that conversion (``journey_views``, even when
+# it saw no sibling). A pair holds while no later look at either ID left it out: the newest
+# view of a journey wins. Uploads skip a row whose journey the platform holds under a related
+# ID (a late export moved the conversion to another visit, and an older run's upload is rerun
+# after a newer run sent the journey). Opaque IDs only.
 journey_siblings = sa.Table(
     "journey_siblings",
     metadata,
@@ -164,6 +165,15 @@ journey_siblings = sa.Table(
     # the reverse lookup: with the primary key, each direction is one index search per ID
     # (SQLite reads every row of the clinic for an OR over the two columns)
     sa.Index("ix_journey_siblings_reverse", "clinic_id", "sibling_id", "opaque_id"),
+)
+
+journey_views = sa.Table(
+    "journey_views",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("opaque_id", sa.String(64), primary_key=True),
+    sa.Column("viewed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
 )
 
 audience_state = sa.Table(
@@ -568,14 +578,18 @@ def engine_for(url: str) -> Iterator[Engine]:
 def schema_ddl(dialect: str = "postgresql") -> str:
     """The tables' DDL for one dialect, as ``sql/schema.sql`` holds it."""
     from sqlalchemy.dialects import postgresql, sqlite
-    from sqlalchemy.schema import CreateTable
+    from sqlalchemy.schema import CreateIndex, CreateTable
 
     target = {"postgresql": postgresql.dialect(), "sqlite": sqlite.dialect()}[dialect]
     header = (
         "-- Generated from etl/store.py (the source of truth) by `make schema`; do not edit.\n"
         f"-- Dialect: {dialect}. The pipeline creates these tables itself on first use.\n"
     )
-    body = ";\n".join(str(CreateTable(t).compile(dialect=target)).strip() for t in metadata.sorted_tables)
+    statements: list[Any] = [CreateTable(t) for t in metadata.sorted_tables]
+    statements += [
+        CreateIndex(i) for t in metadata.sorted_tables for i in sorted(t.indexes, key=lambda i: str(i.name))
+    ]
+    body = ";\n".join(str(s.compile(dialect=target)).strip() for s in statements)
     return header + "\n" + "\n".join(line.rstrip() for line in f"{body};".splitlines()) + "\n"
 
 

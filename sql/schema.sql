@@ -90,6 +90,13 @@ CREATE TABLE journey_siblings (
 	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (clinic_id, opaque_id, sibling_id)
 );
+CREATE TABLE journey_views (
+	clinic_id VARCHAR(64) NOT NULL,
+	opaque_id VARCHAR(64) NOT NULL,
+	viewed_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	PRIMARY KEY (clinic_id, opaque_id)
+);
 CREATE TABLE leads (
 	clinic_id VARCHAR(64) NOT NULL,
 	lead_id VARCHAR(128) NOT NULL,
@@ -186,3 +193,4 @@ CREATE TABLE send_ledger (
 	consent_stated BOOLEAN,
 	PRIMARY KEY (clinic_id, destination, opaque_id)
 );
+CREATE INDEX ix_journey_siblings_reverse ON journey_siblings (clinic_id, sibling_id, opaque_id);

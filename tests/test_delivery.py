@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
+from etl.errors import QuotaExhausted
 from etl.targets import open_destinations, started_sandboxes
 from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, make_config, visit
 
@@ -87,8 +88,9 @@ def sandboxes(clinic_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch: int,
-           kill_after: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """One platform's upload with small batches; optionally 'killed' after ``kill_after`` batches."""
+           kill_after: int | None = None, quota_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One platform's upload with small batches; optionally 'killed' after ``kill_after`` batches,
+    or stopped by the platform's daily quota after ``quota_after`` requests."""
 
     def on_batch(number: int, total: int) -> None:
         if kill_after is not None and number == kill_after:
@@ -101,10 +103,20 @@ def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch
     ):  # fmt: skip
         (destination,) = dests.conversions.values()
         destination.max_batch = batch  # type: ignore[misc]
+        if quota_after is not None:
+            send, requests = destination.send, []
+
+            def send_until_the_quota_runs_out(rows: Any, *, validate_only: bool = False) -> Any:
+                requests.append(len(rows))
+                if len(requests) > quota_after:
+                    raise QuotaExhausted("daily quota")
+                return send(rows, validate_only=validate_only)
+
+            destination.send = send_until_the_quota_runs_out  # type: ignore[method-assign]
         return deliver.upload_conversions(
             spec.config, engine, spec.paths.outbox, destination, run_id=spec.run_id,
             clock=lambda: spec.window.end, on_batch=on_batch,
-            siblings=deliver.read_siblings(spec.paths.siblings),  # as tasks.upload
+            siblings=deliver.read_siblings(spec.paths.siblings, spec.paths.outbox),  # as tasks.upload
         )  # fmt: skip
 
 
@@ -511,6 +523,16 @@ def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_
     assert skipped not in unfinished  # not carried over night after night as an unfinished upload
 
 
+def _split_by_a_late_lead(folder: Path) -> None:
+    """The exports once A1's "attended" and a lead created between A1 and A2 arrived: two journeys."""
+    second_lead = "L2,2026-11-06 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L2,,,,,,yes,"
+    (folder / "leads.csv").write_text(ONE_LEAD + second_lead + "2026-11-06 10:00,,,,,\n", encoding="utf-8")
+    (folder / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+
+
 @pytest.mark.parametrize(("family", "api"), [FAMILIES[0], FAMILIES[2]], ids=[IDS[0], IDS[2]])
 def test_a_journey_a_late_lead_split_in_two_sends_its_new_conversion(
     family: str, api: str, sandboxes: dict[str, Any], tmp_path: Path
@@ -529,15 +551,84 @@ def test_a_journey_a_late_lead_split_in_two_sends_its_new_conversion(
     one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
     upload(one, family, sandboxes, batch=100)
     (sent,) = [r[field] for r in _rows(one, name)]
-    assert deliver.read_siblings(one.paths.siblings).siblings[sent]  # A1's ID, as night one saw it
-    second_lead = "L2,2026-11-06 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L2,,,,,,yes,"
-    (tmp_path / "leads.csv").write_text(ONE_LEAD + second_lead + "2026-11-06 10:00,,,,,\n", encoding="utf-8")
-    (tmp_path / "appointments.csv").write_text(
-        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
-        encoding="utf-8",
-    )
+    seen = deliver.read_siblings(one.paths.siblings, one.paths.outbox).siblings
+    assert seen[sent]  # A1's ID, as night one saw it
+    _split_by_a_late_lead(tmp_path)
     two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
     (new,) = [r[field] for r in _rows(two, name)]
     counts = tasks.upload(two, family, target="sandbox", sandboxes=sandboxes, retry_wait=0)[name]  # type: ignore[arg-type]
     assert counts["sent"] == 1 and counts["already_sent"] == 0, counts
     assert dict(sent_once(sandboxes, family)) == {sent: 1, new: 1}
+
+
+def test_an_older_runs_view_of_a_journey_since_split_in_two_holds_nothing_back(
+    sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # night one relates A1 and A2 as one journey (planned under A2) and its uploads fail. Night
+    # two, after a late lead split the journey, plans A1 for the first journey and carries A2
+    # for the second; the daily quota stops its uploads after A1. Night one's uploads are then
+    # rerun: A2 is the second journey's own conversion by the newest view, so it goes
+    cfg = make_config(tmp_path, rules__existing_patient_lookback_days=0)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "booked", "05") + visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
+    (a2,) = [r["event_id"] for r in _rows(one, "meta_events")]
+    _split_by_a_late_lead(tmp_path)
+    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
+    (a1,) = {r["event_id"] for r in _rows(two, "meta_events")} - {a2}
+    assert [r["event_id"] for r in _rows(two, "meta_events")] == [a1, a2]
+    assert upload(two, "meta", sandboxes, batch=1, quota_after=1)["stopped"] == "daily_quota"
+    counts = upload(one, "meta", sandboxes, batch=100)
+    assert counts["sent"] == 1 and counts.get("held_under_another_id", 0) == 0, counts
+    assert dict(sent_once(sandboxes, "meta")) == {a1: 1, a2: 1}
+
+
+def test_a_run_ending_after_today_ranks_its_view_by_when_it_was_planned(
+    sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # night one's interval ends next month (an analyst's range); its plan is still older than
+    # night two's, which saw A1's late entry: night one's upload, run last, does not send A2 too
+    cfg = make_config(tmp_path)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    one = build(cfg, "2026-11-07", "2026-12-31", db, tmp_path / "one")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
+    consultations = {r["event_id"] for spec in (one, two) for r in _rows(spec, "meta_events")
+                     if r["event_name"] == "ConsultationAttended"}  # fmt: skip
+    assert len(consultations) == 2  # under A2 (night one) and under A1 (night two)
+    upload(two, "meta", sandboxes, batch=100)
+    counts = upload(one, "meta", sandboxes, batch=100)
+    assert counts["held_under_another_id"] == 1  # night one's range also holds A2's purchase: it goes
+    assert len(consultations & set(sent_once(sandboxes, "meta"))) == 1
+
+
+def test_a_siblings_file_of_another_plan_is_not_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the interval planned again and the new plan refused by a gate: the published outbox is the
+    # older plan's, and the newer plan's view must not be recorded as the older plan's
+    import json
+
+    cfg = make_config(tmp_path)
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    spec = build(cfg, "2026-11-07", "2026-11-08", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "run")
+    mine = deliver.read_siblings(spec.paths.siblings, spec.paths.outbox)
+    assert mine.planned_at is not None and list(mine.siblings.values()) == [[]]  # a view with no sibling
+    record = json.loads(spec.paths.siblings.read_text(encoding="utf-8"))
+    record["outbox_sha256"]["meta_events.jsonl"] = "0" * 64
+    spec.paths.siblings.write_text(json.dumps(record), encoding="utf-8")
+    assert deliver.read_siblings(spec.paths.siblings, spec.paths.outbox) == deliver.PlanSiblings()
+    assert "belongs to another plan" in caplog.text

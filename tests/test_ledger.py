@@ -133,31 +133,30 @@ def test_a_row_whose_journey_another_run_sent_meanwhile_under_another_id_is_not_
     assert sent_at is None  # it never left: disclosures do not count it
 
 
-def test_journey_relatives_follow_every_plans_record_since_a_time(tmp_path: Path) -> None:
+def test_the_newest_view_of_a_journey_decides_which_ids_name_it(tmp_path: Path) -> None:
     a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
-    later = AT + timedelta(days=1)
+    day = [AT + timedelta(days=n) for n in range(4)]
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
-        ledger.record_siblings(
-            engine, CLINIC, {c: [b, c]}, run_id="night-two", planned_at=later
-        )  # itself: ignored
-        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", planned_at=later)
-        assert ledger.journey_relatives(engine, CLINIC, [a, c, d]) == {a: {b, c}, c: {a, b}}
+        # night one saw a's journey also at b's visit; night two saw c's at b's (c itself: ignored)
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=day[0])
+        ledger.record_siblings(engine, CLINIC, {c: [b, c]}, run_id="night-two", planned_at=day[1])
+        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", planned_at=day[1])
+        # one plan's view, not chained through b across two plans: a and c are not related
+        assert ledger.journey_relatives(engine, CLINIC, [a, b, c, d]) == {a: {b}, b: {a, c}, c: {b}}
         assert ledger.journey_relatives(engine, "another-clinic", [a]) == {a: {d}}
-        # an upload reads what plans made since its own knew: night one's view is older
-        assert ledger.journey_relatives(engine, CLINIC, [a, c], since=later) == {c: {b}}
-        # night one's publish retried today passes night one's plan time: still older
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
-        assert ledger.journey_relatives(engine, CLINIC, [a], since=later) == {}
-        # a newer plan that knows the pair again makes it current (one row, the newer time)
-        ledger.record_siblings(engine, CLINIC, {b: [a]}, run_id="night-three", planned_at=later)
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-three", planned_at=later)
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=AT)
-        assert ledger.journey_relatives(engine, CLINIC, [a], since=later) == {a: {b, c}}
+        # night three looked at b and saw no sibling (a late lead split the journey): its view wins
+        ledger.record_siblings(engine, CLINIC, {b: []}, run_id="night-three", planned_at=day[2])
+        assert ledger.journey_relatives(engine, CLINIC, [a, b, c]) == {}
+        # night one's upload rerun today records night one's time: still older
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=day[0])
+        assert ledger.journey_relatives(engine, CLINIC, [a]) == {}
+        # a newer plan that sees the pair again makes it hold again (one row, the newer time)
+        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-four", planned_at=day[3])
+        assert ledger.journey_relatives(engine, CLINIC, [a, b]) == {a: {b}, b: {a}}
         with engine.connect() as conn:
             rows = conn.execute(sa.select(store.journey_siblings.c.run_id).where(
                 store.journey_siblings.c.opaque_id == a)).scalars().all()  # fmt: skip
-        assert rows == ["night-three"]
+        assert rows == ["night-four"]
 
 
 class _QuotaRunsOutMidBatch:

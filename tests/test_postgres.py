@@ -119,15 +119,21 @@ def test_postgres_ledger_keeps_a_final_state(postgres_url: str) -> None:
         assert ledger.final_among(engine, "pg-clinic", "meta_events", ["x" * 64]) == {"x" * 64}
 
 
-def test_postgres_journey_relations_are_recorded_once_and_followed(postgres_url: str) -> None:
+def test_postgres_journey_relations_are_recorded_once_and_the_newest_view_wins(postgres_url: str) -> None:
+    from datetime import timedelta
+
     from etl import ledger
 
     at = datetime(2026, 6, 1, tzinfo=UTC)
     a, b, c = ("a" * 64, "b" * 64, "c" * 64)
     with store.engine_for(postgres_url) as engine:
-        for _ in range(2):  # a publish retried records the same pairs again
+        for _ in range(2):  # an upload retried records the same view again
             ledger.record_siblings(engine, "pg-clinic", {a: [b, b], c: [b]}, run_id="r", planned_at=at)
-        assert ledger.journey_relatives(engine, "pg-clinic", [a]) == {a: {b, c}}
+        assert ledger.journey_relatives(engine, "pg-clinic", [a, b]) == {a: {b}, b: {a, c}}
+        ledger.record_siblings(
+            engine, "pg-clinic", {c: []}, run_id="later", planned_at=at + timedelta(microseconds=1)
+        )
+        assert ledger.journey_relatives(engine, "pg-clinic", [b]) == {b: {a}}
         ledger.write_ledger(engine, "pg-clinic", "meta_events", [{"opaque_id": c, "status": "accepted"}],
                             run_id="r", at=at)  # fmt: skip
         assert ledger.held_among(engine, "pg-clinic", "meta_events", [a, b, c]) == {c}
