@@ -85,10 +85,11 @@ def upload_conversions(
     """Send every outbox row of one destination not yet final in the ledger, batch by batch.
 
     A row whose journey the ledger holds under another of its IDs is not sent either (it is
-    recorded ``superseded``), as the newest recorded views of its journey relate them
+    recorded ``superseded``), as the recorded views of its journey that saw the most relate them
     (``ledger.journey_relatives``). This run's own view (``siblings``: ``read_siblings``) is
     recorded first: a journey held on a platform was sent by an upload that recorded its view
-    before it sent, whichever run's upload comes later.
+    before it sent, whichever run's upload comes later (unless its outbox predates the view
+    file).
 
     Returns:
         counts ``planned, sent, accepted, rejected, already_sent, deferred`` (plus
@@ -300,10 +301,9 @@ def _supersede(
 
 
 def _record_siblings(engine: Engine, clinic_id: str, siblings: PlanSiblings, *, run_id: str) -> None:
-    if siblings.planned_at is not None:  # a view without its time cannot be ranked: not recorded
-        ledger.record_siblings(
-            engine, clinic_id, siblings.siblings, run_id=run_id, planned_at=siblings.planned_at
-        )
+    if siblings.planned_at is not None and siblings.horizon is not None:  # else it cannot be ranked
+        ledger.record_siblings(engine, clinic_id, siblings.siblings, run_id=run_id,
+                               planned_at=siblings.planned_at, horizon=siblings.horizon)  # fmt: skip
 
 
 def _held_under_another_id(engine: Engine, clinic_id: str, name: str, opaque_ids: Sequence[str]) -> set[str]:
@@ -318,28 +318,29 @@ def _held_under_another_id(engine: Engine, clinic_id: str, name: str, opaque_ids
 
 @dataclass(frozen=True)
 class PlanSiblings:
-    """A plan's journey siblings file (``RunPaths.siblings``): per planned opaque ID, the IDs its
-    journey would carry at its other visits (possibly none), and when the plan was made."""
+    """A plan's view of its conversions' journeys (``siblings.json`` in its outbox): per opaque ID
+    it looked at, the IDs its journey would carry at its other visits (possibly none); when the
+    plan was made; and its horizon, the run's end (it saw no visit after it)."""
 
     planned_at: datetime | None = None
+    horizon: datetime | None = None
     siblings: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
-def read_siblings(path: Path, outbox: Path) -> PlanSiblings:
-    """The siblings file of the plan ``outbox`` holds; empty when it is gone (a plan made before
-    the file existed) or belongs to another plan (the interval planned again, and the new plan
-    refused by a gate: the published outbox is the older plan's)."""
-    from etl.outbox import read_summary
+def read_siblings(outbox: Path) -> PlanSiblings:
+    """Empty for an outbox published before the file existed: its uploads record no view."""
+    from etl.outbox import SIBLINGS_FILE
 
+    path = outbox / SIBLINGS_FILE
     if not path.exists():
         return PlanSiblings()
     raw = json.loads(path.read_text(encoding="utf-8"))
-    if raw.get("outbox_sha256") != read_summary(outbox).get("outbox_sha256"):
-        log.warning("%s belongs to another plan than the published outbox: this upload records no journey "
-                    "view", path.name)  # fmt: skip
-        return PlanSiblings()
-    planned_at = datetime.fromisoformat(raw["planned_at"]) if raw.get("planned_at") else None
-    return PlanSiblings(planned_at, {str(k): [str(v) for v in vs] for k, vs in raw["siblings"].items()})
+
+    def when(key: str) -> datetime | None:
+        return datetime.fromisoformat(raw[key]) if raw.get(key) else None
+
+    return PlanSiblings(when("planned_at"), when("horizon"),
+                        {str(k): [str(v) for v in vs] for k, vs in raw["siblings"].items()})  # fmt: skip
 
 
 def plan_conversions(

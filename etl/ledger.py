@@ -42,8 +42,9 @@ FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
 HELD_STATES = ("sent", "accepted", "already_sent")
 # Not sent, by an upload that found the row's journey held under another of its IDs
 # (``journey_relatives``). Not final: a later plan whose interval (with its late-arrival days)
-# covers the row and that converts the journey at that visit again plans and sends it. Not
-# unfinished either: nothing carries it over night after night as if its upload had stopped.
+# covers the row, that converts a journey at that visit and finds no held sibling (the journey
+# was split since) plans and sends it. Not unfinished either: nothing carries it over night
+# after night as if its upload had stopped.
 SUPERSEDED = "superseded"
 
 
@@ -222,32 +223,39 @@ def record_siblings(
     *,
     run_id: str,
     planned_at: datetime,
+    horizon: datetime,
 ) -> None:
-    """Record a plan's view of its conversions' journeys: for each opaque ID it planned, the IDs
-    its journey would carry at its other visits (possibly none), as of ``planned_at``.
+    """Record a plan's view of its conversions' journeys: for each opaque ID it looked at, the
+    IDs its journey would carry at its other visits (possibly none), as a plan made at
+    ``planned_at`` over an interval ending at ``horizon`` (it saw no visit after it) saw them.
 
-    Times only move forward: a pair or a view recorded again keeps the latest plan's time, so an
-    old run's upload rerun later (it records its own plan's time) does not make its view newest.
+    Times only move forward: a view or pair recorded again keeps the latest time (and a pair the
+    furthest horizon), so an old run's upload rerun later (it records its own plan's time) does
+    not make its view newer than it was.
     """
-    at = planned_at.astimezone(UTC)
-    views = [
-        {"clinic_id": clinic_id, "opaque_id": oid, "viewed_at": at, "run_id": run_id}
-        for oid in sorted(siblings)
-    ]
+    at, until = planned_at.astimezone(UTC), horizon.astimezone(UTC)
+    views = [{"clinic_id": clinic_id, "opaque_id": oid, "horizon": until, "viewed_at": at, "run_id": run_id}
+             for oid in sorted(siblings)]  # fmt: skip
     pairs = [
-        {"clinic_id": clinic_id, "opaque_id": oid, "sibling_id": sib, "run_id": run_id, "recorded_at": at}
+        {"clinic_id": clinic_id, "opaque_id": oid, "sibling_id": sib, "run_id": run_id, "recorded_at": at,
+         "horizon": until}
         for oid, sibs in sorted(siblings.items())
         for sib in sorted(set(sibs))
         if sib != oid
-    ]
+    ]  # fmt: skip
 
-    def latest(table: sa.Table, keys: list[str], time: str) -> Callable[[Any], Any]:
+    def latest(table: sa.Table, keys: list[str], times: tuple[str, ...]) -> Callable[[Any], Any]:
         def upsert(insert: Any) -> Any:
-            newer = insert.excluded[time] > table.c[time]
+            def later(name: str) -> Any:
+                return sa.case(
+                    (insert.excluded[name] > table.c[name], insert.excluded[name]), else_=table.c[name]
+                )
+
+            newer = insert.excluded[times[0]] > table.c[times[0]]
             return insert.on_conflict_do_update(
                 index_elements=keys,
                 set_={
-                    time: sa.case((newer, insert.excluded[time]), else_=table.c[time]),
+                    **{name: later(name) for name in times},
                     "run_id": sa.case((newer, insert.excluded.run_id), else_=table.c.run_id),
                 },
             )
@@ -256,50 +264,52 @@ def record_siblings(
 
     with engine.begin() as conn:
         if views:
-            _upsert_rows(
-                conn, journey_views, views, latest(journey_views, ["clinic_id", "opaque_id"], "viewed_at")
-            )
+            _upsert_rows(conn, journey_views, views,
+                         latest(journey_views, ["clinic_id", "opaque_id", "horizon"], ("viewed_at",)))  # fmt: skip
         if pairs:
             _upsert_rows(conn, journey_siblings, pairs,
-                         latest(journey_siblings, ["clinic_id", "opaque_id", "sibling_id"], "recorded_at"))  # fmt: skip
+                         latest(journey_siblings, ["clinic_id", "opaque_id", "sibling_id"], ("recorded_at", "horizon")))  # fmt: skip
 
 
 def journey_relatives(engine: Engine, clinic_id: str, opaque_ids: Iterable[str]) -> dict[str, set[str]]:
-    """Per opaque ID, the other IDs that name the same journey and stage as the newest views
-    recorded (``record_siblings``) have it.
+    """Per opaque ID, the other IDs that name the same journey and stage, as the recorded views
+    (``record_siblings``) that saw the most have it.
 
-    A pair holds while no plan looked at either of its IDs later and left it out: night one
-    related two visits as one journey, but a lead created between them, exported late, split it
-    in two, and the plans since saw each visit's conversion without the other. Pairs are not
-    chained across plans (one view's siblings are already all of the journey's other visits).
+    A pair holds until a plan that saw at least as much looked at either of its IDs and left it
+    out: planned later, over an interval reaching at least as far. Night one related two visits
+    as one journey, but a lead created between them, exported late, split it in two, and night
+    two saw each visit's conversion without the other. A backfill of an interval ending between
+    the visits, planned later still, cannot see the second visit and cancels nothing. Pairs are
+    not chained across plans (one view lists all of a journey's other visits).
     """
     c, v = journey_siblings.c, journey_views.c
     wanted = sorted(set(opaque_ids))
-    pairs: list[tuple[str, str, Any]] = []
+    pairs: list[tuple[str, str, Any, Any]] = []
     with engine.connect() as conn:
         for lo in range(0, len(wanted), 500):
             chunk = wanted[lo : lo + 500]
             for column in (c.opaque_id, c.sibling_id):  # two index searches, not one OR
                 rows = conn.execute(
-                    sa.select(c.opaque_id, c.sibling_id, c.recorded_at).where(
+                    sa.select(c.opaque_id, c.sibling_id, c.recorded_at, c.horizon).where(
                         c.clinic_id == clinic_id, column.in_(chunk)
                     )
                 )
-                pairs += [(a, b, at) for a, b, at in rows]
-        involved = sorted({oid for a, b, _ in pairs for oid in (a, b)})
-        viewed: dict[str, Any] = {}
+                pairs += [(a, b, at, until) for a, b, at, until in rows]
+        involved = sorted({oid for a, b, _, _ in pairs for oid in (a, b)})
+        viewed: dict[str, list[tuple[Any, Any]]] = {}
         for lo in range(0, len(involved), 500):
             rows = conn.execute(
-                sa.select(v.opaque_id, v.viewed_at).where(
+                sa.select(v.opaque_id, v.viewed_at, v.horizon).where(
                     v.clinic_id == clinic_id, v.opaque_id.in_(involved[lo : lo + 500])
                 )
             )
-            viewed.update((oid, at) for oid, at in rows)
+            for oid, at, until in rows:
+                viewed.setdefault(oid, []).append((at, until))
     wanted_set = set(wanted)
     out: dict[str, set[str]] = {}
-    for a, b, at in pairs:
-        if any(oid in viewed and viewed[oid] > at for oid in (a, b)):
-            continue  # a later look at one of them left the other out
+    for a, b, at, until in pairs:
+        if any(seen > at and reach >= until for oid in (a, b) for seen, reach in viewed.get(oid, ())):
+            continue  # a plan that saw at least as much looked at one of them without the other
         for mine, other in ((a, b), (b, a)):
             if mine in wanted_set:
                 out.setdefault(mine, set()).add(other)

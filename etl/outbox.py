@@ -33,7 +33,9 @@ OUTBOX_FILES = {
     "meta_audience": "meta_audience.jsonl",
 }
 SUMMARY_FILE = "summary.json"
-_OUTBOX_ENTRIES = frozenset({*OUTBOX_FILES.values(), SUMMARY_FILE, SUMMARY_FILE + ".tmp"})
+# not sent: the plan's view of its conversions' journeys (opaque IDs), read by its uploads
+SIBLINGS_FILE = "siblings.json"
+_OUTBOX_ENTRIES = frozenset({*OUTBOX_FILES.values(), SUMMARY_FILE, SUMMARY_FILE + ".tmp", SIBLINGS_FILE})
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
 _DECODER = msgspec.json.Decoder()
@@ -144,9 +146,13 @@ def check_outbox_folder(directory: Path) -> None:
 
 
 def write_outbox(
-    directory: Path, outbound: Mapping[str, Sequence[Mapping[str, Any]]], summary: Mapping[str, Any]
+    directory: Path,
+    outbound: Mapping[str, Sequence[Mapping[str, Any]]],
+    summary: Mapping[str, Any],
+    siblings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically (re)place ``directory`` with the four JSONL files and ``summary.json``."""
+    """Atomically (re)place ``directory`` with the four JSONL files and ``summary.json`` (and
+    ``siblings.json``, the plan's view of its journeys, which moves with the plan it belongs to)."""
     directory = Path(directory)
     check_outbox_folder(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +171,8 @@ def write_outbox(
         digests[name] = digest.hexdigest()
     # the files' digests in their summary: what the run planned to send, provably unchanged since
     write_summary(staging, {**summary, "outbox_sha256": digests})
+    if siblings is not None:
+        (staging / SIBLINGS_FILE).write_text(json.dumps(siblings, sort_keys=True) + "\n", encoding="utf-8")
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

@@ -123,8 +123,8 @@ class Plan:
     audiences: dict[str, AudienceDelta]
     summary: dict[str, Any]
     stages: dict[str, dict[str, str]]  # destination -> opaque id -> stage, for the ledger
-    # planned opaque id -> the IDs its journey's stage would carry at its other visits: a real
-    # run's upload skips a row whose journey another run has sent under one of them since
+    # the plan's view of each conversion it looked at (not final): opaque id -> the IDs its
+    # journey's stage would carry at its other visits; a real run's upload records it
     siblings: dict[str, list[str]] = field(default_factory=dict)
     planned_at: datetime | None = None  # the plan task's clock (``consent_as_of``), if it passed one
     # this run's conversion candidates as the rules made them (opaque keys, times, values,
@@ -169,11 +169,6 @@ class RunPaths:
         return self.run_dir / "conversions.parquet"
 
     @property
-    def siblings(self) -> Path:
-        """The plan's journey siblings (``Plan.siblings``; opaque IDs only), read by its uploads."""
-        return self.run_dir / "siblings.json"
-
-    @property
     def stopped(self) -> Path:
         """Names the step a gate stopped this run's latest attempt at; gone once it published."""
         return self.run_dir / "stopped.txt"
@@ -203,7 +198,6 @@ def start_attempt(paths: RunPaths) -> None:
         clear_folder(folder)
     paths.stopped.unlink(missing_ok=True)
     paths.conversions.unlink(missing_ok=True)
-    paths.siblings.unlink(missing_ok=True)
     (paths.run_dir / PRUNED_FILE).unlink(missing_ok=True)  # this attempt's files are new
 
 
@@ -527,8 +521,9 @@ def plan_run(
                 "deferred": 0,
             }
             stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
-        planned_ids = {oid for dest in CONVERSION_DESTINATIONS for oid in stages[dest]}
-        siblings = {oid: siblings.get(oid, []) for oid in sorted(planned_ids)}  # no sibling is a view too
+        # this plan's view of every conversion it looked at (no sibling is a view too), kept with
+        # the outbox for its uploads to record (``deliver.read_siblings``)
+        siblings = {oid: siblings.get(oid, []) for oid in sorted(open_ids)}
     with timings.step("suppression"):
         members = suppression_members(
             appts=appts,
@@ -733,20 +728,15 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     if plan.conversions is not None:
         plan.conversions.to_parquet(paths.conversions, index=False)
-    pending = write_outbox(paths.pending, plan.outbound, plan.summary)
-    # beside the outbox, bound to it by its digests: the uploads of this plan, and only of this
-    # plan, record its view of each conversion's journey (``deliver.read_siblings``)
-    from etl.outbox import read_summary
-
-    record = {
+    views = {
         "planned_at": plan.planned_at.isoformat() if plan.planned_at else None,
-        "outbox_sha256": read_summary(pending).get("outbox_sha256"),
+        "horizon": plan.summary["end"],
         "siblings": plan.siblings,
     }
-    tmp = paths.siblings.with_name(paths.siblings.name + ".tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(paths.siblings)
-    return pending
+    # a dry run's outbox is never sent, and stays the same bytes run after run (SPEC 5)
+    return write_outbox(
+        paths.pending, plan.outbound, plan.summary, siblings=None if plan.summary["dry_run"] else views
+    )
 
 
 def publish_outbox(

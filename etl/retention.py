@@ -56,8 +56,7 @@ def _working_files(run_dir: Path) -> list[Path]:
     """The files in ``run_dir`` that hold rows (hashes, click IDs, opaque IDs), not counts."""
     outbox = run_dir / "outbox"
     found = [outbox / name for name in OUTBOX_FILES.values()]
-    # not siblings.json: opaque IDs only, and an outbox kept elsewhere (--outbox) stays sendable
-    found.append(run_dir / "conversions.parquet")
+    found.append(run_dir / "conversions.parquet")  # not outbox/siblings.json: opaque IDs only
     for folder in _scratch_folders(run_dir):
         found.extend(p for p in folder.rglob("*") if p.is_file())
     return [p for p in found if p.is_file()]

@@ -149,9 +149,10 @@ send_ledger = sa.Table(
 # Which opaque IDs name the same journey and stage (SPEC rules 4 and 11): before it sends, each
 # real run's upload records, for every conversion its plan planned, the IDs the journey would
 # carry at its other visits as the plan saw them (``recorded_at``: the latest plan time that
-# saw the pair), and when a plan last looked at that conversion (``journey_views``, even when
-# it saw no sibling). A pair holds while no later look at either ID left it out: the newest
-# view of a journey wins. Uploads skip a row whose journey the platform holds under a related
+# saw the pair; ``horizon``: the furthest run end), and when plans looked at that conversion
+# (``journey_views``, per run end, even when they saw no sibling). A pair holds until a look
+# at either ID that saw at least as much left it out: planned later, over an interval reaching
+# at least as far (a backfill of an earlier interval cannot see the later visit). Uploads skip a row whose journey the platform holds under a related
 # ID (a late export moved the conversion to another visit, and an older run's upload is rerun
 # after a newer run sent the journey). Opaque IDs only.
 journey_siblings = sa.Table(
@@ -162,6 +163,7 @@ journey_siblings = sa.Table(
     sa.Column("sibling_id", sa.String(64), primary_key=True),
     sa.Column("run_id", sa.String(200), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("horizon", sa.DateTime(timezone=True), nullable=False),
     # the reverse lookup: with the primary key, each direction is one index search per ID
     # (SQLite reads every row of the clinic for an OR over the two columns)
     sa.Index("ix_journey_siblings_reverse", "clinic_id", "sibling_id", "opaque_id"),
@@ -172,6 +174,7 @@ journey_views = sa.Table(
     metadata,
     sa.Column("clinic_id", sa.String(64), primary_key=True),
     sa.Column("opaque_id", sa.String(64), primary_key=True),
+    sa.Column("horizon", sa.DateTime(timezone=True), primary_key=True),
     sa.Column("viewed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("run_id", sa.String(200), nullable=False),
 )

@@ -315,7 +315,7 @@ def upload(
                 run_id=spec.run_id,
                 clock=_clock,
                 validate_only=validate_only,
-                siblings=deliver.read_siblings(spec.paths.siblings, spec.paths.outbox),
+                siblings=deliver.read_siblings(spec.paths.outbox),
             )
         except DestinationConfigError as stop:
             if stop.counts is not None:  # what was decided before the stop reaches summary.json

@@ -88,14 +88,16 @@ CREATE TABLE journey_siblings (
 	sibling_id VARCHAR(64) NOT NULL,
 	run_id VARCHAR(200) NOT NULL,
 	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	horizon TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (clinic_id, opaque_id, sibling_id)
 );
 CREATE TABLE journey_views (
 	clinic_id VARCHAR(64) NOT NULL,
 	opaque_id VARCHAR(64) NOT NULL,
+	horizon TIMESTAMP WITH TIME ZONE NOT NULL,
 	viewed_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	run_id VARCHAR(200) NOT NULL,
-	PRIMARY KEY (clinic_id, opaque_id)
+	PRIMARY KEY (clinic_id, opaque_id, horizon)
 );
 CREATE TABLE leads (
 	clinic_id VARCHAR(64) NOT NULL,

@@ -116,7 +116,7 @@ def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch
         return deliver.upload_conversions(
             spec.config, engine, spec.paths.outbox, destination, run_id=spec.run_id,
             clock=lambda: spec.window.end, on_batch=on_batch,
-            siblings=deliver.read_siblings(spec.paths.siblings, spec.paths.outbox),  # as tasks.upload
+            siblings=deliver.read_siblings(spec.paths.outbox),  # as tasks.upload
         )  # fmt: skip
 
 
@@ -551,7 +551,7 @@ def test_a_journey_a_late_lead_split_in_two_sends_its_new_conversion(
     one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
     upload(one, family, sandboxes, batch=100)
     (sent,) = [r[field] for r in _rows(one, name)]
-    seen = deliver.read_siblings(one.paths.siblings, one.paths.outbox).siblings
+    seen = deliver.read_siblings(one.paths.outbox).siblings
     assert seen[sent]  # A1's ID, as night one saw it
     _split_by_a_late_lead(tmp_path)
     two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
@@ -612,23 +612,26 @@ def test_a_run_ending_after_today_ranks_its_view_by_when_it_was_planned(
     assert len(consultations & set(sent_once(sandboxes, "meta"))) == 1
 
 
-def test_a_siblings_file_of_another_plan_is_not_recorded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_backfill_of_an_earlier_interval_planned_later_does_not_send_the_journey_again(
+    sandboxes: dict[str, Any], tmp_path: Path
 ) -> None:
-    # the interval planned again and the new plan refused by a gate: the published outbox is the
-    # older plan's, and the newer plan's view must not be recorded as the older plan's
-    import json
-
+    # the night sends the journey under A2 (A1 booked); A1's "attended" arrives late and an
+    # analyst backfills the interval holding A1, which ends before A2: that plan, newer but
+    # blind to A2, must not cancel the night's view of the journey
     cfg = make_config(tmp_path)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
     (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
     (tmp_path / "appointments.csv").write_text(
-        APPT_HEADER + visit("A2", "completed", "07", "200"), encoding="utf-8"
+        APPT_HEADER + visit("A1", "booked", "05") + visit("A2", "completed", "07", "200"), encoding="utf-8"
     )
-    spec = build(cfg, "2026-11-07", "2026-11-08", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "run")
-    mine = deliver.read_siblings(spec.paths.siblings, spec.paths.outbox)
-    assert mine.planned_at is not None and list(mine.siblings.values()) == [[]]  # a view with no sibling
-    record = json.loads(spec.paths.siblings.read_text(encoding="utf-8"))
-    record["outbox_sha256"]["meta_events.jsonl"] = "0" * 64
-    spec.paths.siblings.write_text(json.dumps(record), encoding="utf-8")
-    assert deliver.read_siblings(spec.paths.siblings, spec.paths.outbox) == deliver.PlanSiblings()
-    assert "belongs to another plan" in caplog.text
+    night = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "night")
+    upload(night, "meta", sandboxes, batch=100)
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
+        encoding="utf-8",
+    )
+    back = build(cfg, "2026-11-05", "2026-11-06", db, tmp_path / "back")
+    assert (back.paths.outbox / "siblings.json").exists()  # the view travels with its outbox
+    counts = upload(back, "meta", sandboxes, batch=100)
+    assert counts["sent"] == 0 and counts["held_under_another_id"] == 1, counts
+    assert len(sent_once(sandboxes, "meta")) == 1

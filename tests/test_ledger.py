@@ -105,7 +105,12 @@ class _OtherRunSendsTheJourneyOfTheNextBatch(_OtherRunFinishesTheNextBatch):
         if not self.received:
             other = "f" * 64
             ledger.record_siblings(
-                self.engine, CLINIC, {other: self.second_batch}, run_id="the-other-run", planned_at=AT
+                self.engine,
+                CLINIC,
+                {other: self.second_batch},
+                run_id="the-other-run",
+                planned_at=AT,
+                horizon=AT,
             )
             ledger.write_ledger(self.engine, CLINIC, DEST, [{"opaque_id": other, "status": "accepted"}],
                                 run_id="the-other-run", at=AT)  # fmt: skip
@@ -133,25 +138,35 @@ def test_a_row_whose_journey_another_run_sent_meanwhile_under_another_id_is_not_
     assert sent_at is None  # it never left: disclosures do not count it
 
 
-def test_the_newest_view_of_a_journey_decides_which_ids_name_it(tmp_path: Path) -> None:
+def test_a_view_that_saw_at_least_as_much_decides_which_ids_name_a_journey(tmp_path: Path) -> None:
     a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
-    day = [AT + timedelta(days=n) for n in range(4)]
+    day = [AT + timedelta(days=n) for n in range(5)]
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+
+        def view(
+            ids: dict[str, list[str]], run: str, planned: datetime, horizon: datetime, clinic: str = CLINIC
+        ) -> None:
+            ledger.record_siblings(engine, clinic, ids, run_id=run, planned_at=planned, horizon=horizon)
+
         # night one saw a's journey also at b's visit; night two saw c's at b's (c itself: ignored)
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=day[0])
-        ledger.record_siblings(engine, CLINIC, {c: [b, c]}, run_id="night-two", planned_at=day[1])
-        ledger.record_siblings(engine, "another-clinic", {d: [a]}, run_id="elsewhere", planned_at=day[1])
+        view({a: [b]}, "night-one", day[0], day[0])
+        view({c: [b, c]}, "night-two", day[1], day[1])
+        view({d: [a]}, "elsewhere", day[1], day[1], clinic="another-clinic")
         # one plan's view, not chained through b across two plans: a and c are not related
         assert ledger.journey_relatives(engine, CLINIC, [a, b, c, d]) == {a: {b}, b: {a, c}, c: {b}}
         assert ledger.journey_relatives(engine, "another-clinic", [a]) == {a: {d}}
-        # night three looked at b and saw no sibling (a late lead split the journey): its view wins
-        ledger.record_siblings(engine, CLINIC, {b: []}, run_id="night-three", planned_at=day[2])
+        # a backfill planned later over an interval ending before night one's sees b alone: it
+        # saw less than night one, and cancels nothing
+        view({b: []}, "backfill", day[2], day[0] - timedelta(days=3))
+        assert ledger.journey_relatives(engine, CLINIC, [a]) == {a: {b}}
+        # night three saw b with no sibling (a late lead split the journey) and as far: it wins
+        view({b: []}, "night-three", day[2], day[2])
         assert ledger.journey_relatives(engine, CLINIC, [a, b, c]) == {}
         # night one's upload rerun today records night one's time: still older
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-one", planned_at=day[0])
+        view({a: [b]}, "night-one", day[0], day[0])
         assert ledger.journey_relatives(engine, CLINIC, [a]) == {}
         # a newer plan that sees the pair again makes it hold again (one row, the newer time)
-        ledger.record_siblings(engine, CLINIC, {a: [b]}, run_id="night-four", planned_at=day[3])
+        view({a: [b]}, "night-four", day[3], day[3])
         assert ledger.journey_relatives(engine, CLINIC, [a, b]) == {a: {b}, b: {a}}
         with engine.connect() as conn:
             rows = conn.execute(sa.select(store.journey_siblings.c.run_id).where(

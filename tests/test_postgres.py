@@ -128,11 +128,12 @@ def test_postgres_journey_relations_are_recorded_once_and_the_newest_view_wins(p
     a, b, c = ("a" * 64, "b" * 64, "c" * 64)
     with store.engine_for(postgres_url) as engine:
         for _ in range(2):  # an upload retried records the same view again
-            ledger.record_siblings(engine, "pg-clinic", {a: [b, b], c: [b]}, run_id="r", planned_at=at)
+            ledger.record_siblings(
+                engine, "pg-clinic", {a: [b, b], c: [b]}, run_id="r", planned_at=at, horizon=at
+            )
         assert ledger.journey_relatives(engine, "pg-clinic", [a, b]) == {a: {b}, b: {a, c}}
-        ledger.record_siblings(
-            engine, "pg-clinic", {c: []}, run_id="later", planned_at=at + timedelta(microseconds=1)
-        )
+        later = at + timedelta(microseconds=1)
+        ledger.record_siblings(engine, "pg-clinic", {c: []}, run_id="later", planned_at=later, horizon=at)
         assert ledger.journey_relatives(engine, "pg-clinic", [b]) == {b: {a}}
         ledger.write_ledger(engine, "pg-clinic", "meta_events", [{"opaque_id": c, "status": "accepted"}],
                             run_id="r", at=at)  # fmt: skip
