@@ -135,7 +135,8 @@ def run(
     end: Annotated[
         str | None,
         typer.Option(
-            help="Interval end (exclusive), the run's 'now'. Default: today's clinic-local midnight."
+            help="Interval end (exclusive), the run's 'now'; only a --dry-run may end after now. "
+            "Default: today's clinic-local midnight."
         ),
     ] = None,
     dry_run: Annotated[
@@ -213,6 +214,7 @@ def run(
     from etl import store
     from etl.report import report_path
     from etl.rules.stages import RunWindow
+    from etl.tasks import refuse_future_end
 
     _setup_logging(verbose)
     step = {"name": "start"}  # the step running, for an error the machine raises in it
@@ -227,6 +229,7 @@ def run(
         start_at = parse_boundary(start, cfg) if start else end_at - timedelta(days=1)
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
+        refuse_future_end(RunWindow(start=start_at, end=end_at), dry_run=dry_run)
         if target is Target.live and not dry_run and not validate_only:
             _ready_for_live(cfg, database)
         secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from etl import deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
 from etl.errors import (
+    ConfigError,
     DestinationConfigError,
     MedspaError,
     NotPlanned,
@@ -155,6 +156,21 @@ def _need_extracts(spec: RunSpec, step: str) -> None:
         )
 
 
+def refuse_future_end(window: RunWindow, *, dry_run: bool) -> None:
+    """A run that records or sends ends at most now: its end is when ready times, purchase value
+    windows and the platforms' age limits are judged, and a view of a journey that claims to have
+    seen visits after now would outrank tomorrow's (``ledger.journey_relatives``).
+
+    Raises:
+        ConfigError: ``window.end`` is after the clock and this is not a dry run.
+    """
+    if not dry_run and window.end > _clock():
+        raise ConfigError(
+            f"the run's end {window.end.isoformat()} is after now: a run that sends ends at most now "
+            "(ready times and purchase values are judged at its end); preview it with --dry-run"
+        )
+
+
 @_in_run_folder()
 def build_conversions(
     spec: RunSpec,
@@ -167,6 +183,7 @@ def build_conversions(
     timings: pipeline.Timings | None = None,
 ) -> dict[str, Any]:
     """Apply the rules and write the gated plan as ``pending`` (not yet an outbox)."""
+    refuse_future_end(spec.window, dry_run=dry_run)
     with spec.engine() as engine:
         plan = pipeline.plan_run(
             spec.config,

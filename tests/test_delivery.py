@@ -6,6 +6,7 @@ accepted, not on our ledger alone.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,9 +18,9 @@ import sqlalchemy as sa
 
 from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
-from etl.errors import QuotaExhausted
+from etl.errors import ConfigError, QuotaExhausted
 from etl.targets import open_destinations, started_sandboxes
-from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, make_config, visit
+from tests.conftest import APPT_HEADER, BASE_CONFIG, DATA, ONE_LEAD, SECRET, make_config, visit
 
 
 class Killed(BaseException):
@@ -586,30 +587,26 @@ def test_an_older_runs_view_of_a_journey_since_split_in_two_holds_nothing_back(
     assert dict(sent_once(sandboxes, "meta")) == {a1: 1, a2: 1}
 
 
-def test_a_run_ending_after_today_ranks_its_view_by_when_it_was_planned(
-    sandboxes: dict[str, Any], tmp_path: Path
-) -> None:
-    # night one's interval ends next month (an analyst's range); its plan is still older than
-    # night two's, which saw A1's late entry: night one's upload, run last, does not send A2 too
+def test_a_run_that_sends_cannot_end_after_now(tmp_path: Path) -> None:
+    # its end is when ready times and purchase values are judged, and its view of a journey
+    # would claim visits after now: refused before anything is extracted; a dry run previews it
+    from typer.testing import CliRunner
+
+    from etl.cli import app
+
     cfg = make_config(tmp_path)
-    db = f"sqlite:///{tmp_path / 's.sqlite'}"
     (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
     (tmp_path / "appointments.csv").write_text(
         APPT_HEADER + visit("A2", "completed", "07", "200"), encoding="utf-8"
     )
-    one = build(cfg, "2026-11-07", "2026-12-31", db, tmp_path / "one")
-    (tmp_path / "appointments.csv").write_text(
-        APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),
-        encoding="utf-8",
-    )
-    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
-    consultations = {r["event_id"] for spec in (one, two) for r in _rows(spec, "meta_events")
-                     if r["event_name"] == "ConsultationAttended"}  # fmt: skip
-    assert len(consultations) == 2  # under A2 (night one) and under A1 (night two)
-    upload(two, "meta", sandboxes, batch=100)
-    counts = upload(one, "meta", sandboxes, batch=100)
-    assert counts["held_under_another_id"] == 1  # night one's range also holds A2's purchase: it goes
-    assert len(consultations & set(sent_once(sandboxes, "meta"))) == 1
+    with pytest.raises(ConfigError, match="after now"):
+        build(cfg, "2026-11-07", "2099-12-31", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "task")
+    (tmp_path / "clinic.yaml").write_text(json.dumps(BASE_CONFIG), encoding="utf-8")
+    args = ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-11-07", "--end", "2099-12-31"]
+    refused = CliRunner().invoke(app, [*args, "--target", "sandbox"])
+    assert refused.exit_code == 2 and "after now" in refused.stderr
+    assert not (tmp_path / "var" / "runs").exists() or not any((tmp_path / "var" / "runs").rglob("*.parquet"))
+    assert CliRunner().invoke(app, [*args, "--dry-run"]).exit_code == 0
 
 
 def test_a_backfill_of_an_earlier_interval_planned_later_does_not_send_the_journey_again(
