@@ -315,8 +315,6 @@ def test_a_full_resync_killed_after_the_list_was_emptied_is_refilled_by_the_next
 ) -> None:
     # Data Manager empties the list in its own call (RemoveAllAudienceMembers) before the adds;
     # a process killed in between left the list empty and a state saying everyone was on it
-    import json
-
     from google.ads import datamanager_v1
 
     cfg = config_for(clinic_dir, "data_manager")
@@ -355,9 +353,6 @@ def test_a_full_resync_killed_after_the_list_was_emptied_is_refilled_by_the_next
 def test_one_list_refused_does_not_hold_back_the_other(
     clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
 ) -> None:
-    import json
-
-    from etl.errors import QuotaExhausted
 
     cfg = config_for(clinic_dir, "data_manager")
     assert cfg.meta is not None and cfg.meta.suppression_audience_id
