@@ -400,7 +400,7 @@ def doctor(
         str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
     ] = None,
 ) -> None:
-    """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials.
+    """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials, legal basis.
 
     CSV exports are opened as a run opens them (encoding, header, the profile's required
     columns); SQL sources are checked for their query file. Prints one line per check and

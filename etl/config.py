@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import zoneinfo
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -259,6 +260,65 @@ class Meta(_Model):
         return 62 if self.action_source == "physical_store" else 7
 
 
+class LegalBasis(_Model):
+    """One platform's entry in the clinic's legal-basis registry: what a live send to it rests on,
+    and until when that was reviewed. Google and Meta sign no business associate agreement for
+    advertising, so the one basis this tool sends under is each patient's marketing authorization
+    (SPEC rule 6); the entry records that someone at the clinic confirmed it, and expires."""
+
+    basis: str = Field(description="marketing_authorization: each patient's HIPAA marketing authorization.")
+    baa: bool = Field(description="false: the platform signed no business associate agreement.")
+    valid_until: date = Field(
+        description="Last clinic-local day this review covers; from the day after, live sends are refused."
+    )
+
+    @field_validator("basis")
+    @classmethod
+    def _authorization(cls, value: str) -> str:
+        if value != "marketing_authorization":
+            raise ValueError(
+                "must be marketing_authorization: an ad platform receives hashed identifiers under "
+                "each patient's marketing authorization (SPEC rule 6), the only basis this tool "
+                "sends under"
+            )
+        return value
+
+    @field_validator("baa")
+    @classmethod
+    def _no_baa(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "must be false: Google and Meta sign no business associate agreement for "
+                "advertising, so nothing may rest on one"
+            )
+        return value
+
+
+class LegalBases(_Model):
+    google_ads: LegalBasis | None = None
+    meta: LegalBasis | None = None
+
+
+class Compliance(_Model):
+    """The regime the clinic declares, so an auditor sees which one each run assumed, and the
+    registry a live send checks first: a platform without an entry, or whose entry expired, is
+    not sent to (dry and sandbox runs only record the registry in their summary)."""
+
+    hipaa_status: Literal["covered_entity", "not_covered_entity", "undetermined"] = Field(
+        "undetermined",
+        description="Whether the clinic is a HIPAA covered entity, as its counsel decided; "
+        "the pipeline treats all clinic data as PHI either way.",
+    )
+    legal_basis: LegalBases = Field(default_factory=LegalBases)
+
+
+# the config sections of the platforms, and the destinations each one sends to
+PLATFORM_DESTINATIONS = {
+    "google_ads": ("google_conversions", "google_customer_match"),
+    "meta": ("meta_events", "meta_audience"),
+}
+
+
 class ClinicConfig(_Model):
     clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     timezone: str
@@ -277,6 +337,7 @@ class ClinicConfig(_Model):
     exclude: Exclude = Field(default_factory=Exclude)
     quality: Quality = Field(default_factory=Quality)
     retention: Retention = Field(default_factory=Retention)
+    compliance: Compliance = Field(default_factory=Compliance)
     google_ads: GoogleAds | None = None
     meta: Meta | None = None
     # Folder of the YAML file; relative paths in the file resolve against it.
@@ -297,6 +358,32 @@ class ClinicConfig(_Model):
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
+
+    def legal_basis_problem(self, platform: str, today: date) -> str | None:
+        """Why a live send to ``platform`` (``google_ads`` or ``meta``) is refused on the
+        clinic-local day ``today``, or None when its registry entry covers that day."""
+        entry: LegalBasis | None = getattr(self.compliance.legal_basis, platform)
+        key = f"compliance.legal_basis.{platform}"
+        if entry is None:
+            return f"missing {key} (a live send needs the clinic's legal basis on record)"
+        if today > entry.valid_until:
+            return f"{key} expired after {entry.valid_until.isoformat()} (review it, then move valid_until)"
+        return None
+
+    def legal_basis_record(self) -> dict[str, Any]:
+        """The registry as a run's summary keeps it: the declared regime, and per configured
+        platform its basis and review date (None: no entry). Config facts, never data."""
+        record: dict[str, Any] = {"hipaa_status": self.compliance.hipaa_status}
+        for platform in PLATFORM_DESTINATIONS:
+            if getattr(self, platform) is None:
+                continue
+            entry: LegalBasis | None = getattr(self.compliance.legal_basis, platform)
+            record[platform] = (
+                None
+                if entry is None
+                else {"basis": entry.basis, "baa": entry.baa, "valid_until": entry.valid_until.isoformat()}
+            )
+        return record
 
     @field_validator("database_url")
     @classmethod

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from etl.config import ID_SECRET_ENV, ClinicConfig
+from etl.config import ID_SECRET_ENV, PLATFORM_DESTINATIONS, ClinicConfig
 
 
 def _source_checks(config: ClinicConfig) -> list[tuple[str, str]]:
@@ -67,15 +68,42 @@ def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, st
     return ("staging database", f"ok ({sa.engine.make_url(url).get_backend_name()})")
 
 
+def _legal_basis_checks(config: ClinicConfig, now: datetime) -> list[tuple[str, str]]:
+    """The legal-basis registry entry of every configured platform, judged on the clinic's
+    today: a live send to a platform without a current entry is refused."""
+    today = now.astimezone(config.tz).date()
+    checks = []
+    for platform in PLATFORM_DESTINATIONS:
+        if getattr(config, platform) is None:
+            continue
+        entry = getattr(config.compliance.legal_basis, platform)
+        problem = config.legal_basis_problem(platform, today)
+        if entry is None:
+            status = "missing (a live send needs the clinic's legal basis on record)"
+        elif problem is not None:
+            status = (
+                f"invalid: expired after {entry.valid_until.isoformat()} (review it, then move valid_until)"
+            )
+        else:
+            status = f"ok ({entry.basis} until {entry.valid_until.isoformat()})"
+        checks.append((f"compliance.legal_basis.{platform}", status))
+    return checks
+
+
 def needs_attention(status: str) -> bool:
     """Missing or invalid, unless the check itself says the item is optional."""
     return not status.startswith("ok") and "optional" not in status
 
 
 def run_checks(
-    config: ClinicConfig, environ: Mapping[str, str], *, database: str | None = None
+    config: ClinicConfig,
+    environ: Mapping[str, str],
+    *,
+    database: str | None = None,
+    now: datetime | None = None,
 ) -> list[tuple[str, str]]:
-    """All readiness checks for a live run of one clinic."""
+    """All readiness checks for a live run of one clinic (``now`` judges the legal-basis
+    registry; default the clock)."""
     from etl.destinations.google_setup import doctor_google
     from etl.destinations.meta import doctor_meta
 
@@ -91,4 +119,5 @@ def run_checks(
         checks.extend(doctor_google(config, environ))
     if config.meta is not None:
         checks.extend(doctor_meta(config, environ))
+    checks.extend(_legal_basis_checks(config, now or datetime.now(UTC)))
     return checks

@@ -583,6 +583,7 @@ def plan_run(
         "inputs": inputs or {},
         "sources_sha256": read_fingerprints(extracts),
         "config_sha256": config_fingerprint(config),
+        "legal_basis": config.legal_basis_record(),
         "version": _version(),
         "stages": {stage: int((kept["stage"] == stage).sum()) for stage in ("consultation", "purchase")},
         "carried_over": len(carried_ids),

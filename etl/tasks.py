@@ -41,10 +41,11 @@ from etl.rules.stages import RunWindow
 log = logging.getLogger(__name__)
 
 Family = Literal["google", "meta"]
-_FAMILY = {
+_FAMILY: dict[Family, tuple[str, str]] = {
     "google": ("google_conversions", "google_customer_match"),
     "meta": ("meta_events", "meta_audience"),
 }
+_PLATFORM = {"google": "google_ads", "meta": "meta"}  # the family's config section
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,18 @@ def _published_summary(spec: RunSpec) -> dict[str, Any]:
     return read_summary(spec.paths.outbox)
 
 
+def legal_basis_refusal(config: ClinicConfig, family: Family) -> ConfigError | None:
+    """Why a live send to the family's platform is refused today (compliance.legal_basis in the
+    clinic YAML: no entry, or one whose review expired), None when it may go."""
+    platform = _PLATFORM[family]
+    if getattr(config, platform) is None:
+        return None  # nothing to send there
+    problem = config.legal_basis_problem(platform, _clock().astimezone(config.tz).date())
+    if problem is None:
+        return None
+    return ConfigError(f"{platform}: nothing sent: {problem}")
+
+
 def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
     """The time the platforms judge event age by: Meta measures it when it receives the event.
 
@@ -304,6 +317,9 @@ def upload(
     summary = _published_summary(spec)
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
+    refusal = legal_basis_refusal(spec.config, family) if target == "live" else None
+    if refusal is not None:  # before the ledger or the platform is touched
+        raise refusal
     name = _FAMILY[family][0]
     with (
         spec.engine() as engine,
@@ -359,6 +375,18 @@ def sync_suppression(
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
     out: dict[str, Any] = {"run_id": spec.run_id}
+    # a platform without a current legal basis is not opened at all; the other one's list still
+    # syncs (its removals of people who revoked must not wait on this one's paperwork)
+    refusals = (
+        {f: r for f in _FAMILY if (r := legal_basis_refusal(spec.config, f))} if target == "live" else {}
+    )
+    stops: list[MedspaError] = []
+    for family, refusal in refusals.items():
+        log.error("%s: %s", _FAMILY[family][1], refusal)
+        stops.append(refusal)
+    allowed = [f for f in _FAMILY if f not in refusals]
+    if not allowed:
+        raise stops[0]
     with (
         spec.engine() as engine,
         open_destinations(
@@ -367,12 +395,12 @@ def sync_suppression(
             now=spec.window.end,
             retry_wait=retry_wait,
             sandboxes=sandboxes,
+            only=allowed[0] if len(allowed) == 1 else None,
             environ=environ,
         ) as dests,
     ):
         if dests.audiences and not validate_only:
             ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
-        stops: list[MedspaError] = []
         for name, audience in dests.audiences.items():
             try:
                 counts = deliver.sync_audience(

@@ -501,3 +501,80 @@ def test_the_summary_names_the_exports_config_and_files_of_the_run(tmp_path: Pat
     config.write_text(yaml.safe_dump(raw))
     assert run(config).exit_code == 0  # type: ignore[attr-defined]
     assert json.loads(summary_file.read_text(encoding="utf-8"))["config_sha256"] != first
+
+
+REGISTRY = {
+    "google_ads": {"basis": "marketing_authorization", "baa": False, "valid_until": "2026-11-24"},
+    "meta": {"basis": "marketing_authorization", "baa": False, "valid_until": "2026-11-24"},
+}
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "reason"),
+    [
+        ({"baa": True}, "compliance.legal_basis.meta.baa", "sign no business associate agreement"),
+        ({"basis": "legitimate_interest"}, "compliance.legal_basis.meta.basis", "marketing authorization"),
+        ({"valid_until": "next year"}, "compliance.legal_basis.meta.valid_until", "date"),
+    ],
+)
+def test_a_legal_basis_no_send_may_rest_on_is_a_config_error(
+    tmp_path: Path, entry: dict[str, Any], key: str, reason: str
+) -> None:
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["compliance"] = {"legal_basis": {**REGISTRY, "meta": {**REGISTRY["meta"], **entry}}}
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(tmp_path / "clinic.yaml")
+    assert result.exit_code == 2  # type: ignore[attr-defined]
+    text = result.stderr.replace("\n", " ")  # type: ignore[attr-defined]
+    assert key in text and reason in text
+
+
+def test_the_legal_basis_registry_covers_its_last_day_and_not_the_next(tmp_path: Path) -> None:
+    from datetime import date
+
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, compliance={"legal_basis": {"google_ads": REGISTRY["google_ads"]}})
+    assert config.legal_basis_problem("google_ads", date(2026, 11, 24)) is None
+    assert config.legal_basis_problem("google_ads", date(2026, 11, 25)) == (
+        "compliance.legal_basis.google_ads expired after 2026-11-24 (review it, then move valid_until)"
+    )
+    assert "missing compliance.legal_basis.meta" in str(config.legal_basis_problem("meta", date(2026, 1, 1)))
+
+
+def test_doctor_and_a_live_run_check_the_legal_basis_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from etl.config import load_config
+    from etl.doctor import run_checks
+
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    raw = yaml.safe_load(config.read_text())
+    raw["compliance"] = {
+        "hipaa_status": "covered_entity",
+        "legal_basis": {"google_ads": REGISTRY["google_ads"]},
+    }
+    config.write_text(yaml.safe_dump(raw))
+    # 2026-11-25 07:30 UTC is still the 24th in Los Angeles: the entry's last day
+    checks = dict(run_checks(load_config(config), {}, now=datetime(2026, 11, 25, 7, 30, tzinfo=UTC)))
+    assert checks["compliance.legal_basis.google_ads"] == "ok (marketing_authorization until 2026-11-24)"
+    assert checks["compliance.legal_basis.meta"].startswith("missing")
+    later = dict(run_checks(load_config(config), {}, now=datetime(2026, 11, 25, 8, 30, tzinfo=UTC)))
+    assert later["compliance.legal_basis.google_ads"].startswith("invalid: expired after 2026-11-24")
+
+    shown = RUNNER.invoke(app, ["doctor", "--config", str(config)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 1 and "compliance.legal_basis.meta" in shown.stdout
+    # a live run names it among what is not ready, before any work
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "s3cret-value-0123456789")
+    live = RUNNER.invoke(app, ["run", "--config", str(config), "--end", "2026-06-30", "--target", "live"])
+    assert live.exit_code == 2
+    assert "compliance.legal_basis.meta" in live.stderr.replace("\n", " ")
+    assert not (tmp_path / "var" / "runs").exists()
+    # and a dry run's summary records the regime the clinic declared
+    assert run(config).exit_code == 0  # type: ignore[attr-defined]
+    (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    assert json.loads(summary_file.read_text(encoding="utf-8"))["legal_basis"] == {
+        "hipaa_status": "covered_entity", "google_ads": REGISTRY["google_ads"], "meta": None,
+    }  # fmt: skip

@@ -51,6 +51,7 @@ def build(
     *,
     full_resync: bool = False,
     publish: bool = True,
+    target: str = "sandbox",
 ) -> tasks.RunSpec:
     spec = tasks.spec_for(
         cfg,
@@ -75,7 +76,7 @@ def build(
     )
     tasks.extract(spec)
     tasks.stage(spec)
-    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="sandbox", full_resync=full_resync)
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target=target, full_resync=full_resync)
     if publish:
         tasks.validate_outbound(spec)
     return spec
@@ -627,3 +628,62 @@ def test_a_backfill_of_an_earlier_interval_planned_later_does_not_send_the_journ
     counts = upload(back, "meta", sandboxes, batch=100)
     assert counts["sent"] == 0 and counts["held_under_another_id"] == 1, counts
     assert len(sent_once(sandboxes, "meta")) == 1
+
+
+def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compliance.legal_basis: Google's review covers today (its last day), Meta's ended
+    # yesterday. A live send to Meta sends nothing and touches no state; Google's goes, and its
+    # list still syncs. The live adapters are swapped for the sandboxes' (same SDKs, local
+    # servers): what is checked is which platform is opened at all.
+    from etl import targets
+
+    cfg = config_for(clinic_dir, "data_manager")
+    registry = {
+        "google_ads": {"basis": "marketing_authorization", "baa": False, "valid_until": "2026-11-24"},
+        "meta": {"basis": "marketing_authorization", "baa": False, "valid_until": "2026-11-23"},
+    }
+    cfg = ClinicConfig.model_validate(
+        {**cfg.model_dump(), "compliance": {"legal_basis": registry}, "base_dir": cfg.base_dir}
+    )
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path, target="live")
+    monkeypatch.setattr(tasks, "_clock", lambda: datetime.fromisoformat("2026-11-24T23:30:00-08:00"))
+    opened: list[Any] = []
+    real_open = targets.open_destinations
+
+    def sandboxed(config: ClinicConfig, target: str, **kwargs: Any) -> Any:
+        opened.append((target, kwargs.get("only")))
+        return real_open(config, "sandbox", **{**kwargs, "sandboxes": sandboxes, "environ": None})
+
+    monkeypatch.setattr(targets, "open_destinations", sandboxed)
+    with store.engine_for(db) as engine:
+        planned = ledger.read_ledger(engine, cfg.clinic_id, "meta_events")
+        claims = engine.connect().execute(sa.select(store.ledger_targets)).all()
+    assert len(planned) > 20
+
+    with pytest.raises(ConfigError, match=r"compliance\.legal_basis\.meta expired after 2026-11-23"):
+        tasks.upload(spec, "meta", target="live")
+    assert opened == []  # refused before any adapter (or credential) was built
+    assert sum(sandboxes["meta"].event_ids_received().values()) == 0
+    with store.engine_for(db) as engine:
+        assert ledger.read_ledger(engine, cfg.clinic_id, "meta_events") == planned  # untouched
+        assert engine.connect().execute(sa.select(store.ledger_targets)).all() == claims
+
+    sent = tasks.upload(spec, "google", target="live")["google_conversions"]
+    assert sent["sent"] > 20 and len(sandboxes["google"].accepted_order_ids()) == sent["sent"]
+
+    with pytest.raises(ConfigError, match=r"compliance\.legal_basis\.meta"):
+        tasks.sync_suppression(spec, target="live")
+    assert opened[-1] == ("live", "google")  # Meta's adapters never built
+    assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
+    assert cfg.meta is not None and cfg.meta.suppression_audience_id
+    assert len(sandboxes["google"].list_members(cfg.google_ads.suppression_user_list)) > 20
+    assert sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id) == frozenset()
+    with store.engine_for(db) as engine:
+        assert ledger.read_audience_state(engine, cfg.clinic_id, "meta_audience") == {}
+
+    # the run's summary records which regime and bases it ran under
+    summary = json.loads((spec.paths.outbox / "summary.json").read_text(encoding="utf-8"))
+    assert summary["legal_basis"] == {"hipaa_status": "undetermined", **registry}
