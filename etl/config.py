@@ -359,6 +359,20 @@ class ClinicConfig(_Model):
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path)
 
+    def mirrors_a_list(self, platform: str) -> bool:
+        """Whether a sync mirrors a suppression list on ``platform`` (``google_ads``/``meta``)."""
+        if platform == "google_ads":
+            return (
+                self.google_ads is not None
+                and bool(self.google_ads.suppression_user_list)
+                and self.google_ads.suppression_enabled
+            )
+        return (
+            self.meta is not None
+            and bool(self.meta.suppression_audience_id)
+            and self.meta.suppression_enabled
+        )
+
     def legal_basis_problem(self, platform: str, today: date) -> str | None:
         """Why a live send to ``platform`` (``google_ads`` or ``meta``) is refused on the
         clinic-local day ``today``, or None when its registry entry covers that day."""

@@ -68,7 +68,7 @@ def open_destinations(
                 environ=environ,
             )
             out.conversions[conv.name] = conv
-            if config.google_ads.suppression_user_list and config.google_ads.suppression_enabled:
+            if config.mirrors_a_list("google_ads"):
                 out.audiences[aud.name] = aud
         if config.meta is not None and only in (None, "meta"):
             from etl.destinations.meta import make_meta_destinations
@@ -91,7 +91,7 @@ def open_destinations(
                 environ=environ,
             )
             out.conversions[conv.name] = conv
-            if config.meta.suppression_audience_id and config.meta.suppression_enabled:
+            if config.mirrors_a_list("meta"):
                 out.audiences[aud.name] = aud
         yield out
 

@@ -377,9 +377,13 @@ def sync_suppression(
     out: dict[str, Any] = {"run_id": spec.run_id}
     # a platform without a current legal basis is not opened at all; the other one's list still
     # syncs (its removals of people who revoked must not wait on this one's paperwork)
-    refusals = (
-        {f: r for f in _FAMILY if (r := legal_basis_refusal(spec.config, f))} if target == "live" else {}
-    )
+    refusals = {
+        f: r
+        for f in _FAMILY
+        if target == "live"
+        and spec.config.mirrors_a_list(_PLATFORM[f])
+        and (r := legal_basis_refusal(spec.config, f))
+    }
     stops: list[MedspaError] = []
     for family, refusal in refusals.items():
         log.error("%s: %s", _FAMILY[family][1], refusal)

@@ -687,3 +687,29 @@ def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
     # the run's summary records which regime and bases it ran under
     summary = json.loads((spec.paths.outbox / "summary.json").read_text(encoding="utf-8"))
     assert summary["legal_basis"] == {"hipaa_status": "undetermined", **registry}
+
+
+def test_a_platform_sending_conversions_only_needs_no_legal_basis_for_the_other_platforms_list(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Meta has no audience configured and no registry entry: the live list sync mirrors
+    # Google's list and is not failed for a Meta sync it would not make
+    from etl import targets
+
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.meta is not None and cfg.google_ads is not None and cfg.google_ads.suppression_user_list
+    raw = cfg.model_dump()
+    raw["meta"]["suppression_audience_id"] = None
+    google = {"basis": "marketing_authorization", "baa": False, "valid_until": "2026-11-24"}
+    cfg = ClinicConfig.model_validate(
+        {**raw, "compliance": {"legal_basis": {"google_ads": google}}, "base_dir": cfg.base_dir}
+    )
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path, target="live")
+    monkeypatch.setattr(tasks, "_clock", lambda: datetime.fromisoformat("2026-11-24T23:30:00-08:00"))
+    real_open = targets.open_destinations
+    monkeypatch.setattr(targets, "open_destinations", lambda config, target, **kw: real_open(
+        config, "sandbox", **{**kw, "sandboxes": sandboxes, "environ": None}))  # fmt: skip
+    out = tasks.sync_suppression(spec, target="live")
+    assert out["google_customer_match"]["adds"] > 20
+    assert len(sandboxes["google"].list_members(cfg.google_ads.suppression_user_list)) > 20
