@@ -266,6 +266,83 @@ def prune(
     cli.err.print(f"{len(done)} run folder(s), {total:,} bytes {'to delete' if dry_run else 'deleted'}")
 
 
+def verify_audit(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
+    database: Annotated[
+        str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="A chain head (sha256) a report logged, kept apart from the database: the chain "
+            "must still hold it.",
+        ),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check that the record of what was sent has not been changed since it was written.
+
+    Every state a send recorded, every list sync and every run summary is appended to a
+    hash-chained audit record (audit_chain) in the same transaction. This walks the chain link
+    by link, then compares the send ledger, run_summaries and audience_sync_log with it: an
+    edited or deleted row in any of them is named by table and sequence number, destination or
+    opaque ID, never by value. Read-only. Exits 0 when everything agrees, 1 when anything does
+    not. A chain rewritten from some point on, with the tables, is found only against a head
+    logged before (each report logs "audit chain head: seq N sha256 ..."): pass it with --head.
+
+        medspa-conversions verify-audit --config clinic.yaml
+
+        medspa-conversions verify-audit --config clinic.yaml --head 3f9c...e1
+    """
+    import sqlalchemy as sa
+
+    from etl import audit, cli, store
+    from etl.config import load_config
+    from etl.errors import ConfigError, MedspaError
+
+    try:
+        if head is not None and (len(head) != 64 or any(c not in "0123456789abcdef" for c in head)):
+            raise ConfigError("--head must be a sha256: 64 lowercase hex digits")
+        cfg = load_config(config)
+        with (
+            store.existing_for_reading(cfg.resolved_database_url(database)) as (engine, _columns),
+            engine.connect() as conn,
+        ):
+            if not sa.inspect(conn).has_table("audit_chain"):
+                raise ConfigError(
+                    "staging database: it holds no audit chain yet (made by an earlier version; "
+                    "the next run that records anything starts it)"
+                )
+            verdict = audit.verify(conn, cfg.clinic_id, anchor=head)
+    except MedspaError as exc:
+        raise cli._fail(exc) from None
+    result = {
+        "intact": verdict.intact,
+        "records": verdict.records,
+        "head": {"seq": verdict.head_seq, "sha256": verdict.head_sha256},
+        "states_checked": verdict.states_checked,
+        "states_before_the_chain": verdict.predating,
+        "problems": verdict.problems,
+        "more_problems": verdict.more_problems,
+    }
+    if json_out:
+        cli.out.print_json(json.dumps(result))
+    else:
+        verdict_line = "intact" if verdict.intact else "[bold red]NOT intact[/]"
+        cli.out.print(f"audit chain of {cfg.clinic_id}: {verdict_line}; {verdict.records} records, "
+                      f"head seq {verdict.head_seq} sha256 {verdict.head_sha256}")  # fmt: skip
+        cli.out.print(f"ledger states checked against it: {verdict.states_checked}"
+                      + (f" ({verdict.predating} written before the chain began)" if verdict.predating else ""))  # fmt: skip
+        for problem in verdict.problems:
+            cli.out.print(f"  {problem}", markup=False, highlight=False)
+        if verdict.more_problems:
+            cli.out.print(f"  ... and {verdict.more_problems} more")
+    if not verdict.intact:
+        raise typer.Exit(code=1)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(disclosures)
     app.command()(prune)
+    app.command("verify-audit")(verify_audit)

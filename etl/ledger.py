@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from etl import audit
 from etl.errors import ConfigError
 from etl.store import (
     _CHUNK,
@@ -177,8 +178,11 @@ def write_ledger(
             ),
         )
 
+    record = audit.outcomes_record(destination, rows)
     with engine.begin() as conn:
         _upsert_rows(conn, send_ledger, rows, upsert)
+        if record is not None:  # the same transaction: no outcome without its audit record
+            audit.append(conn, clinic_id, "outcomes", run_id, record, at)
 
 
 CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")  # the ledger's conversion uploads
@@ -516,6 +520,10 @@ def apply_audience_delta(
         # resync leaves every member pending; the next delta sync re-adds none of the synced)
         synced = sa.select(audience_state.c.member_key).where(where)
         conn.execute(audience_pending.delete().where(pending & audience_pending.c.member_key.in_(synced)))
+        if run_id is not None:
+            sync = {"destination": destination, "adds": len(added), "removes": len(removed),
+                    "full_resync": replace_all, "synced_at": at}  # fmt: skip
+            audit.append(conn, clinic_id, "audience_sync", run_id, sync, at)
 
 
 def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datetime | None:
@@ -551,6 +559,7 @@ def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, a
                 "summary": text,
             },
         )
+        audit.append(conn, summary["clinic_id"], "run_summary", run_id, {"summary": text}, at)
 
 
 def latest_summary(conn: Connection, run_id: str) -> str | None:

@@ -273,6 +273,23 @@ run_summaries = sa.Table(
     sa.Column("summary", sa.Text, nullable=False),
 )
 
+# Append-only and hash-chained (etl.audit): every state a send recorded (not "planned"), every
+# list sync applied and every run summary, in the order they were written; opaque IDs, codes,
+# request IDs and counts only. Each row's sha256 covers the one before, so an edit or removal
+# here, or in the tables it mirrors, shows (``medspa-conversions verify-audit``).
+audit_chain = sa.Table(
+    "audit_chain",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("recorded_at", sa.String(40), nullable=False),  # ISO UTC text: hashed as stored
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+    sa.Column("prev_sha256", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+
 # One row per expectation per run (etl.quality): names and counts only, never a value.
 quality_results = sa.Table(
     "quality_results",

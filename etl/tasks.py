@@ -24,7 +24,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from etl import deliver, leases, ledger, pipeline, store
+from etl import audit, deliver, leases, ledger, pipeline, store
 from etl.config import ClinicConfig, load_config
 from etl.errors import (
     ConfigError,
@@ -446,7 +446,11 @@ def report(spec: RunSpec) -> dict[str, Any]:
     merged = pipeline.finalize_summary(spec.paths, summary)
     with spec.engine() as engine:
         ledger.record_summary(engine, merged, run_id=spec.run_id, at=_clock())
+        chain = audit.head(engine, spec.config.clinic_id)
         html = render_run_report(spec.config, spec.paths, engine, run_id=spec.run_id, summary=merged)
+    if chain is not None:
+        # kept apart from the database (task log, XCom), a head shows a chain rewritten after it
+        log.info("audit chain head: seq %d sha256 %s (`verify-audit --head` checks it)", *chain)
     shutil.rmtree(spec.paths.extracts, ignore_errors=True)
     _prune_older_runs(spec)
     return {
@@ -454,6 +458,7 @@ def report(spec: RunSpec) -> dict[str, Any]:
         "outbox": str(spec.paths.outbox),
         "summary": merged,
         "report": str(html),
+        "audit_head": None if chain is None else {"seq": chain[0], "sha256": chain[1]},
     }
 
 

@@ -68,6 +68,17 @@ CREATE TABLE audience_syncs (
 	synced_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (clinic_id, destination, run_id)
 );
+CREATE TABLE audit_chain (
+	clinic_id VARCHAR(64) NOT NULL,
+	seq BIGINT NOT NULL,
+	recorded_at VARCHAR(40) NOT NULL,
+	kind VARCHAR(32) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	record TEXT NOT NULL,
+	prev_sha256 VARCHAR(64) NOT NULL,
+	sha256 VARCHAR(64) NOT NULL,
+	PRIMARY KEY (clinic_id, seq)
+);
 CREATE TABLE conversions (
 	clinic_id VARCHAR(64) NOT NULL,
 	opaque_id VARCHAR(64) NOT NULL,

@@ -146,3 +146,28 @@ def run_dry(
     outbox = pipeline.publish_outbox(config, paths)
     rows = {dest: list(read_rows(outbox, dest)) for dest in OUTBOX_FILES}
     return CaseRun(summary=plan.summary, rows=rows, outbox=outbox)
+
+
+def record_batches_at_once(url: str, clinic_id: str) -> Any:
+    """Two uploads of one clinic recording 25 batches each at the same time (the DAG runs Google
+    and Meta in parallel); returns the chain's verdict afterwards."""
+    import threading
+
+    from etl import audit, ledger, store
+
+    at = datetime(2026, 11, 23, tzinfo=UTC)
+    with store.engine_for(url) as engine:
+
+        def upload(destination: str) -> None:
+            for batch in range(25):
+                rows = [{"opaque_id": f"{destination}-{batch}-{i}", "status": "accepted", "stage": "purchase"}
+                        for i in range(3)]  # fmt: skip
+                ledger.write_ledger(engine, clinic_id, destination, rows, run_id="r", at=at)
+
+        threads = [threading.Thread(target=upload, args=(d,)) for d in ("google_conversions", "meta_events")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with engine.connect() as conn:
+            return audit.verify(conn, clinic_id)

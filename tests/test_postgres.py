@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from etl import staging, store
 from etl.config import load_config
 from etl.outbox import OUTBOX_FILES
-from tests.conftest import run_dry
+from tests.conftest import record_batches_at_once, run_dry
 
 
 def _free_port() -> int:
@@ -527,3 +527,11 @@ def test_postgres_refusals_a_retry_can_pass_are_told_from_refused_data(postgres_
     killer.close()
     assert store.passes_on_retry(ended.value)
     assert not store.passes_on_retry(refused.value)
+
+
+def test_postgres_audit_records_written_at_once_each_get_their_own_place(postgres_url: str) -> None:
+    # PostgreSQL does not serialize writers by itself: without the clinic's advisory lock two
+    # uploads recording batches at once read the same last record and collide on its successor
+    verdict = record_batches_at_once(postgres_url, "pg-audit")
+    assert verdict.intact, verdict.problems
+    assert verdict.records == 50 and verdict.states_checked == 150

@@ -1,0 +1,154 @@
+"""The audit chain: real runs leave a chain that verifies, and each kind of tampering is named.
+
+The runs go through the CLI to the sandboxes (real SDKs, local servers); each tampering is made
+on a copy of the staging database with plain SQL, as someone with write access to it would.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from etl import audit, store
+from etl.cli import app
+from tests.conftest import record_batches_at_once
+
+RUNNER = CliRunner()
+CLINIC = "sunrise-medspa"
+FINAL_ROW = (
+    "(SELECT opaque_id FROM send_ledger WHERE status IN ('sent', 'accepted') ORDER BY opaque_id LIMIT 1)"
+)
+
+
+@pytest.fixture(scope="module")
+def sent(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, tuple[int, str]]:
+    """A clinic that ran twice (overlapping intervals) against the sandboxes: (config, db, head)."""
+    from etl.synth import write_synthetic_clinic
+
+    out = tmp_path_factory.mktemp("audit")
+    write_synthetic_clinic(out, appointments=2000, leads=800, seed=3)
+    config = out / "clinic.yaml"
+    for end in ("2026-11-20", "2026-11-23"):
+        argv = ["run", "--config", str(config), "--start", "2026-10-01", "--end", end, "--target", "sandbox"]
+        result = RUNNER.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    database = out / "var" / f"{CLINIC}.sqlite"
+    with store.engine_for(f"sqlite:///{database}") as engine:
+        head = audit.head(engine, CLINIC)
+    assert head is not None
+    return config, database, head
+
+
+def verify(config: Path, database: Path, *extra: str) -> Any:
+    return RUNNER.invoke(
+        app,
+        ["verify-audit", "--config", str(config), "--database", f"sqlite:///{database}", *extra],
+        env={"COLUMNS": "250"},
+    )
+
+
+def test_the_chain_real_runs_leave_verifies(sent: tuple[Path, Path, tuple[int, str]]) -> None:
+    config, database, (seq, sha) = sent
+    result = verify(config, database, "--head", sha)
+    assert result.exit_code == 0, result.output
+    assert f"intact; {seq} records, head seq {seq} sha256 {sha}" in result.stdout
+    with sqlite3.connect(database) as conn:
+        kinds = dict(conn.execute("SELECT kind, count(*) FROM audit_chain GROUP BY kind").fetchall())
+        states = conn.execute("SELECT count(*) FROM send_ledger WHERE status != 'planned'").fetchone()[0]
+    # two runs: each upload's outcomes, both lists' syncs and each run's summary
+    assert kinds["run_summary"] == 2 and kinds["audience_sync"] >= 2 and kinds["outcomes"] >= 2
+    assert states > 50 and f"ledger states checked against it: {states}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        (f"UPDATE send_ledger SET status = 'planned' WHERE opaque_id = {FINAL_ROW}", "differs from audit record"),
+        (f"UPDATE send_ledger SET request_id = 'other' WHERE opaque_id = {FINAL_ROW}", "differs from audit record"),
+        (f"DELETE FROM send_ledger WHERE opaque_id = {FINAL_ROW}", "is gone (audit record"),
+        ("INSERT INTO send_ledger (clinic_id, destination, opaque_id, stage, status, run_id, updated_at) "
+         f"VALUES ('{CLINIC}', 'meta_events', '{'f' * 64}', 'purchase', 'accepted', 'forged', "
+         "'2999-01-01 00:00:00.000000')", "is accepted with no audit record"),
+        ("UPDATE run_summaries SET summary = replace(summary, '\"dry_run\": false', '\"dry_run\": true')",
+         "run_summaries: a summary of run"),
+        ("DELETE FROM audience_sync_log WHERE destination = 'meta_audience'", "audience_sync_log: the meta_audience sync"),
+        ("DELETE FROM audit_chain WHERE seq = 2", "audit_chain: record 2 is missing"),
+        ("UPDATE audit_chain SET record = replace(record, 'accepted', 'rejected') WHERE seq = ("
+         "SELECT min(seq) FROM audit_chain WHERE kind = 'outcomes' AND record LIKE '%accepted%')",
+         "was changed after it was written"),
+    ],
+    ids=["final-state-taken-back", "request-id-edited", "row-deleted", "row-forged", "summary-edited",
+         "sync-deleted", "record-deleted", "record-edited"],
+)  # fmt: skip
+def test_each_tampering_is_named(
+    sent: tuple[Path, Path, tuple[int, str]], tmp_path: Path, tamper: str, named: str
+) -> None:
+    config, database, _head = sent
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(database, copy)
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute(tamper).rowcount >= 1
+    result = verify(config, copy)
+    assert result.exit_code == 1, result.output
+    assert "NOT intact" in result.stdout and named in result.stdout
+
+
+def test_a_rewritten_tail_is_found_only_against_a_logged_head(
+    sent: tuple[Path, Path, tuple[int, str]], tmp_path: Path
+) -> None:
+    # the last record (the second run's summary) and its row removed together: the chain and
+    # the tables agree again, which only a head kept elsewhere can contradict
+    config, database, (seq, sha) = sent
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(database, copy)
+    with sqlite3.connect(copy) as conn:
+        (run_id,) = conn.execute("SELECT run_id FROM audit_chain WHERE seq = ?", (seq,)).fetchone()
+        conn.execute("DELETE FROM audit_chain WHERE seq = ?", (seq,))
+        conn.execute("DELETE FROM run_summaries WHERE run_id = ? AND recorded_at = "
+                     "(SELECT max(recorded_at) FROM run_summaries WHERE run_id = ?)", (run_id, run_id))  # fmt: skip
+    assert verify(config, copy).exit_code == 0
+    anchored = verify(config, copy, "--head", sha)
+    assert anchored.exit_code == 1 and "no longer holds the given head" in anchored.stdout
+    assert verify(config, copy, "--head", "not-a-hash").exit_code == 2
+
+
+def test_each_report_logs_the_chain_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from etl.synth import write_synthetic_clinic
+
+    write_synthetic_clinic(tmp_path, appointments=300, leads=120, seed=4)
+    argv = ["run", "--config", str(tmp_path / "clinic.yaml"), "--end", "2026-11-23", "--dry-run"]
+    with caplog.at_level(logging.INFO, logger="etl.tasks"):
+        assert RUNNER.invoke(app, argv).exit_code == 0
+    with store.engine_for(f"sqlite:///{tmp_path / 'var' / f'{CLINIC}.sqlite'}") as engine:
+        seq, sha = audit.head(engine, CLINIC) or (0, "")
+    assert seq == 1  # a dry run records its summary, nothing else
+    assert f"audit chain head: seq 1 sha256 {sha}" in caplog.text
+
+
+def test_writers_at_once_each_get_their_own_place_in_the_chain(tmp_path: Path) -> None:
+    # two uploads of one clinic record their batches at the same time (the DAG runs Google and
+    # Meta in parallel): no two records may share a sequence number or a predecessor
+    verdict = record_batches_at_once(f"sqlite:///{tmp_path / 's.sqlite'}", CLINIC)
+    assert verdict.intact, verdict.problems
+    assert verdict.records == 50 and verdict.states_checked == 150
+
+
+def test_a_database_from_before_the_chain_is_told_apart_from_a_broken_chain(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import BASE_CONFIG
+
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    database = tmp_path / "old.sqlite"
+    with store.engine_for(f"sqlite:///{database}"):
+        pass
+    with sqlite3.connect(database) as conn:
+        conn.execute("DROP TABLE audit_chain")
+    result = verify(tmp_path / "clinic.yaml", database)
+    assert result.exit_code == 2 and "holds no audit chain yet" in result.stderr.replace("\n", " ")
