@@ -373,6 +373,8 @@ def run_upload(
         if dry_run:
             _skip("dry run: the outbox is written, nothing is sent")
         spec = run_spec(config_path, start, end)
+        if target == "live" and (refusal := tasks.legal_basis_refusal(spec.config, family)) is not None:
+            raise refusal  # before the platform's credentials are read
         environ = live_environ(spec.config, (family,)) if target == "live" else None
         result = tasks.upload(spec, family, target=target, environ=environ)
     if "skipped" in result:
@@ -390,7 +392,10 @@ def run_sync_suppression(
         if dry_run:
             _skip("dry run: suppression lists are not synced")
         spec = run_spec(config_path, start, end)
-        environ = live_environ(spec.config, ("google", "meta")) if target == "live" else None
+        environ = None
+        if target == "live":  # only the credentials of platforms whose lists may be touched
+            refused = tasks.list_refusals(spec.config)
+            environ = live_environ(spec.config, tuple(f for f in ("google", "meta") if f not in refused))
         result = tasks.sync_suppression(spec, target=target, environ=environ)
     if "skipped" in result:
         _skip(str(result["skipped"]))

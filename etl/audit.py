@@ -5,15 +5,17 @@ audit trail that is append-only and tamper-evident. The send ledger cannot be th
 it holds each conversion's state *now* (planned, then deferred, then accepted). So every write
 that records an outcome also appends, in the same transaction, one row to ``audit_chain``:
 
-- ``outcomes``: the states a ledger write recorded (every state but ``planned``), by opaque ID,
-  with code, request ID and run;
+- ``outcomes``: the rows one ledger write gave the upsert (``planned`` included: the plan writes
+  the authorization time a conversion leaves under), by opaque ID, with state, code, request
+  ID, stage, authorization time and whether a request carried it;
 - ``audience_sync``: a list sync the platform confirmed (counts, as ``audience_sync_log``);
 - ``run_summary``: a run summary as ``run_summaries`` stores it.
 
 Each row's ``sha256`` covers its own fields and the previous row's ``sha256`` (per clinic, ``seq``
 1, 2, ...). ``verify`` walks the chain, then replays the outcomes and compares them with the
-ledger, ``run_summaries`` and ``audience_sync_log``: a row edited or deleted in any of them, or
-in the chain, is named by table, sequence number, destination or opaque ID, never by value.
+ledger, ``run_summaries`` and ``audience_sync_log``: a row edited, deleted or added in any of them,
+or in the chain, is named by table, sequence number, destination or opaque ID and the columns
+that differ, never by value.
 
 What it does not stop: someone with write access who rewrites the chain from some point on and
 the tables with it. Each report logs the chain's head (``seq`` and ``sha256``); kept apart (the
@@ -79,10 +81,15 @@ def append(
 
 
 def outcomes_record(destination: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The ``outcomes`` record of one ledger write (None when it wrote only ``planned`` rows)."""
-    kept = sorted(
-        [r["opaque_id"], r["status"], r["code"], r["request_id"]] for r in rows if r["status"] != "planned"
-    )
+    """The ``outcomes`` record of one ledger write: each row as the upsert got it, in its order
+    (the last of two rows for one ID wins, in the ledger as in the replay). The row's times are
+    the record's own (``at``): ``transmitted`` says whether it sets ``sent_at``."""
+    kept = [
+        [r["opaque_id"], r["status"], r["code"], r["request_id"], r["stage"],
+         None if r["consent_at"] is None else _stamp(r["consent_at"]), r["consent_stated"],
+         r["sent_at"] is not None]
+        for r in rows
+    ]  # fmt: skip
     return {"destination": destination, "rows": kept} if kept else None
 
 
@@ -112,6 +119,7 @@ class Verdict:
     first_recorded_at: str | None = None
     states_checked: int = 0
     predating: int = 0  # ledger states written before the chain's first record
+    unchained: int = 0  # summary and sync rows written before it
     problems: list[str] = field(default_factory=list)
     more_problems: int = 0
 
@@ -126,14 +134,61 @@ class Verdict:
         return not self.problems
 
 
+@dataclass
+class _Row:
+    """A ledger row as the replayed records make it (times as ``_stamp`` text)."""
+
+    status: str
+    code: str | None
+    request_id: str | None
+    run_id: str
+    stage: str | None
+    consent_at: str | None
+    consent_stated: bool | None
+    planned_at: str | None
+    sent_at: str | None
+    updated_at: str
+    seq: int
+
+
+def _replay(before: _Row | None, row: list[Any], run_id: str, at: str, seq: int) -> _Row | None:
+    """One row of an ``outcomes`` record applied as ``ledger.write_ledger``'s upsert applies it;
+    None when the upsert leaves the row as it was (a final state asked to become non-final)."""
+    _id, status, code, request_id, stage, consent_at, consent_stated, transmitted = row
+    planned_at, sent_at = (at if status == "planned" else None), (at if transmitted else None)
+    if before is None:
+        return _Row(
+            status, code, request_id, run_id, stage, consent_at, consent_stated, planned_at, sent_at, at, seq
+        )
+    if before.status in _FINAL and status not in _FINAL:
+        return None
+    return _Row(
+        status, code, request_id, run_id,
+        stage if stage is not None else before.stage,
+        consent_at if consent_at is not None else before.consent_at,
+        before.consent_stated if consent_at is None else consent_stated,
+        before.planned_at or planned_at, before.sent_at or sent_at, at, seq,
+    )  # fmt: skip
+
+
+def snapshot(conn: Connection) -> Connection:
+    """Make every read of ``conn`` see the database as of its first one, before anything else
+    runs on it: a batch an upload commits while ``verify`` reads would otherwise be in the chain
+    read first and not yet in the ledger read next, or the other way round."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN")  # a read transaction: one WAL snapshot for all reads
+        return conn
+    return conn.execution_options(isolation_level="REPEATABLE READ")
+
+
 def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Verdict:
     """Check the clinic's chain link by link, then the ledger, ``run_summaries`` and
     ``audience_sync_log`` against it. ``anchor``: a sha256 a report logged, which the chain
-    must still hold."""
+    must still hold. Give it a ``snapshot`` connection."""
     verdict = Verdict()
-    expected: dict[tuple[str, str], tuple[str, str | None, str | None, str, int]] = {}
-    summaries: dict[tuple[str, str], int] = {}
-    syncs: dict[tuple[str, str, int, int, bool], int] = {}
+    expected: dict[tuple[str, str], _Row] = {}
+    summaries: dict[tuple[Any, ...], int] = {}
+    syncs: dict[tuple[Any, ...], int] = {}
     prev, anchored = GENESIS, anchor is None
     rows = conn.execute(
         sa.select(audit_chain).where(audit_chain.c.clinic_id == clinic_id).order_by(audit_chain.c.seq)
@@ -146,33 +201,29 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
             verdict.records = row.seq
         if row.prev_sha256 != prev:
             verdict.problem(f"audit_chain: record {row.seq} does not follow the record before it")
-        if row.sha256 != _digest(
-            row.prev_sha256, row.seq, clinic_id, row.recorded_at, row.kind, row.run_id, row.record
-        ):
-            verdict.problem(f"audit_chain: record {row.seq} was changed after it was written")
         prev = row.sha256
         anchored = anchored or row.sha256 == anchor
         verdict.head_seq, verdict.head_sha256 = row.seq, row.sha256
-        record = json.loads(row.record)
-        if row.kind == "outcomes":
-            for opaque_id, status, code, request_id in record["rows"]:
-                key = (record["destination"], opaque_id)
-                before = expected.get(key)
-                # as the ledger's upsert: a final state is never taken back to a non-final one
-                if before is None or before[0] not in _FINAL or status in _FINAL:
-                    expected[key] = (status, code, request_id, row.run_id, row.seq)
-        elif row.kind == "run_summary":
-            summaries[(row.run_id, record["summary"])] = row.seq
-        elif row.kind == "audience_sync":
-            # a retry after a lost commit may append a sync twice; the log keeps it once
-            sync = (
-                record["destination"],
-                row.run_id,
-                record["adds"],
-                record["removes"],
-                record["full_resync"],
-            )
-            syncs[sync] = row.seq
+        fields = (row.prev_sha256, row.seq, clinic_id, row.recorded_at, row.kind, row.run_id, row.record)
+        if row.sha256 != _digest(*fields):
+            verdict.problem(f"audit_chain: record {row.seq} was changed after it was written")
+            continue  # what it says now is not what was written: nothing to compare with
+        try:
+            record = json.loads(row.record)
+            if row.kind == "outcomes":
+                for item in record["rows"]:
+                    key = (record["destination"], item[0])
+                    after = _replay(expected.get(key), item, row.run_id, row.recorded_at, row.seq)
+                    if after is not None:
+                        expected[key] = after
+            elif row.kind == "run_summary":
+                summaries[(row.run_id, row.recorded_at, record["summary"])] = row.seq
+            elif row.kind == "audience_sync":
+                sync = (record["destination"], row.run_id, _stamp(datetime.fromisoformat(record["synced_at"])),
+                        record["adds"], record["removes"], record["full_resync"])  # fmt: skip
+                syncs[sync] = row.seq
+        except (ValueError, KeyError, TypeError, IndexError):
+            verdict.problem(f"audit_chain: record {row.seq} cannot be read as a {row.kind} record")
     if not anchored:
         verdict.problem(
             "audit_chain: the chain no longer holds the given head (rewritten after it was logged)"
@@ -180,18 +231,33 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
     _check_ledger(conn, clinic_id, expected, verdict)
     _check_summaries(conn, clinic_id, summaries, verdict)
     _check_syncs(conn, clinic_id, syncs, verdict)
+    if verdict.records == 0 and (verdict.predating or verdict.unchained):
+        verdict.problem(
+            "audit_chain: holds no record of this clinic while the send ledger, run_summaries or "
+            "audience_sync_log hold rows: the chain was deleted, or the database predates it and "
+            "has recorded nothing since"
+        )
     return verdict
 
 
+_COMPARED = ("status", "code", "request_id", "run_id", "stage", "consent_at", "consent_stated",
+             "planned_at", "sent_at", "updated_at")  # fmt: skip
+_TIMES = frozenset({"consent_at", "planned_at", "sent_at", "updated_at"})
+
+
+def _stored(value: Any, name: str) -> Any:
+    if name in _TIMES and value is not None:
+        return _stamp(value)
+    if name == "consent_stated" and value is not None:
+        return bool(value)
+    return value
+
+
 def _check_ledger(
-    conn: Connection,
-    clinic_id: str,
-    expected: dict[tuple[str, str], tuple[str, str | None, str | None, str, int]],
-    verdict: Verdict,
+    conn: Connection, clinic_id: str, expected: dict[tuple[str, str], _Row], verdict: Verdict
 ) -> None:
     ledger = conn.execute(
-        sa.select(send_ledger.c.destination, send_ledger.c.opaque_id, send_ledger.c.status, send_ledger.c.code,
-                  send_ledger.c.request_id, send_ledger.c.run_id, send_ledger.c.updated_at)
+        sa.select(send_ledger.c.destination, send_ledger.c.opaque_id, *(send_ledger.c[c] for c in _COMPARED))
         .where(send_ledger.c.clinic_id == clinic_id)
     )  # fmt: skip
     seen = set()
@@ -200,50 +266,45 @@ def _check_ledger(
         seen.add(key)
         want = expected.get(key)
         if want is None:
-            if row.status == "planned":
-                continue
             if verdict.first_recorded_at is None or _stamp(row.updated_at) < verdict.first_recorded_at:
                 verdict.predating += 1
-                continue
-            verdict.problem(
-                f"send_ledger: {row.destination} {row.opaque_id} is {row.status} with no audit record"
-            )
+            else:
+                verdict.problem(
+                    f"send_ledger: {row.destination} {row.opaque_id} is {row.status} with no audit record"
+                )
             continue
         verdict.states_checked += 1
-        status, code, request_id, run_id, seq = want
-        if status in _FINAL:
-            if (row.status, row.code, row.request_id, row.run_id) != (status, code, request_id, run_id):
-                verdict.problem(
-                    f"send_ledger: {row.destination} {row.opaque_id} differs from audit record {seq} "
-                    f"(a final state, recorded as {status})"
-                )
-        elif row.status not in (status, "planned"):
+        stored = row._mapping
+        differ = [name for name in _COMPARED if _stored(stored[name], name) != getattr(want, name)]
+        if differ:
             verdict.problem(
-                f"send_ledger: {row.destination} {row.opaque_id} differs from audit record {seq} "
-                f"(recorded as {status})"
+                f"send_ledger: {row.destination} {row.opaque_id} differs from audit record {want.seq} "
+                f"in {', '.join(differ)} (recorded as {want.status})"
             )
-    for (destination, opaque_id), (status, *_rest, seq) in expected.items():
+    for (destination, opaque_id), want in expected.items():
         if (destination, opaque_id) not in seen:
             verdict.problem(
-                f"send_ledger: {destination} {opaque_id} is gone (audit record {seq} recorded it as {status})"
+                f"send_ledger: {destination} {opaque_id} is gone (audit record {want.seq} recorded it as {want.status})"
             )
 
 
 def _check_mirror(
     table: str,
-    stored: Iterable[tuple[tuple[Any, ...], datetime, str]],
+    stored: Iterable[tuple[tuple[Any, ...], str, str]],
     chained: Mapping[tuple[Any, ...], int],
     what: Callable[[tuple[Any, ...]], str],
     verdict: Verdict,
 ) -> None:
-    """A table every row of which the chain also holds (``stored``: each row's key, its time and
-    how to name it): a row the chain lacks was changed or added, a chained one missing here was
-    changed or deleted. Rows older than the chain predate it."""
+    """A table every row of which the chain also holds (``stored``: each row's key, its time as
+    ``_stamp`` text, and how to name it): a row the chain lacks was changed or added, a chained
+    one missing here was changed or deleted. Rows older than the chain predate it."""
     found = set()
     for key, at, named in stored:
         if key in chained:
             found.add(key)
-        elif verdict.first_recorded_at is not None and _stamp(at) >= verdict.first_recorded_at:
+        elif verdict.first_recorded_at is None or at < verdict.first_recorded_at:
+            verdict.unchained += 1
+        else:
             verdict.problem(f"{table}: {named} has no audit record (changed or added)")
     for key, seq in chained.items():
         if key not in found:
@@ -251,24 +312,27 @@ def _check_mirror(
 
 
 def _check_summaries(
-    conn: Connection, clinic_id: str, chained: dict[tuple[str, str], int], verdict: Verdict
+    conn: Connection, clinic_id: str, chained: dict[tuple[Any, ...], int], verdict: Verdict
 ) -> None:
     rows = conn.execute(
         sa.select(run_summaries.c.run_id, run_summaries.c.summary, run_summaries.c.recorded_at).where(
             run_summaries.c.clinic_id == clinic_id
         )
     )
-    stored = (((r.run_id, r.summary), r.recorded_at, f"a summary of run {r.run_id}") for r in rows)
+    stored = (
+        ((r.run_id, _stamp(r.recorded_at), r.summary), _stamp(r.recorded_at), f"a summary of run {r.run_id}")
+        for r in rows
+    )
     _check_mirror("run_summaries", stored, chained, lambda key: f"the summary of run {key[0]}", verdict)
 
 
 def _check_syncs(
-    conn: Connection, clinic_id: str, chained: dict[tuple[str, str, int, int, bool], int], verdict: Verdict
+    conn: Connection, clinic_id: str, chained: dict[tuple[Any, ...], int], verdict: Verdict
 ) -> None:
     rows = conn.execute(sa.select(audience_sync_log).where(audience_sync_log.c.clinic_id == clinic_id))
     stored = (
-        ((r.destination, r.run_id, r.adds, r.removes, bool(r.full_resync)), r.synced_at,
-         f"a {r.destination} sync of run {r.run_id}")
+        ((r.destination, r.run_id, _stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)),
+         _stamp(r.synced_at), f"a {r.destination} sync of run {r.run_id}")
         for r in rows
     )  # fmt: skip
     _check_mirror(

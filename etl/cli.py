@@ -85,16 +85,21 @@ def _setup_logging(verbose: bool) -> None:
     quiet_third_party_loggers()
 
 
-def _ready_for_live(cfg: Any, database: str | None) -> None:
+def _ready_for_live(cfg: Any, database: str | None, *, validate_only: bool = False) -> None:
     """``doctor``'s checks before a live run does any work: a missing credential found after
-    the extract and the plan (minutes at a million rows) is found now, for both platforms."""
+    the extract and the plan (minutes at a million rows) is found now, for both platforms. A
+    validate-only run checks the legal-basis registry alone: it sends the rows too."""
     import os
+    from datetime import UTC, datetime
 
-    from etl.doctor import needs_attention, run_checks
+    from etl.doctor import legal_basis_checks, needs_attention, run_checks
 
-    problems = [
-        item for item, status in run_checks(cfg, os.environ, database=database) if needs_attention(status)
-    ]
+    checks = (
+        legal_basis_checks(cfg, datetime.now(UTC))
+        if validate_only
+        else run_checks(cfg, os.environ, database=database)
+    )
+    problems = [item for item, status in checks if needs_attention(status)]
     if problems:
         raise ConfigError(
             f"not ready for a live run: {', '.join(problems)}; `medspa-conversions doctor --config ...` "
@@ -230,8 +235,8 @@ def run(
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
         refuse_future_end(RunWindow(start=start_at, end=end_at), dry_run=dry_run)
-        if target is Target.live and not dry_run and not validate_only:
-            _ready_for_live(cfg, database)
+        if target is Target.live and not dry_run:
+            _ready_for_live(cfg, database, validate_only=validate_only)
         secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)
         if development:
             err.print(

@@ -307,8 +307,9 @@ def verify_audit(
         cfg = load_config(config)
         with (
             store.existing_for_reading(cfg.resolved_database_url(database)) as (engine, _columns),
-            engine.connect() as conn,
+            engine.connect() as connection,
         ):
+            conn = audit.snapshot(connection)  # an upload committing meanwhile is not tampering
             if not sa.inspect(conn).has_table("audit_chain"):
                 raise ConfigError(
                     "staging database: it holds no audit chain yet (made by an earlier version; "

@@ -68,7 +68,7 @@ def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, st
     return ("staging database", f"ok ({sa.engine.make_url(url).get_backend_name()})")
 
 
-def _legal_basis_checks(config: ClinicConfig, now: datetime) -> list[tuple[str, str]]:
+def legal_basis_checks(config: ClinicConfig, now: datetime) -> list[tuple[str, str]]:
     """The legal-basis registry entry of every configured platform, judged on the clinic's
     today: a live send to a platform without a current entry is refused."""
     today = now.astimezone(config.tz).date()
@@ -119,5 +119,5 @@ def run_checks(
         checks.extend(doctor_google(config, environ))
     if config.meta is not None:
         checks.extend(doctor_meta(config, environ))
-    checks.extend(_legal_basis_checks(config, now or datetime.now(UTC)))
+    checks.extend(legal_basis_checks(config, now or datetime.now(UTC)))
     return checks

@@ -106,6 +106,14 @@ class DestinationConfigError(_Stop):
     exit_code = 5
 
 
+class LegalBasisRefused(DestinationConfigError):
+    """The clinic's legal-basis registry has no current entry for the platform: nothing goes
+    there (``compliance.legal_basis``). A stop for that platform alone, as an account problem
+    is; the fix is in the YAML, so it exits like a config error."""
+
+    exit_code = 2
+
+
 class QuotaExhausted(_Stop):
     """The platform's daily quota is spent: what is unsent stays planned for the next run."""
 

@@ -53,6 +53,10 @@ SUPERSEDED = "superseded"
 _FINAL_LITERALS: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{state}'") for state in FINAL_STATES]
 
 
+def _utc(at: datetime) -> datetime:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     status: str
@@ -123,6 +127,7 @@ def write_ledger(
     process killed between batches leaves an exact record of what went out. A row already in a
     final state keeps it when asked to become ``planned`` or ``deferred``.
     """
+    at = _utc(at)  # SQLite keeps a datetime's wall time and drops its offset; readers take UTC
     rows = []
     for entry in entries:
         status = entry["status"]
@@ -145,7 +150,7 @@ def write_ledger(
                 if status != "planned" and entry.get("transmitted", status != "deferred")
                 else None,
                 "updated_at": at,
-                "consent_at": entry.get("consent_at"),
+                "consent_at": None if entry.get("consent_at") is None else _utc(entry["consent_at"]),
                 "consent_stated": entry.get("consent_stated"),
             }
         )
@@ -469,6 +474,7 @@ def apply_audience_delta(
     ``settled`` are pending adds whose outcome is now known (applied, or removed again); they
     leave ``audience_pending`` in the same transaction, so no crash point loses track of them.
     """
+    at = _utc(at)
     where = (audience_state.c.clinic_id == clinic_id) & (audience_state.c.destination == destination)
     pending = (audience_pending.c.clinic_id == clinic_id) & (audience_pending.c.destination == destination)
     with engine.begin() as conn:
@@ -522,7 +528,7 @@ def apply_audience_delta(
         conn.execute(audience_pending.delete().where(pending & audience_pending.c.member_key.in_(synced)))
         if run_id is not None:
             sync = {"destination": destination, "adds": len(added), "removes": len(removed),
-                    "full_resync": replace_all, "synced_at": at}  # fmt: skip
+                    "full_resync": replace_all, "synced_at": at.isoformat()}  # fmt: skip
             audit.append(conn, clinic_id, "audience_sync", run_id, sync, at)
 
 
@@ -542,7 +548,7 @@ def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datet
 def record_summary(engine: Engine, summary: Mapping[str, Any], *, run_id: str, at: datetime) -> None:
     """Add the run's summary as it stands now; one the run's latest row already holds (a report
     retried after it recorded) is not added twice."""
-    text = json.dumps(summary, sort_keys=True)
+    text, at = json.dumps(summary, sort_keys=True), _utc(at)
     with engine.begin() as conn:
         if latest_summary(conn, run_id) == text:
             return

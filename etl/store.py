@@ -273,9 +273,9 @@ run_summaries = sa.Table(
     sa.Column("summary", sa.Text, nullable=False),
 )
 
-# Append-only and hash-chained (etl.audit): every state a send recorded (not "planned"), every
-# list sync applied and every run summary, in the order they were written; opaque IDs, codes,
-# request IDs and counts only. Each row's sha256 covers the one before, so an edit or removal
+# Append-only and hash-chained (etl.audit): every send-ledger write, every list sync applied and
+# every run summary, in the order they were written; opaque IDs, codes, request IDs, times and
+# counts only. Each row's sha256 covers the one before, so an edit or removal
 # here, or in the tables it mirrors, shows (``medspa-conversions verify-audit``).
 audit_chain = sa.Table(
     "audit_chain",

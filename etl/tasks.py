@@ -29,6 +29,7 @@ from etl.config import ClinicConfig, load_config
 from etl.errors import (
     ConfigError,
     DestinationConfigError,
+    LegalBasisRefused,
     MedspaError,
     NotPlanned,
     QuotaExhausted,
@@ -273,7 +274,7 @@ def _published_summary(spec: RunSpec) -> dict[str, Any]:
     return read_summary(spec.paths.outbox)
 
 
-def legal_basis_refusal(config: ClinicConfig, family: Family) -> ConfigError | None:
+def legal_basis_refusal(config: ClinicConfig, family: Family) -> LegalBasisRefused | None:
     """Why a live send to the family's platform is refused today (compliance.legal_basis in the
     clinic YAML: no entry, or one whose review expired), None when it may go."""
     platform = _PLATFORM[family]
@@ -282,7 +283,18 @@ def legal_basis_refusal(config: ClinicConfig, family: Family) -> ConfigError | N
     problem = config.legal_basis_problem(platform, _clock().astimezone(config.tz).date())
     if problem is None:
         return None
-    return ConfigError(f"{platform}: nothing sent: {problem}")
+    return LegalBasisRefused(f"{platform}: nothing sent: {problem}")
+
+
+def list_refusals(config: ClinicConfig) -> dict[Family, LegalBasisRefused]:
+    """The platforms whose suppression list a live sync may not touch today (a platform that
+    mirrors no list there needs no entry for it)."""
+    refusals = {}
+    for family in _FAMILY:
+        refusal = legal_basis_refusal(config, family)
+        if refusal is not None and config.mirrors_a_list(_PLATFORM[family]):
+            refusals[family] = refusal
+    return refusals
 
 
 def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
@@ -377,13 +389,7 @@ def sync_suppression(
     out: dict[str, Any] = {"run_id": spec.run_id}
     # a platform without a current legal basis is not opened at all; the other one's list still
     # syncs (its removals of people who revoked must not wait on this one's paperwork)
-    refusals = {
-        f: r
-        for f in _FAMILY
-        if target == "live"
-        and spec.config.mirrors_a_list(_PLATFORM[f])
-        and (r := legal_basis_refusal(spec.config, f))
-    }
+    refusals = list_refusals(spec.config) if target == "live" else {}
     stops: list[MedspaError] = []
     for family, refusal in refusals.items():
         log.error("%s: %s", _FAMILY[family][1], refusal)

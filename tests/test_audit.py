@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from etl import audit, store
+from etl import audit, ledger, store
 from etl.cli import app
 from tests.conftest import record_batches_at_once
 
@@ -71,6 +72,10 @@ def test_the_chain_real_runs_leave_verifies(sent: tuple[Path, Path, tuple[int, s
     [
         (f"UPDATE send_ledger SET status = 'planned' WHERE opaque_id = {FINAL_ROW}", "differs from audit record"),
         (f"UPDATE send_ledger SET request_id = 'other' WHERE opaque_id = {FINAL_ROW}", "differs from audit record"),
+        (f"UPDATE send_ledger SET consent_at = '2020-01-01 00:00:00.000000' WHERE opaque_id = {FINAL_ROW}",
+         "in consent_at"),
+        (f"UPDATE send_ledger SET sent_at = '2020-01-01 00:00:00.000000' WHERE opaque_id = {FINAL_ROW}",
+         "in sent_at"),
         (f"DELETE FROM send_ledger WHERE opaque_id = {FINAL_ROW}", "is gone (audit record"),
         ("INSERT INTO send_ledger (clinic_id, destination, opaque_id, stage, status, run_id, updated_at) "
          f"VALUES ('{CLINIC}', 'meta_events', '{'f' * 64}', 'purchase', 'accepted', 'forged', "
@@ -79,12 +84,15 @@ def test_the_chain_real_runs_leave_verifies(sent: tuple[Path, Path, tuple[int, s
          "run_summaries: a summary of run"),
         ("DELETE FROM audience_sync_log WHERE destination = 'meta_audience'", "audience_sync_log: the meta_audience sync"),
         ("DELETE FROM audit_chain WHERE seq = 2", "audit_chain: record 2 is missing"),
+        ("DELETE FROM audit_chain", "audit_chain: holds no record of this clinic"),
+        ("UPDATE audit_chain SET record = '{' WHERE seq = 1", "record 1 was changed after it was written"),
         ("UPDATE audit_chain SET record = replace(record, 'accepted', 'rejected') WHERE seq = ("
          "SELECT min(seq) FROM audit_chain WHERE kind = 'outcomes' AND record LIKE '%accepted%')",
          "was changed after it was written"),
     ],
-    ids=["final-state-taken-back", "request-id-edited", "row-deleted", "row-forged", "summary-edited",
-         "sync-deleted", "record-deleted", "record-edited"],
+    ids=["final-state-taken-back", "request-id-edited", "consent-time-edited", "send-time-edited",
+         "row-deleted", "row-forged", "summary-edited", "sync-deleted", "record-deleted", "chain-deleted",
+         "record-garbled", "record-edited"],
 )  # fmt: skip
 def test_each_tampering_is_named(
     sent: tuple[Path, Path, tuple[int, str]], tmp_path: Path, tamper: str, named: str
@@ -152,3 +160,83 @@ def test_a_database_from_before_the_chain_is_told_apart_from_a_broken_chain(tmp_
         conn.execute("DROP TABLE audit_chain")
     result = verify(tmp_path / "clinic.yaml", database)
     assert result.exit_code == 2 and "holds no audit chain yet" in result.stderr.replace("\n", " ")
+
+
+def test_a_batch_committed_while_verifying_is_not_taken_for_tampering(
+    sent: tuple[Path, Path, tuple[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # verify-audit reads the chain, then the ledger: an upload that commits a batch in between
+    # must be invisible to both reads, not in the ledger alone
+    config, database, _head = sent
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(database, copy)
+    check_ledger = audit._check_ledger
+
+    def upload_meanwhile(*args: Any) -> None:
+        with store.engine_for(f"sqlite:///{copy}") as engine:
+            rows = [{"opaque_id": "e" * 64, "status": "accepted", "stage": "purchase"}]
+            ledger.write_ledger(engine, CLINIC, "meta_events", rows, run_id="meanwhile", at=datetime.now(UTC))
+        check_ledger(*args)
+
+    monkeypatch.setattr(audit, "_check_ledger", upload_meanwhile)
+    result = verify(config, copy)
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(audit, "_check_ledger", check_ledger)
+    assert verify(config, copy).exit_code == 0  # and the next check sees it, chained
+
+
+def test_ledger_writes_replay_as_the_ledger_applied_them(tmp_path: Path) -> None:
+    # times with another offset (SQLite keeps wall times), one ID twice in a batch (the last
+    # wins), a final state a late non-final write leaves alone, syncs with the same counts
+    from datetime import timedelta, timezone
+
+    tokyo = timezone(timedelta(hours=9))
+    at = datetime(2026, 11, 23, 10, tzinfo=tokyo)
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        ledger.write_ledger(engine, CLINIC, "meta_events", [
+            {"opaque_id": "a", "status": "planned", "stage": "purchase", "consent_at": at - timedelta(days=3),
+             "consent_stated": True},
+            {"opaque_id": "b", "status": "planned", "stage": "consultation"},
+        ], run_id="r1", at=at)  # fmt: skip
+        ledger.write_ledger(engine, CLINIC, "meta_events", [
+            {"opaque_id": "a", "status": "rejected", "code": None},
+            {"opaque_id": "a", "status": "accepted", "code": "X", "request_id": "q1"},
+            {"opaque_id": "b", "status": "deferred", "code": "429", "transmitted": False},
+        ], run_id="r1", at=at + timedelta(minutes=1))  # fmt: skip
+        ledger.write_ledger(engine, CLINIC, "meta_events", [{"opaque_id": "a", "status": "deferred"}],
+                            run_id="r2", at=at + timedelta(minutes=2))  # fmt: skip
+        for minute in (3, 4):  # a list sync repeated with the same counts
+            ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={"m": "{}"}, removed=[],
+                                        at=at + timedelta(minutes=minute), run_id="r2")  # fmt: skip
+        with engine.connect() as conn:
+            verdict = audit.verify(audit.snapshot(conn), CLINIC)
+        assert verdict.intact, verdict.problems
+        assert verdict.states_checked == 2
+        with engine.begin() as conn:  # one of the two syncs removed
+            conn.execute(store.audience_sync_log.delete().where(
+                store.audience_sync_log.c.synced_at == (at + timedelta(minutes=4)).astimezone(UTC)))  # fmt: skip
+        with engine.connect() as conn:
+            problems = audit.verify(audit.snapshot(conn), CLINIC).problems
+    assert problems == [
+        "audience_sync_log: the meta_audience sync of run r2 in audit record 5 is gone or changed"
+    ]
+
+
+def test_rows_written_before_the_chain_began_are_counted_not_judged(tmp_path: Path) -> None:
+    # a database an earlier version filled: its ledger states and summaries have no records
+    old, now = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 23, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        with engine.begin() as conn:
+            conn.execute(store.send_ledger.insert(), {"clinic_id": CLINIC, "destination": "meta_events",
+                         "opaque_id": "old", "status": "accepted", "run_id": "r0", "updated_at": old})  # fmt: skip
+            conn.execute(store.run_summaries.insert(), {"run_id": "r0", "recorded_at": old, "clinic_id": CLINIC,
+                         "start": "s", "end": "e", "dry_run": False, "target": "sandbox", "summary": "{}"})  # fmt: skip
+        with engine.connect() as conn:
+            before = audit.verify(audit.snapshot(conn), CLINIC)
+        assert not before.intact and "holds no record of this clinic" in before.problems[0]
+        summary = {"clinic_id": CLINIC, "start": "s", "end": "e", "dry_run": False, "target": "sandbox"}
+        ledger.record_summary(engine, summary, run_id="r1", at=now)  # the first run of this version
+        with engine.connect() as conn:
+            after = audit.verify(audit.snapshot(conn), CLINIC)
+    assert after.intact, after.problems
+    assert (after.records, after.predating, after.unchained) == (1, 1, 1)

@@ -572,6 +572,11 @@ def test_doctor_and_a_live_run_check_the_legal_basis_registry(
     assert live.exit_code == 2
     assert "compliance.legal_basis.meta" in live.stderr.replace("\n", " ")
     assert not (tmp_path / "var" / "runs").exists()
+    # a validate-only live run sends the rows too: refused the same way, before the extract
+    argv = ["run", "--config", str(config), "--end", "2026-06-30", "--target", "live", "--validate-only"]
+    checked = RUNNER.invoke(app, argv)
+    assert checked.exit_code == 2 and "compliance.legal_basis.meta" in checked.stderr.replace("\n", " ")
+    assert not (tmp_path / "var" / "runs").exists()
     # and a dry run's summary records the regime the clinic declared
     assert run(config).exit_code == 0  # type: ignore[attr-defined]
     (summary_file,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from etl import deliver, ledger, store, tasks
 from etl.config import ClinicConfig, load_config
-from etl.errors import ConfigError, QuotaExhausted
+from etl.errors import ConfigError, LegalBasisRefused, QuotaExhausted
 from etl.targets import open_destinations, started_sandboxes
 from tests.conftest import APPT_HEADER, BASE_CONFIG, DATA, ONE_LEAD, SECRET, make_config, visit
 
@@ -663,7 +663,7 @@ def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
         claims = engine.connect().execute(sa.select(store.ledger_targets)).all()
     assert len(planned) > 20
 
-    with pytest.raises(ConfigError, match=r"compliance\.legal_basis\.meta expired after 2026-11-23"):
+    with pytest.raises(LegalBasisRefused, match=r"compliance\.legal_basis\.meta expired after 2026-11-23"):
         tasks.upload(spec, "meta", target="live")
     assert opened == []  # refused before any adapter (or credential) was built
     assert sum(sandboxes["meta"].event_ids_received().values()) == 0
@@ -674,7 +674,7 @@ def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
     sent = tasks.upload(spec, "google", target="live")["google_conversions"]
     assert sent["sent"] > 20 and len(sandboxes["google"].accepted_order_ids()) == sent["sent"]
 
-    with pytest.raises(ConfigError, match=r"compliance\.legal_basis\.meta"):
+    with pytest.raises(LegalBasisRefused, match=r"compliance\.legal_basis\.meta"):
         tasks.sync_suppression(spec, target="live")
     assert opened[-1] == ("live", "google")  # Meta's adapters never built
     assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list

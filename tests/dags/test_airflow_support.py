@@ -264,3 +264,37 @@ def test_the_alert_mail_goes_through_the_smtp_connection_a_variable_names(
     ((mailfrom, to, data),) = received
     assert (mailfrom, to) == ("alerts@clinic.test", ["ops@clinic.test", "oncall@clinic.test"])
     assert b"Subject: medspa-conversions: x failed" in data
+
+
+def test_a_live_send_without_a_legal_basis_fails_at_once_before_reading_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no compliance.legal_basis entry at all: neither the upload nor the list sync reads the
+    # platform's connection, and neither is retried (renewing the review is a change to the YAML)
+    import shutil
+
+    import yaml
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from etl import tasks
+    from tests.conftest import BASE_CONFIG, DATA, SECRET
+
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
+    path = tmp_path / "clinic.yaml"
+    path.write_text(yaml.safe_dump(BASE_CONFIG))
+    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    spec = support.run_spec(path, start, end)
+    for step in (tasks.extract, tasks.stage, tasks.validate_inputs):
+        step(spec)
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="live")
+    tasks.validate_outbound(spec)  # a published live plan, as the night's earlier tasks leave it
+    read: list[Any] = []
+    monkeypatch.setattr(support, "live_environ", lambda config, families: read.append(tuple(families)) or {})
+    for family in ("google", "meta"):
+        key = "google_ads" if family == "google" else "meta"
+        with pytest.raises(AirflowFailException, match=rf"compliance\.legal_basis\.{key}"):
+            support.run_upload(family, str(path), start, end, {"target": "live"})  # type: ignore[arg-type]
+    with pytest.raises(AirflowFailException, match=r"compliance\.legal_basis\.google_ads"):
+        support.run_sync_suppression(str(path), start, end, {"target": "live"})
+    assert read == [()]  # the sync asked for no platform's credentials
