@@ -9,7 +9,9 @@ that records an outcome also appends, in the same transaction, one row to ``audi
   the authorization time a conversion leaves under), by opaque ID, with state, code, request
   ID, stage, authorization time and whether a request carried it;
 - ``audience_sync``: a list sync the platform confirmed (counts, as ``audience_sync_log``);
-- ``run_summary``: a run summary as ``run_summaries`` stores it.
+- ``run_summary``: a run summary as ``run_summaries`` stores it;
+- ``baseline``: what the ledger, ``run_summaries`` and ``audience_sync_log`` held when the
+  chain's table was made (``write_baselines``): a database an earlier version filled.
 
 Each row's ``sha256`` covers its own fields and the previous row's ``sha256`` (per clinic, ``seq``
 1, 2, ...). ``verify`` walks the chain, then replays the outcomes and compares them with the
@@ -55,7 +57,7 @@ def _digest(
 
 
 def _text(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
 def append(
@@ -78,6 +80,53 @@ def append(
          "record": text, "prev_sha256": prev,
          "sha256": _digest(prev, seq, clinic_id, stamp, kind, run_id, text)},
     )  # fmt: skip
+
+
+_BASELINE_ROWS = 20_000  # ledger rows per baseline record
+
+
+def _summary_key(run_id: str, recorded_at: str, text: str) -> tuple[Any, ...]:
+    """What ``run_summaries`` holds of one summary: every column is derived from its text."""
+    summary = json.loads(text)
+    return (run_id, recorded_at, summary["start"], summary["end"], bool(summary["dry_run"]),
+            summary["target"], hashlib.sha256(text.encode("utf-8")).hexdigest())  # fmt: skip
+
+
+def write_baselines(conn: Connection) -> None:
+    """Start each clinic's chain from what the tables already hold, in the transaction that
+    creates ``audit_chain``: rows an earlier version wrote are then judged like any other (a row
+    carried over and sent later replays from its earlier state), and none can be added later
+    with an old time and pass as written before the chain."""
+    at = datetime.now(UTC)
+    clinics = sorted(
+        set(conn.execute(sa.select(send_ledger.c.clinic_id).distinct()).scalars())
+        | set(conn.execute(sa.select(run_summaries.c.clinic_id).distinct()).scalars())
+        | set(conn.execute(sa.select(audience_sync_log.c.clinic_id).distinct()).scalars())
+    )
+    for clinic_id in clinics:
+        summaries = [
+            list(_summary_key(r.run_id, _stamp(r.recorded_at), r.summary))
+            for r in conn.execute(sa.select(run_summaries).where(run_summaries.c.clinic_id == clinic_id))
+        ]
+        syncs = [
+            [r.destination, r.run_id, _stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)]
+            for r in conn.execute(
+                sa.select(audience_sync_log).where(audience_sync_log.c.clinic_id == clinic_id)
+            )
+        ]
+        ledger = [
+            [r.destination, r.opaque_id, *(_stored(r._mapping[c], c) for c in _COMPARED)]
+            for r in conn.execute(
+                sa.select(send_ledger)
+                .where(send_ledger.c.clinic_id == clinic_id)
+                .order_by(send_ledger.c.destination, send_ledger.c.opaque_id)
+            )
+        ]
+        append(conn, clinic_id, "baseline", "baseline",
+               {"summaries": summaries, "syncs": syncs, "ledger": ledger[:_BASELINE_ROWS]}, at)  # fmt: skip
+        for lo in range(_BASELINE_ROWS, len(ledger), _BASELINE_ROWS):
+            append(conn, clinic_id, "baseline", "baseline",
+                   {"summaries": [], "syncs": [], "ledger": ledger[lo : lo + _BASELINE_ROWS]}, at)  # fmt: skip
 
 
 def outcomes_record(destination: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -116,10 +165,8 @@ class Verdict:
     records: int = 0
     head_seq: int | None = None
     head_sha256: str | None = None
-    first_recorded_at: str | None = None
     states_checked: int = 0
-    predating: int = 0  # ledger states written before the chain's first record
-    unchained: int = 0  # summary and sync rows written before it
+    unrecorded: int = 0  # rows of the ledger, summaries and syncs the chain does not hold
     problems: list[str] = field(default_factory=list)
     more_problems: int = 0
 
@@ -195,7 +242,6 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
     )
     for row in rows:
         verdict.records += 1
-        verdict.first_recorded_at = verdict.first_recorded_at or row.recorded_at
         if row.seq != verdict.records:
             verdict.problem(f"audit_chain: record {verdict.records} is missing (the next is {row.seq})")
             verdict.records = row.seq
@@ -217,13 +263,20 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
                     if after is not None:
                         expected[key] = after
             elif row.kind == "run_summary":
-                summaries[(row.run_id, row.recorded_at, record["summary"])] = row.seq
+                summaries[_summary_key(row.run_id, row.recorded_at, record["summary"])] = row.seq
+            elif row.kind == "baseline":
+                for destination, opaque_id, *columns in record["ledger"]:
+                    expected[(destination, opaque_id)] = _Row(
+                        **dict(zip(_COMPARED, columns, strict=True)), seq=row.seq
+                    )
+                summaries.update((tuple(key), row.seq) for key in record["summaries"])
+                syncs.update((tuple(key), row.seq) for key in record["syncs"])
             elif row.kind == "audience_sync":
                 sync = (record["destination"], row.run_id, _stamp(datetime.fromisoformat(record["synced_at"])),
                         record["adds"], record["removes"], record["full_resync"])  # fmt: skip
                 syncs[sync] = row.seq
         except (ValueError, KeyError, TypeError, IndexError):
-            verdict.problem(f"audit_chain: record {row.seq} cannot be read as a {row.kind} record")
+            verdict.problem(f"audit_chain: record {row.seq} ({row.kind}) cannot be read")
     if not anchored:
         verdict.problem(
             "audit_chain: the chain no longer holds the given head (rewritten after it was logged)"
@@ -231,11 +284,12 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
     _check_ledger(conn, clinic_id, expected, verdict)
     _check_summaries(conn, clinic_id, summaries, verdict)
     _check_syncs(conn, clinic_id, syncs, verdict)
-    if verdict.records == 0 and (verdict.predating or verdict.unchained):
-        verdict.problem(
+    if verdict.records == 0 and verdict.unrecorded:
+        verdict.problems.insert(  # first: it explains every "no audit record" after it
+            0,
             "audit_chain: holds no record of this clinic while the send ledger, run_summaries or "
-            "audience_sync_log hold rows: the chain was deleted, or the database predates it and "
-            "has recorded nothing since"
+            "audience_sync_log hold rows: the chain was deleted (it begins, when its table is made, "
+            "with what those tables held)",
         )
     return verdict
 
@@ -266,12 +320,10 @@ def _check_ledger(
         seen.add(key)
         want = expected.get(key)
         if want is None:
-            if verdict.first_recorded_at is None or _stamp(row.updated_at) < verdict.first_recorded_at:
-                verdict.predating += 1
-            else:
-                verdict.problem(
-                    f"send_ledger: {row.destination} {row.opaque_id} is {row.status} with no audit record"
-                )
+            verdict.unrecorded += 1
+            verdict.problem(
+                f"send_ledger: {row.destination} {row.opaque_id} is {row.status} with no audit record"
+            )
             continue
         verdict.states_checked += 1
         stored = row._mapping
@@ -290,21 +342,20 @@ def _check_ledger(
 
 def _check_mirror(
     table: str,
-    stored: Iterable[tuple[tuple[Any, ...], str, str]],
+    stored: Iterable[tuple[tuple[Any, ...], str]],
     chained: Mapping[tuple[Any, ...], int],
     what: Callable[[tuple[Any, ...]], str],
     verdict: Verdict,
 ) -> None:
-    """A table every row of which the chain also holds (``stored``: each row's key, its time as
-    ``_stamp`` text, and how to name it): a row the chain lacks was changed or added, a chained
-    one missing here was changed or deleted. Rows older than the chain predate it."""
+    """A table every row of which the chain also holds (``stored``: each row's key and how to
+    name it): a row the chain lacks was changed or added, a chained one missing here was changed
+    or deleted."""
     found = set()
-    for key, at, named in stored:
+    for key, named in stored:
         if key in chained:
             found.add(key)
-        elif verdict.first_recorded_at is None or at < verdict.first_recorded_at:
-            verdict.unchained += 1
         else:
+            verdict.unrecorded += 1
             verdict.problem(f"{table}: {named} has no audit record (changed or added)")
     for key, seq in chained.items():
         if key not in found:
@@ -314,15 +365,12 @@ def _check_mirror(
 def _check_summaries(
     conn: Connection, clinic_id: str, chained: dict[tuple[Any, ...], int], verdict: Verdict
 ) -> None:
-    rows = conn.execute(
-        sa.select(run_summaries.c.run_id, run_summaries.c.summary, run_summaries.c.recorded_at).where(
-            run_summaries.c.clinic_id == clinic_id
-        )
-    )
+    rows = conn.execute(sa.select(run_summaries).where(run_summaries.c.clinic_id == clinic_id))
     stored = (
-        ((r.run_id, _stamp(r.recorded_at), r.summary), _stamp(r.recorded_at), f"a summary of run {r.run_id}")
+        ((r.run_id, _stamp(r.recorded_at), r.start, r.end, bool(r.dry_run), r.target,
+          hashlib.sha256(r.summary.encode("utf-8")).hexdigest()), f"a summary of run {r.run_id}")
         for r in rows
-    )
+    )  # fmt: skip
     _check_mirror("run_summaries", stored, chained, lambda key: f"the summary of run {key[0]}", verdict)
 
 
@@ -332,7 +380,7 @@ def _check_syncs(
     rows = conn.execute(sa.select(audience_sync_log).where(audience_sync_log.c.clinic_id == clinic_id))
     stored = (
         ((r.destination, r.run_id, _stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)),
-         _stamp(r.synced_at), f"a {r.destination} sync of run {r.run_id}")
+         f"a {r.destination} sync of run {r.run_id}")
         for r in rows
     )  # fmt: skip
     _check_mirror(

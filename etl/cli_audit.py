@@ -313,7 +313,7 @@ def verify_audit(
             if not sa.inspect(conn).has_table("audit_chain"):
                 raise ConfigError(
                     "staging database: it holds no audit chain yet (made by an earlier version; "
-                    "the next run that records anything starts it)"
+                    "the next run, which opens it with this version, starts it)"
                 )
             verdict = audit.verify(conn, cfg.clinic_id, anchor=head)
     except MedspaError as exc:
@@ -323,7 +323,6 @@ def verify_audit(
         "records": verdict.records,
         "head": {"seq": verdict.head_seq, "sha256": verdict.head_sha256},
         "states_checked": verdict.states_checked,
-        "states_before_the_chain": verdict.predating,
         "problems": verdict.problems,
         "more_problems": verdict.more_problems,
     }
@@ -333,8 +332,7 @@ def verify_audit(
         verdict_line = "intact" if verdict.intact else "[bold red]NOT intact[/]"
         cli.out.print(f"audit chain of {cfg.clinic_id}: {verdict_line}; {verdict.records} records, "
                       f"head seq {verdict.head_seq} sha256 {verdict.head_sha256}")  # fmt: skip
-        cli.out.print(f"ledger states checked against it: {verdict.states_checked}"
-                      + (f" ({verdict.predating} written before the chain began)" if verdict.predating else ""))  # fmt: skip
+        cli.out.print(f"ledger states checked against it: {verdict.states_checked}")
         for problem in verdict.problems:
             cli.out.print(f"  {problem}", markup=False, highlight=False)
         if verdict.more_problems:

@@ -54,6 +54,10 @@ _FINAL_LITERALS: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{state}'") 
 
 
 def _utc(at: datetime) -> datetime:
+    """In UTC, as a plain datetime (a pandas Timestamp's nanoseconds cut here, not rounded by a
+    driver): the audit chain hashes exactly what the database stores."""
+    if hasattr(at, "to_pydatetime"):
+        at = at.to_pydatetime(warn=False)
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
 
 
@@ -151,7 +155,9 @@ def write_ledger(
                 else None,
                 "updated_at": at,
                 "consent_at": None if entry.get("consent_at") is None else _utc(entry["consent_at"]),
-                "consent_stated": entry.get("consent_stated"),
+                "consent_stated": None
+                if entry.get("consent_stated") is None
+                else bool(entry["consent_stated"]),
             }
         )
     if not rows:

@@ -341,8 +341,13 @@ def open_engine(url: str) -> Engine:
                 # the first night of a deployment opens an empty database from several task
                 # processes at once; without the lock all but one lose the CREATE TABLE race
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            chained = sa.inspect(conn).has_table("audit_chain")
             metadata.create_all(conn)
             _upgrade(conn)
+            if not chained:  # the chain starts from what an earlier version left (etl.audit)
+                from etl.audit import write_baselines
+
+                write_baselines(conn)
     except sa.exc.DBAPIError as exc:
         engine.dispose()
         raise _cannot_open(exc) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from etl import audit, ledger, store
@@ -82,6 +83,7 @@ def test_the_chain_real_runs_leave_verifies(sent: tuple[Path, Path, tuple[int, s
          "'2999-01-01 00:00:00.000000')", "is accepted with no audit record"),
         ("UPDATE run_summaries SET summary = replace(summary, '\"dry_run\": false', '\"dry_run\": true')",
          "run_summaries: a summary of run"),
+        ("UPDATE run_summaries SET target = 'live', dry_run = 1", "run_summaries: a summary of run"),
         ("DELETE FROM audience_sync_log WHERE destination = 'meta_audience'", "audience_sync_log: the meta_audience sync"),
         ("DELETE FROM audit_chain WHERE seq = 2", "audit_chain: record 2 is missing"),
         ("DELETE FROM audit_chain", "audit_chain: holds no record of this clinic"),
@@ -91,7 +93,7 @@ def test_the_chain_real_runs_leave_verifies(sent: tuple[Path, Path, tuple[int, s
          "was changed after it was written"),
     ],
     ids=["final-state-taken-back", "request-id-edited", "consent-time-edited", "send-time-edited",
-         "row-deleted", "row-forged", "summary-edited", "sync-deleted", "record-deleted", "chain-deleted",
+         "row-deleted", "row-forged", "summary-edited", "summary-columns-edited", "sync-deleted", "record-deleted", "chain-deleted",
          "record-garbled", "record-edited"],
 )  # fmt: skip
 def test_each_tampering_is_named(
@@ -222,21 +224,47 @@ def test_ledger_writes_replay_as_the_ledger_applied_them(tmp_path: Path) -> None
     ]
 
 
-def test_rows_written_before_the_chain_began_are_counted_not_judged(tmp_path: Path) -> None:
-    # a database an earlier version filled: its ledger states and summaries have no records
+def test_a_database_an_earlier_version_filled_starts_its_chain_from_what_it_held(tmp_path: Path) -> None:
+    # rows an earlier version left (planned, deferred after a request, accepted), then the next
+    # night on this version carries two over and sends them, and re-plans the accepted one
+    # (refused: a final state stays): all of it verifies; a row forged later with an old time
+    # does not pass as written before the chain
     old, now = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 23, tzinfo=UTC)
-    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
-        with engine.begin() as conn:
-            conn.execute(store.send_ledger.insert(), {"clinic_id": CLINIC, "destination": "meta_events",
-                         "opaque_id": "old", "status": "accepted", "run_id": "r0", "updated_at": old})  # fmt: skip
-            conn.execute(store.run_summaries.insert(), {"run_id": "r0", "recorded_at": old, "clinic_id": CLINIC,
-                         "start": "s", "end": "e", "dry_run": False, "target": "sandbox", "summary": "{}"})  # fmt: skip
-        with engine.connect() as conn:
-            before = audit.verify(audit.snapshot(conn), CLINIC)
-        assert not before.intact and "holds no record of this clinic" in before.problems[0]
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    with store.engine_for(url):
+        pass
+    earlier = sa.create_engine(url)  # the earlier version's database: every table but the chain
+    with earlier.begin() as conn:
+        conn.execute(sa.text("DROP TABLE audit_chain"))
+        for opaque_id, status, sent in (
+            ("a", "accepted", old),
+            ("b", "planned", None),
+            ("c", "deferred", old),
+        ):
+            conn.execute(store.send_ledger.insert(), {
+                "clinic_id": CLINIC, "destination": "meta_events", "opaque_id": opaque_id, "stage": "purchase",
+                "status": status, "run_id": "r0", "planned_at": old, "sent_at": sent, "updated_at": old,
+                "consent_at": old, "consent_stated": True})  # fmt: skip
+        conn.execute(store.run_summaries.insert(), {"run_id": "r0", "recorded_at": old, "clinic_id": CLINIC,
+                     "start": "s", "end": "e", "dry_run": False, "target": "sandbox",
+                     "summary": '{"dry_run": false, "end": "e", "start": "s", "target": "sandbox"}'})  # fmt: skip
+    earlier.dispose()
+    with store.engine_for(url) as engine:  # this version opens it: the chain begins
+        ledger.write_ledger(engine, CLINIC, "meta_events", [
+            {"opaque_id": "a", "status": "planned"}, {"opaque_id": "b", "status": "planned"},
+            {"opaque_id": "c", "status": "planned"}], run_id="r1", at=now)  # fmt: skip
+        ledger.write_ledger(engine, CLINIC, "meta_events", [
+            {"opaque_id": "b", "status": "accepted", "request_id": "q"},
+            {"opaque_id": "c", "status": "accepted", "request_id": "q"}], run_id="r1", at=now)  # fmt: skip
         summary = {"clinic_id": CLINIC, "start": "s", "end": "e", "dry_run": False, "target": "sandbox"}
-        ledger.record_summary(engine, summary, run_id="r1", at=now)  # the first run of this version
+        ledger.record_summary(engine, summary, run_id="r1", at=now)
         with engine.connect() as conn:
             after = audit.verify(audit.snapshot(conn), CLINIC)
-    assert after.intact, after.problems
-    assert (after.records, after.predating, after.unchained) == (1, 1, 1)
+        assert after.intact, after.problems
+        assert (after.records, after.states_checked) == (4, 3)  # the baseline, two writes, a summary
+        with engine.begin() as conn:
+            conn.execute(store.send_ledger.insert(), {"clinic_id": CLINIC, "destination": "meta_events",
+                         "opaque_id": "d", "status": "accepted", "run_id": "r0", "updated_at": old})  # fmt: skip
+        with engine.connect() as conn:
+            forged = audit.verify(audit.snapshot(conn), CLINIC)
+    assert forged.problems == ["send_ledger: meta_events d is accepted with no audit record"]
