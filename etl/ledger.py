@@ -145,7 +145,7 @@ def write_ledger(
                 # a code longer than any known one is still recorded, cut, not refused: the
                 # batch it describes has already gone out
                 "code": entry["code"][:CODE_WIDTH] if entry.get("code") else entry.get("code"),
-                "request_id": entry.get("request_id"),
+                "request_id": None if entry.get("request_id") is None else str(entry["request_id"]),
                 "run_id": run_id,
                 "planned_at": at if status == "planned" else None,
                 # when a request first carried it: a row our own checks refused never left, and
