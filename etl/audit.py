@@ -2,8 +2,9 @@
 
 The compliance checklist (shared reference, hipaa-and-peers.md section 2, item 11) asks for an
 audit trail that is append-only and tamper-evident. The send ledger cannot be that by itself:
-it holds each conversion's state *now* (planned, then deferred, then accepted). So every write
-that records an outcome also appends, in the same transaction, one row to ``audit_chain``:
+it holds each conversion's state *now* (planned, then deferred, then accepted). So every ledger
+write, list sync and run summary also appends, in the same transaction, one row to
+``audit_chain``:
 
 - ``outcomes``: the rows one ledger write gave the upsert (``planned`` included: the plan writes
   the authorization time a conversion leaves under), by opaque ID, with state, code, request
