@@ -375,6 +375,8 @@ def run_upload(
         spec = run_spec(config_path, start, end)
         if target == "live" and (refusal := tasks.legal_basis_refusal(spec.config, family)) is not None:
             raise refusal  # before the platform's credentials are read
+        if (halt := tasks.stop_refusals(spec).get(family)) is not None:
+            raise halt  # the kill switch (etl.switches): before the credentials too
         environ = live_environ(spec.config, (family,)) if target == "live" else None
         result = tasks.upload(spec, family, target=target, environ=environ)
     if "skipped" in result:
@@ -394,7 +396,7 @@ def run_sync_suppression(
         spec = run_spec(config_path, start, end)
         environ = None
         if target == "live":  # only the credentials of platforms whose lists may be touched
-            refused = tasks.list_refusals(spec.config)
+            refused = {**tasks.list_refusals(spec.config), **tasks.stop_refusals(spec)}
             environ = live_environ(spec.config, tuple(f for f in ("google", "meta") if f not in refused))
         result = tasks.sync_suppression(spec, target=target, environ=environ)
     if "skipped" in result:

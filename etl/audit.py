@@ -11,19 +11,21 @@ write, list sync and run summary also appends, in the same transaction, one row 
   ID, stage, authorization time and whether a request carried it;
 - ``audience_sync``: a list sync the platform confirmed (counts, as ``audience_sync_log``);
 - ``run_summary``: a run summary as ``run_summaries`` stores it;
+- ``send_stop``: a platform's sends stopped or resumed (``etl.switches``, the kill switch);
 - ``baseline``: what the ledger, ``run_summaries`` and ``audience_sync_log`` held when the
   chain's table was made (``write_baselines``): a database an earlier version filled.
 
 Each row's ``sha256`` covers its own fields and the previous row's ``sha256`` (per clinic, ``seq``
 1, 2, ...). ``verify`` walks the chain, then replays the outcomes and compares them with the
-ledger, ``run_summaries`` and ``audience_sync_log``: a row edited, deleted or added in any of them,
+ledger, ``run_summaries``, ``audience_sync_log`` and ``send_stops``: a row edited, deleted or added in any of them,
 or in the chain, is named by table, sequence number, destination or opaque ID and the columns
 that differ, never by value.
 
 What it does not stop: someone with write access who rewrites the chain from some point on and
 the tables with it. Each report logs the chain's head (``seq`` and ``sha256``); kept apart (the
 Airflow task log, a ticket), a head the chain no longer holds shows that rewrite
-(``verify --head``). Nothing here is PHI: opaque IDs, codes, request IDs, counts.
+(``verify --head``). Nothing here is PHI: opaque IDs, codes, request IDs, counts, and the
+OS account that stopped or resumed a platform.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.store import audience_sync_log, audit_chain, exclusive, run_summaries, send_ledger
+from etl.store import audience_sync_log, audit_chain, exclusive, run_summaries, send_ledger, send_stops
 
 GENESIS = "0" * 64  # the previous sha256 of a clinic's first record
 # as ledger.FINAL_STATES (not imported: ledger imports this module)
@@ -46,7 +48,8 @@ _FINAL = frozenset({"sent", "accepted", "rejected", "already_sent"})
 _MAX_PROBLEMS = 50
 
 
-def _stamp(at: datetime) -> str:
+def stamp(at: datetime) -> str:
+    """A time as the chain holds it: ISO UTC text to the microsecond (a naive time is UTC)."""
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
 
 
@@ -74,12 +77,12 @@ def append(
     exclusive(conn, "audit", clinic_id)
     last = _last(conn, clinic_id)
     seq, prev = (1, GENESIS) if last is None else (last[0] + 1, last[1])
-    stamp, text = _stamp(at), _text(record)
+    when, text = stamp(at), _text(record)
     conn.execute(
         audit_chain.insert(),
-        {"clinic_id": clinic_id, "seq": seq, "recorded_at": stamp, "kind": kind, "run_id": run_id,
+        {"clinic_id": clinic_id, "seq": seq, "recorded_at": when, "kind": kind, "run_id": run_id,
          "record": text, "prev_sha256": prev,
-         "sha256": _digest(prev, seq, clinic_id, stamp, kind, run_id, text)},
+         "sha256": _digest(prev, seq, clinic_id, when, kind, run_id, text)},
     )  # fmt: skip
 
 
@@ -106,11 +109,11 @@ def write_baselines(conn: Connection) -> None:
     )
     for clinic_id in clinics:
         summaries = [
-            list(_summary_key(r.run_id, _stamp(r.recorded_at), r.summary))
+            list(_summary_key(r.run_id, stamp(r.recorded_at), r.summary))
             for r in conn.execute(sa.select(run_summaries).where(run_summaries.c.clinic_id == clinic_id))
         ]
         syncs = [
-            [r.destination, r.run_id, _stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)]
+            [r.destination, r.run_id, stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)]
             for r in conn.execute(
                 sa.select(audience_sync_log).where(audience_sync_log.c.clinic_id == clinic_id)
             )
@@ -136,7 +139,7 @@ def outcomes_record(destination: str, rows: Iterable[Mapping[str, Any]]) -> dict
     the record's own (``at``): ``transmitted`` says whether it sets ``sent_at``."""
     kept = [
         [r["opaque_id"], r["status"], r["code"], r["request_id"], r["stage"],
-         None if r["consent_at"] is None else _stamp(r["consent_at"]), r["consent_stated"],
+         None if r["consent_at"] is None else stamp(r["consent_at"]), r["consent_stated"],
          r["sent_at"] is not None]
         for r in rows
     ]  # fmt: skip
@@ -184,7 +187,7 @@ class Verdict:
 
 @dataclass
 class _Row:
-    """A ledger row as the replayed records make it (times as ``_stamp`` text)."""
+    """A ledger row as the replayed records make it (times as ``stamp`` text)."""
 
     status: str
     code: str | None
@@ -237,6 +240,7 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
     expected: dict[tuple[str, str], _Row] = {}
     summaries: dict[tuple[Any, ...], int] = {}
     syncs: dict[tuple[Any, ...], int] = {}
+    stops: dict[str, tuple[tuple[Any, ...], int]] = {}  # platform -> (the stop's row, its record)
     prev, anchored = GENESIS, anchor is None
     rows = conn.execute(
         sa.select(audit_chain).where(audit_chain.c.clinic_id == clinic_id).order_by(audit_chain.c.seq)
@@ -273,9 +277,15 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
                 summaries.update((tuple(key), row.seq) for key in record["summaries"])
                 syncs.update((tuple(key), row.seq) for key in record["syncs"])
             elif row.kind == "audience_sync":
-                sync = (record["destination"], row.run_id, _stamp(datetime.fromisoformat(record["synced_at"])),
+                sync = (record["destination"], row.run_id, stamp(datetime.fromisoformat(record["synced_at"])),
                         record["adds"], record["removes"], record["full_resync"])  # fmt: skip
                 syncs[sync] = row.seq
+            elif row.kind == "send_stop":
+                if record["state"] == "stopped":
+                    stop = (record["platform"], record["reason"], record["by"], record["stopped_at"])
+                    stops[record["platform"]] = (stop, row.seq)
+                else:
+                    stops.pop(record["platform"], None)
         except (ValueError, KeyError, TypeError, IndexError):
             verdict.problem(f"audit_chain: record {row.seq} ({row.kind}) cannot be read")
     if not anchored:
@@ -285,6 +295,7 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
     _check_ledger(conn, clinic_id, expected, verdict)
     _check_summaries(conn, clinic_id, summaries, verdict)
     _check_syncs(conn, clinic_id, syncs, verdict)
+    _check_stops(conn, clinic_id, dict(stops.values()), verdict)
     if verdict.records == 0 and verdict.unrecorded:
         verdict.problems.insert(  # first: it explains every "no audit record" after it
             0,
@@ -302,7 +313,7 @@ _TIMES = frozenset({"consent_at", "planned_at", "sent_at", "updated_at"})
 
 def _stored(value: Any, name: str) -> Any:
     if name in _TIMES and value is not None:
-        return _stamp(value)
+        return stamp(value)
     if name == "consent_stated" and value is not None:
         return bool(value)
     return value
@@ -368,7 +379,7 @@ def _check_summaries(
 ) -> None:
     rows = conn.execute(sa.select(run_summaries).where(run_summaries.c.clinic_id == clinic_id))
     stored = (
-        ((r.run_id, _stamp(r.recorded_at), r.start, r.end, bool(r.dry_run), r.target,
+        ((r.run_id, stamp(r.recorded_at), r.start, r.end, bool(r.dry_run), r.target,
           hashlib.sha256(r.summary.encode("utf-8")).hexdigest()), f"a summary of run {r.run_id}")
         for r in rows
     )  # fmt: skip
@@ -380,10 +391,23 @@ def _check_syncs(
 ) -> None:
     rows = conn.execute(sa.select(audience_sync_log).where(audience_sync_log.c.clinic_id == clinic_id))
     stored = (
-        ((r.destination, r.run_id, _stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)),
+        ((r.destination, r.run_id, stamp(r.synced_at), r.adds, r.removes, bool(r.full_resync)),
          f"a {r.destination} sync of run {r.run_id}")
         for r in rows
     )  # fmt: skip
     _check_mirror(
         "audience_sync_log", stored, chained, lambda key: f"the {key[0]} sync of run {key[1]}", verdict
     )
+
+
+def _check_stops(
+    conn: Connection, clinic_id: str, chained: dict[tuple[Any, ...], int], verdict: Verdict
+) -> None:
+    """The kill switch's rows against the stops the chain leaves standing: one deleted outside
+    ``etl.switches`` resumed sends with no record of who did it."""
+    if not sa.inspect(conn).has_table("send_stops"):  # a copy made before the switch existed
+        rows: list[Any] = []
+    else:
+        rows = list(conn.execute(sa.select(send_stops).where(send_stops.c.clinic_id == clinic_id)))
+    stored = (((r.platform, r.reason, r.stopped_by, r.stopped_at), f"a stop of {r.platform}") for r in rows)
+    _check_mirror("send_stops", stored, chained, lambda key: f"the stop of {key[0]}", verdict)

@@ -25,7 +25,8 @@ from rich.table import Table
 
 from etl.cli_audit import register as register_audit
 from etl.cli_quality import register as register_quality
-from etl.config import ClinicConfig, load_config, resolve_id_secret
+from etl.cli_switch import register as register_switch
+from etl.config import PLATFORM_DESTINATIONS, ClinicConfig, load_config, resolve_id_secret
 from etl.errors import (
     ConfigError,
     DestinationConfigError,
@@ -99,7 +100,11 @@ def _ready_for_live(cfg: Any, database: str | None, *, validate_only: bool = Fal
         if validate_only
         else run_checks(cfg, os.environ, database=database)
     )
-    problems = [item for item, status in checks if needs_attention(status)]
+    # a stopped platform (the kill switch) holds back only its own sends: the run says so and
+    # exits 10 after the others went
+    problems = [
+        item for item, status in checks if needs_attention(status) and not item.startswith("kill switch.")
+    ]
     if problems:
         raise ConfigError(
             f"not ready for a live run: {', '.join(problems)}; `medspa-conversions doctor --config ...` "
@@ -208,7 +213,9 @@ def run(
     daily_quota), 7 the staging database refused the load or cannot be opened, 8 another
     process is sending to the same clinic's platform or working on the same run (nothing sent
     or changed; rerun after it ends), 9 the machine refused a file the run writes (a full disk,
-    a file size limit, a folder it may not write; rerun once it is fixed). Examples:
+    a file size limit, a folder it may not write; rerun once it is fixed), 10 sending to a
+    platform is stopped (the kill switch: `stop-sending`; a run with every platform stopped
+    stops before the extract). Examples:
 
         medspa-conversions run --config clinic.yaml --start 2026-10-01 --end 2026-11-23 --dry-run
 
@@ -310,6 +317,13 @@ def execute_run(
     spec = tasks.RunSpec(config=cfg, window=window, database=database, outbox=outbox)
     with spec.engine():  # a wrong or unreachable database fails now, not after the extract
         pass
+    if not dry_run:  # the kill switch (etl.switches), before minutes of extract and plan
+        halted = tasks.stop_refusals(spec)
+        configured = [p for p in PLATFORM_DESTINATIONS if getattr(cfg, p) is not None]
+        if halted and len(halted) == len(configured):
+            raise next(iter(halted.values()))  # nothing could be sent
+        for halt in halted.values():
+            err.print(f"[bold yellow]{rich.markup.escape(str(halt))}[/]", highlight=False)
     # the whole run holds its folder: a second run of this interval started meanwhile is refused
     # (exit 8) instead of clearing this one's outbox under it
     announce = on_step or (lambda _name: None)
@@ -405,7 +419,7 @@ def doctor(
         str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
     ] = None,
 ) -> None:
-    """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials, legal basis.
+    """Check a clinic's readiness for a live run: config, exports, database, ID secret, credentials, legal basis, kill switch.
 
     CSV exports are opened as a run opens them (encoding, header, the profile's required
     columns); SQL sources are checked for their query file. Prints one line per check and
@@ -441,6 +455,7 @@ def main() -> None:
 
 register_quality(app)
 register_audit(app)
+register_switch(app)
 
 
 if __name__ == "__main__":

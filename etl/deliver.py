@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from etl import leases, ledger, store
+from etl import leases, ledger, store, switches
 from etl.config import ClinicConfig
 from etl.destinations.base import (
     AudienceDestination,
@@ -160,7 +160,16 @@ def _upload(
             engine, config.clinic_id, name, _planned(config, name, todo), run_id=run_id, at=clock()
         )
     batches = [todo[lo : lo + destination.max_batch] for lo in range(0, len(todo), destination.max_batch)]
+    platform = switches.platform_of(name)
     for number, batch in enumerate(batches, start=1):
+        if (halt := switches.refusal(engine, config.clinic_id, platform)) is not None:
+            # the kill switch, thrown while this upload runs: the batches not reached stay planned
+            counts["stopped"] = "kill_switch"
+            counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
+            halt.counts = counts
+            log.warning("%s: sending stopped (kill switch) after %d of %d batches; the rest stays planned",
+                        name, number - 1, len(batches))  # fmt: skip
+            raise halt
         stages = {r[id_field]: _stage_of(config, name, r) for r in batch}
         if lease is not None:
             lease.check()
@@ -458,6 +467,8 @@ def sync_audience(
                                                            run_id=run_id or "unnamed")  # fmt: skip
     with held:
         name = destination.name
+        if (halt := switches.refusal(engine, config.clinic_id, switches.platform_of(name))) is not None:
+            raise halt  # before anything is written ahead or sent
         newest = ledger.latest_synced_end(engine, config.clinic_id, name) if run_end is not None else None
         if newest is not None and run_end is not None and newest > run_end.astimezone(UTC):
             # planned before a later run synced (e.g. backfill runs side by side): this delta is

@@ -90,6 +90,29 @@ def legal_basis_checks(config: ClinicConfig, now: datetime) -> list[tuple[str, s
     return checks
 
 
+def kill_switch_checks(config: ClinicConfig, database: str | None) -> list[tuple[str, str]]:
+    """Each configured platform's kill switch (``etl.switches``), read without creating or
+    changing anything: a database not made yet (or one made before the switch) stops nothing."""
+    from etl import store, switches
+    from etl.errors import MedspaError
+
+    try:
+        with (
+            store.existing_for_reading(config.resolved_database_url(database)) as (engine, _),
+            engine.connect() as conn,
+        ):
+            made = sa.inspect(conn).has_table("send_stops")
+            stops = switches.stopped(conn, config.clinic_id) if made else {}
+    except (MedspaError, sa.exc.SQLAlchemyError):  # the staging database check says what is wrong
+        return []
+    return [
+        (f"kill switch.{platform}", "ok (sending)" if platform not in stops
+         else f"{stops[platform].describe()} (`medspa-conversions resume-sending` lifts it)")
+        for platform in PLATFORM_DESTINATIONS
+        if getattr(config, platform) is not None
+    ]  # fmt: skip
+
+
 def needs_attention(status: str) -> bool:
     """Missing or invalid, unless the check itself says the item is optional."""
     return not status.startswith("ok") and "optional" not in status
@@ -120,4 +143,5 @@ def run_checks(
     if config.meta is not None:
         checks.extend(doctor_meta(config, environ))
     checks.extend(legal_basis_checks(config, now or datetime.now(UTC)))
+    checks.extend(kill_switch_checks(config, database))
     return checks

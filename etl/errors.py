@@ -114,6 +114,15 @@ class LegalBasisRefused(DestinationConfigError):
     exit_code = 2
 
 
+class SendingStopped(DestinationConfigError):
+    """Someone stopped the clinic's sends to the platform (the kill switch, ``etl.switches``):
+    nothing more goes there until ``resume-sending``. Every path that stops one platform's sends
+    and records what was decided before handles it as it handles an account problem; the
+    unsent rows stay planned, so a run after the resume sends them once."""
+
+    exit_code = 10
+
+
 class QuotaExhausted(_Stop):
     """The platform's daily quota is spent: what is unsent stays planned for the next run."""
 

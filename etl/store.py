@@ -260,6 +260,19 @@ send_leases = sa.Table(
     sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# The kill switch (etl.switches): a row stops every send of the clinic to the platform, from
+# this database and so from every machine that sends from it; its removal resumes them. Both
+# go into the audit chain, so a row removed or edited outside the switch shows.
+send_stops = sa.Table(
+    "send_stops",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("platform", sa.String(16), primary_key=True),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("stopped_by", sa.String(64), nullable=False),
+    sa.Column("stopped_at", sa.String(40), nullable=False),  # ISO UTC text, as the chain holds it
+)
+
 run_summaries = sa.Table(
     "run_summaries",
     metadata,

@@ -24,7 +24,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from etl import audit, deliver, leases, ledger, pipeline, store
+from etl import audit, deliver, leases, ledger, pipeline, store, switches
 from etl.config import ClinicConfig, load_config
 from etl.errors import (
     ConfigError,
@@ -33,6 +33,7 @@ from etl.errors import (
     MedspaError,
     NotPlanned,
     QuotaExhausted,
+    SendingStopped,
     SendInProgress,
     StagingError,
 )
@@ -297,6 +298,17 @@ def list_refusals(config: ClinicConfig) -> dict[Family, LegalBasisRefused]:
     return refusals
 
 
+def stop_refusals(spec: RunSpec) -> dict[Family, SendingStopped]:
+    """The configured platforms whose sends the kill switch stopped (``etl.switches``), each
+    with the error a send to it raises."""
+    families = [f for f in _FAMILY if getattr(spec.config, _PLATFORM[f]) is not None]
+    if not families:
+        return {}
+    with spec.engine() as engine:
+        found = {f: switches.refusal(engine, spec.config.clinic_id, _PLATFORM[f]) for f in families}
+    return {f: halt for f, halt in found.items() if halt is not None}
+
+
 def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
     """The time the platforms judge event age by: Meta measures it when it receives the event.
 
@@ -329,7 +341,10 @@ def upload(
     summary = _published_summary(spec)
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
-    refusal = legal_basis_refusal(spec.config, family) if target == "live" else None
+    refusal: DestinationConfigError | None = (
+        legal_basis_refusal(spec.config, family) if target == "live" else None
+    )
+    refusal = stop_refusals(spec).get(family) or refusal  # the kill switch, on every target
     if refusal is not None:  # before the ledger or the platform is touched
         raise refusal
     name = _FAMILY[family][0]
@@ -389,7 +404,9 @@ def sync_suppression(
     out: dict[str, Any] = {"run_id": spec.run_id}
     # a platform without a current legal basis is not opened at all; the other one's list still
     # syncs (its removals of people who revoked must not wait on this one's paperwork)
-    refusals = list_refusals(spec.config) if target == "live" else {}
+    refusals: dict[Family, MedspaError] = {**(list_refusals(spec.config) if target == "live" else {})}
+    refusals.update((f, halt) for f, halt in stop_refusals(spec).items()
+                    if spec.config.mirrors_a_list(_PLATFORM[f]))  # fmt: skip
     stops: list[MedspaError] = []
     for family, refusal in refusals.items():
         log.error("%s: %s", _FAMILY[family][1], refusal)

@@ -206,4 +206,12 @@ CREATE TABLE send_ledger (
 	consent_stated BOOLEAN,
 	PRIMARY KEY (clinic_id, destination, opaque_id)
 );
+CREATE TABLE send_stops (
+	clinic_id VARCHAR(64) NOT NULL,
+	platform VARCHAR(16) NOT NULL,
+	reason VARCHAR(32) NOT NULL,
+	stopped_by VARCHAR(64) NOT NULL,
+	stopped_at VARCHAR(40) NOT NULL,
+	PRIMARY KEY (clinic_id, platform)
+);
 CREATE INDEX ix_journey_siblings_reverse ON journey_siblings (clinic_id, sibling_id, opaque_id);

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from etl import deliver, ledger, store, tasks
+from etl import deliver, ledger, store, switches, tasks
 from etl.config import ClinicConfig, load_config
-from etl.errors import ConfigError, LegalBasisRefused, QuotaExhausted
+from etl.errors import ConfigError, LegalBasisRefused, QuotaExhausted, SendingStopped
 from etl.targets import open_destinations, started_sandboxes
 from tests.conftest import APPT_HEADER, BASE_CONFIG, DATA, ONE_LEAD, SECRET, make_config, visit
 
@@ -90,13 +91,17 @@ def sandboxes(clinic_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 def upload(spec: tasks.RunSpec, family: str, sandboxes: dict[str, Any], *, batch: int,
-           kill_after: int | None = None, quota_after: int | None = None) -> dict[str, Any]:  # fmt: skip
+           kill_after: int | None = None, quota_after: int | None = None,
+           after_batch: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """One platform's upload with small batches; optionally 'killed' after ``kill_after`` batches,
-    or stopped by the platform's daily quota after ``quota_after`` requests."""
+    or stopped by the platform's daily quota after ``quota_after`` requests; ``after_batch`` is
+    called with each batch's number once it is recorded."""
 
     def on_batch(number: int, total: int) -> None:
         if kill_after is not None and number == kill_after:
             raise Killed
+        if after_batch is not None:
+            after_batch(number)
 
     with (
         store.engine_for(spec.config.resolved_database_url(spec.database)) as engine,
@@ -713,3 +718,95 @@ def test_a_platform_sending_conversions_only_needs_no_legal_basis_for_the_other_
     out = tasks.sync_suppression(spec, target="live")
     assert out["google_customer_match"]["adds"] > 20
     assert len(sandboxes["google"].list_members(cfg.google_ads.suppression_user_list)) > 20
+
+
+@pytest.mark.parametrize(("family", "api"), FAMILIES, ids=IDS)
+def test_the_kill_switch_thrown_mid_upload_stops_it_before_the_next_batch_and_a_resume_sends_the_rest_once(
+    family: str, api: str, clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, api)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+    name, platform = ("meta_events", "meta") if family == "meta" else ("google_conversions", "google_ads")
+    planned = [r["event_id" if family == "meta" else "order_id"] for r in _rows(spec, name)]
+    assert len(planned) > 60, "the fixture must need several batches"
+    at = datetime.fromisoformat("2026-11-23T01:00:00+00:00")
+
+    def thrown_from_elsewhere(number: int) -> None:  # as `stop-sending` on another machine would
+        if number == 2:
+            with store.engine_for(db) as other:
+                switches.stop(other, cfg.clinic_id, [platform], reason="incident", by="oncall", at=at)
+
+    with pytest.raises(
+        SendingStopped, match=rf"{platform}: sending is stopped since .* reason incident"
+    ) as stop:
+        upload(spec, family, sandboxes, batch=25, after_batch=thrown_from_elsewhere)
+    assert sum(sent_once(sandboxes, family).values()) == 50  # two batches, not a third
+    assert stop.value.counts is not None
+    assert stop.value.counts["stopped"] == "kill_switch" and stop.value.counts["sent"] == 50
+    with store.engine_for(db) as engine:
+        states = Counter(e.status for e in ledger.read_ledger(engine, cfg.clinic_id, name).values())
+    assert states["planned"] == len(planned) - 50  # the rest waits, recorded as not sent
+
+    # while it stands the step is refused before the platform is opened (no adapter built)
+    from etl import targets
+
+    def never_opened(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the stopped platform was opened")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(targets, "open_destinations", never_opened)
+        with pytest.raises(SendingStopped):
+            tasks.upload(spec, family, target="sandbox", sandboxes=sandboxes, retry_wait=0)  # type: ignore[arg-type]
+    assert sum(sent_once(sandboxes, family).values()) == 50
+
+    with store.engine_for(db) as engine:
+        switches.resume(engine, cfg.clinic_id, [platform], by="oncall", at=at)
+    counts = upload(spec, family, sandboxes, batch=25)
+    received = sent_once(sandboxes, family)
+    assert set(received) == set(planned) and max(received.values()) == 1
+    assert counts["sent"] == len(planned)  # this run's, the 50 before the stop included
+
+
+def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.meta is not None and cfg.meta.suppression_audience_id
+    assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+    with store.engine_for(db) as engine:
+        switches.stop(engine, cfg.clinic_id, ["meta"], reason="consent_problem", by="oncall",
+                      at=datetime.fromisoformat("2026-11-23T01:00:00+00:00"))  # fmt: skip
+    from etl import targets
+
+    opened: list[Any] = []
+    real_open = targets.open_destinations
+
+    def recorded(config: ClinicConfig, target: str, **kwargs: Any) -> Any:
+        opened.append(kwargs.get("only"))
+        return real_open(config, target, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(targets, "open_destinations", recorded)
+        with pytest.raises(SendingStopped, match="meta: sending is stopped"):
+            tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    assert opened == ["google"]  # Meta's adapters never built
+    assert sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id) == frozenset()
+    assert len(sandboxes["google"].list_members(cfg.google_ads.suppression_user_list)) > 20
+    # a sync that opened the platform before the stop (the other list went first) checks again
+    with (
+        store.engine_for(db) as engine,
+        open_destinations(cfg, "sandbox", now=spec.window.end, sandboxes=sandboxes, only="meta",
+                          retry_wait=0) as dests,
+        pytest.raises(SendingStopped),
+    ):  # fmt: skip
+        deliver.sync_audience(cfg, engine, spec.paths.outbox, dests.audiences["meta_audience"],
+                              full_resync=False, clock=lambda: spec.window.end, run_id=spec.run_id,
+                              run_end=spec.window.end)  # fmt: skip
+    assert sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id) == frozenset()
+    with store.engine_for(db) as engine:
+        assert ledger.read_audience_state(engine, cfg.clinic_id, "meta_audience") == {}
+        assert ledger.read_pending_adds(engine, cfg.clinic_id, "meta_audience") == {}  # nothing written ahead
+    assert not (spec.paths.results / "meta_audience.json").exists()

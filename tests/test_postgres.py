@@ -535,3 +535,36 @@ def test_postgres_audit_records_written_at_once_each_get_their_own_place(postgre
     verdict = record_batches_at_once(postgres_url, "pg-audit")
     assert verdict.intact, verdict.problems
     assert verdict.records == 50 and verdict.states_checked == 150
+
+
+def test_postgres_one_platform_stopped_by_two_people_at_once_keeps_one_stop(postgres_url: str) -> None:
+    # two on-call engineers throw the kill switch within the same second: without the clinic's
+    # lock both read "not stopped" and the second insert fails on the primary key
+    import threading
+
+    from etl import audit, switches
+
+    url = _fresh_database(postgres_url, "medspa_switch")
+    at = datetime(2026, 11, 24, tzinfo=UTC)
+    failures: list[str] = []
+    with store.engine_for(url) as engine:
+        go = threading.Barrier(4)
+
+        def stop(reason: str) -> None:
+            go.wait()
+            try:
+                switches.stop(engine, "pg-switch", ["meta"], reason=reason, by="oncall", at=at)
+            except Exception as exc:  # collected for the assertion below
+                failures.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=stop, args=(r,)) for r in switches.REASONS[:4]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert list(switches.stopped(engine, "pg-switch")) == ["meta"]
+        with engine.connect() as conn:
+            verdict = audit.verify(conn, "pg-switch")
+    assert verdict.intact, verdict.problems
+    assert verdict.records == 1

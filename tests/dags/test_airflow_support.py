@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from etl import airflow_support as support
 from etl.config import load_config
@@ -266,35 +267,78 @@ def test_the_alert_mail_goes_through_the_smtp_connection_a_variable_names(
     assert b"Subject: medspa-conversions: x failed" in data
 
 
+WINDOW = (datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC))
+
+
+def _published_live_plan(folder: Path, config: dict[str, Any]) -> tuple[Path, Any]:
+    """A clinic YAML and its published live plan, as the night's earlier tasks leave them."""
+    import shutil
+
+    import yaml
+
+    from etl import tasks
+    from tests.conftest import DATA, SECRET
+
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "refund" / name, folder / name)
+    path = folder / "clinic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spec = support.run_spec(path, *WINDOW)
+    for step in (tasks.extract, tasks.stage, tasks.validate_inputs):
+        step(spec)
+    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="live")
+    tasks.validate_outbound(spec)
+    return path, spec
+
+
 def test_a_live_send_without_a_legal_basis_fails_at_once_before_reading_credentials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # no compliance.legal_basis entry at all: neither the upload nor the list sync reads the
     # platform's connection, and neither is retried (renewing the review is a change to the YAML)
-    import shutil
-
-    import yaml
     from airflow.sdk.exceptions import AirflowFailException
 
-    from etl import tasks
-    from tests.conftest import BASE_CONFIG, DATA, SECRET
+    from tests.conftest import BASE_CONFIG
 
-    for name in ("appointments.csv", "leads.csv"):
-        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
-    path = tmp_path / "clinic.yaml"
-    path.write_text(yaml.safe_dump(BASE_CONFIG))
-    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
-    spec = support.run_spec(path, start, end)
-    for step in (tasks.extract, tasks.stage, tasks.validate_inputs):
-        step(spec)
-    tasks.build_conversions(spec, secret=SECRET, dry_run=False, target="live")
-    tasks.validate_outbound(spec)  # a published live plan, as the night's earlier tasks leave it
+    path, _spec = _published_live_plan(tmp_path, BASE_CONFIG)
     read: list[Any] = []
     monkeypatch.setattr(support, "live_environ", lambda config, families: read.append(tuple(families)) or {})
     for family in ("google", "meta"):
         key = "google_ads" if family == "google" else "meta"
         with pytest.raises(AirflowFailException, match=rf"compliance\.legal_basis\.{key}"):
-            support.run_upload(family, str(path), start, end, {"target": "live"})  # type: ignore[arg-type]
+            support.run_upload(family, str(path), *WINDOW, {"target": "live"})  # type: ignore[arg-type]
     with pytest.raises(AirflowFailException, match=r"compliance\.legal_basis\.google_ads"):
-        support.run_sync_suppression(str(path), start, end, {"target": "live"})
+        support.run_sync_suppression(str(path), *WINDOW, {"target": "live"})
     assert read == [()]  # the sync asked for no platform's credentials
+
+
+def test_a_platform_the_kill_switch_stopped_fails_at_once_before_reading_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a current legal basis for both, and both platforms stopped (`stop-sending --platform all`):
+    # live or sandbox, neither upload nor the list sync reads a connection, and none is retried
+    # (a stop is lifted by a person, not by waiting)
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from etl import store, switches
+    from tests.conftest import BASE_CONFIG
+
+    entry = {"basis": "marketing_authorization", "baa": False, "valid_until": "2099-12-31"}
+    config = {**BASE_CONFIG, "compliance": {"legal_basis": {"google_ads": entry, "meta": entry}}}
+    path, spec = _published_live_plan(tmp_path, config)
+    with spec.engine() as engine:
+        switches.stop(engine, spec.config.clinic_id, ["google_ads", "meta"], reason="incident", by="oncall",
+                      at=datetime(2026, 7, 1, tzinfo=UTC))  # fmt: skip
+    read: list[Any] = []
+    monkeypatch.setattr(support, "live_environ", lambda config, families: read.append(tuple(families)) or {})
+    for target in ("live", "sandbox"):
+        for family in ("google", "meta"):
+            key = "google_ads" if family == "google" else "meta"
+            with pytest.raises(AirflowFailException, match=rf"{key}: sending is stopped since .*kill switch"):
+                support.run_upload(family, str(path), *WINDOW, {"target": target})  # type: ignore[arg-type]
+        with pytest.raises(AirflowFailException, match=r"sending is stopped since"):
+            support.run_sync_suppression(str(path), *WINDOW, {"target": target})
+    assert read == [()]  # the live sync asked for no platform's credentials
+    with spec.engine() as engine, engine.connect() as conn:  # the plan's rows wait, unsent
+        assert set(conn.execute(sa.select(store.send_ledger.c.status)).scalars()) == {"planned"}
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.audience_state)).scalar() == 0

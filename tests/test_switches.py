@@ -1,0 +1,187 @@
+"""The kill switch (``etl.switches``): stop and resume, through the CLI, and what the audit chain
+makes of a stop changed behind its back. What a stop does to uploads in flight and to list
+syncs is in tests/test_delivery.py, to Airflow tasks in tests/dags/test_airflow_support.py."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from typer.testing import CliRunner
+
+from etl import audit, store, switches
+from etl.cli import app
+from etl.errors import ConfigError
+from tests.conftest import BASE_CONFIG, DATA
+
+RUNNER = CliRunner()
+CLINIC = BASE_CONFIG["clinic_id"]
+AT = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def clinic(tmp_path: Path) -> Path:
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "reschedule" / name, tmp_path / name)
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    return tmp_path / "clinic.yaml"
+
+
+def invoke(*argv: str) -> Any:
+    return RUNNER.invoke(app, list(argv), env={"COLUMNS": "250"})
+
+
+def db_url(config: Path) -> str:
+    return f"sqlite:///{config.parent / 'switch.sqlite'}"
+
+
+def verdict(url: str) -> audit.Verdict:
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        return audit.verify(audit.snapshot(conn), CLINIC)
+
+
+def test_a_stop_stands_until_resumed_and_a_second_stop_keeps_the_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    with store.engine_for(url) as engine:
+        first = switches.stop(engine, CLINIC, ["meta"], reason="incident", by="oncall", at=AT)
+        assert list(first) == ["meta"]
+        assert first["meta"] == switches.Stop(
+            "meta", "incident", "oncall", "2026-11-24T09:30:00.000000+00:00"
+        )
+        again = switches.stop(engine, CLINIC, ["meta", "google_ads"], reason="other", by="b", at=AT)
+        assert again["meta"] == first["meta"]  # the first stop's record is kept
+        assert again["google_ads"].reason == "other"
+        refusal = switches.refusal(engine, CLINIC, "meta")
+        assert refusal is not None and refusal.exit_code == 10
+        assert "reason incident" in str(refusal) and "resume-sending --platform meta" in str(refusal)
+        assert switches.refusal(engine, "another-clinic", "meta") is None  # per clinic
+        lifted = switches.resume(engine, CLINIC, ["meta"], by="oncall", at=AT)
+        assert [s.platform for s in lifted] == ["meta"]
+        assert switches.refusal(engine, CLINIC, "meta") is None
+        assert switches.resume(engine, CLINIC, ["meta"], by="oncall", at=AT) == []  # nothing to lift
+        assert list(switches.stopped(engine, CLINIC)) == ["google_ads"]
+        with engine.connect() as conn:
+            kinds = conn.execute(
+                sa.select(store.audit_chain.c.kind, store.audit_chain.c.record).order_by(
+                    store.audit_chain.c.seq
+                )
+            ).all()
+    # three changes, three records (the kept stop wrote none)
+    assert [k for k, _ in kinds] == ["send_stop"] * 3
+    assert verdict(url).intact
+
+
+@pytest.mark.parametrize(
+    ("platforms", "reason", "wanted"),
+    [
+        ([], "incident", "--platform"),
+        (["tiktok"], "incident", "--platform"),
+        (["meta"], "a note", "--reason"),
+    ],
+)
+def test_an_unknown_platform_or_a_reason_outside_the_codes_is_refused(
+    tmp_path: Path, platforms: list[str], reason: str, wanted: str
+) -> None:
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        with pytest.raises(ConfigError, match=wanted):
+            switches.stop(engine, CLINIC, platforms, reason=reason, by="x", at=AT)
+        assert switches.stopped(engine, CLINIC) == {}
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        # sending resumed by deleting the row: no record of who or when
+        (
+            "DELETE FROM send_stops WHERE platform = 'meta'",
+            "send_stops: the stop of meta in audit record 1 is gone",
+        ),
+        ("UPDATE send_stops SET reason = 'other'", "send_stops: a stop of meta has no audit record"),
+        (
+            "INSERT INTO send_stops VALUES ('sunrise-medspa', 'google_ads', 'incident', 'x', '2026-01-01')",
+            "send_stops: a stop of google_ads has no audit record",
+        ),
+    ],
+    ids=["deleted", "edited", "added"],
+)
+def test_a_stop_changed_outside_the_switch_is_named_by_verify_audit(
+    clinic: Path, tamper: str, problem: str
+) -> None:
+    url = db_url(clinic)
+    with store.engine_for(url) as engine:
+        switches.stop(engine, CLINIC, ["meta"], reason="incident", by="oncall", at=AT)
+    assert verdict(url).intact
+    with sqlite3.connect(clinic.parent / "switch.sqlite") as conn:
+        conn.execute(tamper)
+    result = invoke("verify-audit", "--config", str(clinic), "--database", url)
+    assert result.exit_code == 1
+    assert problem in result.output
+
+
+def test_stop_and_resume_through_the_cli_and_doctor_shows_the_stop(clinic: Path) -> None:
+    url = db_url(clinic)
+    result = invoke(
+        "stop-sending", "-c", str(clinic), "--database", url, "-p", "meta", "--reason", "incident"
+    )
+    assert result.exit_code == 0, result.output
+    assert "meta" in result.output and "stopped" in result.output and "incident" in result.output
+    assert switches.operator() in result.output  # who, as the OS names them
+
+    doctor = invoke("doctor", "-c", str(clinic), "--database", url)
+    assert doctor.exit_code == 1
+    assert "kill switch.meta" in doctor.output and "reason incident" in doctor.output
+    assert "kill switch.google_ads" in doctor.output and "ok (sending)" in doctor.output
+
+    refused = invoke("stop-sending", "-c", str(clinic), "--database", url, "-p", "meta", "--reason", "oops")
+    assert refused.exit_code == 2  # not a reason code
+
+    result = invoke("resume-sending", "-c", str(clinic), "--database", url, "-p", "all")
+    assert result.exit_code == 0, result.output
+    assert "meta: resumed (was stopped since" in result.output
+    with store.engine_for(url) as engine:
+        assert switches.stopped(engine, CLINIC) == {}
+    assert verdict(url).intact
+
+
+def test_a_run_with_every_platform_stopped_stops_before_the_extract_and_a_dry_run_still_runs(
+    clinic: Path,
+) -> None:
+    url = db_url(clinic)
+    base = ["run", "--config", str(clinic), "--database", url, "--start", "2026-05-01", "--end", "2026-06-30"]
+    stopped = invoke(
+        "stop-sending", "-c", str(clinic), "--database", url, "-p", "all", "--reason", "legal_review"
+    )
+    assert stopped.exit_code == 0, stopped.output
+    result = invoke(*base, "--target", "sandbox")
+    assert result.exit_code == 10, result.output
+    assert "sending is stopped since" in result.output and "kill switch" in result.output
+    assert not list((clinic.parent / "var" / "runs").glob("*/extract"))  # nothing extracted
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() == 0
+
+    dry = invoke(*base, "--dry-run")
+    assert dry.exit_code == 0, dry.output  # a dry run sends nothing: never stopped
+    assert list((clinic.parent / "var" / "runs").glob("*/outbox/summary.json"))
+
+
+def test_a_live_run_is_not_refused_whole_for_one_stopped_platform(
+    clinic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `doctor` flags the stop, but a live run goes on: the stopped platform's sends are refused
+    # on their own (exit 10 after the others went); any other check still refuses the run
+    from etl import cli, doctor
+    from etl.config import load_config
+
+    cfg = load_config(clinic)
+    stop = ("kill switch.meta", "stopped since 2026-11-24T09:30:00+00:00 by oncall, reason incident")
+    monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: [("config", "ok"), stop])
+    cli._ready_for_live(cfg, None)
+    monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: [stop, ("MEDSPA_ID_SECRET", "missing")])
+    with pytest.raises(ConfigError, match="not ready for a live run: MEDSPA_ID_SECRET;"):
+        cli._ready_for_live(cfg, None)
