@@ -12,6 +12,8 @@ write, list sync and run summary also appends, in the same transaction, one row 
 - ``audience_sync``: a list sync the platform confirmed (counts, as ``audience_sync_log``);
 - ``run_summary``: a run summary as ``run_summaries`` stores it;
 - ``send_stop``: a platform's sends stopped or resumed (``etl.switches``, the kill switch);
+- ``prune``: a run folder's working files deleted by retention (``etl.retention``): files and
+  bytes; nothing in the database mirrors it, so it is checked as a link of the chain only;
 - ``baseline``: what the ledger, ``run_summaries`` and ``audience_sync_log`` held when the
   chain's table was made (``write_baselines``): a database an earlier version filled.
 

@@ -212,6 +212,12 @@ def prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
     ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database", help="SQLAlchemy URL of the staging database, whose audit chain records each prune."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON.")] = False,
 ) -> None:
     """Delete the working files of this clinic's old run folders; keep each run's record.
@@ -223,26 +229,27 @@ def prune(
     report.html (counts only) stay, with pruned.json recording what was deleted and when. A
     folder a run is working in is left alone. What was sent stays in the send ledger; a pruned
     interval can be run again from its exports. An --outbox folder outside the run folder is
-    not touched. With retention.run_files_days in the YAML every run's report step prunes too.
-    Example:
+    not touched. Each folder pruned is also appended to the audit chain (run, files, bytes).
+    With retention.run_files_days in the YAML every run's report step prunes too. Example:
 
         medspa-conversions prune --config clinic.yaml --older-than 90 --dry-run
     """
     from datetime import UTC, datetime, timedelta
 
-    from etl import cli
+    from etl import cli, store
     from etl.config import load_config
     from etl.errors import ConfigError, MachineError, MedspaError
-    from etl.retention import prune_runs, runs_dir
+    from etl.retention import audit_recorder, prune_runs, runs_dir
 
     try:
         cfg = load_config(config)
         days = older_than if older_than is not None else cfg.retention.run_files_days
         if days is None:
             raise ConfigError("say how old: --older-than DAYS, or retention.run_files_days in the YAML")
-        results = list(
-            prune_runs(cfg, older_than=timedelta(days=days), now=datetime.now(UTC), dry_run=dry_run)
-        )
+        now = datetime.now(UTC)
+        with store.engine_for(cfg.resolved_database_url(database)) as engine:
+            results = list(prune_runs(cfg, older_than=timedelta(days=days), now=now, dry_run=dry_run,
+                                      on_pruned=audit_recorder(engine, cfg.clinic_id, now)))  # fmt: skip
     except MedspaError as exc:
         raise cli._fail(exc) from None
     except OSError as exc:

@@ -313,6 +313,10 @@ class Compliance(_Model):
 
 
 # the config sections of the platforms, and the destinations each one sends to
+# a registry entry this close to its last day is flagged (doctor, each live send's log), so its
+# review happens before live sends stop, not after
+LEGAL_BASIS_NOTICE_DAYS = 30
+
 PLATFORM_DESTINATIONS = {
     "google_ads": ("google_conversions", "google_customer_match"),
     "meta": ("meta_events", "meta_audience"),
@@ -383,6 +387,15 @@ class ClinicConfig(_Model):
         if today > entry.valid_until:
             return f"{key} expired after {entry.valid_until.isoformat()} (review it, then move valid_until)"
         return None
+
+    def legal_basis_days_left(self, platform: str, today: date) -> int | None:
+        """Days the platform's registry entry still covers after ``today`` when that is at most
+        ``LEGAL_BASIS_NOTICE_DAYS`` (its review is due), else None (no entry, expired, or not due)."""
+        entry: LegalBasis | None = getattr(self.compliance.legal_basis, platform)
+        if entry is None or today > entry.valid_until:
+            return None
+        left = (entry.valid_until - today).days
+        return left if left <= LEGAL_BASIS_NOTICE_DAYS else None
 
     def legal_basis_record(self) -> dict[str, Any]:
         """The registry as a run's summary keeps it: the declared regime, and per configured

@@ -85,7 +85,9 @@ def legal_basis_checks(config: ClinicConfig, now: datetime) -> list[tuple[str, s
                 f"invalid: expired after {entry.valid_until.isoformat()} (review it, then move valid_until)"
             )
         else:
-            status = f"ok ({entry.basis} until {entry.valid_until.isoformat()})"
+            left = config.legal_basis_days_left(platform, today)
+            due = "" if left is None else f"; review due: {left} day(s) left, then live sends stop"
+            status = f"ok ({entry.basis} until {entry.valid_until.isoformat()}{due})"
         checks.append((f"compliance.legal_basis.{platform}", status))
     return checks
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from etl.config import ClinicConfig
 from etl.errors import RunInProgress
@@ -76,6 +79,7 @@ def prune_runs(
     now: datetime,
     dry_run: bool = False,
     keep: str | None = None,
+    on_pruned: Callable[[Pruned], None] | None = None,
 ) -> Iterator[Pruned]:
     """Delete the working files of every run folder of ``config``'s clinic unchanged for
     ``older_than``.
@@ -84,7 +88,8 @@ def prune_runs(
     folder and so one ``var/runs``. ``keep``: a run id never pruned (the run calling this). A
     folder another process holds (a run in progress) is left alone and reported as skipped;
     one that cannot be pruned (another user's files, a damaged record) is logged, reported
-    as skipped and left for the next time, without stopping the others.
+    as skipped and left for the next time, without stopping the others. ``on_pruned`` is told
+    of each folder whose files were deleted, as soon as they are (``audit_recorder``).
     """
     base = runs_dir(config)
     if not base.is_dir():
@@ -104,7 +109,27 @@ def prune_runs(
             )
             pruned = Pruned(run_dir.name, 0, 0, skipped=f"failed: {reason}")
         if pruned is not None:
+            if on_pruned is not None and not dry_run and pruned.skipped is None:
+                on_pruned(pruned)
             yield pruned
+
+
+def audit_recorder(engine: Engine, clinic_id: str, now: datetime) -> Callable[[Pruned], None]:
+    """Append each prune to the audit chain (checklist item 15: the purge is audited): which
+    run folder, how many files and bytes went. A chain the database refuses is logged, not
+    raised: the files are gone either way, and ``pruned.json`` in the folder still says so."""
+    from etl import audit
+
+    def record(pruned: Pruned) -> None:
+        try:
+            with engine.begin() as conn:
+                audit.append(conn, clinic_id, "prune", pruned.run_id,
+                             {"files": pruned.files, "bytes": pruned.bytes}, now)  # fmt: skip
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("retention: the prune of run %s is not in the audit chain (%s)", pruned.run_id,
+                        type(exc).__name__)  # fmt: skip
+
+    return record
 
 
 def _prune_one(run_dir: Path, *, older_than: timedelta, now: datetime, dry_run: bool) -> Pruned | None:

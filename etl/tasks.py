@@ -287,6 +287,17 @@ def legal_basis_refusal(config: ClinicConfig, family: Family) -> LegalBasisRefus
     return LegalBasisRefused(f"{platform}: nothing sent: {problem}")
 
 
+def warn_review_due(config: ClinicConfig, family: Family) -> None:
+    """Log that the platform's legal-basis entry is close to its last day: said on every live
+    send until the review moves ``valid_until``, so it is read before live sends stop."""
+    platform = _PLATFORM[family]
+    left = config.legal_basis_days_left(platform, _clock().astimezone(config.tz).date())
+    if left is not None:
+        entry = getattr(config.compliance.legal_basis, platform)
+        log.warning("compliance.legal_basis.%s: review due, %d day(s) left after today; live sends to "
+                    "it stop after %s", platform, left, entry.valid_until.isoformat())  # fmt: skip
+
+
 def list_refusals(config: ClinicConfig) -> dict[Family, LegalBasisRefused]:
     """The platforms whose suppression list a live sync may not touch today (a platform that
     mirrors no list there needs no entry for it)."""
@@ -347,6 +358,8 @@ def upload(
     refusal = stop_refusals(spec).get(family) or refusal  # the kill switch, on every target
     if refusal is not None:  # before the ledger or the platform is touched
         raise refusal
+    if target == "live":
+        warn_review_due(spec.config, family)
     name = _FAMILY[family][0]
     with (
         spec.engine() as engine,
@@ -412,6 +425,9 @@ def sync_suppression(
         log.error("%s: %s", _FAMILY[family][1], refusal)
         stops.append(refusal)
     allowed = [f for f in _FAMILY if f not in refusals]
+    for family in allowed if target == "live" else []:
+        if spec.config.mirrors_a_list(_PLATFORM[family]):
+            warn_review_due(spec.config, family)
     if not allowed:
         raise stops[0]
     with (
@@ -490,17 +506,19 @@ def _prune_older_runs(spec: RunSpec) -> None:
     (``etl.retention``): nightly runs then need no separate clean-up job. A folder that cannot
     be pruned (another user's files) is logged and left for the next night, never failing a
     run whose sends are done."""
-    from etl.retention import prune_runs
+    from etl.retention import audit_recorder, prune_runs
 
     days = spec.config.retention.run_files_days
     if days is None:
         return
+    now = _clock()
     try:
-        for pruned in prune_runs(
-            spec.config, older_than=timedelta(days=days), now=_clock(), keep=spec.run_id
-        ):
-            if pruned.skipped:
-                log.info("retention: run %s left alone (%s)", pruned.run_id, pruned.skipped)
+        with spec.engine() as engine:
+            recorder = audit_recorder(engine, spec.config.clinic_id, now)
+            for pruned in prune_runs(spec.config, older_than=timedelta(days=days), now=now, keep=spec.run_id,
+                                     on_pruned=recorder):  # fmt: skip
+                if pruned.skipped:
+                    log.info("retention: run %s left alone (%s)", pruned.run_id, pruned.skipped)
     except OSError as exc:
         log.warning("retention: pruning older runs stopped (%s); the next report tries again",
                     exc.strerror or type(exc).__name__)  # fmt: skip

@@ -559,7 +559,16 @@ def test_doctor_and_a_live_run_check_the_legal_basis_registry(
     config.write_text(yaml.safe_dump(raw))
     # 2026-11-25 07:30 UTC is still the 24th in Los Angeles: the entry's last day
     checks = dict(run_checks(load_config(config), {}, now=datetime(2026, 11, 25, 7, 30, tzinfo=UTC)))
-    assert checks["compliance.legal_basis.google_ads"] == "ok (marketing_authorization until 2026-11-24)"
+    assert checks["compliance.legal_basis.google_ads"] == (
+        "ok (marketing_authorization until 2026-11-24; review due: 0 day(s) left, then live sends stop)"
+    )
+    # the review is flagged from 30 days before its last day, not earlier
+    due = dict(run_checks(load_config(config), {}, now=datetime(2026, 10, 25, 12, tzinfo=UTC)))
+    assert due["compliance.legal_basis.google_ads"].endswith(
+        "review due: 30 day(s) left, then live sends stop)"
+    )
+    early = dict(run_checks(load_config(config), {}, now=datetime(2026, 10, 24, 12, tzinfo=UTC)))
+    assert early["compliance.legal_basis.google_ads"] == "ok (marketing_authorization until 2026-11-24)"
     assert checks["compliance.legal_basis.meta"].startswith("missing")
     later = dict(run_checks(load_config(config), {}, now=datetime(2026, 11, 25, 8, 30, tzinfo=UTC)))
     assert later["compliance.legal_basis.google_ads"].startswith("invalid: expired after 2026-11-24")

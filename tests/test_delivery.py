@@ -7,6 +7,7 @@ accepted, not on our ledger alone.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -636,7 +637,11 @@ def test_a_backfill_of_an_earlier_interval_planned_later_does_not_send_the_journ
 
 
 def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
-    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clinic_dir: Path,
+    sandboxes: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # compliance.legal_basis: Google's review covers today (its last day), Meta's ended
     # yesterday. A live send to Meta sends nothing and touches no state; Google's goes, and its
@@ -676,12 +681,19 @@ def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
         assert ledger.read_ledger(engine, cfg.clinic_id, "meta_events") == planned  # untouched
         assert engine.connect().execute(sa.select(store.ledger_targets)).all() == claims
 
-    sent = tasks.upload(spec, "google", target="live")["google_conversions"]
+    with caplog.at_level(logging.WARNING, logger="etl.tasks"):
+        sent = tasks.upload(spec, "google", target="live")["google_conversions"]
     assert sent["sent"] > 20 and len(sandboxes["google"].accepted_order_ids()) == sent["sent"]
+    # its last day: the task log says the review is due before live sends stop
+    assert "compliance.legal_basis.google_ads: review due, 0 day(s) left after today" in caplog.text
 
-    with pytest.raises(LegalBasisRefused, match=r"compliance\.legal_basis\.meta"):
+    with (
+        caplog.at_level(logging.WARNING, logger="etl.tasks"),
+        pytest.raises(LegalBasisRefused, match=r"compliance\.legal_basis\.meta"),
+    ):
         tasks.sync_suppression(spec, target="live")
     assert opened[-1] == ("live", "google")  # Meta's adapters never built
+    assert caplog.text.count("compliance.legal_basis.google_ads: review due") == 2  # upload, then list
     assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
     assert cfg.meta is not None and cfg.meta.suppression_audience_id
     assert len(sandboxes["google"].list_members(cfg.google_ads.suppression_user_list)) > 20

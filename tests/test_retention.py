@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
@@ -58,6 +59,21 @@ def _holds_hashes(run_dir: Path) -> bool:
     return any(HASHED in p.read_bytes().decode("utf-8", "replace") for p in run_dir.rglob("*") if p.is_file())
 
 
+def _prune_records(config: Path) -> list[tuple[str, dict[str, int]]]:
+    """The audit chain's prune records (run, record), and the chain checked whole."""
+    from etl import audit, store
+
+    cfg = tasks.load_config(config)
+    with store.engine_for(cfg.resolved_database_url(None)) as engine, engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(store.audit_chain.c.run_id, store.audit_chain.c.record)
+            .where(store.audit_chain.c.kind == "prune")
+            .order_by(store.audit_chain.c.seq)
+        ).all()
+        assert audit.verify(audit.snapshot(conn), cfg.clinic_id).intact
+    return [(run_id, json.loads(record)) for run_id, record in rows]
+
+
 def test_prune_deletes_an_old_folders_rows_and_keeps_its_record(tmp_path: Path) -> None:
     config = _clinic(tmp_path)
     old = _run(config, "2026-05-01", "2026-06-30", "--dry-run")
@@ -72,6 +88,7 @@ def test_prune_deletes_an_old_folders_rows_and_keeps_its_record(tmp_path: Path) 
     assert preview.exit_code == 0, preview.output
     (listed,) = json.loads(preview.stdout)["runs"]
     assert listed["run_id"] == old.name and listed["files"] >= 3 and _holds_hashes(old)  # nothing deleted
+    assert _prune_records(config) == []  # a preview is not a purge
 
     result = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30"])
     assert result.exit_code == 0, result.output
@@ -81,6 +98,8 @@ def test_prune_deletes_an_old_folders_rows_and_keeps_its_record(tmp_path: Path) 
         "outbox/google_conversions.jsonl" in record["deleted"] and "conversions.parquet" in record["deleted"]
     )
     assert record["files"] == listed["files"] and record["bytes"] == listed["bytes"]
+    # the purge is audited: the chain holds which run lost how many files and bytes
+    assert _prune_records(config) == [(old.name, {"files": listed["files"], "bytes": listed["bytes"]})]
     assert _files(recent) == before_recent and _holds_hashes(recent)  # changed 0 days ago: kept
     again = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30", "--json"])
     assert json.loads(again.stdout)["runs"] == []  # nothing left to prune
@@ -129,6 +148,7 @@ def test_with_retention_configured_each_report_prunes_the_older_runs(tmp_path: P
     recent = _run(config, "2026-05-02", "2026-06-30", "--dry-run")  # its report step prunes
     assert (old / "pruned.json").exists() and not _holds_hashes(old)
     assert not (recent / "pruned.json").exists() and _holds_hashes(recent)
+    assert [run_id for run_id, _ in _prune_records(config)] == [old.name]
 
 
 def test_prune_needs_an_age(tmp_path: Path) -> None:
