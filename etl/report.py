@@ -19,7 +19,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import store
+from etl import store, switches
 from etl.config import ClinicConfig
 from etl.outbox import SUMMARY_FILE
 from etl.pipeline import RunPaths, paths_for
@@ -202,8 +202,9 @@ def _tiles(summary: dict[str, Any] | None, results: list[CheckResult]) -> str:
 
 def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None, conversions: pd.DataFrame,
                results: list[CheckResult], *, stopped: str | None = None,
-               window: RunWindow | None = None) -> str:  # fmt: skip
-    """The page as a string: header, then funnel, per-day, values, coverage, quality, uploads."""
+               window: RunWindow | None = None, send_stops: list[switches.Stop] | None = None) -> str:  # fmt: skip
+    """The page as a string: header, then funnel, per-day, values, coverage, quality, uploads.
+    ``send_stops``: the kill switch's stops standing when the page is rendered, one banner each."""
     from plotly.offline import get_plotlyjs
 
     from etl import report_charts as charts
@@ -219,6 +220,11 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
     if stopped:
         sections.append(f'<div class="banner" id="stopped">The run stopped at <b>{_e(stopped)}</b>: a critical '
                         "data-quality check failed, so nothing was written to the outbox or sent.</div>")  # fmt: skip
+    for halt in send_stops or []:
+        sections.append(f'<div class="banner" id="send-stop-{_e(halt.platform)}">Sending to <b>{_e(halt.platform)}</b> '
+                        f"is {_e(halt.describe())} (kill switch, as of this report): its uploads and list sync "
+                        "send nothing, and its rows not sent stay planned until <code>medspa-conversions "
+                        "resume-sending</code>.</div>")  # fmt: skip
     if summary:
         sections.append("<section><h2>Where rows went</h2><div class='grid'>"
                         f"{_figure(charts.conversion_funnel(summary), 'chart-funnel')}"
@@ -275,8 +281,10 @@ def render_run_report(
     if summary is None and stopped is None:
         summary = load_summary(paths, engine, run_id)
     source = conversions_dir if conversions_dir is not None else (None if stopped else paths.outbox)
+    with engine.connect() as conn:  # a database copied before the switch existed has no stops
+        stops = switches.stopped(conn, config.clinic_id) if sa.inspect(conn).has_table("send_stops") else {}
     page = build_html(config, run_id, summary, conversions_table(config, source), read_results(engine, run_id),
-                      stopped=stopped, window=window)  # fmt: skip
+                      stopped=stopped, window=window, send_stops=list(stops.values()))  # fmt: skip
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     target = paths.run_dir / REPORT_FILE
     tmp = target.with_name(REPORT_FILE + ".tmp")

@@ -185,3 +185,43 @@ def test_a_live_run_is_not_refused_whole_for_one_stopped_platform(
     monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: [stop, ("MEDSPA_ID_SECRET", "missing")])
     with pytest.raises(ConfigError, match="not ready for a live run: MEDSPA_ID_SECRET;"):
         cli._ready_for_live(cfg, None)
+
+
+def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_so(clinic: Path) -> None:
+    import json
+
+    url = db_url(clinic)
+    base = ["run", "--config", str(clinic), "--database", url, "--start", "2026-05-01", "--end", "2026-06-30"]
+    assert (
+        invoke(
+            "stop-sending", "-c", str(clinic), "--database", url, "-p", "meta", "--reason", "incident"
+        ).exit_code
+        == 0
+    )
+    result = invoke(*base, "--target", "sandbox")
+    assert result.exit_code == 10, result.output  # after Google's sends and the report
+    (run_dir,) = (clinic.parent / "var" / "runs").iterdir()
+    results = run_dir / "results"
+    assert json.loads((results / "google_conversions.json").read_text())["accepted"] > 0
+    assert not (results / "meta_events.json").exists() and not (results / "meta_audience.json").exists()
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="send-stop-meta"' in page and "reason incident" in page
+    assert 'id="send-stop-google_ads"' not in page
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        statuses = dict(
+            conn.execute(
+                sa.select(store.send_ledger.c.destination, sa.func.count())
+                .where(store.send_ledger.c.status == "planned")
+                .group_by(store.send_ledger.c.destination)
+            ).all()
+        )
+    assert statuses.get("meta_events", 0) > 0 and "google_conversions" not in statuses  # Meta's wait
+
+    # resumed, a rerun of the interval sends Meta's, and nothing of Google's again
+    assert invoke("resume-sending", "-c", str(clinic), "--database", url, "-p", "meta").exit_code == 0
+    again = invoke(*base, "--target", "sandbox", "--json")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["destinations"]["meta_events"]["accepted"] > 0
+    assert summary["destinations"]["google_conversions"]["sent"] == 0
+    assert 'id="send-stop-meta"' not in (run_dir / "report.html").read_text(encoding="utf-8")
