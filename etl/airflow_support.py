@@ -397,7 +397,9 @@ def run_sync_suppression(
         environ = None
         if target == "live":  # only the credentials of platforms whose lists may be touched
             refused = {**tasks.list_refusals(spec.config), **tasks.stop_refusals(spec)}
-            environ = live_environ(spec.config, tuple(f for f in ("google", "meta") if f not in refused))
+            environ = live_environ(
+                spec.config, tuple(f for f in tasks.list_families(spec.config) if f not in refused)
+            )
         result = tasks.sync_suppression(spec, target=target, environ=environ)
     if "skipped" in result:
         _skip(str(result["skipped"]))

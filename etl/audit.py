@@ -235,8 +235,8 @@ def snapshot(conn: Connection) -> Connection:
 
 
 def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Verdict:
-    """Check the clinic's chain link by link, then the ledger, ``run_summaries`` and
-    ``audience_sync_log`` against it. ``anchor``: a sha256 a report logged, which the chain
+    """Check the clinic's chain link by link, then the ledger, ``run_summaries``,
+    ``audience_sync_log`` and ``send_stops`` against it. ``anchor``: a sha256 a report logged, which the chain
     must still hold. Give it a ``snapshot`` connection."""
     verdict = Verdict()
     expected: dict[tuple[str, str], _Row] = {}
@@ -283,11 +283,7 @@ def verify(conn: Connection, clinic_id: str, *, anchor: str | None = None) -> Ve
                         record["adds"], record["removes"], record["full_resync"])  # fmt: skip
                 syncs[sync] = row.seq
             elif row.kind == "send_stop":
-                if record["state"] == "stopped":
-                    stop = (record["platform"], record["reason"], record["by"], record["stopped_at"])
-                    stops[record["platform"]] = (stop, row.seq)
-                else:
-                    stops.pop(record["platform"], None)
+                _replay_stop(stops, record, row.seq, verdict)
         except (ValueError, KeyError, TypeError, IndexError):
             verdict.problem(f"audit_chain: record {row.seq} ({row.kind}) cannot be read")
     if not anchored:
@@ -400,6 +396,26 @@ def _check_syncs(
     _check_mirror(
         "audience_sync_log", stored, chained, lambda key: f"the {key[0]} sync of run {key[1]}", verdict
     )
+
+
+def _replay_stop(
+    stops: dict[str, tuple[tuple[Any, ...], int]], record: Mapping[str, Any], seq: int, verdict: Verdict
+) -> None:
+    """One stop or resume applied to the stops standing. ``etl.switches`` writes neither a stop
+    of a stopped platform nor a resume of one not stopped: either in the chain means the table
+    was changed between the two records (a stop deleted, then a new one; a stop inserted, then
+    resumed), which the table alone would no longer show."""
+    platform, standing = record["platform"], stops.get(record["platform"])
+    if record["state"] == "stopped":
+        if standing is not None:
+            verdict.problem(f"send_stops: the stop of {platform} in audit record {standing[1]} was removed "
+                            f"without a resume before record {seq} stopped it again")  # fmt: skip
+        stops[platform] = ((platform, record["reason"], record["by"], record["stopped_at"]), seq)
+        return
+    if standing is None or standing[0][3] != record["stopped_at"]:
+        verdict.problem(f"send_stops: audit record {seq} resumes a stop of {platform} that no audit "
+                        "record made (added outside the switch)")  # fmt: skip
+    stops.pop(platform, None)
 
 
 def _check_stops(

@@ -229,7 +229,9 @@ def prune(
     report.html (counts only) stay, with pruned.json recording what was deleted and when. A
     folder a run is working in is left alone. What was sent stays in the send ledger; a pruned
     interval can be run again from its exports. An --outbox folder outside the run folder is
-    not touched. Each folder pruned is also appended to the audit chain (run, files, bytes).
+    not touched. Each folder pruned is also appended to the audit chain (run, files, bytes): a
+    staging database that cannot be opened stops the prune before anything is deleted (exit 7;
+    --dry-run does not open it).
     With retention.run_files_days in the YAML every run's report step prunes too. Example:
 
         medspa-conversions prune --config clinic.yaml --older-than 90 --dry-run
@@ -246,10 +248,13 @@ def prune(
         days = older_than if older_than is not None else cfg.retention.run_files_days
         if days is None:
             raise ConfigError("say how old: --older-than DAYS, or retention.run_files_days in the YAML")
-        now = datetime.now(UTC)
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
-            results = list(prune_runs(cfg, older_than=timedelta(days=days), now=now, dry_run=dry_run,
-                                      on_pruned=audit_recorder(engine, cfg.clinic_id, now)))  # fmt: skip
+        now, older = datetime.now(UTC), timedelta(days=days)
+        if dry_run:  # deletes nothing, so records nothing: the database is not opened
+            results = list(prune_runs(cfg, older_than=older, now=now, dry_run=True))
+        else:  # a database that cannot be opened stops the prune before anything is deleted
+            with store.engine_for(cfg.resolved_database_url(database)) as engine:
+                results = list(prune_runs(cfg, older_than=older, now=now,
+                                          on_pruned=audit_recorder(engine, cfg.clinic_id, now)))  # fmt: skip
     except MedspaError as exc:
         raise cli._fail(exc) from None
     except OSError as exc:
@@ -290,9 +295,10 @@ def verify_audit(
 ) -> None:
     """Check that the record of what was sent has not been changed since it was written.
 
-    Every state a send recorded, every list sync and every run summary is appended to a
-    hash-chained audit record (audit_chain) in the same transaction. This walks the chain link
-    by link, then compares the send ledger, run_summaries and audience_sync_log with it: an
+    Every state a send recorded, every list sync, every run summary, every kill-switch stop and
+    resume and every prune is appended to a hash-chained audit record (audit_chain) in the same
+    transaction. This walks the chain link by link, then compares the send ledger,
+    run_summaries, audience_sync_log and send_stops with it: an
     edited or deleted row in any of them is named by table and sequence number, destination or
     opaque ID, never by value. Read-only. Exits 0 when everything agrees, 1 when anything does
     not. A chain rewritten from some point on, with the tables, is found only against a head

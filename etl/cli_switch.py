@@ -7,10 +7,12 @@ them go again. Both print every stop standing afterwards and are recorded in the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -32,6 +34,35 @@ _PLATFORM = typer.Option(
 def _chosen(platforms: list[Platform]) -> list[str]:
     names = [str(p.value) for p in platforms]
     return list(PLATFORMS) if "all" in names else names
+
+
+@contextmanager
+def _switch_database(config: Path, database: str | None, what: str) -> Iterator[tuple[Any, Any]]:
+    """The clinic's config and its staging database, which must exist already: a stop written to
+    a new database (a typo in --database, a machine without MEDSPA_DATABASE_URL) would print
+    "stopped" while every sender reads another one. A write the database refuses (locked past
+    its busy timeout, unreachable) is a ``StagingError`` (exit 7) saying nothing was changed."""
+    import sqlalchemy as sa
+
+    from etl import cli, store
+    from etl.config import load_config
+    from etl.errors import MedspaError
+
+    try:
+        cfg = load_config(config)
+        url = cfg.resolved_database_url(database)
+        with store.existing_for_reading(url):  # exists, and is a staging database: not made here
+            pass
+        cli.err.print(f"staging database: {sa.engine.make_url(url).render_as_string(hide_password=True)}",
+                      highlight=False)  # fmt: skip
+        with store.engine_for(url) as engine:
+            try:
+                yield cfg, engine
+            except sa.exc.DBAPIError as exc:
+                raise store.refused(exc, f"{what}: the staging database refused it",
+                                    "nothing was changed; run the command again") from None  # fmt: skip
+    except MedspaError as exc:
+        raise cli._fail(exc) from None
 
 
 def _print_stops(clinic_id: str, stops: dict[str, Stop]) -> None:
@@ -63,23 +94,21 @@ def stop_sending(
     was not sent stays planned in the send ledger, so a run after `resume-sending` sends it,
     once. A list sync already applying its list finishes that list. Dry runs still run. The
     stop, its reason code, your OS account and the time go into the audit chain. A platform
-    already stopped keeps its first stop.
+    already stopped keeps its first stop. The staging database must exist (the one the sends
+    read: --database or the YAML's database_url); it is named on stderr.
 
         medspa-conversions stop-sending --config clinic.yaml --platform meta --reason incident
 
         medspa-conversions stop-sending --config clinic.yaml --platform all --reason legal_review
     """
-    from etl import cli, store, switches
-    from etl.config import load_config
-    from etl.errors import MedspaError
+    from etl import cli, switches
 
-    try:
-        cfg = load_config(config)
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
-            stops = switches.stop(engine, cfg.clinic_id, _chosen(platform), reason=str(reason.value),
-                                  by=switches.operator(), at=datetime.now(UTC))  # fmt: skip
-    except MedspaError as exc:
-        raise cli._fail(exc) from None
+    chosen = _chosen(platform)
+    with _switch_database(config, database, "stop-sending") as (cfg, engine):
+        stops, added = switches.stop(engine, cfg.clinic_id, chosen, reason=str(reason.value),
+                                     by=switches.operator(), at=datetime.now(UTC))  # fmt: skip
+    for kept in (p for p in chosen if p not in added):
+        cli.err.print(f"{kept}: already {stops[kept].describe()}; that stop is kept", highlight=False)
     _print_stops(cfg.clinic_id, stops)
 
 
@@ -96,18 +125,12 @@ def resume_sending(
 
         medspa-conversions resume-sending --config clinic.yaml --platform meta
     """
-    from etl import cli, store, switches
-    from etl.config import load_config
-    from etl.errors import MedspaError
+    from etl import cli, switches
 
-    try:
-        cfg = load_config(config)
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
-            lifted = switches.resume(engine, cfg.clinic_id, _chosen(platform), by=switches.operator(),
-                                     at=datetime.now(UTC))  # fmt: skip
-            stops = switches.stopped(engine, cfg.clinic_id)
-    except MedspaError as exc:
-        raise cli._fail(exc) from None
+    with _switch_database(config, database, "resume-sending") as (cfg, engine):
+        lifted = switches.resume(engine, cfg.clinic_id, _chosen(platform), by=switches.operator(),
+                                 at=datetime.now(UTC))  # fmt: skip
+        stops = switches.stopped(engine, cfg.clinic_id)
     for lift in lifted:
         cli.err.print(f"{lift.platform}: resumed (was {lift.describe()})", highlight=False)
     if not lifted:

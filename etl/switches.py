@@ -11,23 +11,26 @@ reads, whatever machine it runs on:
 
 - ``tasks.upload`` and ``tasks.sync_suppression`` refuse the platform before they open it
   (its credentials are not read);
-- an upload already sending checks before each batch, so it stops within one request; the
-  rows not sent stay ``planned`` in the ledger and a run after the resume sends them, once;
-- a list sync checks before it starts; one already applying its list finishes that list (one
-  call to the platform), and the next is refused.
+- an upload already sending checks before each batch, so it stops before its next batch (a
+  batch the platform throttles or bisects can take minutes of its own retries); the rows not
+  sent stay ``planned`` in the ledger and a run after the resume sends them, once;
+- a list sync checks before it starts; one already applying its list finishes that list (all
+  of its requests: 10,000 members each on Meta), and the next is refused.
 
 Dry runs are never stopped: they send nothing. Sandbox runs are, as live ones: the switch
 belongs to the database, and a sandbox database never sends live (``ledger.claim_target``).
 
 Each stop and resume is appended to the audit chain in the same transaction, with its reason
-code, the OS account that ran the command and the time; ``verify-audit`` replays them and names
+code, the OS account that ran the command (from the password database, not the environment)
+and the time; ``verify-audit`` replays them and names
 a stop deleted, edited or added outside this module. The reason is a code from a fixed list,
 not free text: a free-text note is where a patient's name would end up.
 """
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,11 +70,14 @@ def platform_of(destination: str) -> str:
 
 
 def operator() -> str:
-    """Who runs the command, as the audit record names them: the OS account, never typed text."""
+    """Who runs the command, as the audit record names them: the account of the process's user
+    ID. Not ``getpass.getuser()``, which reads ``LOGNAME``/``USER`` first: typed text, which could
+    name anyone or carry anything."""
+    uid = os.geteuid()
     try:
-        return getpass.getuser()[:64] or "unknown"
-    except (OSError, KeyError):  # no login name (a container without a passwd entry)
-        return "unknown"
+        return pwd.getpwuid(uid).pw_name[:64]
+    except KeyError:  # a container user with no passwd entry
+        return f"uid {uid}"
 
 
 def stopped(bind: Engine | Connection, clinic_id: str) -> dict[str, Stop]:
@@ -101,23 +107,22 @@ def _serialized(conn: Connection, clinic_id: str) -> None:
 
 def stop(
     engine: Engine, clinic_id: str, platforms: Iterable[str], *, reason: str, by: str, at: datetime
-) -> dict[str, Stop]:
+) -> tuple[dict[str, Stop], list[str]]:
     """Stop the platforms' sends; one already stopped keeps its first stop's record. Returns
-    every stop of the clinic afterwards."""
+    every stop of the clinic afterwards, and the platforms this stopped."""
     chosen = _platforms(platforms)
     if reason not in REASONS:
         raise ConfigError(f"--reason: one of {', '.join(REASONS)}")
     with engine.begin() as conn:
         _serialized(conn, clinic_id)
         current = stopped(conn, clinic_id)
-        for platform in chosen:
-            if platform in current:
-                continue
+        added = [p for p in chosen if p not in current]
+        for platform in added:
             row = Stop(platform, reason, by[:64], audit.stamp(at))
             conn.execute(send_stops.insert(), {"clinic_id": clinic_id, **row.__dict__})
             audit.append(conn, clinic_id, KIND, RUN_ID, {"platform": platform, "state": "stopped",
                          "reason": reason, "by": row.stopped_by, "stopped_at": row.stopped_at}, at)  # fmt: skip
-        return stopped(conn, clinic_id)
+        return stopped(conn, clinic_id), added
 
 
 def resume(engine: Engine, clinic_id: str, platforms: Iterable[str], *, by: str, at: datetime) -> list[Stop]:

@@ -298,6 +298,11 @@ def warn_review_due(config: ClinicConfig, family: Family) -> None:
                     "it stop after %s", platform, left, entry.valid_until.isoformat())  # fmt: skip
 
 
+def list_families(config: ClinicConfig) -> tuple[Family, ...]:
+    """The families whose platform mirrors a suppression list: the ones a list sync opens."""
+    return tuple(f for f in _FAMILY if config.mirrors_a_list(_PLATFORM[f]))
+
+
 def list_refusals(config: ClinicConfig) -> dict[Family, LegalBasisRefused]:
     """The platforms whose suppression list a live sync may not touch today (a platform that
     mirrors no list there needs no entry for it)."""
@@ -424,12 +429,15 @@ def sync_suppression(
     for family, refusal in refusals.items():
         log.error("%s: %s", _FAMILY[family][1], refusal)
         stops.append(refusal)
-    allowed = [f for f in _FAMILY if f not in refusals]
+    # only platforms with a list to mirror are opened: a stopped (or unconfigured-list) platform's
+    # adapters are never built, so its credentials are not needed (nor read by the DAG)
+    allowed = [f for f in list_families(spec.config) if f not in refusals]
     for family in allowed if target == "live" else []:
-        if spec.config.mirrors_a_list(_PLATFORM[family]):
-            warn_review_due(spec.config, family)
+        warn_review_due(spec.config, family)
     if not allowed:
-        raise stops[0]
+        if stops:
+            raise stops[0]
+        return out  # no suppression list configured: nothing to mirror
     with (
         spec.engine() as engine,
         open_destinations(

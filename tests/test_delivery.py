@@ -780,17 +780,14 @@ def test_the_kill_switch_thrown_mid_upload_stops_it_before_the_next_batch_and_a_
     assert counts["sent"] == len(planned)  # this run's, the 50 before the stop included
 
 
-def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
-    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
-) -> None:
-    cfg = config_for(clinic_dir, "data_manager")
-    assert cfg.meta is not None and cfg.meta.suppression_audience_id
-    assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
-    db = f"sqlite:///{tmp_path / 's.sqlite'}"
-    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+def stop_platform(db: str, clinic_id: str, platform: str) -> None:
     with store.engine_for(db) as engine:
-        switches.stop(engine, cfg.clinic_id, ["meta"], reason="consent_problem", by="oncall",
+        switches.stop(engine, clinic_id, [platform], reason="incident", by="oncall",
                       at=datetime.fromisoformat("2026-11-23T01:00:00+00:00"))  # fmt: skip
+
+
+def recording_opens(patch: pytest.MonkeyPatch) -> list[Any]:
+    """Which platform each ``open_destinations`` call opened (``only``; None: both)."""
     from etl import targets
 
     opened: list[Any] = []
@@ -800,8 +797,21 @@ def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
         opened.append(kwargs.get("only"))
         return real_open(config, target, **kwargs)
 
+    patch.setattr(targets, "open_destinations", recorded)
+    return opened
+
+
+def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.meta is not None and cfg.meta.suppression_audience_id
+    assert cfg.google_ads is not None and cfg.google_ads.suppression_user_list
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+    stop_platform(db, cfg.clinic_id, "meta")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(targets, "open_destinations", recorded)
+        opened = recording_opens(patch)
         with pytest.raises(SendingStopped, match="meta: sending is stopped"):
             tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes, retry_wait=0)
     assert opened == ["google"]  # Meta's adapters never built
@@ -822,3 +832,23 @@ def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
         assert ledger.read_audience_state(engine, cfg.clinic_id, "meta_audience") == {}
         assert ledger.read_pending_adds(engine, cfg.clinic_id, "meta_audience") == {}  # nothing written ahead
     assert not (spec.paths.results / "meta_audience.json").exists()
+
+
+def test_a_stopped_platform_without_a_list_does_not_hold_back_the_other_platforms_list(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Google sends conversions only and is stopped; Meta mirrors a list: the sync opens Meta
+    # alone (Google's adapters, and so its credentials, are never needed) and mirrors it
+    cfg = config_for(clinic_dir, "data_manager")
+    assert cfg.google_ads is not None and cfg.meta is not None and cfg.meta.suppression_audience_id
+    cfg = cfg.model_copy(
+        update={"google_ads": cfg.google_ads.model_copy(update={"suppression_user_list": None})}
+    )
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+    stop_platform(db, cfg.clinic_id, "google_ads")
+    opened = recording_opens(monkeypatch)
+    out = tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    assert opened == ["meta"]
+    assert out["meta_audience"]["adds"] > 20
+    assert len(sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id)) > 20

@@ -209,3 +209,22 @@ def test_a_run_whose_outbox_is_elsewhere_stays_sendable(tmp_path: Path) -> None:
     rerender = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name,
                                    "--outbox", str(outbox)])  # fmt: skip
     assert rerender.exit_code == 0, rerender.output
+
+
+def test_a_prune_the_audit_chain_cannot_record_deletes_nothing_and_a_preview_opens_no_database(
+    tmp_path: Path,
+) -> None:
+    config = _clinic(tmp_path)
+    old = _run(config, "2026-05-01", "2026-06-30", "--dry-run")
+    _age(old, 40)
+    elsewhere = tmp_path / "elsewhere.sqlite"
+    preview = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30", "--dry-run",
+                                  "--database", f"sqlite:///{elsewhere}"])  # fmt: skip
+    assert preview.exit_code == 0, preview.output
+    assert not elsewhere.exists()  # a preview records nothing, so opens nothing
+    unreachable = "postgresql+psycopg2://medspa@127.0.0.1:1/medspa"  # nothing listens on port 1
+    result = RUNNER.invoke(
+        app, ["prune", "--config", str(config), "--older-than", "30", "--database", unreachable]
+    )
+    assert result.exit_code == 7, result.output
+    assert _holds_hashes(old) and not (old / "pruned.json").exists()  # nothing deleted unrecorded

@@ -30,6 +30,8 @@ def clinic(tmp_path: Path) -> Path:
     for name in ("appointments.csv", "leads.csv"):
         shutil.copy(DATA / "rules" / "reschedule" / name, tmp_path / name)
     (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(BASE_CONFIG))
+    with store.engine_for(db_url(tmp_path / "clinic.yaml")):  # the switch needs the database made
+        pass
     return tmp_path / "clinic.yaml"
 
 
@@ -49,13 +51,13 @@ def verdict(url: str) -> audit.Verdict:
 def test_a_stop_stands_until_resumed_and_a_second_stop_keeps_the_first(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.sqlite'}"
     with store.engine_for(url) as engine:
-        first = switches.stop(engine, CLINIC, ["meta"], reason="incident", by="oncall", at=AT)
-        assert list(first) == ["meta"]
+        first, added = switches.stop(engine, CLINIC, ["meta"], reason="incident", by="oncall", at=AT)
+        assert list(first) == added == ["meta"]
         assert first["meta"] == switches.Stop(
             "meta", "incident", "oncall", "2026-11-24T09:30:00.000000+00:00"
         )
-        again = switches.stop(engine, CLINIC, ["meta", "google_ads"], reason="other", by="b", at=AT)
-        assert again["meta"] == first["meta"]  # the first stop's record is kept
+        again, added = switches.stop(engine, CLINIC, ["meta", "google_ads"], reason="other", by="b", at=AT)
+        assert again["meta"] == first["meta"] and added == ["google_ads"]  # the first stop's record is kept
         assert again["google_ads"].reason == "other"
         refusal = switches.refusal(engine, CLINIC, "meta")
         assert refusal is not None and refusal.exit_code == 10
@@ -225,3 +227,94 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
     assert summary["destinations"]["meta_events"]["accepted"] > 0
     assert summary["destinations"]["google_conversions"]["sent"] == 0
     assert 'id="send-stop-meta"' not in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_operator_is_the_accounts_name_not_what_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import pwd
+
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(variable, "Jane Patient DOB 1980-01-02")
+    assert switches.operator() == pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.mark.parametrize(
+    ("steps", "problem"),
+    [
+        # a stop deleted by SQL, then the platform stopped again through the switch
+        (
+            ["stop", "DELETE FROM send_stops", "stop"],
+            "the stop of meta in audit record 1 was removed without a resume",
+        ),
+        # a stop inserted by SQL, then resumed through the switch: the table agrees again
+        (
+            [
+                "INSERT INTO send_stops VALUES ('sunrise-medspa', 'meta', 'other', 'x', '2020-01-01')",
+                "resume",
+            ],
+            "audit record 1 resumes a stop of meta that no audit record made",
+        ),
+    ],
+    ids=["deleted-then-stopped", "inserted-then-resumed"],
+)
+def test_a_stop_changed_behind_the_switch_stays_visible_after_the_switch_is_used_again(
+    clinic: Path, steps: list[str], problem: str
+) -> None:
+    url = db_url(clinic)
+    for step in steps:
+        if step in ("stop", "resume"):
+            with store.engine_for(url) as engine:
+                if step == "stop":
+                    switches.stop(engine, CLINIC, ["meta"], reason="incident", by="oncall", at=AT)
+                else:
+                    switches.resume(engine, CLINIC, ["meta"], by="oncall", at=AT)
+        else:
+            with sqlite3.connect(clinic.parent / "switch.sqlite") as conn:
+                conn.execute(step)
+    found = verdict(url)
+    assert not found.intact
+    assert any(problem in p for p in found.problems), found.problems
+
+
+def test_the_switch_refuses_a_database_that_does_not_exist_and_names_the_one_it_writes(clinic: Path) -> None:
+    typo = clinic.parent / "stagign.sqlite"
+    result = invoke("stop-sending", "-c", str(clinic), "--database", f"sqlite:///{typo}", "-p", "all",
+                    "--reason", "incident")  # fmt: skip
+    assert result.exit_code == 2 and "no SQLite file" in result.output
+    assert not typo.exists()  # not made: a stop there would stop nothing
+    result = invoke("stop-sending", "-c", str(clinic), "--database", db_url(clinic), "-p", "meta",
+                    "--reason", "incident")  # fmt: skip
+    assert result.exit_code == 0 and f"staging database: {db_url(clinic)}" in result.output
+    again = invoke("stop-sending", "-c", str(clinic), "--database", db_url(clinic), "-p", "meta",
+                   "--reason", "other")  # fmt: skip
+    assert (
+        again.exit_code == 0
+        and "meta: already stopped since" in again.output
+        and "that stop is kept" in again.output
+    )
+
+
+def test_a_locked_database_is_one_clear_error_and_changes_nothing(
+    clinic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def short_wait(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA busy_timeout=200")
+
+    monkeypatch.setattr(store, "_sqlite_pragmas", short_wait)
+    holder = sqlite3.connect(clinic.parent / "switch.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a staging load holding the write lock
+    try:
+        for argv in (["stop-sending", "--reason", "incident"], ["resume-sending"]):
+            result = invoke(argv[0], "-c", str(clinic), "--database", db_url(clinic), "-p", "meta", *argv[1:])
+            assert result.exit_code == 7, result.output
+            assert (
+                "the staging database refused it" in result.output and "nothing was changed" in result.output
+            )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with store.engine_for(db_url(clinic)) as engine:
+        assert switches.stopped(engine, CLINIC) == {}
