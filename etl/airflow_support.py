@@ -373,10 +373,8 @@ def run_upload(
         if dry_run:
             _skip("dry run: the outbox is written, nothing is sent")
         spec = run_spec(config_path, start, end)
-        if target == "live" and (refusal := tasks.legal_basis_refusal(spec.config, family)) is not None:
-            raise refusal  # before the platform's credentials are read
-        if (halt := tasks.stop_refusals(spec).get(family)) is not None:
-            raise halt  # the kill switch (etl.switches): before the credentials too
+        if (refusal := tasks.upload_refusal(spec, family, target)) is not None:
+            raise refusal  # legal basis, kill switch: before the platform's credentials are read
         environ = live_environ(spec.config, (family,)) if target == "live" else None
         result = tasks.upload(spec, family, target=target, environ=environ)
     if "skipped" in result:

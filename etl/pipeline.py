@@ -817,6 +817,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
             counts["rejected"] = int(result.get("rejected", 0))
             if result.get("skipped_newer_sync"):  # a later run synced after this plan was made
                 counts["skipped_newer_sync"] = 1
+            if result.get("stopped"):  # refused before it began (kill switch, legal basis)
+                counts["stopped"] = result["stopped"]
     if paths.outbox.exists():
         write_summary(paths.outbox, merged)
     return merged

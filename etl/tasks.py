@@ -325,6 +325,33 @@ def stop_refusals(spec: RunSpec) -> dict[Family, SendingStopped]:
     return {f: halt for f, halt in found.items() if halt is not None}
 
 
+def upload_refusal(
+    spec: RunSpec, family: Family, target: Literal["sandbox", "live"]
+) -> DestinationConfigError | None:
+    """Why the family's upload may not send at all (no current legal basis for a live send; the
+    kill switch, on every target), recorded in its results; None when it may go."""
+    refusal: DestinationConfigError | None = (
+        legal_basis_refusal(spec.config, family) if target == "live" else None
+    )
+    refusal = stop_refusals(spec).get(family) or refusal
+    if refusal is not None:
+        _record_refusal(spec, _FAMILY[family][0], refusal)
+    return refusal
+
+
+def _record_refusal(spec: RunSpec, name: str, refusal: MedspaError) -> None:
+    """Say in the destination's results that nothing went, and why (``kill_switch`` or
+    ``legal_basis``): summary.json, ``run_summaries`` and the report then show the stop rather
+    than the plan's counts alone. A later attempt that sends replaces it."""
+    nothing = (
+        {"sent": 0, "accepted": 0, "rejected": 0, "deferred": 0, "already_sent": 0, "requests": 0}
+        if name in ("google_conversions", "meta_events")
+        else {"adds": 0, "removes": 0, "rejected": 0, "requests": 0}
+    )
+    stopped = "kill_switch" if isinstance(refusal, SendingStopped) else "legal_basis"
+    deliver.write_result(spec.paths.results, name, {**nothing, "stopped": stopped})
+
+
 def upload_time(spec: RunSpec, target: Literal["sandbox", "live"]) -> datetime:
     """The time the platforms judge event age by: Meta measures it when it receives the event.
 
@@ -357,11 +384,7 @@ def upload(
     summary = _published_summary(spec)
     if summary["dry_run"]:
         return {"run_id": spec.run_id, "skipped": "dry run"}
-    refusal: DestinationConfigError | None = (
-        legal_basis_refusal(spec.config, family) if target == "live" else None
-    )
-    refusal = stop_refusals(spec).get(family) or refusal  # the kill switch, on every target
-    if refusal is not None:  # before the ledger or the platform is touched
+    if (refusal := upload_refusal(spec, family, target)) is not None:  # before the ledger or the platform
         raise refusal
     if target == "live":
         warn_review_due(spec.config, family)
@@ -428,6 +451,7 @@ def sync_suppression(
     stops: list[MedspaError] = []
     for family, refusal in refusals.items():
         log.error("%s: %s", _FAMILY[family][1], refusal)
+        _record_refusal(spec, _FAMILY[family][1], refusal)
         stops.append(refusal)
     # only platforms with a list to mirror are opened: a stopped (or unconfigured-list) platform's
     # adapters are never built, so its credentials are not needed (nor read by the DAG)

@@ -676,6 +676,8 @@ def test_a_live_send_goes_only_to_platforms_with_a_current_legal_basis(
     with pytest.raises(LegalBasisRefused, match=r"compliance\.legal_basis\.meta expired after 2026-11-23"):
         tasks.upload(spec, "meta", target="live")
     assert opened == []  # refused before any adapter (or credential) was built
+    refused = json.loads((spec.paths.results / "meta_events.json").read_text(encoding="utf-8"))
+    assert refused["stopped"] == "legal_basis" and refused["sent"] == 0  # what summary.json will say
     assert sum(sandboxes["meta"].event_ids_received().values()) == 0
     with store.engine_for(db) as engine:
         assert ledger.read_ledger(engine, cfg.clinic_id, "meta_events") == planned  # untouched
@@ -831,7 +833,8 @@ def test_a_stopped_platforms_list_is_left_alone_and_the_other_list_still_syncs(
     with store.engine_for(db) as engine:
         assert ledger.read_audience_state(engine, cfg.clinic_id, "meta_audience") == {}
         assert ledger.read_pending_adds(engine, cfg.clinic_id, "meta_audience") == {}  # nothing written ahead
-    assert not (spec.paths.results / "meta_audience.json").exists()
+    refused = json.loads((spec.paths.results / "meta_audience.json").read_text(encoding="utf-8"))
+    assert refused == {"adds": 0, "removes": 0, "rejected": 0, "requests": 0, "stopped": "kill_switch"}
 
 
 def test_a_stopped_platform_without_a_list_does_not_hold_back_the_other_platforms_list(

@@ -205,7 +205,13 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
     (run_dir,) = (clinic.parent / "var" / "runs").iterdir()
     results = run_dir / "results"
     assert json.loads((results / "google_conversions.json").read_text())["accepted"] > 0
-    assert not (results / "meta_events.json").exists() and not (results / "meta_audience.json").exists()
+    # the summary (and so run_summaries) says Meta's sends were stopped, not just planned
+    summary = json.loads((run_dir / "outbox" / "summary.json").read_text())["destinations"]
+    assert summary["meta_events"]["stopped"] == "kill_switch" and summary["meta_events"]["sent"] == 0
+    assert summary["meta_audience"]["stopped"] == "kill_switch" and summary["meta_audience"]["sent_adds"] == 0
+    assert (
+        "stopped" not in summary["google_conversions"] and "stopped" not in summary["google_customer_match"]
+    )
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert 'id="send-stop-meta"' in page and "reason incident" in page
     assert 'id="send-stop-google_ads"' not in page
@@ -225,6 +231,7 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
     assert again.exit_code == 0, again.output
     summary = json.loads(again.stdout)
     assert summary["destinations"]["meta_events"]["accepted"] > 0
+    assert "stopped" not in summary["destinations"]["meta_events"]  # the sending attempt replaced it
     assert summary["destinations"]["google_conversions"]["sent"] == 0
     assert 'id="send-stop-meta"' not in (run_dir / "report.html").read_text(encoding="utf-8")
 

@@ -339,6 +339,9 @@ def test_a_platform_the_kill_switch_stopped_fails_at_once_before_reading_credent
         with pytest.raises(AirflowFailException, match=r"sending is stopped since"):
             support.run_sync_suppression(str(path), *WINDOW, {"target": target})
     assert read == [()]  # the live sync asked for no platform's credentials
+    for name in ("google_conversions", "meta_events", "google_customer_match", "meta_audience"):
+        result = json.loads((spec.paths.results / f"{name}.json").read_text(encoding="utf-8"))
+        assert result["stopped"] == "kill_switch", name  # what the report folds into summary.json
     with spec.engine() as engine, engine.connect() as conn:  # the plan's rows wait, unsent
         assert set(conn.execute(sa.select(store.send_ledger.c.status)).scalars()) == {"planned"}
         assert conn.execute(sa.select(sa.func.count()).select_from(store.audience_state)).scalar() == 0
