@@ -107,8 +107,8 @@ def _nanp_national(key: str, region: str | None) -> str | None:
         national = key[2:]
     elif region in _NANP_REGIONS and len(key) == 11 and key.startswith("1"):
         national = key[1:]
-    elif region in _NANP_REGIONS and len(key) == 10:
-        national = key
+    elif region in _NANP_REGIONS and len(key) == 10 and not key.startswith("+"):
+        national = key  # (a "+" and 9 digits is another country's number: +687 200000)
     # area codes start with 2-9; anything else goes through the parser
     return national if national is not None and national[0] not in "01" else None
 

@@ -321,6 +321,7 @@ def test_phone_shortcut_matches_the_library(raw: str, region: str) -> None:
 )
 @example("+1 (415) 555-0123", "US")
 @example("1 415 555 0123", "CA")
+@example("+687200000", "US")  # "+" and 9 digits: ten characters, but not a +1 national number
 def test_phone_shortcut_matches_the_library_on_any_punctuation(text: str, region: str) -> None:
     assert normalize_phone_e164(text, region) == _library_e164(text, region)
 
