@@ -286,15 +286,41 @@ def run_smoke(timeout: float, backfill: tuple[str, str] | None, keep: bool) -> d
     return result
 
 
+BACKFILL_ATTEMPTS = 3
+
+
+def _error_lines(stderr: str) -> str:
+    """The exception lines of a CLI's stderr and its tail: the tail alone can be the middle of a
+    long SQL statement, without the error's name."""
+    named = [line.strip() for line in stderr.splitlines() if "Error" in line.split(":", 1)[0]]
+    return " | ".join([*named[-3:], stderr[-300:]])
+
+
+def create_backfill(argv: list[str], env: dict[str, str], deadline: Deadline, pause: float = 3.0) -> int:
+    """Run ``airflow backfill create``; returns the attempts it took.
+
+    The CLI writes Airflow's SQLite metadata database while the scheduler and the api-server do
+    too: on a loaded machine its insert can outwait SQLite's busy timeout (an OperationalError,
+    rolled back whole). That, and only that, is tried again.
+    """
+    for attempt in range(1, BACKFILL_ATTEMPTS + 1):
+        created = subprocess.run(argv, env=env, cwd=REPO, capture_output=True,
+                                 timeout=max(10.0, deadline.left()), check=False)  # fmt: skip
+        if created.returncode == 0:
+            return attempt
+        stderr = created.stderr.decode()
+        if "OperationalError" not in stderr or attempt == BACKFILL_ATTEMPTS:
+            raise SmokeFailed(f"airflow backfill create failed (attempt {attempt}): {_error_lines(stderr)}")
+        time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 def _run_backfill(api: Api, airflow: str, env: dict[str, str], dates: tuple[str, str],
                   deadline: Deadline, procs: Processes) -> dict[str, Any]:  # fmt: skip
     """``airflow backfill create`` for [from, to]; wait for its runs through the REST API."""
     argv = [airflow, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0], "--to-date", dates[1],
             "--max-active-runs", "1", "--reprocess-behavior", "completed", "--dag-run-conf", json.dumps({"target": "sandbox"})]  # fmt: skip
-    created = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, timeout=max(10.0, deadline.left()),
-                             check=False)  # fmt: skip
-    if created.returncode != 0:
-        raise SmokeFailed("airflow backfill create failed: " + created.stderr.decode()[-500:])
+    create_backfill(argv, env, deadline)
     while True:
         deadline.check("the backfill runs")
         procs.check_alive()
