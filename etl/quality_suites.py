@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from etl import identifiers
 from etl.config import Quality
 from etl.gate import ISO_4217
 from etl.identifiers import GOOGLE_POSTAL_CODE
@@ -30,9 +31,10 @@ CRITICAL, WARNING = "critical", "warning"
 ROW_KEY = "row_key"  # the name GX sees for each frame's opaque key (its index)
 
 HEX64 = r"^[0-9a-f]{64}\Z"
-CLICK_ID = r"^[A-Za-z0-9_\-.]{1,512}\Z"  # the PHI gate's click-ID charset (etl.gate)
-FBC = r"^fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-.]{1,500}\Z"
-FBP = r"^fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}\Z"
+# the PHI gate's click-ID shapes (etl.identifiers)
+CLICK_ID = rf"^(?:{identifiers.CLICK_ID.pattern})\Z"
+FBC = rf"^(?:{identifiers.FBC.pattern})\Z"
+FBP = rf"^(?:{identifiers.FBP.pattern})\Z"
 GOOGLE_TIME = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}\Z"
 COUNTRY = r"^[A-Z]{2}\Z"
 POSTAL = rf"^(?:{GOOGLE_POSTAL_CODE.pattern})\Z"  # the PHI gate's postal code (etl.identifiers)
@@ -206,7 +208,7 @@ def build_suites(thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, Suite
         currency("currency_code", "currency_code is not an ISO 4217 code"),
         between("conversion_value", "conversion_value_not_negative", "a negative conversion value",
                 min_value=0),
-        regex("click_id", CLICK_ID, "click_id_charset", "a gclid/gbraid/wbraid outside the click-ID charset"),
+        regex("click_id", CLICK_ID, "click_id_charset", "a gclid/gbraid/wbraid not shaped like a click ID"),
         between("click_id_count", "one_click_id", "more than one of gclid/gbraid/wbraid", max_value=1),
         between("identifier_count", "user_identifiers_batch", "more than 5 user identifiers",
                 max_value=GOOGLE_MAX_IDENTIFIERS),

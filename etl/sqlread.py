@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
@@ -125,7 +126,8 @@ class QueryResult:
         ``timezone`` (the clinic's) is the PostgreSQL session's time zone: a ``timestamp``
         column without a zone holds clinic-local times, and PostgreSQL compares it with the
         bound window instants in the session's zone (the server's default, often UTC, would
-        shift a backfill's window by the clinic's offset).
+        shift a backfill's window by the clinic's offset). Other databases get the window as
+        the clinic's wall-clock times without a zone.
 
         Raises:
             InputError: the query file does not exist.
@@ -134,9 +136,16 @@ class QueryResult:
             ValueError: ``start`` or ``end`` is naive.
         """
         try:
-            sql = query.read_text(encoding="utf-8")
+            sql = query.read_text(encoding="utf-8-sig")  # Notepad's BOM is no part of the query
         except FileNotFoundError:
             raise InputError([RowProblem(query.name, None, None, "file not found")]) from None
+        except UnicodeDecodeError:
+            raise InputError(
+                [RowProblem(query.name, None, None, "not UTF-8 text: save the query file as UTF-8")]
+            ) from None
+        except OSError as exc:  # a folder, a file it may not read
+            reason = f"cannot read the query file ({exc.strerror or type(exc).__name__})"
+            raise InputError([RowProblem(query.name, None, None, reason)]) from None
         # whole-line comments go before text() parses the query: a ":start" in a comment was
         # bound as a parameter and failed on the database with nothing to say why
         statement = text(
@@ -152,19 +161,28 @@ class QueryResult:
             raise ConfigError(f"{query.name}: unknown parameters {unknown}; allowed: {PARAMETERS}")
         if unset := [p for p in wanted if given[p] is None]:
             raise ConfigError(f"{query.name}: the query binds {unset} but no value was given")
-        instant = DateTime(timezone=True)
-        statement = statement.bindparams(
-            *(bindparam(p, given[p], String() if p == "clinic_id" else instant) for p in wanted)
-        )
         try:
             engine = create_engine(sql_url, hide_parameters=True)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
             raise ConfigError("sql_url is not a valid SQLAlchemy URL") from None
         except ImportError as exc:  # the URL names a driver this environment lacks
             raise ConfigError(
                 f"sql_url names a database driver that is not installed ({type(exc).__name__}); "
                 "install it into the environment, or use a driver it has (e.g. postgresql+psycopg2)"
             ) from None
+        instant = DateTime(timezone=True)
+        if timezone and engine.dialect.name != "postgresql":
+            # no session time zone to compare in: SQLite (and MySQL's DATETIME) hold times without
+            # a zone, which SPEC section 3 reads as clinic-local, so the window is bound as the
+            # clinic's wall-clock times (UTC text would shift it by the clinic's offset)
+            zone = ZoneInfo(timezone)
+            for key in ("start", "end"):
+                if isinstance(moment := given[key], datetime):
+                    given[key] = moment.astimezone(zone).replace(tzinfo=None)
+            instant = DateTime(timezone=False)
+        statement = statement.bindparams(
+            *(bindparam(p, given[p], String() if p == "clinic_id" else instant) for p in wanted)
+        )
         # the class names and SQLSTATE say what went wrong; the driver's text can quote cell
         # values or the URL, so it is not shown (run the query in the database's own client)
         try:

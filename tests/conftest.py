@@ -86,7 +86,7 @@ APPT_HEADER = (
 ONE_LEAD = (
     "lead_id,created_at,first_name,last_name,email,phone,zip,gclid,gbraid,wbraid,fbclid,fbc,fbp,"
     "consent_marketing,consent_at,consent_revoked_at,source,treatment_interest,notes,landing_page_url\n"
-    "L1,2026-11-01 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L1,,,,,,yes,2026-11-01 10:00,,,,,\n"
+    "L1,2026-11-01 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L1_testclickid0000,,,,,,yes,2026-11-01 10:00,,,,,\n"
 )
 
 

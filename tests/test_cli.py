@@ -94,6 +94,51 @@ def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("consultation_value", True),  # yes: not a $1 consultation
+        ("late_arrival_days", False),  # no: not zero days
+        ("attribution_window_days", True),
+    ],
+)
+def test_yaml_booleans_are_no_numbers(key: str, value: bool, tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    raw = yaml.safe_load(config.read_text())
+    raw["rules"] = {key: value}
+    config.write_text(yaml.safe_dump(raw))
+    result = run(config)
+    assert result.exit_code == 2
+    assert f"rules.{key}: Value error, expected a number, not true/false" in " ".join(result.stderr.split())
+    # a real boolean setting still takes one
+    raw["rules"] = {"suppression_requires_consent": False}
+    config.write_text(yaml.safe_dump(raw))
+    assert run(config).exit_code == 0
+
+
+def test_a_repeated_key_is_an_error_not_a_silent_reset(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    with config.open("a") as out:
+        out.write(
+            "meta:\n  pixel_id: '123456789012345'\n"
+        )  # a second block: the first's settings would reset
+    result = run(config)
+    assert result.exit_code == 2
+    assert "the key 'meta' appears twice in one mapping (line 26)" in " ".join(result.stderr.split())
+
+
+def test_a_key_that_is_no_name_is_not_repeated_in_the_error(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    with config.open("a") as out:  # a patient's address pasted where a key belongs
+        out.write("zq.canary@gmail.com: Zqfirst Zqlast\nexclude_typo: 1\n")
+    result = run(config)
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert "<unnamed key>: Extra inputs are not permitted" in said
+    assert "exclude_typo: Extra inputs are not permitted" in said  # a name is shown
+    assert "zq.canary" not in result.output and "Zqfirst" not in result.output
+
+
+@pytest.mark.parametrize(
     ("meta", "expected"),
     [
         ({"action_source": "website"}, "page URL, IP, user agent"),

@@ -528,7 +528,9 @@ def test_a_journey_re_attributed_between_two_runs_is_sent_once_whichever_upload_
 
 def _split_by_a_late_lead(folder: Path) -> None:
     """The exports once A1's "attended" and a lead created between A1 and A2 arrived: two journeys."""
-    second_lead = "L2,2026-11-06 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L2,,,,,,yes,"
+    second_lead = (
+        "L2,2026-11-06 10:00,Ann,Lee,ann.lee@gmail.com,4155550134,94103,Cj0KCQ-L2_testclickid0000,,,,,,yes,"
+    )
     (folder / "leads.csv").write_text(ONE_LEAD + second_lead + "2026-11-06 10:00,,,,,\n", encoding="utf-8")
     (folder / "appointments.csv").write_text(
         APPT_HEADER + visit("A1", "completed", "05", "300") + visit("A2", "completed", "07", "200"),

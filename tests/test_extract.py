@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from etl import cells, csvread, extract
 from etl.config import ClinicConfig
@@ -180,7 +181,23 @@ def test_a_row_shifted_by_an_unquoted_amount_is_an_error_not_a_wrong_revenue(tmp
     # "$1,200.00" unquoted splits into two cells; the shift lands in a blank trailing column
     error = _tmp_error(tmp_path, HEADER + "A0,completed,2026-01-05 09:00,$45.00,Botox,\n"
                        "A1,completed,2026-01-05 10:00,$1,200.00,Botox,\n")  # fmt: skip
-    assert [(p.line, p.reason) for p in error.problems] == [(3, "expected 6 fields, found 7")]
+    assert [(p.line, p.column) for p in error.problems] == [(3, "revenue")]
+    assert "amount with a thousands separator is not quoted" in error.problems[0].reason
+
+
+def test_every_row_shifted_by_an_unquoted_amount_is_an_error_too(tmp_path: Path) -> None:
+    # trailing blank cells on every row are forgiven as an export's habit, but not when they
+    # come from a split amount: read so, each revenue was $1 and $2
+    for amounts in (("$1,200.00", "$2,450.00"), ("1,200.00", "2,450.50"), ("(1,200)", "$12,000")):
+        error = _tmp_error(
+            tmp_path,
+            HEADER
+            + "".join(
+                f"A{i},completed,2026-01-05 10:00,{amount},Botox,\n" for i, amount in enumerate(amounts)
+            ),
+        )
+        assert [(p.line, p.column) for p in error.problems] == [(2, "revenue"), (3, "revenue")], amounts
+        assert "1,200" not in str(error) and "450" not in str(error)
 
 
 def test_a_currency_code_in_lower_case_reads_as_the_code(tmp_path: Path) -> None:
@@ -371,7 +388,7 @@ def test_later_row_wins_without_updated_at():
 def test_later_lead_row_wins():
     frame = leads("leads_latest_wins.csv")
     assert frame["lead_id"].tolist() == ["L2", "L1"]
-    assert frame["gclid"].tolist() == [pd.NA, "Cj0-later"]
+    assert frame["gclid"].tolist() == [pd.NA, "Cj0-later_testclickid0000"]
 
 
 def test_phi_only_columns_are_absent_from_leads():
@@ -383,7 +400,7 @@ def test_phi_only_columns_are_absent_from_leads():
     for value in ("Botox", "pregnancy", "spa.test", "Laser", "lips-ad", "google"):
         assert not any(value in cell for cell in cells_text)
     assert frame["consent_marketing"].tolist() == [True, False]
-    assert frame["gclid"].tolist() == ["Cj0abc", pd.NA]
+    assert frame["gclid"].tolist() == ["Cj0abc_testclickid0000", pd.NA]
     assert frame["consent_revoked_at"].isna().all()
 
 
@@ -607,7 +624,7 @@ def source_db(tmp_path: Path) -> str:
                'L9', '2026-03-02 20:00:00+00:00', 'Peel', 'Dr Y', NULL);
             INSERT INTO leads VALUES
               ('L1', 'spa-one', '2026-03-01 17:00:00+00:00', '2026-03-01 17:00:00+00:00', 'Ana',
-               'Ruiz', 'ana@mail.test', '5550001', '90210', 'Cj0abc', NULL, NULL, NULL, NULL,
+               'Ruiz', 'ana@mail.test', '5550001', '90210', 'Cj0abc_testclickid0000', NULL, NULL, NULL, NULL,
                NULL, 1, '2026-03-01 17:00:00+00:00', NULL, 'google', 'Botox', 'note',
                'https://spa.test/botox'),
               ('L2', 'spa-two', '2026-03-01 17:00:00+00:00', '2026-03-01 17:00:00+00:00', 'Bo',
@@ -640,8 +657,66 @@ def test_sql_source_binds_clinic_and_window(source_db: str):
     lead_frame = extract.read_leads(config.sources.leads, config, **WINDOW)
     assert_canonical(lead_frame, "leads")
     assert lead_frame["lead_id"].tolist() == ["L1"]
-    assert lead_frame["gclid"].tolist() == ["Cj0abc"]
+    assert lead_frame["gclid"].tolist() == ["Cj0abc_testclickid0000"]
     assert lead_frame["created_at"].tolist() == [utc("2026-03-01 17:00")]
+
+
+def test_a_sqlite_source_compares_the_window_in_clinic_time(tmp_path: Path):
+    # SQLite has no time zones: a PMS table holds wall-clock times, which SPEC section 3 reads as
+    # clinic-local, and the window is bound so (bound as UTC text it shifted by 7-8 hours)
+    from zoneinfo import ZoneInfo
+
+    with sqlite3.connect(tmp_path / "pms.sqlite") as db:
+        db.executescript(
+            """
+            CREATE TABLE appointments (appointment_id TEXT, clinic_id TEXT, status TEXT,
+              start_at TEXT, updated_at TEXT);
+            INSERT INTO appointments VALUES
+              ('IN-0200', 'spa-one', 'completed', '2026-11-01 02:00', '2026-11-01 02:00'),
+              ('IN-2230', 'spa-one', 'completed', '2026-11-22 22:30', '2026-11-22 22:30'),
+              ('OUT-0300', 'spa-one', 'completed', '2026-11-23 03:00', '2026-11-23 03:00');
+            """
+        )
+    (tmp_path / "changed.sql").write_text(
+        "SELECT appointment_id, status, start_at, updated_at FROM appointments\n"
+        "WHERE clinic_id = :clinic_id AND updated_at >= :start AND updated_at < :end\n"
+        "ORDER BY appointment_id"
+    )
+    config = make_config(tmp_path, appointments={"sql_url": "sqlite:///pms.sqlite", "query": "changed.sql"})
+    assert config.timezone == "America/Los_Angeles"
+    zone = ZoneInfo(config.timezone)
+    window = {"start": datetime(2026, 11, 1, tzinfo=zone), "end": datetime(2026, 11, 23, tzinfo=zone)}
+    # the relative SQLite path is the YAML folder's file, wherever the run starts
+    frame = extract.read_appointments(config.sources.appointments, config, **window)
+    assert frame["appointment_id"].tolist() == ["IN-0200", "IN-2230"]
+
+
+def test_a_query_file_saved_by_notepad_or_excel_is_read_or_named(source_db: str, tmp_path: Path):
+    query = "-- rows of :clinic_id\nSELECT appointment_id, status, start_at FROM appointments WHERE clinic_id = :clinic_id"
+    (tmp_path / "bom.sql").write_bytes(b"\xef\xbb\xbf" + query.encode())  # a BOM before a comment
+    config = make_config(tmp_path, appointments={"sql_url": source_db, "query": "bom.sql"})
+    frame = extract.read_appointments(config.sources.appointments, config, **WINDOW)
+    assert frame["appointment_id"].tolist() == ["A1", "A2", "A3"]
+    (tmp_path / "cp1252.sql").write_bytes(("-- caf\xe9\n" + query).encode("cp1252"))
+    (tmp_path / "folder.sql").mkdir()
+    for name, reason in (("cp1252.sql", "not UTF-8 text"), ("folder.sql", "cannot read the query file")):
+        config = make_config(tmp_path, appointments={"sql_url": source_db, "query": name})
+        with pytest.raises(InputError) as info:
+            extract.read_appointments(config.sources.appointments, config, **WINDOW)
+        (problem,) = info.value.problems
+        assert problem.file == name and reason in problem.reason
+
+
+def test_a_source_url_with_a_password_is_refused_even_with_a_typo_in_its_port(tmp_path: Path):
+    with pytest.raises(ValidationError, match="holds a password") as info:
+        make_config(
+            tmp_path, appointments={"sql_url": "postgresql://pms:S3CRET-PW@db:5432x/pms", "query": "q.sql"}
+        )
+    assert "S3CRET-PW" not in str(info.value.errors(include_input=False))
+    (tmp_path / "all.sql").write_text("SELECT appointment_id, status, start_at FROM appointments")
+    config = make_config(tmp_path, appointments={"sql_url": "postgresql://db:5432x/pms", "query": "all.sql"})
+    with pytest.raises(ConfigError, match="not a valid SQLAlchemy URL"):
+        extract.read_appointments(config.sources.appointments, config, **WINDOW)
 
 
 def test_a_sql_source_is_fingerprinted_by_its_query(source_db: str):

@@ -35,6 +35,7 @@ from etl.identifiers import (
     normalize_state_meta,
     normalize_zip,
     sha256_hex,
+    usable_click_ids,
 )
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -404,10 +405,18 @@ def test_state(raw: str, country: str | None, state: str | None) -> None:
         pytest.param("ABCDE", "US", None, None, id="letters"),
         pytest.param("00907", "PR", "00907", "00907", id="territory"),
         pytest.param("M1 1AE", "GB", "m11ae", "M1 1AE", id="uk"),
-        pytest.param("k1a-0b1", "CA", "k1a0b1", "K1A-0B1", id="canada"),
+        pytest.param("k1a-0b1", "CA", "k1a0b1", "K1A 0B1", id="canada-dash-for-its-space"),
         pytest.param(" k1a  0b1 ", "CA", "k1a0b1", "K1A 0B1", id="canada-spaces"),
-        pytest.param("K1A - 0B1", "CA", "k1a0b1", "K1A-0B1", id="dash-with-spaces"),
+        pytest.param("K1A - 0B1", "CA", "k1a0b1", "K1A 0B1", id="dash-with-spaces"),
         pytest.param("1234-567", "PT", "1234567", "1234-567", id="portugal"),
+        pytest.param("154 - 0023", "JP", "1540023", "154-0023", id="japan-dash"),
+        pytest.param("26133", "DE", "26133", "26133", id="germany"),
+        # a shifted or misfiled cell that looks like some code but not like the row's country's
+        # leaves hashed for Meta at most, never in clear
+        pytest.param("PT-000261", "GB", "pt000261", None, id="patient-number-in-a-uk-zip"),
+        pytest.param("6287000248", "GB", "6287000248", None, id="phone-digits-in-a-uk-zip"),
+        pytest.param("PT-000261", "DE", "pt000261", None, id="patient-number-in-a-german-zip"),
+        pytest.param("12345", "AE", "12345", None, id="country-without-postal-codes"),
         pytest.param("sw1a 1aa", "GB", "sw1a1aa", "SW1A 1AA", id="uk-long"),
         pytest.param("ABCDE", "GB", "abcde", None, id="no-digit-not-sent-to-google"),
         pytest.param("n/a", "GB", None, None, id="placeholder"),
@@ -763,3 +772,21 @@ def test_arrow_and_object_columns_hash_alike() -> None:
     pd.testing.assert_frame_equal(actual, expected)
     for column in (*HASHED_COLUMNS, *CLEAR_COLUMNS):  # the same categories, in the same order
         assert actual[column].cat.categories.tolist() == expected[column].cat.categories.tolist()
+
+
+def test_click_ids_not_shaped_like_one_are_left_out() -> None:
+    gclid = "Cj0KCQjw_0123456789abcdefABCDEF-BwE"
+    fbc = "fb.1.1777100000000.IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYX"
+    frame = pd.DataFrame({
+        "gclid": [gclid, "jane.doe134", None, "Cj0KCQjw.0123456789abcdef"],
+        "fbclid": [None, "4155550123", "IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYX", None],
+        "fbc": [fbc, "fb.1.1792702786000.4155550135", None, fbc + ".AQ"],  # Meta's appendix
+        "fbp": ["fb.1.1777100000000.1116446470", "4155550123", None, None],
+    })  # fmt: skip
+    out, blanked = usable_click_ids(frame)
+    assert blanked == 5
+    assert out["gclid"].tolist() == [gclid, None, None, None]
+    assert out["fbclid"].tolist() == [None, None, "IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYX", None]
+    assert out["fbc"].tolist() == [fbc, None, None, fbc + ".AQ"]
+    assert out["fbp"].tolist() == ["fb.1.1777100000000.1116446470", None, None, None]
+    assert frame["gclid"][1] == "jane.doe134"  # the input is not changed

@@ -307,3 +307,27 @@ def test_the_planned_counts_are_members_for_both_lists(synthetic: Path, tmp_path
         assert (
             summary["destinations"][dest]["members"] == summary["destinations"][dest]["adds"] == planned[dest]
         )
+
+
+def test_a_refused_extract_leaves_no_half_of_an_earlier_attempts_files(tmp_path: Path) -> None:
+    # attempt 1 extracted both exports; attempt 2's leads export is refused half-way: its stage
+    # step (cleared on its own in Airflow) must not stage attempt 2's appointments beside
+    # attempt 1's leads
+    import shutil
+
+    from etl import tasks
+    from etl.errors import InputError, NotPlanned
+
+    clinic = tmp_path / "clinic"
+    shutil.copytree(DATA / "rules" / "reschedule", clinic)
+    config = make_config(clinic)
+    spec = tasks.spec_for(config, datetime(2026, 5, 1, tzinfo=config.tz), datetime(2026, 6, 30, tzinfo=config.tz),
+                          database=f"sqlite:///{tmp_path / 's.sqlite'}", outbox=tmp_path / "outbox")  # fmt: skip
+    tasks.extract(spec)
+    assert (spec.paths.extracts / "leads.parquet").exists()
+    (clinic / "leads.csv").write_text("lead_id,created_at\nL1,not a date\n", encoding="utf-8")
+    with pytest.raises(InputError):
+        tasks.extract(spec)
+    assert not (spec.paths.extracts / "leads.parquet").exists()
+    with pytest.raises(NotPlanned, match="needs the extract step's files"):
+        tasks.stage(spec)

@@ -289,7 +289,7 @@ CASES: dict[str, Fault] = {
         pending=_valued("google_conversions", _put("conversion_value", -1250.0))),
     "google_conversions_outbound.click_id_charset": Fault(
         pending=_edit("google_conversions", _put("gclid", "not a click id!")), layer="gate"),
-    "google_conversions_outbound.one_click_id": Fault(pending=_edit("google_conversions", _put("gbraid", "Cj0abc"))),
+    "google_conversions_outbound.one_click_id": Fault(pending=_edit("google_conversions", _put("gbraid", "Cj0abc_testclickid0000"))),
     "google_conversions_outbound.user_identifiers_batch": Fault(
         pending=_edit("google_conversions", _put("user_identifiers", [{"hashed_email": HASH}] * 6)), layer="gate"),
     "google_conversions_outbound.has_match_key": Fault(pending=_edit("google_conversions", _no_match_keys)),

@@ -31,6 +31,8 @@ _FIRSTS = (
     "st_m",
     "country_m",
 )
+# one address: taken together from a single row (``_one_address``)
+_ADDRESS = ("country_code", "postal_code", "zp_m", "ct_m", "st_m", "country_m")
 
 
 def suppression_members(
@@ -94,5 +96,25 @@ def suppression_members(
     out = pd.DataFrame({"person": people}).set_index("person")
     for col in ("em_g", "ph_g"):
         out[col] = ordered_lists(rows, "person", col, _LIST_CAP, out.index)
-    out = out.join(rows.groupby("person")[list(_FIRSTS)].first())
-    return out.reset_index()
+    names = [c for c in _FIRSTS if c not in _ADDRESS]
+    out = out.join(rows.groupby("person")[names].first())
+    out = out.join(_one_address(rows))
+    return out.reset_index()[["person", "em_g", "ph_g", *_FIRSTS]]
+
+
+def _one_address(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each person's address columns all from one row: the most recent with a postal code,
+    else the most recent with any address field.
+
+    Taken column by column, a newer lead (no country column: the clinic's region) would pair
+    its country with an older visit's foreign postal code: ``M1 1AE`` sent as a US address.
+    """
+    address = rows[list(_ADDRESS)]
+    with_code = address[["postal_code", "zp_m"]].notna().any(axis=1).to_numpy()
+    with_any = address.notna().any(axis=1).to_numpy()
+    # per person, the first row (most recent) of the best kind: 2 = a postal code, 1 = any field
+    rank = np.where(with_code, 2, np.where(with_any, 1, 0))
+    person = rows["person"].to_numpy()
+    order = np.lexsort((np.arange(len(rows)), -rank, person))
+    first = order[np.r_[True, person[order][1:] != person[order][:-1]]] if len(order) else order
+    return address.iloc[first].set_axis(person[first]).rename_axis("person")

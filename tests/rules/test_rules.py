@@ -276,17 +276,31 @@ def test_consultation_value_from_config(tmp_path: Path) -> None:
 def test_click_id_choice(tmp_path: Path) -> None:
     run = case("click_ids", tmp_path)
     google = run.rows["google_conversions"][0]
-    assert google["gclid"] == "Cj0-first" and "gbraid" not in google and "wbraid" not in google
+    assert (
+        google["gclid"] == "Cj0-first_testclickid0000" and "gbraid" not in google and "wbraid" not in google
+    )
     user = run.rows["meta_events"][0]["user_data"]
-    assert user["fbc"] == "fb.1.1777100000000.IwAR-second"
+    assert user["fbc"] == "fb.1.1777100000000.IwAR-second_testclickid0000"
     assert user["fbp"] == "fb.1.1777100000000.123456789"
 
 
 def test_fbc_built_from_fbclid(tmp_path: Path) -> None:
     run = case("fbclid_only", tmp_path)
     created_ms = int(datetime(2026, 5, 1, 16, 0, tzinfo=UTC).timestamp() * 1000)
-    assert run.rows["meta_events"][0]["user_data"]["fbc"] == f"fb.1.{created_ms}.IwAR-only"
+    assert run.rows["meta_events"][0]["user_data"]["fbc"] == f"fb.1.{created_ms}.IwAR-only_testclickid0000"
     assert "gclid" not in run.rows["google_conversions"][0]
+
+
+def test_a_click_id_column_holding_no_click_id_sends_none(tmp_path: Path) -> None:
+    # a name, a patient number and phone digits filed in click-ID columns: they leave in clear,
+    # so they are left out at extract, and the conversion goes by its hashed identifiers alone
+    run = case("misfiled_click_ids", tmp_path)
+    (google,) = [r for r in run.rows["google_conversions"] if r["conversion_action"].endswith("/111")]
+    assert not {"gclid", "gbraid", "wbraid"} & set(google) and google["user_identifiers"]
+    (meta,) = [r for r in run.rows["meta_events"] if r["event_name"] == "ConsultationAttended"]
+    assert "fbc" not in meta["user_data"] and meta["user_data"]["em"]
+    sent = "".join(path.read_text() for path in run.outbox.glob("*.jsonl"))
+    assert "jane.doe134" not in sent and "000261" not in sent and "4155550123" not in sent
 
 
 def test_a_conversion_no_configured_destination_can_take_has_no_identifiers(tmp_path: Path) -> None:
@@ -354,6 +368,17 @@ def test_a_patient_from_abroad_is_a_list_member_with_the_national_postal_code(tm
     address = next(i["address_info"] for i in member["user_identifiers"] if "address_info" in i)
     assert (address["postal_code"], address["country_code"]) == ("M1 1AE", "GB")
     assert len(run.rows["meta_audience"]) == 1
+
+
+def test_a_members_address_comes_from_one_row(tmp_path: Path) -> None:
+    # a newer lead has no postal code and no country column (the clinic's region, US): its
+    # country must not be paired with the visit's British postal code
+    run = case("member_from_abroad_newer_lead", tmp_path)
+    (member,) = run.rows["google_customer_match"]
+    address = next(i["address_info"] for i in member["user_identifiers"] if "address_info" in i)
+    assert (address["postal_code"], address["country_code"]) == ("M1 1AE", "GB")
+    (row,) = run.rows["meta_audience"][0]["data"]
+    assert sha("m11ae") in row and sha("gb") in row and sha("us") not in row
 
 
 def test_each_list_counts_its_own_members(tmp_path: Path) -> None:
