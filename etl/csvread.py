@@ -37,6 +37,8 @@ _SIGNED_HEAD = re.compile(r"\(?-?[$€£]-?\d{1,3}|\(-?\d{1,3}")
 _AMOUNT_TAIL = re.compile(r"\d{3}(?:,\d{3})*(?:\.\d+)?\)?")
 _CENTS_TAIL = re.compile(r"\d{3}(?:,\d{3})*\.\d{1,2}\)?")
 _NEWLINE, _CR, _QUOTE, _COMMA = 0x0A, 0x0D, 0x22, 0x2C
+# a UTF-8 letter of Latin-1 Supplement or Latin Extended-A (U+00C0..U+017F: lead byte C3-C5)
+_UTF8_LETTER = re.compile(rb"[\xc3-\xc5][\x80-\xbf]")
 _SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
 _FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refused a long note in a column never read
 
@@ -117,6 +119,13 @@ def _refuse_mixed_utf8(body: bytes, name: str, columns: frozenset[str]) -> None:
         except UnicodeDecodeError as exc:
             line, column = _where(body, exc.start, "utf-8", columns)
         reason = "UTF-8 text with bytes that are not UTF-8 (mixed encodings); save the export as CSV UTF-8"
+        raise InputError([RowProblem(name, line, column, reason)])
+    if letter := _UTF8_LETTER.search(body):
+        # mostly cp1252, but with a UTF-8 accented letter ("é" as C3 A9, which cp1252 would read
+        # as "Ã©"): a row pasted from a UTF-8 source; cp1252 text of its own forms these pairs
+        # only as a capital A with a tilde or ring before a symbol, which no name holds
+        line, column = _where(body, letter.start(), "cp1252", columns)
+        reason = "cp1252 text with UTF-8 characters in it (mixed encodings); save the export as CSV UTF-8"
         raise InputError([RowProblem(name, line, column, reason)])
 
 

@@ -911,6 +911,17 @@ def test_a_utf8_export_with_a_byte_that_is_not_utf8_is_refused_not_misread(tmp_p
                      "A1,completed,2026-01-05 09:00,RENÉ\xa0\nA2,completed,2026-01-05 09:00,Zoë\n"
                      "A3,completed,2026-01-05 09:00,José\n".encode("cp1252"))  # fmt: skip
     assert CsvExport(path).read([3])[0][0].to_pylist() == ["RENÉ\xa0", "Zoë", "José"]
+    # mostly cp1252 with one row pasted from a UTF-8 source: read as cp1252, its "José" was
+    # "JosÃ©", which hashes to nothing
+    path.write_bytes("appointment_id,status,start_at,first_name\n"
+                     "A1,completed,2026-01-05 09:00,Renée\nA2,completed,2026-01-05 09:00,Zoë\n"
+                     "A3,completed,2026-01-05 09:00,Hélène\n".encode("cp1252")
+                     + "A4,completed,2026-01-05 09:00,José\n".encode())  # fmt: skip
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.line, p.column, p.reason.split(";")[0]) for p in info.value.problems] == [
+        (5, "first_name", "cp1252 text with UTF-8 characters in it (mixed encodings)")]  # fmt: skip
+    assert "Jos" not in str(info.value)
 
 
 @pytest.mark.parametrize(
