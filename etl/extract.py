@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import logging
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Annotated, Any, Literal
@@ -37,6 +38,8 @@ Status = Literal["attended", "cancelled", "late_cancel", "no_show", "rescheduled
 _TEXT, _TIME, _MONEY, _FLAG, _STATUS = "text", "time", "money", "flag", "status"
 _PEOPLE = {f: _TEXT for f in ("first_name", "last_name", "email", "phone", "zip")}
 _CONSENT = {"consent_marketing": _FLAG, "consent_at": _TIME, "consent_revoked_at": _TIME}
+log = logging.getLogger(__name__)
+
 # canonical field -> how its cells are parsed, in output column order
 FIELDS: dict[Kind, dict[str, str]] = {
     "appointments": {
@@ -95,6 +98,9 @@ def _as_specs(value: object) -> object:
 
 class ProfileSection(_Frozen):
     required: list[str]
+    # fields whose column an export of this layout has (SPEC section 3: every generic column but
+    # the optional ones); one missing is named in a warning, its cells read as blank
+    expected: list[str] = Field(default_factory=list)
     columns: dict[str, Annotated[list[ColumnSpec], BeforeValidator(_as_specs), Field(min_length=1)]]
     statuses: dict[Status, list[str]] = Field(default_factory=dict)
 
@@ -119,8 +125,8 @@ class Profile(_Frozen):
                 raise ValueError(f"{kind}.columns: not canonical {kind} fields: {stray}")
             if lacking := sorted(set(MIN_REQUIRED[kind]) - set(section.required)):
                 raise ValueError(f"{kind}.required must include {lacking}")
-            if unmapped := sorted(set(section.required) - set(section.columns)):
-                raise ValueError(f"{kind}.required names fields without a column: {unmapped}")
+            if unmapped := sorted(set(section.required + section.expected) - set(section.columns)):
+                raise ValueError(f"{kind}.required/expected names fields without a column: {unmapped}")
             headers = [_normalize(s.column) for specs in section.columns.values() for s in specs]
             if len(headers) != len(set(headers)):
                 raise ValueError(f"{kind}.columns: a header is mapped twice")
@@ -180,6 +186,7 @@ def _match_columns(
         positions.setdefault(_normalize(label), []).append(i)
     found: list[_Column] = []
     problems: list[RowProblem] = []
+    absent: list[str] = []
     for field, specs in section.columns.items():
         for spec in specs:
             hits = positions.get(_normalize(spec.column), [])
@@ -194,8 +201,17 @@ def _match_columns(
                 others = " or ".join(f"'{s.column}'" for s in specs[1:])
                 reason = "missing required column" + (f" (nor {others})" if others else "")
                 problems.append(RowProblem(name, line, specs[0].column, reason))
+            elif field in section.expected:
+                absent.append(specs[0].column)
     if problems:
         raise InputError(problems)
+    if absent:
+        # not an error (a hand-made export without city or state still converts), but never
+        # silent: without "revenue" no purchase has a value, without "email" nobody links by it
+        log.warning(
+            "%s: no column %s; read as blank in every row (add the column%s if the source has it)",
+            name, ", ".join(f"'{c}'" for c in absent), "s" if len(absent) > 1 else "",
+        )  # fmt: skip
     return found
 
 

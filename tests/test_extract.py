@@ -1000,3 +1000,22 @@ def test_blank_celled_lines_above_the_header_are_skipped(tmp_path: Path, above: 
     assert export.header[0] == "appointment_id"
     columns, lines = export.read([0])
     assert columns[0].to_pylist() == ["A1"] and lines.tolist() == [above.count(b"\n") + 2]
+
+
+def test_a_missing_spec_column_is_named_in_a_warning_and_read_as_blank(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # without "revenue" every purchase would be dropped as no_revenue with nothing said why
+    (tmp_path / "export.csv").write_text(
+        "appointment_id,status,start_at,email\nA1,completed,2026-01-05 10:00,ann@mail.test\n",
+        encoding="utf-8",
+    )
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with caplog.at_level("WARNING", logger="etl.extract"):
+        frame = extract.read_appointments(config.sources.appointments, config)
+    assert frame["revenue"].tolist() == [0.0]
+    (record,) = [r for r in caplog.records if r.name == "etl.extract"]
+    message = record.getMessage()
+    assert message.startswith("export.csv: no column 'patient_id', 'first_name'")
+    assert "'revenue'" in message and "'updated_at'" in message and "'email'" not in message
+    assert "ann@mail.test" not in message
