@@ -69,6 +69,18 @@ class SourceConfig(_Model):
     query: Path | None = Field(
         None, description="SQL file (bound parameters :clinic_id, :start, :end); relative to YAML."
     )
+    complete: bool = Field(
+        False,
+        description="Each export holds every record of the clinic: a staged record missing from it "
+        "was deleted at the source and is deleted from staging (so its person leaves the lists).",
+    )
+    max_deleted_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="A complete export that would delete more than this share of the staged records "
+        "is refused, nothing of it kept (a truncated file would otherwise empty the lists).",
+    )
 
     @field_validator("query", "path")
     @classmethod

@@ -297,11 +297,18 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
     loaded: dict[str, staging.Loaded] = {}
     (paths.extracts / staging.MARKER).unlink(missing_ok=True)
     for kind in ("appointments", "leads"):
+        source = getattr(config.sources, kind)
+        deletions = None
+        if source.complete:
+            named = source.path if source.path is not None else source.query
+            deletions = staging.Deletions(source=Path(str(named)).name, max_share=source.max_deleted_share)
         with timings.step(f"stage_{kind}"):
             loaded[kind] = staging.load_extract(
-                engine, kind, config.clinic_id, paths.extracts / f"{kind}.parquet"
+                engine, kind, config.clinic_id, paths.extracts / f"{kind}.parquet", deletions
             )
             counts[f"{kind}_staged"] = loaded[kind].rows
+            if source.complete:
+                counts[f"{kind}_deleted"] = loaded[kind].deleted
     staging.write_marker(paths.extracts, loaded)
     return counts
 

@@ -72,6 +72,7 @@ class Loaded:
     rows: int
     load_seq: int
     exact: bool
+    deleted: int = 0  # staged records a complete export no longer held
 
 
 def _merge_sql(kind: str, source: str | None) -> str:
@@ -200,15 +201,29 @@ def _python_values(arr: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-def load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loaded:
-    """Upsert one hashed extract into staging, latest wins, in one transaction.
+@dataclass(frozen=True)
+class Deletions:
+    """A complete export's deletions: staged records it no longer holds are deleted, unless more
+    than ``max_share`` of the staged records would go (then the load is refused whole)."""
+
+    source: str  # the export's file or query name, for the refusal
+    max_share: float
+
+
+def load_extract(
+    engine: Engine, kind: str, clinic_id: str, path: Path, deletions: Deletions | None = None
+) -> Loaded:
+    """Upsert one hashed extract into staging, latest wins, in one transaction; with
+    ``deletions`` (a complete export), also delete the clinic's staged records it does not hold.
 
     Raises:
         StagingError: the database refused the load (nothing of it was kept); the driver's
             message is not passed on, since it quotes the offending row.
+        InputError: a complete export would delete more than ``deletions.max_share`` of the
+            staged records (nothing of the load was kept).
     """
     try:
-        return _load_extract(engine, kind, clinic_id, path)
+        return _load_extract(engine, kind, clinic_id, path, deletions)
     except _DRIVER_ERRORS as exc:
         raise store.refused(
             exc, f"staging {kind}: the database refused the load", "nothing of this load was kept"
@@ -231,10 +246,13 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
 _DRIVER_ERRORS = _driver_errors()
 
 
-def _load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Loaded:
+def _load_extract(
+    engine: Engine, kind: str, clinic_id: str, path: Path, deletions: Deletions | None
+) -> Loaded:
     rows = pq.ParquetFile(path).metadata.num_rows
+    deleted = 0
     with engine.begin() as conn:
-        _, _, seq = _state(conn, kind, clinic_id)
+        staged, _, seq = _state(conn, kind, clinic_id)
         seq += 1
         if conn.dialect.name == "sqlite":
             raw = conn.connection.dbapi_connection
@@ -245,8 +263,42 @@ def _load_extract(engine: Engine, kind: str, clinic_id: str, path: Path) -> Load
             cur.close()
         else:
             _merge_via_temp(conn, kind, path, clinic_id, seq)
+        if deletions is not None:
+            deleted = _delete_missing(conn, kind, clinic_id, path, staged, deletions)
         count, lo, hi = _state(conn, kind, clinic_id)
-    return Loaded(rows=rows, load_seq=seq, exact=count == rows and lo == hi == seq)
+    return Loaded(rows=rows, load_seq=seq, exact=count == rows and lo == hi == seq, deleted=deleted)
+
+
+def _delete_missing(
+    conn: Connection, kind: str, clinic_id: str, path: Path, staged: int, deletions: Deletions
+) -> int:
+    """Delete the clinic's staged records whose key the export does not hold; refuse (raising,
+    so the load's transaction is rolled back) when more than the allowed share would go."""
+    from etl.errors import InputError, RowProblem
+
+    table, key = TABLES[kind], KEYS[kind]
+    keys = sa.Table(
+        f"tmp_{kind}_keys", sa.MetaData(), sa.Column("record_key", sa.String), prefixes=["TEMPORARY"]
+    )
+    keys.drop(conn, checkfirst=True)
+    keys.create(conn)
+    exported = pq.read_table(path, columns=[key]).column(key).combine_chunks()
+    if pa.types.is_dictionary(exported.type):
+        exported = exported.dictionary_decode()
+    bulk_insert(conn, keys, pd.DataFrame({"record_key": pc.unique(exported).to_pylist()}))
+    missing = (table.c.clinic_id == clinic_id) & table.c[key].not_in(sa.select(keys.c.record_key))
+    gone = int(conn.execute(sa.select(sa.func.count()).select_from(table).where(missing)).scalar_one())
+    if staged and gone > deletions.max_share * staged:
+        reason = (
+            f"a complete export that would delete {gone:,} of the {staged:,} staged {kind} "
+            f"(more than max_deleted_share {deletions.max_share:g}): is the export whole? Nothing of it "
+            "was kept; raise max_deleted_share for this run if the deletions are real"
+        )
+        raise InputError([RowProblem(deletions.source, None, None, reason)])
+    if gone:
+        conn.execute(table.delete().where(missing))
+    keys.drop(conn)
+    return gone
 
 
 def _merge_via_temp(conn: Connection, kind: str, path: Path, clinic_id: str, seq: int) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from etl import ledger, pipeline, store
 from etl.outbox import OUTBOX_FILES
@@ -331,3 +332,55 @@ def test_a_refused_extract_leaves_no_half_of_an_earlier_attempts_files(tmp_path:
     assert not (spec.paths.extracts / "leads.parquet").exists()
     with pytest.raises(NotPlanned, match="needs the extract step's files"):
         tasks.stage(spec)
+
+
+BOB = ("B1,P2,Bob,Ray,bob.ray@corp.test,4155550199,94110,San Francisco,CA,US,Peel,completed,"
+       "2026-11-04 10:00,120,USD,L1,2026-11-04 12:00,yes,2026-11-01 10:00,\n")  # fmt: skip
+
+
+def _members(run: object) -> int:
+    return int(run.summary["destinations"]["google_customer_match"]["members"])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_complete_export_deletes_the_records_it_no_longer_holds(complete: bool, tmp_path: Path) -> None:
+    # SPEC rule 12: a person deleted at the source leaves the lists. Only an export declared
+    # complete says so: an incremental one that lacks Bob says nothing about him
+    complete_export_case(tmp_path, f"sqlite:///{tmp_path / 'stage.sqlite'}", complete=complete)
+
+
+def complete_export_case(tmp_path: Path, url: str, *, complete: bool) -> None:
+    """Bob's visit is in the first export and not in the second (tests/test_postgres.py too)."""
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "05", "450") + BOB)
+    config = make_config(tmp_path, sources__appointments__complete=complete,
+                         sources__appointments__max_deleted_share=1.0)  # fmt: skip
+    assert _members(run_dry(config, "2026-11-01", "2026-11-23", tmp_path / "1", db_url=url)) == 2
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "05", "450"))
+    after = run_dry(config, "2026-11-02", "2026-11-24", tmp_path / "2", db_url=url)
+    assert _members(after) == (1 if complete else 2)
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        staged = conn.execute(sa.select(store.appointments.c.appointment_id)).scalars().all()
+    assert sorted(staged) == (["A1"] if complete else ["A1", "B1"])
+
+
+def test_a_complete_export_that_would_delete_too_much_is_refused_whole(tmp_path: Path) -> None:
+    # a truncated file declared complete would otherwise take most patients off the lists
+    from etl.errors import InputError
+
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "05", "450") + BOB)
+    config = make_config(tmp_path, sources__appointments__complete=True)
+    url = f"sqlite:///{tmp_path / 'stage.sqlite'}"
+    run_dry(config, "2026-11-01", "2026-11-23", tmp_path / "1", db_url=url)
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "06", "500"))
+    with pytest.raises(InputError) as info:
+        run_dry(config, "2026-11-02", "2026-11-24", tmp_path / "2", db_url=url)
+    (problem,) = info.value.problems
+    assert problem.file == "appointments.csv"
+    assert "would delete 1 of the 2 staged appointments (more than max_deleted_share 0.2)" in problem.reason
+    with store.engine_for(url) as engine, engine.connect() as conn:  # nothing of the load kept
+        rows = conn.execute(
+            sa.select(store.appointments.c.appointment_id, store.appointments.c.revenue)
+        ).all()
+    assert sorted(rows) == [("A1", 450.0), ("B1", 120.0)]

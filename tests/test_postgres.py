@@ -568,3 +568,11 @@ def test_postgres_one_platform_stopped_by_two_people_at_once_keeps_one_stop(post
             verdict = audit.verify(conn, "pg-switch")
     assert verdict.intact, verdict.problems
     assert verdict.records == 1
+
+
+def test_postgres_a_complete_export_deletes_the_records_it_no_longer_holds(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    from tests.test_pipeline import complete_export_case
+
+    complete_export_case(tmp_path, _fresh_database(postgres_url, "complete_export"), complete=True)
