@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from etl.config import DATABASE_URL_ENV, ID_SECRET_ENV, ClinicConfig, load_config, resolve_id_secret
 from etl.errors import ConfigError, MedspaError
-from etl.settings import quiet_third_party_loggers
+from etl.settings import private_files, quiet_third_party_loggers
 
 if TYPE_CHECKING:
     from etl.rules.stages import RunWindow
@@ -214,6 +214,7 @@ def run_spec(config_path: str | Path, start: datetime | None, end: datetime | No
     config = load_config(config_path)
     database = None if config.database_url else (os.environ.get(DATABASE_URL_ENV, "").strip() or None)
     quiet_third_party_loggers()
+    private_files()
     return RunSpec(config=config, window=run_window(config, start, end), database=database)
 
 

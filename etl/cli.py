@@ -36,7 +36,7 @@ from etl.errors import (
     SendInProgress,
     StagingError,
 )
-from etl.settings import quiet_third_party_loggers
+from etl.settings import private_files, quiet_third_party_loggers
 
 app = typer.Typer(
     name="medspa-conversions",
@@ -450,6 +450,7 @@ def doctor(
 
 
 def main() -> None:
+    private_files()
     app()
 
 

@@ -637,3 +637,27 @@ def test_doctor_and_a_live_run_check_the_legal_basis_registry(
     assert json.loads(summary_file.read_text(encoding="utf-8"))["legal_basis"] == {
         "hipaa_status": "covered_entity", "google_ads": REGISTRY["google_ads"], "meta": None,
     }  # fmt: skip
+
+
+def test_what_a_run_writes_is_readable_by_its_user_only(tmp_path: Path) -> None:
+    # the staging database, extracts and outbox hold pseudonymous identifiers and record IDs
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    old = os.umask(0o022)  # the common default the CLI must not rely on
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "etl", "run", "--config", str(config), "--start", "2026-05-01",
+             "--end", "2026-06-30", "--dry-run"],
+            capture_output=True, text=True, env={**os.environ, "MEDSPA_ID_SECRET": "0123456789abcdef-test"},
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    written = [p for p in (tmp_path / "var").rglob("*")]
+    assert any(p.suffix == ".jsonl" for p in written) and any(p.suffix == ".sqlite" for p in written)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.relative_to(tmp_path)
