@@ -129,7 +129,7 @@ def _has_password(url: str) -> bool:
     except (ArgumentError, ValueError):
         # not a URL SQLAlchemy parses (reported where it is used), but it may still carry a
         # password in its user part (a typo in the port): judged from the text
-        return re.match(r"^[^:/@]+://[^/@:]*:[^/@]*@", url) is not None
+        return re.match(r"^[^:/@]+://[^/@:]*:[^@]*@", url) is not None
 
 
 class Sources(_Model):
@@ -464,15 +464,24 @@ class ClinicConfig(_Model):
     def resolve_url(self, url: str) -> str:
         """A SQLAlchemy URL with a relative SQLite file path anchored at the YAML's folder (the
         staging database's and a SQL source's alike), not at whatever folder the run starts in."""
-        prefix = "sqlite:///"
-        # a URI filename (sqlite:///file:...?mode=ro&uri=true) is no relative path
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            return url  # reported where it is used
+        database = parsed.database or ""
+        # in memory, an absolute path, or a URI filename (file:...?mode=ro&uri=true): as given
         if (
-            url.startswith(prefix)
-            and not url.startswith((prefix + "/", prefix + "file:"))
-            and url != "sqlite://"
+            parsed.get_backend_name() != "sqlite"
+            or database in ("", ":memory:")
+            or database.startswith("file:")
         ):
-            return prefix + str(self.base_dir / url[len(prefix) :])
-        return url
+            return url
+        if Path(database).is_absolute():
+            return url
+        return parsed.set(database=str(self.base_dir / database)).render_as_string(hide_password=False)
 
 
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -488,7 +497,8 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
-            parts.append(f"[{item}]")
+            # a list position; a large number is a mapping's key (phone digits pasted as one)
+            parts.append(f"[{item}]" if 0 <= item < 1000 else "[<unnamed key>]")
         else:
             parts.append(("." if parts else "") + _key_name(item))
     return "".join(parts) or "(top level)"
@@ -505,12 +515,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     block appended at the bottom would reset every rule the first one set to its default."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        # the mapping's own plain keys only: a merge (<<: *anchor) may repeat a key on purpose
+        seen: set[str] = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
-            seen.add(key)
+            if isinstance(key, str):
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -30,15 +30,14 @@ import pyarrow.csv as pacsv
 from etl.errors import InputError, RowProblem
 
 _BOM = codecs.BOM_UTF8
-# an unquoted "$1,200.00" or "(1,200.50)" read as two cells: the head with a currency sign or a
-# parenthesis, or a tail of three digits and cents (a record or zip code has no cents)
-_AMOUNT_HEAD = re.compile(r"\(?-?[$€£]-?\d{1,3}|\(?-?\d{1,3}")
-_SIGNED_HEAD = re.compile(r"\(?-?[$€£]-?\d{1,3}|\(-?\d{1,3}")
+# an unquoted "$1,200.00", "1,200" or "(1,200.50)" in a money column, read as two cells
+_AMOUNT_HEAD = re.compile(r"\(?-?[$€£]?-?\d{1,3}")
 _AMOUNT_TAIL = re.compile(r"\d{3}(?:,\d{3})*(?:\.\d+)?\)?")
-_CENTS_TAIL = re.compile(r"\d{3}(?:,\d{3})*\.\d{1,2}\)?")
 _NEWLINE, _CR, _QUOTE, _COMMA = 0x0A, 0x0D, 0x22, 0x2C
-# a UTF-8 letter of Latin-1 Supplement or Latin Extended-A (U+00C0..U+017F: lead byte C3-C5)
-_UTF8_LETTER = re.compile(rb"[\xc3-\xc5][\x80-\xbf]")
+# a UTF-8 lowercase accented Latin letter, U+00E1..U+00FF (á é í ñ ó ö ü ç ...): cp1252 reads
+# it as "Ã" and a symbol (Ã©); "Ã" before a no-break space (à) is left out, which cp1252 text
+# of its own can hold
+_UTF8_LETTER = re.compile(rb"\xc3[\xa1-\xbf]")
 _SCAN_CHUNK = 1 << 20  # bytes compared at a time: no temporary as large as the file
 _FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refused a long note in a column never read
 
@@ -120,13 +119,16 @@ def _refuse_mixed_utf8(body: bytes, name: str, columns: frozenset[str]) -> None:
             line, column = _where(body, exc.start, "utf-8", columns)
         reason = "UTF-8 text with bytes that are not UTF-8 (mixed encodings); save the export as CSV UTF-8"
         raise InputError([RowProblem(name, line, column, reason)])
-    if letter := _UTF8_LETTER.search(body):
+    for seen, letter in enumerate(_UTF8_LETTER.finditer(body)):
         # mostly cp1252, but with a UTF-8 accented letter ("é" as C3 A9, which cp1252 would read
-        # as "Ã©"): a row pasted from a UTF-8 source; cp1252 text of its own forms these pairs
-        # only as a capital A with a tilde or ring before a symbol, which no name holds
+        # as "Ã©") in a column the profile reads: a row pasted from a UTF-8 source; cp1252 text
+        # of its own holds "Ã" before a symbol such as © or ± in no name
         line, column = _where(body, letter.start(), "cp1252", columns)
-        reason = "cp1252 text with UTF-8 characters in it (mixed encodings); save the export as CSV UTF-8"
-        raise InputError([RowProblem(name, line, column, reason)])
+        if column is not None:
+            reason = "cp1252 text with UTF-8 characters in it (mixed encodings); save the export as CSV UTF-8"
+            raise InputError([RowProblem(name, line, column, reason)])
+        if seen >= 20:  # in columns never read (notes): not this check's business
+            break
 
 
 def _where(body: bytes, offset: int, codec: str, columns: frozenset[str]) -> tuple[int, str | None]:
@@ -224,13 +226,15 @@ def _offsets(buf: np.ndarray, byte: int) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, dtype=np.intp)
 
 
-def _split_amount(row: list[str]) -> int | None:
-    """The index of the cell where an unquoted amount was split at its thousands separator, if any."""
-    for i in range(len(row) - 1):
+def _split_amount(row: list[str], amounts: Sequence[int]) -> int | None:
+    """The money column (of ``amounts``) where an unquoted amount was split at its thousands
+    separator, if any: its cell is the amount's head, the next cell its tail. Only there: a
+    duration of 60 before a revenue of 350.00 is no split."""
+    for i in amounts:
+        if i + 1 >= len(row):
+            continue
         head, tail = row[i].strip(), row[i + 1].strip()
-        if (_SIGNED_HEAD.fullmatch(head) and _AMOUNT_TAIL.fullmatch(tail)) or (
-            _AMOUNT_HEAD.fullmatch(head) and _CENTS_TAIL.fullmatch(tail)
-        ):
+        if _AMOUNT_HEAD.fullmatch(head) and _AMOUNT_TAIL.fullmatch(tail):
             return i
     return None
 
@@ -282,8 +286,10 @@ class CsvExport:
         if not self.header:
             raise _problem(self.name, None, "file is empty (no header)")
 
-    def read(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray]:
-        """Read the header columns at ``indices`` as strings ("" when blank).
+    def read(self, indices: Sequence[int], amounts: Sequence[int] = ()) -> tuple[list[pa.Array], np.ndarray]:
+        """Read the header columns at ``indices`` as strings ("" when blank); ``amounts`` are the
+        indices of money columns, where a row with trailing blank cells is checked for an amount
+        split at an unquoted thousands separator.
 
         Returns:
             One string array (possibly chunked) per index, and the physical line where each
@@ -293,7 +299,7 @@ class CsvExport:
             InputError: every row whose field count differs from the header's.
         """
         fast = None if self._exact_only or self._header_index else self._read_fast(indices)
-        return fast if fast is not None else self._read_exact(indices)
+        return fast if fast is not None else self._read_exact(indices, amounts)
 
     def _read_fast(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray] | None:
         names = [self.header[i] for i in indices]
@@ -315,7 +321,9 @@ class CsvExport:
             return None
         return [table.column(i) for i in range(len(names))], lines
 
-    def _read_exact(self, indices: Sequence[int]) -> tuple[list[pa.Array], np.ndarray]:
+    def _read_exact(
+        self, indices: Sequence[int], amounts: Sequence[int] = ()
+    ) -> tuple[list[pa.Array], np.ndarray]:
         width = len(self.header)
         # strict: a quote that does not close where a field ends (`"oops,` with no closing
         # quote) would otherwise swallow the rows after it into one cell, without a word
@@ -343,7 +351,7 @@ class CsvExport:
                 seen_header = True
                 continue
             if len(row) > width and not any(cell.strip() for cell in row[width:]):
-                if (split := _split_amount(row)) is not None:
+                if (split := _split_amount(row, amounts)) is not None:
                     # a shift even when every row has one: blank trailing cells do not excuse it
                     where = self.header[split] if split < width else None
                     reason = (

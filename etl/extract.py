@@ -349,7 +349,8 @@ def _read(
         export = CsvExport(config.resolve(source.path), source.encoding, _header_names(section))
         name = export.name
         columns = _match_columns(section, export.header, name, export.header_line)
-        arrays, lines = export.read([c.index for c in columns])
+        amounts = [c.index for c in columns if FIELDS[kind][c.field] == _MONEY]
+        arrays, lines = export.read([c.index for c in columns], amounts)
     else:
         assert source.query is not None
         result = QueryResult.run(

@@ -89,7 +89,7 @@ GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,10}\Z)[0-9A-Z]+(
 # filed in a click-ID column is none.
 CLICK_ID: Final = re.compile(r"[A-Za-z0-9_\-]{20,512}")
 # fb.<subdomain index>.<creation ms>.<fbclid>[.<appendix Meta's parameter builder adds>]
-FBC: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-]{20,500}(?:\.[A-Za-z0-9_\-]{1,64})?")
+FBC: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-]{20,512}(?:\.[A-Za-z0-9_\-]{1,64})?")
 # fb.<subdomain index>.<creation ms>.<random number>[.<appendix>]
 FBP: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}(?:\.[A-Za-z0-9_\-]{1,64})?")
 CLICK_COLUMNS: Final = {"gclid": CLICK_ID, "gbraid": CLICK_ID, "wbraid": CLICK_ID, "fbclid": CLICK_ID,

@@ -59,6 +59,8 @@ LATER_COLUMNS = {
     "leads": ("lead_id", "em_g", "ph_g", "is_test", "created_at", "consent_marketing", "consent_at",
               "consent_revoked_at"),
 }  # fmt: skip
+# a record's recency, for sparing records newer than a complete export (first non-null wins)
+_RECENCY = {"appointments": ("updated_at", "start_at"), "leads": ("created_at",)}
 MARKER = "staged.json"
 _CHUNK = 50_000
 _ALL_ROWS = str(2**31 - 1)  # one Arrow batch: the driver infers column types from the first batch
@@ -273,26 +275,45 @@ def _delete_missing(
     conn: Connection, kind: str, clinic_id: str, path: Path, staged: int, deletions: Deletions
 ) -> int:
     """Delete the clinic's staged records whose key the export does not hold; refuse (raising,
-    so the load's transaction is rolled back) when more than the allowed share would go."""
+    so the load's transaction is rolled back) when more than the allowed share, or every staged
+    record, would go.
+
+    A staged record newer than everything in the export (its update, or its time, after the
+    export's newest) is spared: the export was taken before it existed (an older night's stage
+    step retried after a newer night's), so its absence says nothing.
+    """
     from etl.errors import InputError, RowProblem
 
     table, key = TABLES[kind], KEYS[kind]
     keys = sa.Table(
-        f"tmp_{kind}_keys", sa.MetaData(), sa.Column("record_key", sa.String), prefixes=["TEMPORARY"]
+        f"tmp_{kind}_keys",
+        sa.MetaData(),
+        sa.Column("record_key", sa.String, primary_key=True),
+        prefixes=["TEMPORARY"],
     )
     keys.drop(conn, checkfirst=True)
     keys.create(conn)
-    exported = pq.read_table(path, columns=[key]).column(key).combine_chunks()
+    export = pq.read_table(path, columns=[key, *_RECENCY[kind]])
+    exported = export.column(key).combine_chunks()
     if pa.types.is_dictionary(exported.type):
         exported = exported.dictionary_decode()
     bulk_insert(conn, keys, pd.DataFrame({"record_key": pc.unique(exported).to_pylist()}))
-    missing = (table.c.clinic_id == clinic_id) & table.c[key].not_in(sa.select(keys.c.record_key))
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text(f"ANALYZE {keys.name}"))  # a temporary table has no statistics
+    # NOT EXISTS, not NOT IN: PostgreSQL runs it as an anti-join whatever work_mem allows
+    missing = (table.c.clinic_id == clinic_id) & ~sa.exists().where(keys.c.record_key == table.c[key])
+    recency = sa.func.coalesce(*(table.c[c] for c in _RECENCY[kind]))
+    times = [_epoch_us(export.column(c)) for c in _RECENCY[kind]]
+    newest = pc.max(pc.coalesce(*times)).as_py() if export.num_rows else None
+    if newest is not None:
+        missing &= sa.or_(recency.is_(None), recency <= newest)
     gone = int(conn.execute(sa.select(sa.func.count()).select_from(table).where(missing)).scalar_one())
-    if staged and gone > deletions.max_share * staged:
+    if staged and (gone > deletions.max_share * staged or gone == staged):
         reason = (
             f"a complete export that would delete {gone:,} of the {staged:,} staged {kind} "
-            f"(more than max_deleted_share {deletions.max_share:g}): is the export whole? Nothing of it "
-            "was kept; raise max_deleted_share for this run if the deletions are real"
+            + ("(every one)" if gone == staged else f"(more than max_deleted_share {deletions.max_share:g})")
+            + ": is the export whole? Nothing of it was kept; raise max_deleted_share for this run if "
+            "the deletions are real"
         )
         raise InputError([RowProblem(deletions.source, None, None, reason)])
     if gone:

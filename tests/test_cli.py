@@ -126,6 +126,28 @@ def test_a_repeated_key_is_an_error_not_a_silent_reset(tmp_path: Path) -> None:
     assert "the key 'meta' appears twice in one mapping (line 26)" in " ".join(result.stderr.split())
 
 
+def test_yaml_merge_keys_still_work_and_odd_keys_are_config_errors(tmp_path: Path) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    raw = config.read_text()
+    # an anchor merged into another mapping may repeat (override) a key: no duplicate
+    merged = raw.replace("  leads:\n    path: leads.csv\n    profile: generic\n",
+                         "  leads:\n    <<: *src\n    path: leads.csv\n", 1)  # fmt: skip
+    merged = merged.replace("  appointments:\n", "  appointments: &src\n", 1)
+    assert merged.count("*src") == 1 and merged.count("&src") == 1
+    config.write_text(merged)
+    assert run(config).exit_code == 0
+    # a complex key, and phone digits pasted as a numeric key
+    for extra, shown in (
+        ("? [a, b]\n: 1\n", "not valid YAML"),
+        ("rules: {4155550134: 3}\n", "<unnamed key>"),
+    ):
+        config.write_text(raw + extra)
+        result = run(config)
+        said = " ".join(result.stderr.split())
+        assert result.exit_code == 2 and shown in said and "Traceback" not in result.output, said
+        assert "4155550134" not in result.output
+
+
 def test_a_key_that_is_no_name_is_not_repeated_in_the_error(tmp_path: Path) -> None:
     config = clinic(tmp_path, GOOD / "appointments.csv")
     with config.open("a") as out:  # a patient's address pasted where a key belongs

@@ -185,10 +185,28 @@ def test_a_row_shifted_by_an_unquoted_amount_is_an_error_not_a_wrong_revenue(tmp
     assert "amount with a thousands separator is not quoted" in error.problems[0].reason
 
 
+def test_a_number_before_an_amount_is_no_split_amount(tmp_path: Path) -> None:
+    # trailing blank cells on every row, and a duration of 60 before a revenue of 350.00: only
+    # the money column's own cell can be an amount's head
+    (tmp_path / "export.csv").write_text("appointment_id,status,start_at,duration_min,revenue\n"
+                                         "A1,completed,2026-01-05 09:00,60,350.00,\n"
+                                         "A2,completed,2026-01-05 10:00,45,120.50,\n", encoding="utf-8")  # fmt: skip
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    assert extract.read_appointments(config.sources.appointments, config)["revenue"].tolist() == [
+        350.0,
+        120.5,
+    ]
+
+
 def test_every_row_shifted_by_an_unquoted_amount_is_an_error_too(tmp_path: Path) -> None:
     # trailing blank cells on every row are forgiven as an export's habit, but not when they
     # come from a split amount: read so, each revenue was $1 and $2
-    for amounts in (("$1,200.00", "$2,450.00"), ("1,200.00", "2,450.50"), ("(1,200)", "$12,000")):
+    for amounts in (
+        ("$1,200.00", "$2,450.00"),
+        ("1,200.00", "2,450.50"),
+        ("(1,200)", "$12,000"),
+        ("1,200", "3,400"),
+    ):
         error = _tmp_error(
             tmp_path,
             HEADER
@@ -689,6 +707,12 @@ def test_a_sqlite_source_compares_the_window_in_clinic_time(tmp_path: Path):
     # the relative SQLite path is the YAML folder's file, wherever the run starts
     frame = extract.read_appointments(config.sources.appointments, config, **window)
     assert frame["appointment_id"].tolist() == ["IN-0200", "IN-2230"]
+    config = make_config(
+        tmp_path, appointments={"sql_url": "sqlite+pysqlite:///pms.sqlite", "query": "changed.sql"}
+    )
+    frame = extract.read_appointments(config.sources.appointments, config, **window)  # with a driver named
+    assert frame["appointment_id"].tolist() == ["IN-0200", "IN-2230"]
+    assert config.resolve_url("sqlite:///:memory:") == "sqlite:///:memory:"
 
 
 def test_a_query_file_saved_by_notepad_or_excel_is_read_or_named(source_db: str, tmp_path: Path):
@@ -713,6 +737,10 @@ def test_a_source_url_with_a_password_is_refused_even_with_a_typo_in_its_port(tm
             tmp_path, appointments={"sql_url": "postgresql://pms:S3CRET-PW@db:5432x/pms", "query": "q.sql"}
         )
     assert "S3CRET-PW" not in str(info.value.errors(include_input=False))
+    with pytest.raises(ValidationError, match="holds a password"):  # a "/" in the password
+        make_config(
+            tmp_path, appointments={"sql_url": "postgresql://u:S3cr/et@db:5432x/pms", "query": "q.sql"}
+        )
     (tmp_path / "all.sql").write_text("SELECT appointment_id, status, start_at FROM appointments")
     config = make_config(tmp_path, appointments={"sql_url": "postgresql://db:5432x/pms", "query": "all.sql"})
     with pytest.raises(ConfigError, match="not a valid SQLAlchemy URL"):
@@ -922,6 +950,18 @@ def test_a_utf8_export_with_a_byte_that_is_not_utf8_is_refused_not_misread(tmp_p
     assert [(p.line, p.column, p.reason.split(";")[0]) for p in info.value.problems] == [
         (5, "first_name", "cp1252 text with UTF-8 characters in it (mixed encodings)")]  # fmt: skip
     assert "Jos" not in str(info.value)
+    # cp1252 names of their own with a capital Ä or Å before a no-break space, a dash or a
+    # curly apostrophe read as they are, and so does such a pair in a column never read
+    for name, notes in (("KIVELÄ\xa0", ""), ("MÄKELÄ–SMITH", ""), ("LÅ’", ""), ("Zoë", "Ã©")):
+        path.write_bytes(("appointment_id,status,start_at,first_name,notes\n"
+                          f"A1,completed,2026-01-05 09:00,{name},{notes}\n"
+                          "A2,completed,2026-01-05 09:00,Zoë,\nA3,completed,2026-01-05 09:00,Renée,\n").encode("cp1252"))  # fmt: skip
+        assert CsvExport(path).read([3])[0][0].to_pylist() == [name, "Zoë", "Renée"]
+        assert extract.read_appointments(config.sources.appointments, config)["source_line"].tolist() == [
+            2,
+            3,
+            4,
+        ]
 
 
 @pytest.mark.parametrize(

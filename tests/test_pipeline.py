@@ -11,9 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from etl import ledger, pipeline, store
+from etl.config import ClinicConfig
 from etl.outbox import OUTBOX_FILES
 from etl.rules.stages import RunWindow
-from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, make_config, run_dry, visit
+from tests.conftest import APPT_HEADER, DATA, ONE_LEAD, SECRET, CaseRun, make_config, run_dry, visit
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 
@@ -338,8 +339,8 @@ BOB = ("B1,P2,Bob,Ray,bob.ray@corp.test,4155550199,94110,San Francisco,CA,US,Pee
        "2026-11-04 10:00,120,USD,L1,2026-11-04 12:00,yes,2026-11-01 10:00,\n")  # fmt: skip
 
 
-def _members(run: object) -> int:
-    return int(run.summary["destinations"]["google_customer_match"]["members"])  # type: ignore[attr-defined]
+def _members(run: CaseRun) -> int:
+    return int(run.summary["destinations"]["google_customer_match"]["members"])
 
 
 @pytest.mark.parametrize("complete", [True, False])
@@ -384,3 +385,34 @@ def test_a_complete_export_that_would_delete_too_much_is_refused_whole(tmp_path:
             sa.select(store.appointments.c.appointment_id, store.appointments.c.revenue)
         ).all()
     assert sorted(rows) == [("A1", 450.0), ("B1", 120.0)]
+
+
+def _staged_ann_and_bob(tmp_path: Path) -> tuple[str, ClinicConfig]:
+    """A complete appointments source (any share may go), staged with Ann's visit and Bob's."""
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "03", "450") + BOB)
+    config = make_config(tmp_path, sources__appointments__complete=True,
+                         sources__appointments__max_deleted_share=1.0)  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'stage.sqlite'}"
+    run_dry(config, "2026-11-01", "2026-11-23", tmp_path / "first", db_url=url)
+    return url, config
+
+
+def test_a_complete_export_older_than_a_staged_record_spares_it(tmp_path: Path) -> None:
+    # night 1's stage step retried after night 2 staged Bob's newer visit: night 1's export
+    # was taken before that visit existed, so its absence deletes nothing
+    url, config = _staged_ann_and_bob(tmp_path)
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("A1", "completed", "03", "450"))
+    assert _members(run_dry(config, "2026-11-01", "2026-11-23", tmp_path / "1", db_url=url)) == 2
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        staged = conn.execute(sa.select(store.appointments.c.appointment_id)).scalars().all()
+    assert sorted(staged) == ["A1", "B1"]
+
+
+def test_a_complete_export_may_not_delete_every_staged_record(tmp_path: Path) -> None:
+    from etl.errors import InputError
+
+    url, config = _staged_ann_and_bob(tmp_path)
+    (tmp_path / "appointments.csv").write_text(APPT_HEADER + visit("C1", "completed", "10", "90"))
+    with pytest.raises(InputError, match=r"would delete 2 of the 2 staged appointments \(every one\)"):
+        run_dry(config, "2026-11-01", "2026-11-23", tmp_path / "2", db_url=url)

@@ -291,6 +291,14 @@ def test_fbc_built_from_fbclid(tmp_path: Path) -> None:
     assert "gclid" not in run.rows["google_conversions"][0]
 
 
+def test_the_longest_fbclid_extract_keeps_builds_an_fbc_the_gate_takes(tmp_path: Path) -> None:
+    # extract keeps an fbclid of up to 512 characters: the fbc built from it must pass the gate
+    from etl.identifiers import CLICK_ID, FBC
+
+    fbclid = "IwAR" + "x" * 508
+    assert CLICK_ID.fullmatch(fbclid) and FBC.fullmatch(f"fb.1.1777100000000.{fbclid}")
+
+
 def test_a_click_id_column_holding_no_click_id_sends_none(tmp_path: Path) -> None:
     # a name, a patient number and phone digits filed in click-ID columns: they leave in clear,
     # so they are left out at extract, and the conversion goes by its hashed identifiers alone
