@@ -110,7 +110,9 @@ def usable_click_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         present = values.notna().to_numpy()
         if not present.any():
             continue
-        fits = values[present].astype(str).str.fullmatch(shape.pattern).to_numpy(dtype=bool)
+        # RE2 over Arrow strings: a Python regex call per cell cost a second at 400k leads
+        cells = pa.array(values[present].astype(str).to_numpy(dtype=object), pa.string())
+        fits = pc.match_substring_regex(cells, f"^(?:{shape.pattern})$").to_numpy(zero_copy_only=False)
         if fits.all():
             continue
         if out is df:
