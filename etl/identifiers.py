@@ -288,8 +288,8 @@ def normalize_postal_code_google(value: object, country: object) -> str | None:
     Returns:
         US (and territories): the 5-digit ZIP as :func:`normalize_zip`. Elsewhere: the code
         uppercased, whitespace collapsed and spaces around a dash dropped (``m1  1ae`` ->
-        ``M1 1AE``, ``154 - 0023`` -> ``154-0023``; a dash where the country writes a space
-        becomes one: ``k1a-0b1`` -> ``K1A 0B1``), when it matches both the row's country's
+        ``M1 1AE``, ``154 - 0023`` -> ``154-0023``; the separator the country writes replaces
+        the other: ``k1a-0b1`` -> ``K1A 0B1``, ``154 0023`` -> ``154-0023``), when it matches both the row's country's
         postal code format and :data:`GOOGLE_POSTAL_CODE`. ``None`` when unusable, and for a
         country without postal codes or an unknown country.
     """
@@ -304,8 +304,8 @@ def normalize_postal_code_google(value: object, country: object) -> str | None:
     national = _national_postal_format(region)
     if national is None:
         return None
-    # as written, else with the dash some exports put where the national form has a space
-    for form in (google, google.replace("-", " ")):
+    # as written, else with the separator the national form has (a dash for a space, or back)
+    for form in (google, google.replace("-", " "), google.replace(" ", "-")):
         if national.fullmatch(form) and GOOGLE_POSTAL_CODE.fullmatch(form):
             return form
     return None

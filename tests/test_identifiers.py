@@ -410,6 +410,7 @@ def test_state(raw: str, country: str | None, state: str | None) -> None:
         pytest.param("K1A - 0B1", "CA", "k1a0b1", "K1A 0B1", id="dash-with-spaces"),
         pytest.param("1234-567", "PT", "1234567", "1234-567", id="portugal"),
         pytest.param("154 - 0023", "JP", "1540023", "154-0023", id="japan-dash"),
+        pytest.param("154 0023", "JP", "1540023", "154-0023", id="japan-space-for-its-dash"),
         pytest.param("26133", "DE", "26133", "26133", id="germany"),
         # a shifted or misfiled cell that looks like some code but not like the row's country's
         # leaves hashed for Meta at most, never in clear
