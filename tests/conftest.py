@@ -17,6 +17,11 @@ from etl.config import ClinicConfig
 from etl.outbox import OUTBOX_FILES, read_rows
 from etl.rules.stages import RunWindow
 
+# pytest-xdist exports COLUMNS=80 to its workers, and rich freezes a width found in the
+# environment when the CLI's consoles are built at import; without it they read the width (and a
+# test's COLUMNS) when they print, as under a serial run.
+os.environ.pop("COLUMNS", None)
+
 DATA = Path(__file__).parent / "data"
 SECRET = b"test-secret-0123456789abcdef"
 

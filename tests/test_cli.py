@@ -263,7 +263,8 @@ def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path
     (keep / "notes.txt").write_text("mine", encoding="utf-8")
     for outbox in (keep, tmp_path):
         result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "clinic.yaml"), "--start", "2026-05-01",
-                                          "--end", "2026-06-30", "--dry-run", "--outbox", str(outbox)])  # fmt: skip
+                                          "--end", "2026-06-30", "--dry-run", "--outbox", str(outbox)],
+                                    env={"COLUMNS": "250"})  # fmt: skip
         assert result.exit_code == 2 and "give a new or empty one" in result.stderr
         assert "notes.txt" not in result.stderr and "Traceback" not in result.output
     assert (keep / "notes.txt").read_text(encoding="utf-8") == "mine" and (tmp_path / "clinic.yaml").exists()
