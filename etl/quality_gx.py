@@ -115,6 +115,10 @@ def suite_frame(frame: pd.DataFrame, suite: Suite) -> pd.DataFrame:
     """
     key = suite.key
     values = frame[key].to_numpy() if key in frame.columns else np.arange(len(frame))
+    if not len(values):
+        # an empty frame's key column is float64 by pandas' default, and GX slices a float
+        # index by label (deprecated; positional in a future pandas)
+        values = np.array([], dtype=object)
     wanted = needed_columns(suite)
     if wanted is None:
         keyed = frame.copy(deep=False)

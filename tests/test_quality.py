@@ -904,6 +904,9 @@ def test_gx_gets_the_columns_its_checks_read_and_no_batch_fingerprint() -> None:
     assert [(r.success, r.unexpected_count, r.element_count) for r in results] == [(False, 1, 2)]
     assert "pandas_data_fingerprint" not in json.dumps(seen, default=str)
     assert threshold == pandas_execution_engine.HASH_THRESHOLD
+    # an empty frame's key is float64 by default: GX would slice a float index by label
+    empty = pd.DataFrame({"ref": pd.Series([], dtype=float), "value": pd.Series([], dtype=object)})
+    assert quality_gx.suite_frame(empty, suites["outbound_hashes"]).index.dtype == object
 
 
 def test_gx_holds_no_validated_frame_once_the_suites_ran() -> None:
