@@ -166,7 +166,11 @@ def classify_ads_error(exc: BaseException) -> CallFailure | None:
     if any(name in DEFERRED_CODES for name in names):
         return CallFailure(Kind.DEFER_ALL, next(n for n in names if n in DEFERRED_CODES), rid)
     if names:
-        return CallFailure(Kind.REJECT_ALL, names[0], rid)
+        # uploads run in partial-failure mode, so Google judges rows one by one; a request
+        # refused as a whole (a login customer ID, an allowlist, a malformed request) says nothing
+        # final about its rows: the run stops and they stay planned, rather than each being
+        # recorded as rejected for good
+        return CallFailure(Kind.CONFIG, names[0], rid)
     # no GoogleAdsFailure: a dropped stream or cancelled call says nothing about the rows;
     # retried, and if it persists the rows come back next run (never rejected for good)
     code = status.name if status is not None else "UNKNOWN"
@@ -265,8 +269,10 @@ class GoogleAdsConversions:
         stop = next((c for codes in by_index.values() for c in codes if c in CONFIG_CODES), None)
         for index, row in enumerate(sendable):
             codes = by_index.get(index)
-            if codes and stop in codes:
-                continue  # stays planned: the account problem is fixed first, then it goes again
+            if codes and not CONFIG_CODES.isdisjoint(codes):
+                # stays planned: the account problem is fixed first, then it goes again (every
+                # row with one, whichever account problem the stop names)
+                continue
             if codes:
                 code = _pick(codes)
                 results.append(RowResult(row["order_id"], outcome_for(code), code, request_id))

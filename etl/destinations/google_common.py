@@ -122,7 +122,6 @@ class Kind(Enum):
     QUOTA = "quota"  # daily quota spent: stop, the rest stays planned
     INVALID = "invalid"  # the request was refused for its content (Data Manager: bisect)
     DEFER_ALL = "defer_all"  # every row of the request comes back next run
-    REJECT_ALL = "reject_all"  # a permanent request-level answer, recorded on every row
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,11 @@ def raise_stop(failure: CallFailure, *, api: str, method: str, customer_id: str)
     """Turn a CONFIG or QUOTA failure into the domain exception that stops the run."""
     rid = f" (request id {failure.request_id})" if failure.request_id else ""
     if failure.kind is Kind.CONFIG:
-        hint = CONFIG_HINTS.get(failure.code, "check the Google account set-up")
+        hint = CONFIG_HINTS.get(
+            failure.code,
+            "the request was refused as a whole; check the Google account set-up (the rows stay "
+            "planned for the next run)",
+        )
         raise DestinationConfigError(
             f"Google {api} refused {method} for customer {customer_id}: {failure.code}; {hint}{rid}"
         )

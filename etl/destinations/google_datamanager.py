@@ -85,6 +85,37 @@ def build_live_dm_client(credentials: Any) -> dm.IngestionServiceClient:
 
 
 _UNEXPLAINED_RETRY = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+# INVALID_ARGUMENT reasons about a row's content (ErrorReason of google.ads.datamanager.v1):
+# the request is bisected down to the rows at fault, which alone are recorded as rejected
+ROW_REASONS = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "REQUIRED_FIELD_MISSING",
+        "INVALID_FORMAT",
+        "INVALID_HEX_ENCODING",
+        "INVALID_POSTAL_CODE",
+        "INVALID_COUNTRY_CODE",
+        "INVALID_REGION_CODE",
+        "INVALID_SUBDIVISION_CODE",
+        "INVALID_ENUM_VALUE",
+        "INVALID_AUDIENCE_MEMBER",
+        "TOO_MANY_USER_IDENTIFIERS",
+        "INVALID_MOBILE_ID_FORMAT",
+        "INVALID_NUMBER_FORMAT",
+        "INVALID_CURRENCY_CODE",
+        "INVALID_EVENT",
+        "NO_IDENTIFIERS_PROVIDED",
+        "EVENT_TIME_INVALID",
+        "FIELD_VALUE_TOO_LONG",
+        "FIELD_VALUE_TOO_SHORT",
+        "TOO_MANY_ELEMENTS",
+        "TOO_FEW_ELEMENTS",
+        "INVALID_COUPON_CODE",
+        "INVALID_CUSTOM_VARIABLE_VALUE",
+        "CUSTOM_VARIABLE_VALUE_CONTAINS_PII",
+        "INVALID_AD_IDENTIFIER_FOR_ACCOUNT",
+    }
+)
 
 
 def classify_dm_error(exc: BaseException) -> CallFailure | None:
@@ -109,7 +140,7 @@ def classify_dm_error(exc: BaseException) -> CallFailure | None:
         return CallFailure(Kind.CONFIG, status.name, request_id)
     if reason in DEFERRED_CODES:
         return CallFailure(Kind.DEFER_ALL, reason, request_id)
-    if status is grpc.StatusCode.INVALID_ARGUMENT:
+    if status is grpc.StatusCode.INVALID_ARGUMENT and (exc.reason is None or reason in ROW_REASONS):
         return CallFailure(Kind.INVALID, reason, request_id)
     if exc.reason is None:
         # no reason from Google: a dropped stream or cancelled call says nothing about the rows;
@@ -117,7 +148,10 @@ def classify_dm_error(exc: BaseException) -> CallFailure | None:
         if status in _UNEXPLAINED_RETRY:
             return CallFailure(Kind.RETRY, reason, request_id)
         return CallFailure(Kind.DEFER_ALL, reason, request_id)
-    return CallFailure(Kind.REJECT_ALL, reason, request_id)
+    # a reason about the account, the destination or the request (a login account mismatch, a
+    # list of the wrong type, an allowlist): bisecting would record every row as rejected for
+    # good, one request per row; the run stops instead and the rows stay planned
+    return CallFailure(Kind.CONFIG, reason, request_id)
 
 
 def _timestamp(text: str) -> timestamp_pb2.Timestamp:

@@ -59,6 +59,8 @@ FAILURE_KINDS = (
     "permission_denied",  # gRPC PERMISSION_DENIED
     "unauthenticated",  # gRPC UNAUTHENTICATED
     "too_recent_action",  # TOO_RECENT_CONVERSION_ACTION / CONVERSION_ACTION_TOO_RECENTLY_CREATED
+    "account_refused",  # the request as a whole: HeaderError.INVALID_LOGIN_CUSTOMER_ID /
+    #                     DESTINATION_ACCOUNT_TYPE_MISMATCH (INVALID_ARGUMENT)
 )
 
 
@@ -95,6 +97,7 @@ class GoogleSandbox:
         self._failures: dict[str, list[str]] = {}
         self._clicks: dict[str, bool] = {}  # click id -> recent
         self._recent_actions: set[str] = set()
+        self.leads_enabled = True  # enhanced conversions for leads turned on in the account
         self._ids = itertools.count(1)
         self._server: grpc.Server | None = None
         self._port = 0
@@ -173,6 +176,11 @@ class GoogleSandbox:
         with self.lock:
             self._recent_actions.add(action.rsplit("/", 1)[-1])
 
+    def disable_enhanced_conversions_for_leads(self) -> None:
+        """Answer a conversion without a click ID CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS."""
+        with self.lock:
+            self.leads_enabled = False
+
     # record
 
     def requests(self, method: str) -> list[Any]:
@@ -202,6 +210,7 @@ class GoogleSandbox:
             self._failures.clear()
             self._clicks.clear()
             self._recent_actions.clear()
+            self.leads_enabled = True
 
     # used by the service modules
 

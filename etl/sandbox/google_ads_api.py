@@ -77,6 +77,7 @@ _KINDS: dict[str, tuple[grpc.StatusCode, str | None, str | None]] = {
         "conversion_upload_error",
         "TOO_RECENT_CONVERSION_ACTION",
     ),
+    "account_refused": (grpc.StatusCode.INVALID_ARGUMENT, "header_error", "INVALID_LOGIN_CUSTOMER_ID"),
 }
 _CM_OVERRIDES = {  # Customer Match methods report account problems with their own enums
     "unauthorized": (
@@ -184,6 +185,8 @@ def _conversion_errors(
     click = c.gclid or c.gbraid or c.wbraid
     if not click and not c.user_identifiers:
         return err("field_error", "REQUIRED", "gclid")
+    if not click and not sandbox.leads_enabled:
+        return err(cu, "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS")
     if c.consent.ad_user_data.name not in ("GRANTED", "DENIED"):
         return err("field_error", "REQUIRED", "consent")
     if c.order_id:

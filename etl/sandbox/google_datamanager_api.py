@@ -54,6 +54,7 @@ _KINDS: dict[str, tuple[grpc.StatusCode, str | None, dict[str, str]]] = {
     "permission_denied": (_C.PERMISSION_DENIED, "PERMISSION_DENIED", {}),
     "unauthenticated": (_C.UNAUTHENTICATED, None, {}),
     "too_recent_action": (_C.FAILED_PRECONDITION, "CONVERSION_ACTION_TOO_RECENTLY_CREATED", {}),
+    "account_refused": (_C.INVALID_ARGUMENT, "DESTINATION_ACCOUNT_TYPE_MISMATCH", {}),
 }
 Violation = tuple[str, str]  # (reason, field path)
 _POSTAL = {"US": r"\d{5}(-\d{4})?"}

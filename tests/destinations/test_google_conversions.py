@@ -219,12 +219,16 @@ CONFIG_CASES = {
         "no_action": "NO_CONVERSION_ACTION_FOUND",
         "permission_denied": "USER_PERMISSION_DENIED",
         "unauthenticated": "AUTHENTICATION_ERROR",
+        # refused as a whole, for no row's fault: once every row was recorded rejected for good
+        "account_refused": "INVALID_LOGIN_CUSTOMER_ID",
     },
     "data_manager": {
         "unauthorized": "PERMISSION_DENIED",
         "terms": "TERMS_AND_CONDITIONS_NOT_SIGNED",
         "no_action": "INVALID_CONVERSION_ACTION_ID",
         "unauthenticated": "UNAUTHENTICATED",
+        # an account reason under INVALID_ARGUMENT: once bisected down to every row, each rejected
+        "account_refused": "DESTINATION_ACCOUNT_TYPE_MISMATCH",
     },
 }
 
@@ -377,6 +381,23 @@ def test_google_ads_account_error_on_one_row_carries_the_rows_it_applied(
         row["order_id"]: Outcome.ACCEPTED for row in good
     }
     assert google_sandbox.accepted_order_ids() == {row["order_id"]: 1 for row in good}
+
+
+def test_google_ads_rows_with_a_second_account_error_stay_planned_too(
+    google_sandbox, google_config, google_conversion
+):
+    # two account problems in one partial failure: the stop names one, and the other's rows
+    # were recorded rejected for good (lost once the account is fixed)
+    conversions, _ = destinations(google_config, google_sandbox, "google_ads")
+    google_sandbox.disable_enhanced_conversions_for_leads()
+    good = google_conversion("g1")
+    foreign = google_conversion("f1", conversion_action="customers/999/conversionActions/1")
+    leads_only = google_conversion("l1", gclid=None)
+    with pytest.raises(DestinationConfigError, match="NO_CONVERSION_ACTION_FOUND") as caught:
+        conversions.send([good, foreign, leads_only])
+    # only the applied row is recorded; both refused rows stay planned for the next run
+    assert {r.key: r.outcome for r in caught.value.partial_results} == {good["order_id"]: Outcome.ACCEPTED}
+    assert google_sandbox.accepted_order_ids() == {good["order_id"]: 1}
 
 
 @pytest.mark.parametrize("api", BOTH)
