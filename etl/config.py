@@ -383,6 +383,24 @@ class ClinicConfig(_Model):
             raise ValueError("not an IANA time zone name (e.g. America/Los_Angeles)") from None
         return name
 
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, code: str) -> str:
+        from etl.gate import ISO_4217  # the gate's list: a currency it would refuse on every row
+
+        if code not in ISO_4217:
+            raise ValueError("not an ISO 4217 currency code (e.g. USD)")
+        return code
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, code: str) -> str:
+        from etl.identifiers import lookup_country
+
+        if lookup_country(code) != code:
+            raise ValueError("not an ISO 3166-1 alpha-2 country code (e.g. US)")
+        return code
+
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)

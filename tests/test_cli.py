@@ -94,6 +94,28 @@ def test_bad_config_names_the_key_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        # shaped right, but no country or currency: a traceback mid-run, or every row refused
+        # by the egress gate as if the data leaked
+        ("default_region", "ZZ", "not an ISO 3166-1 alpha-2 country code"),
+        ("currency", "XYZ", "not an ISO 4217 currency code"),
+    ],
+)
+def test_an_unknown_region_or_currency_is_a_config_error(
+    key: str, value: str, problem: str, tmp_path: Path
+) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    raw = yaml.safe_load(config.read_text())
+    raw[key] = value
+    config.write_text(yaml.safe_dump(raw))
+    result = run(config)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{key}: Value error, {problem}" in " ".join(result.stderr.split())
+    assert not (tmp_path / "var").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("consultation_value", True),  # yes: not a $1 consultation
