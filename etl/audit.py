@@ -46,7 +46,7 @@ from etl.store import audience_sync_log, audit_chain, exclusive, run_summaries, 
 
 GENESIS = "0" * 64  # the previous sha256 of a clinic's first record
 # as ledger.FINAL_STATES (not imported: ledger imports this module)
-_FINAL = frozenset({"sent", "accepted", "rejected", "already_sent"})
+_FINAL = frozenset({"sent", "accepted", "rejected", "already_sent", "withdrawn"})
 _MAX_PROBLEMS = 50
 
 
@@ -206,14 +206,15 @@ class _Row:
 
 def _replay(before: _Row | None, row: list[Any], run_id: str, at: str, seq: int) -> _Row | None:
     """One row of an ``outcomes`` record applied as ``ledger.write_ledger``'s upsert applies it;
-    None when the upsert leaves the row as it was (a final state asked to become non-final)."""
+    None when the upsert leaves the row as it was (a final state asked to become non-final, or
+    withdrawn)."""
     _id, status, code, request_id, stage, consent_at, consent_stated, transmitted = row
     planned_at, sent_at = (at if status == "planned" else None), (at if transmitted else None)
     if before is None:
         return _Row(
             status, code, request_id, run_id, stage, consent_at, consent_stated, planned_at, sent_at, at, seq
         )
-    if before.status in _FINAL and status not in _FINAL:
+    if before.status in _FINAL and (status not in _FINAL or status == "withdrawn"):
         return None
     return _Row(
         status, code, request_id, run_id,

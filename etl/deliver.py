@@ -177,6 +177,12 @@ def _upload(
             # rows another run finished since the ledger was read above are not sent twice, nor
             # rows whose journey another run sent meanwhile under another ID
             finished = ledger.final_among(engine, config.clinic_id, name, list(stages))
+            # withdrawn meanwhile by a later plan (consent revoked): not sent, not "already sent"
+            withdrawn = (
+                ledger.withdrawn_among(engine, config.clinic_id, name, list(finished)) if finished else set()
+            )
+            if withdrawn:
+                counts["withdrawn"] = counts.get("withdrawn", 0) + len(withdrawn)
             late = _held_under_another_id(engine, config.clinic_id, name, [k for k in stages if k not in finished])  # fmt: skip
             if late:
                 counts["held_under_another_id"] = counts.get("held_under_another_id", 0) + len(late)
@@ -184,7 +190,7 @@ def _upload(
             finished |= late
             if finished:
                 batch = [r for r in batch if r[id_field] not in finished]
-                counts["already_sent"] += len(finished)
+                counts["already_sent"] += len(finished - withdrawn)
                 if not batch:
                     continue
         try:
@@ -272,6 +278,9 @@ def _count_finished(
     """
     earlier = 0
     for entry in entries:
+        if entry.status == ledger.WITHDRAWN:  # a later plan found consent revoked: never sent
+            counts["withdrawn"] = counts.get("withdrawn", 0) + 1
+            continue
         if entry.run_id != run_id:
             counts["already_sent"] += 1
             continue

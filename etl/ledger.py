@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Ledger states after which a conversion is never sent again to that destination (SPEC rule 11).
 # "planned" (written before a request, never answered) and "deferred" are sent again.
-FINAL_STATES = ("sent", "accepted", "rejected", "already_sent")
+FINAL_STATES = ("sent", "accepted", "rejected", "already_sent", "withdrawn")
 # The final states in which the platform holds (or, for "sent", may hold) the conversion: a
 # journey sent under one appointment's ID is not sent again under another's (SPEC rules 4, 11).
 HELD_STATES = ("sent", "accepted", "already_sent")
@@ -47,6 +47,11 @@ HELD_STATES = ("sent", "accepted", "already_sent")
 # was split since) plans and sends it. Not unfinished either: nothing carries it over night
 # after night as if its upload had stopped.
 SUPERSEDED = "superseded"
+# Never sent, for good: a later real plan found the person's consent revoked (SPEC rule 6: a
+# revoked person is never uploaded again) while the row was still unfinished, so the upload of
+# the run that planned it, retried or cleared afterwards, does not send it. Final, but never over
+# another final state: a row sent meanwhile stays what it is.
+WITHDRAWN = "withdrawn"
 
 
 # as SQL literals: an upsert runs as executemany, which cannot expand a bound list
@@ -185,7 +190,8 @@ def write_ledger(
             # a final state is never taken back to planned or deferred: another run (an overlapping
             # backfill) may have finished the row since this one read the ledger
             where=~(
-                send_ledger.c.status.in_(_FINAL_LITERALS) & insert.excluded.status.not_in(_FINAL_LITERALS)
+                send_ledger.c.status.in_(_FINAL_LITERALS)
+                & (insert.excluded.status.not_in(_FINAL_LITERALS) | (insert.excluded.status == WITHDRAWN))
             ),
         )
 
@@ -219,6 +225,40 @@ def unfinished_ids(
     )
     with engine.connect() as conn:
         return frozenset(conn.execute(final).scalars())
+
+
+def withdraw(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    opaque_ids: Iterable[str],
+    reason: str,
+    *,
+    run_id: str,
+    at: datetime,
+) -> int:
+    """Record as ``withdrawn`` those of ``opaque_ids`` a real run's upload planned for
+    ``destination`` and that are unfinished there (planned or deferred); returns how many.
+
+    An ID with no ledger row is left alone: no upload has planned it (a plan whose upload never
+    started is not covered; docs/decisions.md).
+    """
+    unfinished = sorted(
+        _among(
+            engine, clinic_id, destination, sorted(set(opaque_ids)),
+            send_ledger.c.status.not_in((*FINAL_STATES, SUPERSEDED)),
+        )
+    )  # fmt: skip
+    if unfinished:
+        entries = [{"opaque_id": oid, "status": WITHDRAWN, "code": reason} for oid in unfinished]
+        write_ledger(engine, clinic_id, destination, entries, run_id=run_id, at=at)
+        log.info("%s: %d unsent conversions withdrawn (%s)", destination, len(unfinished), reason)
+    return len(unfinished)
+
+
+def withdrawn_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:
+    """Which of ``opaque_ids`` a later plan withdrew (``WITHDRAWN``)."""
+    return _among(engine, clinic_id, destination, opaque_ids, send_ledger.c.status == WITHDRAWN)
 
 
 def final_among(engine: Engine, clinic_id: str, destination: str, opaque_ids: Sequence[str]) -> set[str]:

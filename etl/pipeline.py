@@ -477,6 +477,15 @@ def plan_run(
     stages: dict[str, dict[str, str]] = {}
     carried_ids = set(conv.loc[conv["carried"], "opaque_id"])
     with timings.step("ledger"):
+        withdrawn: dict[str, int] = {}
+        revoked = conv.loc[conv["drop"] == "consent_revoked", "opaque_id"].tolist()
+        if not dry_run and revoked:
+            # an earlier run's unsent rows of a person who revoked since: its upload, retried or
+            # cleared later, must not send them (rule 6); a dry run writes nothing to the ledger
+            for dest in CONVERSION_DESTINATIONS:
+                withdrawn[dest] = ledger.withdraw(
+                    engine, config.clinic_id, dest, revoked, "consent_revoked", run_id=run_id, at=as_of
+                )
         position = {oid: i for i, oid in enumerate(conv["opaque_id"])}
         recorded = {
             dest: ledger.read_ledger(engine, config.clinic_id, dest) for dest in CONVERSION_DESTINATIONS
@@ -535,6 +544,8 @@ def plan_run(
                 "already_sent": already,
                 "deferred": 0,
             }
+            if withdrawn.get(dest):
+                destinations[dest]["withdrawn"] = withdrawn[dest]
             stages[dest] = {r[id_col]: stage_of[r[id_col]] for r in fresh}
         # this plan's view of every conversion it looked at (no sibling is a view too), kept with
         # the outbox for its uploads to record (``deliver.read_siblings``)

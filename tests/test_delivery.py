@@ -857,3 +857,47 @@ def test_a_stopped_platform_without_a_list_does_not_hold_back_the_other_platform
     assert opened == ["meta"]
     assert out["meta_audience"]["adds"] > 20
     assert len(sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id)) > 20
+
+
+@pytest.mark.parametrize("family", ["google", "meta"])
+def test_an_older_runs_upload_does_not_send_a_person_who_revoked_since(
+    family: str, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # night one plans Ann's conversion, but its upload is stopped by the kill switch; Ann
+    # revokes on Nov 9, and night two's real plan drops the conversion as consent_revoked.
+    # Night one's upload, retried after the resume, sent it anyway
+    from etl import audit
+
+    cfg = make_config(tmp_path)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    (tmp_path / "appointments.csv").write_text(
+        APPT_HEADER + visit("A2", "completed", "07", "200"), encoding="utf-8"
+    )
+    one = build(cfg, "2026-11-07", "2026-11-08", db, tmp_path / "one")
+    name = "meta_events" if family == "meta" else "google_conversions"
+    (old_id,) = [r["event_id" if family == "meta" else "order_id"] for r in _rows(one, name)]
+    engine = store.open_engine(db)
+    platform = "meta" if family == "meta" else "google_ads"
+    switches.stop(engine, cfg.clinic_id, [platform], reason="incident", by="test", at=datetime(2026, 11, 8))
+    with pytest.raises(SendingStopped):
+        upload(one, family, sandboxes, batch=100)
+    assert ledger.read_ledger(engine, cfg.clinic_id, name)[old_id].status == "planned"
+    switches.resume(engine, cfg.clinic_id, [platform], by="test", at=datetime(2026, 11, 9))
+    revoked = ONE_LEAD.replace("yes,2026-11-01 10:00,,", "yes,2026-11-01 10:00,2026-11-09 09:00,")
+    assert revoked != ONE_LEAD
+    (tmp_path / "leads.csv").write_text(revoked, encoding="utf-8")
+    two = build(cfg, "2026-11-10", "2026-11-11", db, tmp_path / "two")
+    assert _rows(two, name) == []
+    assert json.loads((two.paths.outbox / "summary.json").read_text())["destinations"][name]["withdrawn"] == 1
+    entry = ledger.read_ledger(engine, cfg.clinic_id, name)[old_id]
+    assert (entry.status, entry.code) == ("withdrawn", "consent_revoked")
+
+    counts = upload(one, family, sandboxes, batch=100)
+    assert old_id not in sent_once(sandboxes, family)
+    assert counts["withdrawn"] == 1 and counts["already_sent"] == 0 and counts["sent"] == 0
+    assert ledger.read_ledger(engine, cfg.clinic_id, name)[old_id].status == "withdrawn"
+    with engine.connect() as conn:
+        verdict = audit.verify(audit.snapshot(conn), cfg.clinic_id)
+    engine.dispose()
+    assert verdict.problems == [] and verdict.states_checked >= 1

@@ -40,9 +40,17 @@ DEST = "meta_events"
         ("sent", "accepted", "accepted"),
         ("superseded", "planned", "planned"),  # a later plan converts the journey there again
         ("accepted", "superseded", "accepted"),
+        # withdrawn (consent revoked since the plan) ends an unfinished row, and nothing else
+        ("planned", "withdrawn", "withdrawn"),
+        ("withdrawn", "planned", "withdrawn"),
+        ("withdrawn", "deferred", "withdrawn"),
+        ("accepted", "withdrawn", "accepted"),
+        ("rejected", "withdrawn", "rejected"),
     ],
 )
 def test_a_final_state_is_never_taken_back(first: str, then: str, kept: str, tmp_path: Path) -> None:
+    from etl import audit
+
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
         for status, run in ((first, "run-a"), (then, "run-b")):
             ledger.write_ledger(engine, CLINIC, DEST, [{"opaque_id": "x" * 64, "status": status}],
@@ -51,6 +59,8 @@ def test_a_final_state_is_never_taken_back(first: str, then: str, kept: str, tmp
         assert ledger.final_among(engine, CLINIC, DEST, ["x" * 64, "y" * 64]) == (
             {"x" * 64} if kept in ledger.FINAL_STATES else set()
         )
+        with engine.connect() as conn:  # the audit chain replays the upsert's rule
+            assert audit.verify(audit.snapshot(conn), CLINIC).problems == []
 
 
 class _OtherRunFinishesTheNextBatch:
