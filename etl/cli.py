@@ -224,7 +224,6 @@ def run(
     import sqlalchemy as sa
 
     from etl import store
-    from etl.report import report_path
     from etl.rules.stages import RunWindow
     from etl.tasks import refuse_future_end
 
@@ -264,18 +263,39 @@ def run(
             on_step=on_step,
         )
     except MedspaError as exc:
+        if (done := getattr(exc, "run_result", None)) is not None:
+            # a send stopped, the others and the report ran: their summary still goes to stdout
+            # (a `--json | jq` pipeline reads what was sent), then the exit code says what stopped
+            _print_result(cfg, RunWindow(start=start_at, end=end_at), outbox, *done, json_out=json_out)
         raise _fail(exc) from None
     except OSError as exc:  # a full disk, a file size limit, a folder it may not write
         raise _fail(MachineError.of(exc, step["name"])) from None
     except sa.exc.DBAPIError as exc:  # a write the database refused outside the load and the sends
         raise _fail(store.refused(exc, f"{step['name']}: the staging database refused a write",
                                   "rerun the interval once it is fixed (what was sent is in the send ledger)")) from None  # fmt: skip
+    _print_result(
+        cfg, RunWindow(start=start_at, end=end_at), outbox, summary, directory, seconds, json_out=json_out
+    )
+
+
+def _print_result(
+    cfg: ClinicConfig,
+    window: Any,
+    outbox: Path | None,
+    summary: dict[str, Any],
+    directory: Path,
+    seconds: dict[str, float],
+    *,
+    json_out: bool,
+) -> None:
+    from etl.report import report_path
+
     if json_out:
         out.print_json(json.dumps(summary))
     else:
         out.print(_summary_table(summary))
     err.print(f"outbox: {directory}")
-    err.print(f"report: {report_path(cfg, RunWindow(start=start_at, end=end_at), outbox)}", soft_wrap=True)
+    err.print(f"report: {report_path(cfg, window, outbox)}", soft_wrap=True)
     err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
 
 
@@ -373,6 +393,7 @@ def execute_run(
         announce("report")
         result = tasks.report(spec)
         if stops:  # the summary and report hold what the other sends did; the exit code says what stopped
+            stops[0].run_result = (result["summary"], spec.paths.outbox, timings.seconds)  # type: ignore[attr-defined]
             raise stops[0]
         return result["summary"], spec.paths.outbox, timings.seconds
 

@@ -200,11 +200,14 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
         ).exit_code
         == 0
     )
-    result = invoke(*base, "--target", "sandbox")
+    result = invoke(*base, "--target", "sandbox", "--json")
     assert result.exit_code == 10, result.output  # after Google's sends and the report
     (run_dir,) = (clinic.parent / "var" / "runs").iterdir()
     results = run_dir / "results"
     assert json.loads((results / "google_conversions.json").read_text())["accepted"] > 0
+    # stdout still carries the summary (a `--json | jq` pipeline), and stderr where things are
+    assert json.loads(result.stdout) == json.loads((run_dir / "outbox" / "summary.json").read_text())
+    assert "report: " in result.stderr
     # the summary (and so run_summaries) says Meta's sends were stopped, not just planned
     summary = json.loads((run_dir / "outbox" / "summary.json").read_text())["destinations"]
     assert summary["meta_events"]["stopped"] == "kill_switch" and summary["meta_events"]["sent"] == 0
