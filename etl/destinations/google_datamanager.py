@@ -7,8 +7,9 @@ Match (2026-04-01) and offline click conversions (2026-06-15). Contract: issue #
 The API fails a whole request for one bad item (no partial failure), so every row is checked
 before batching (64-hex hashes, at most 10 identifiers, only the allowed keys), and a request
 still refused with INVALID_ARGUMENT is bisected until the bad rows stand alone (rejected with
-the API's ``ErrorInfo.reason``) while the good ones go through. There is no per-row dedup answer:
-Google deduplicates a re-sent ``transaction_id`` server-side, so success means ACCEPTED.
+the API's ``ErrorInfo.reason``) while the good ones go through. There is no per-row dedup answer
+(success means ACCEPTED), and nothing we build on says a re-sent ``transaction_id`` is
+de-duplicated: a re-send is assumed to count twice, so the ledger and the lease avoid them.
 Outbox rows keep the Google Ads API shape (SPEC section 5) and are mapped onto Data Manager
 messages here: order_id -> transaction_id, conversion_date_time -> event_timestamp,
 gclid/gbraid/wbraid -> ad_identifiers, hashed_email -> email_address, hashed_phone_number ->
