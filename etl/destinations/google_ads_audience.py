@@ -215,6 +215,11 @@ class GoogleAdsCustomerMatch:
                 return
             if status != "SUCCESS":
                 result.codes["JOB_PENDING"] = result.codes.get("JOB_PENDING", 0) + 1
+                # still running (or its status unknown): Google may yet fail it, so nothing of it
+                # is settled; the next sync sends these members again (a repeated add or remove
+                # is harmless), and a revoked person is not left on the list for good
+                result.unapplied |= {member_key(row) for row in applied}
+                applied = []
         if remove_all and not validate_only:
             result.replaced = True  # the job ran (or is running) with remove_all first
         if direction == "create":

@@ -34,6 +34,20 @@ def jobs_sent(sandbox: Any) -> list[list[str]]:
     return list(kinds.values())
 
 
+def test_google_ads_a_job_still_running_when_polling_ends_settles_none_of_its_members(
+    google_sandbox, google_config, google_member
+):
+    # jobs "may take 6 hours or more" and can still fail; counted applied, a remove that then
+    # failed left a revoked person on the list, and no later sync tried it again
+    destination = audience(google_config, google_sandbox, "google_ads")
+    destination._poll_timeout = 0.0  # polling gives up at once ...
+    google_sandbox.job_polls = 1_000  # ... while Google still says RUNNING
+    joining, leaving = google_member("a1"), google_member("r1", "remove")
+    result = destination.sync([joining], [leaving])
+    assert result.codes["JOB_PENDING"] == 2 and (result.adds, result.removes) == (0, 0)
+    assert {member_key(joining), member_key(leaving)} <= result.unapplied  # sent again next sync
+
+
 @pytest.mark.parametrize("api", BOTH)
 def test_adds_then_removes_mirror_the_list(api, google_sandbox, google_config, google_member):
     destination = audience(google_config, google_sandbox, api)
