@@ -428,6 +428,12 @@ def synth(
         result = write_synthetic_clinic(out_dir, appointments=appointments, leads=leads, seed=seed, end=last)
     except FileExistsError as exc:
         raise typer.BadParameter(str(exc), param_hint="--out") from None
+    except OSError as exc:  # a file where the folder goes, a folder it may not write
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise typer.BadParameter(
+            f"cannot write the clinic there: {reason}{where}", param_hint="--out"
+        ) from None
     err.print(f"wrote synthetic clinic to {out_dir}")
     counts = {k: v if isinstance(v, int) else str(v) for k, v in vars(result).items()}
     typer.echo(json.dumps(counts, indent=2))  # plain: Rich would wrap long paths inside the JSON

@@ -392,6 +392,17 @@ def test_synth_prints_counts_as_numbers_and_refuses_bad_input(tmp_path: Path) ->
         assert bad.exception is None or isinstance(bad.exception, SystemExit), argv  # no crash
 
 
+def test_synth_into_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder", encoding="utf-8")
+    result = RUNNER.invoke(
+        app, ["synth", "--out", str(tmp_path / "taken"), "--appointments", "5", "--leads", "2"]
+    )
+    assert result.exit_code == 2 and "cannot write the clinic there" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "not a folder"
+
+
 def test_synth_overwrites_its_own_clinic_and_refuses_a_real_one(tmp_path: Path) -> None:
     argv = ["synth", "--appointments", "30", "--leads", "10"]
     assert RUNNER.invoke(app, [*argv, "--out", str(tmp_path / "c")]).exit_code == 0
