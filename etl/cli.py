@@ -102,8 +102,11 @@ def _ready_for_live(cfg: Any, database: str | None, *, validate_only: bool = Fal
     )
     # a stopped platform (the kill switch) holds back only its own sends: the run says so and
     # exits 10 after the others went
+    # the send ledger check runs again before the extract, with the whole story and --new-database
     problems = [
-        item for item, status in checks if needs_attention(status) and not item.startswith("kill switch.")
+        item
+        for item, status in checks
+        if needs_attention(status) and not item.startswith("kill switch.") and item != "send ledger"
     ]
     if problems:
         raise ConfigError(
@@ -193,6 +196,16 @@ def run(
             "--meta-test-event-code", help="Route Meta events to Events Manager's Test Events tool."
         ),
     ] = None,
+    new_database: Annotated[
+        bool,
+        typer.Option(
+            "--new-database",
+            metavar="",
+            help="Start a new send ledger in this database although the clinic's earlier sends are "
+            "recorded in another (var/ledgers/ beside the YAML): every conversion not in this one's "
+            "ledger is sent again. Only when the old database is lost.",
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", metavar="", help="Print summary.json to stdout instead of a table.")
     ] = False,
@@ -241,6 +254,9 @@ def run(
         if start_at >= end_at:
             raise ConfigError("--start must be before --end")
         refuse_future_end(RunWindow(start=start_at, end=end_at), dry_run=dry_run)
+        if dry_run:
+            _refuse_with_dry_run(target=target, validate_only=validate_only,
+                                 meta_test_event_code=meta_test_event_code, new_database=new_database)  # fmt: skip
         if target is Target.live and not dry_run:
             _ready_for_live(cfg, database, validate_only=validate_only)
         secret, development = resolve_id_secret(real_send=not dry_run and target is Target.live)
@@ -260,6 +276,7 @@ def run(
             full_resync=full_resync,
             validate_only=validate_only,
             meta_test_event_code=meta_test_event_code,
+            new_database=new_database,
             on_step=on_step,
         )
     except MedspaError as exc:
@@ -276,6 +293,28 @@ def run(
     _print_result(
         cfg, RunWindow(start=start_at, end=end_at), outbox, summary, directory, seconds, json_out=json_out
     )
+
+
+def _refuse_with_dry_run(*, target: Target, validate_only: bool, meta_test_event_code: str | None,
+                         new_database: bool) -> None:  # fmt: skip
+    """Options that only mean something when sending: with --dry-run they would be ignored, and
+    a user who typed them expected something that did not happen."""
+    ignored = [
+        name
+        for name, given in (
+            ("--target live", target is Target.live),
+            ("--validate-only", validate_only),
+            ("--meta-test-event-code", meta_test_event_code is not None),
+            ("--new-database", new_database),
+        )
+        if given
+    ]
+    if ignored:
+        raise ConfigError(
+            f"--dry-run sends nothing, so {', '.join(ignored)} would do nothing; drop "
+            + ("it" if len(ignored) == 1 else "them")
+            + " or --dry-run"
+        )
 
 
 def _print_result(
@@ -323,6 +362,7 @@ def execute_run(
     full_resync: bool = False,
     validate_only: bool = False,
     meta_test_event_code: str | None = None,
+    new_database: bool = False,
     on_step: Any = None,
     sandboxes: dict[str, Any] | None = None,
     retry_wait: float | None = None,
@@ -334,7 +374,11 @@ def execute_run(
     from etl.targets import started_sandboxes
 
     timings = pipeline.Timings(on_step=on_step)
-    spec = tasks.RunSpec(config=cfg, window=window, database=database, outbox=outbox)
+    spec = tasks.RunSpec(
+        config=cfg, window=window, database=database, outbox=outbox, new_database=new_database
+    )
+    if not dry_run and not validate_only:  # a mistyped database would send everything again
+        tasks.check_ledger_record(spec, "live" if target == "live" else "sandbox")
     with spec.engine():  # a wrong or unreachable database fails now, not after the extract
         pass
     if not dry_run:  # the kill switch (etl.switches), before minutes of extract and plan

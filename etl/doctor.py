@@ -115,6 +115,43 @@ def kill_switch_checks(config: ClinicConfig, database: str | None) -> list[tuple
     ]  # fmt: skip
 
 
+def send_ledger_check(config: ClinicConfig, database: str | None) -> list[tuple[str, str]]:
+    """Is this the database the clinic's earlier live sends are recorded in (``ledger.claim_target``)?
+    Read without creating anything; a database that cannot be read is the staging database
+    check's to report."""
+    from etl import ledger, store
+    from etl.errors import MedspaError
+
+    record = ledger.record_path(config.base_dir, config.clinic_id, "live")
+    url = config.resolved_database_url(database)
+    try:
+        if store.sqlite_file_missing(url):
+            mismatch = ledger.ledger_mismatch(None, config.clinic_id, "live", record)
+        else:
+            with store.existing_for_reading(url) as (engine, _):
+                mismatch = ledger.ledger_mismatch(engine, config.clinic_id, "live", record)
+    except (MedspaError, sa.exc.SQLAlchemyError):
+        if record.exists():
+            return []
+        mismatch = None
+    if mismatch is None:
+        return [
+            (
+                "send ledger",
+                "ok" if record.exists() else "ok (no live send yet: the first records this database)",
+            )
+        ]
+    recorded, claim = mismatch
+    here = (
+        "has never sent"
+        if claim is None
+        else f"first sent in run {claim['first_run_id']} at {claim['claimed_at']}"
+    )
+    return [("send ledger", f"invalid: the clinic's live sends are recorded in the database first sent from in "
+                            f"run {recorded['first_run_id']} at {recorded['claimed_at']}; this one {here} "
+                            "(`run --help`: --new-database)")]  # fmt: skip
+
+
 def needs_attention(status: str) -> bool:
     """Missing or invalid, unless the check itself says the item is optional."""
     return not status.startswith("ok") and "optional" not in status
@@ -146,4 +183,5 @@ def run_checks(
         checks.extend(doctor_meta(config, environ))
     checks.extend(legal_basis_checks(config, now or datetime.now(UTC)))
     checks.extend(kill_switch_checks(config, database))
+    checks.extend(send_ledger_check(config, database))
     return checks

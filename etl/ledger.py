@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,36 +76,150 @@ class LedgerEntry:
     request_id: str | None = None
 
 
-def claim_target(engine: Engine, clinic_id: str, target: str, *, run_id: str, at: datetime) -> None:
-    """Make sure this database's sends for the clinic all go to one target (sandbox or live).
+def record_path(base_dir: Path, clinic_id: str, target: str) -> Path:
+    """Beside the clinic YAML (as its run folders are): which database holds its send ledger."""
+    return base_dir / "var" / "ledgers" / f"{clinic_id}.{target}.json"
+
+
+def _claim_of(conn: Connection, clinic_id: str) -> dict[str, str] | None:
+    row = conn.execute(
+        sa.select(ledger_targets.c.target, ledger_targets.c.run_id, ledger_targets.c.claimed_at).where(
+            ledger_targets.c.clinic_id == clinic_id
+        )
+    ).first()
+    if row is None:
+        return None
+    return {
+        "clinic_id": clinic_id,
+        "target": row.target,
+        "first_run_id": row.run_id,
+        "claimed_at": _utc(row.claimed_at).isoformat(timespec="microseconds"),
+    }
+
+
+def _read_record(record: Path) -> dict[str, str] | None:
+    try:
+        text = record.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"send ledger record {record}: not JSON; restore it or delete it") from None
+    keys = ("clinic_id", "target", "first_run_id", "claimed_at")
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), str) for k in keys):
+        raise ConfigError(f"send ledger record {record}: lacks {', '.join(keys)}; restore it or delete it")
+    return {k: data[k] for k in keys}
+
+
+def _write_record(record: Path, claim: Mapping[str, str]) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")  # the sends of one night write at once
+    body = {**claim, "about": _RECORD_ABOUT}
+    tmp.write_text(json.dumps(body, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(record)
+
+
+_RECORD_ABOUT = (
+    "Written by the first real send from the staging database that holds this clinic's send "
+    "ledger for this target; a real send from a database whose first send differs is refused "
+    "(a new, empty ledger would send every conversion again). `run --new-database` (or deleting "
+    "this file) starts a new ledger on purpose."
+)
+
+
+def ledger_mismatch(
+    engine: Engine | None, clinic_id: str, target: str, record: Path
+) -> tuple[dict[str, str], dict[str, str] | None] | None:
+    """The clinic's recorded ledger and this database's claim when they differ, else None.
+
+    ``engine`` None stands for a database that does not exist yet (a SQLite file not made):
+    it holds no claim.
+    """
+    recorded = _read_record(record)
+    if recorded is None or recorded["target"] != target:
+        return None
+    claim = None
+    if engine is not None:
+        with engine.connect() as conn:
+            claim = _claim_of(conn, clinic_id)
+    return None if claim == recorded else (recorded, claim)
+
+
+def _first_send(claim: Mapping[str, str]) -> str:
+    return f"run {claim['first_run_id']} at {claim['claimed_at']}"  # a rerun of one interval shares its id
+
+
+def mismatch_error(record: Path, recorded: Mapping[str, str], claim: Mapping[str, str] | None) -> ConfigError:
+    here = (
+        "this staging database has never sent for it"
+        if claim is None
+        else f"this staging database's first {claim['target']} send was {_first_send(claim)}"
+    )
+    return ConfigError(
+        f"send ledger: clinic {recorded['clinic_id']}'s {recorded['target']} sends are recorded in the "
+        f"database whose first send was {_first_send(recorded)} ({record}), but {here}. Sending "
+        "from it would send again every conversion that database holds as sent. Check --database / "
+        "database_url / MEDSPA_DATABASE_URL; to start a new ledger on purpose (the old one is lost), "
+        "rerun with --new-database (or delete that file)"
+    )
+
+
+def claim_target(
+    engine: Engine,
+    clinic_id: str,
+    target: str,
+    *,
+    run_id: str,
+    at: datetime,
+    record: Path | None = None,
+    new_database: bool = False,
+) -> None:
+    """Make sure this database's sends for the clinic all go to one target (sandbox or live),
+    and, given the clinic's ``record`` (``record_path``), that it is the database the clinic's
+    earlier sends were recorded in: a mistyped or replaced database holds an empty ledger, and
+    everything would be sent again. The first send writes the record; ``new_database`` rewrites
+    it to this database (the old ledger is lost, on purpose).
 
     Raises:
-        ConfigError: the database already holds sends to the other target; its ledger would
-            count them as sent (a sandbox "accepted" is not Google's or Meta's).
+        ConfigError: the database already holds sends to the other target (its ledger would
+            count them as sent: a sandbox "accepted" is not Google's or Meta's), or it is not
+            the one ``record`` names.
     """
     with engine.begin() as conn:
         # insert-if-absent, then read: the three sends of a first night claim at the same time
         insert = _dialect_insert(conn, ledger_targets)
         first = conn.execute(insert.on_conflict_do_nothing(index_elements=["clinic_id"]),
                              {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
-        if first.rowcount == 1:
-            # the only record of what was sent is this database: a fresh one for a clinic that
-            # has sent before (a lost or replaced file) would send every conversion again
-            log.warning(
-                "first %s send for clinic %s recorded in this staging database; if this clinic sent "
-                "before from another database, restore that one instead (docs/decisions.md)",
-                target,
-                clinic_id,
-            )
-        claimed = conn.execute(
-            sa.select(ledger_targets.c.target).where(ledger_targets.c.clinic_id == clinic_id)
-        ).scalar()
-        if claimed != target:
+        claim = _claim_of(conn, clinic_id)
+        assert claim is not None  # inserted or already there, in this transaction
+        if claim["target"] != target:
             raise ConfigError(
-                f"this staging database holds {claimed} sends for clinic {clinic_id}; a {target} send "
-                f"would share their ledger (a {claimed} 'accepted' would read as sent). Use a separate "
+                f"this staging database holds {claim['target']} sends for clinic {clinic_id}; a {target} send "
+                f"would share their ledger (a {claim['target']} 'accepted' would read as sent). Use a separate "
                 "database for each target (--database, or database_url / MEDSPA_DATABASE_URL)"
             )
+        if record is None:
+            return
+        recorded = _read_record(record)
+        if recorded == claim:
+            return
+        if recorded is not None and not new_database:
+            raise mismatch_error(
+                record, recorded, None if first.rowcount == 1 else claim
+            )  # rolls the claim back
+        if recorded is not None:
+            log.warning(
+                "send ledger: clinic %s's %s sends are now recorded in this database (--new-database); "
+                "the ledger of the database whose first send was run %s is no longer read",
+                clinic_id, target, recorded["first_run_id"],
+            )  # fmt: skip
+        elif first.rowcount == 1:
+            # nothing names an earlier ledger: the first send from this clinic's folder (a folder
+            # moved without its var/ledgers record is not told apart: docs/decisions.md)
+            log.warning("first %s send for clinic %s: this staging database now holds its send ledger "
+                        "(recorded in %s)", target, clinic_id, record)  # fmt: skip
+        _write_record(record, claim)
 
 
 def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:
@@ -240,8 +356,9 @@ def withdraw(
     """Record as ``withdrawn`` those of ``opaque_ids`` a real run's upload planned for
     ``destination`` and that are unfinished there (planned or deferred); returns how many.
 
-    An ID with no ledger row is left alone: no upload has planned it (a plan whose upload never
-    started is not covered; docs/decisions.md).
+    An ID with no ledger row is left alone: no published real outbox holds it (publishing
+    records its rows ``planned`` before any upload; a run that publishes after this plan is
+    not covered: docs/decisions.md).
     """
     unfinished = sorted(
         _among(

@@ -401,6 +401,23 @@ def _cannot_open(exc: sa.exc.DBAPIError) -> Exception:
 _AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_sync_log")
 
 
+def sqlite_file_missing(url: str) -> bool:
+    """A SQLite URL naming a file that is not there (or an in-memory database): opening it makes
+    a new, empty one. False for other databases and URI filenames (they say what they open)."""
+    from pathlib import Path
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return False  # opening it says what is wrong
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    if bool(parsed.query.get("uri")) or database.startswith("file:"):
+        return False
+    return database in ("", ":memory:") or not Path(database).is_file()
+
+
 @contextmanager
 def existing_for_reading(url: str) -> Iterator[tuple[Engine, set[str]]]:
     """Open a staging database that must already exist, for reading only: nothing is created
@@ -414,17 +431,13 @@ def existing_for_reading(url: str) -> Iterator[tuple[Engine, set[str]]]:
         ConfigError: no such SQLite file, or the database holds no send ledger.
         StagingError: it cannot be opened or reached.
     """
-    from pathlib import Path
-
     from etl.errors import ConfigError
 
     engine = _create(url)
     try:
         if engine.dialect.name == "sqlite":
-            database = engine.url.database or ""
-            uri = bool(engine.url.query.get("uri")) or database.startswith("file:")
-            if not uri and (database in ("", ":memory:") or not Path(database).is_file()):
-                raise ConfigError(f"staging database: no SQLite file at {database or '(memory)'}")
+            if sqlite_file_missing(url):
+                raise ConfigError(f"staging database: no SQLite file at {engine.url.database or '(memory)'}")
 
             def read_only(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.execute("PRAGMA query_only=ON")

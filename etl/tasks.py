@@ -59,6 +59,7 @@ class RunSpec:
     database: str | None = None
     outbox: Path | None = None
     label: str | None = None  # "validate": the checks alone, under a run id and folder of their own
+    new_database: bool = False  # real sends start a new send ledger here (``ledger.claim_target``)
 
     @property
     def paths(self) -> pipeline.RunPaths:
@@ -105,6 +106,33 @@ def _in_run_folder(
         return held
 
     return wrap
+
+
+def claim_target(spec: RunSpec, engine: Engine, target: str) -> None:
+    ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock(),
+                        record=ledger.record_path(spec.config.base_dir, spec.config.clinic_id, target),
+                        new_database=spec.new_database)  # fmt: skip
+
+
+def check_ledger_record(spec: RunSpec, target: str) -> None:
+    """Before a real run's extract: is this the database the clinic's earlier sends are recorded
+    in (``ledger.claim_target`` checks again at each send)? A SQLite file that does not exist is
+    not created to find out.
+
+    Raises:
+        ConfigError: it is not, and ``spec.new_database`` is not set.
+    """
+    if spec.new_database:
+        return
+    record = ledger.record_path(spec.config.base_dir, spec.config.clinic_id, target)
+    url = spec.config.resolved_database_url(spec.database)
+    if store.sqlite_file_missing(url):
+        mismatch = ledger.ledger_mismatch(None, spec.config.clinic_id, target, record)
+    else:
+        with spec.engine() as engine:
+            mismatch = ledger.ledger_mismatch(engine, spec.config.clinic_id, target, record)
+    if mismatch is not None:
+        raise ledger.mismatch_error(record, *mismatch)
 
 
 def _clock() -> datetime:
@@ -240,7 +268,7 @@ def validate_outbound(
     sends_to = plan["target"] if not plan["dry_run"] and not validate_only else None
     if sends_to:
         with spec.engine() as engine:
-            ledger.claim_target(engine, spec.config.clinic_id, sends_to, run_id=spec.run_id, at=_clock())
+            claim_target(spec, engine, sends_to)
     outbox = spec.paths.outbox
     if pending:
         outbox = pipeline.publish_outbox(
@@ -406,7 +434,7 @@ def upload(
         if destination is None:
             return {"run_id": spec.run_id, "skipped": f"{family} not configured"}
         if not validate_only:
-            ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
+            claim_target(spec, engine, target)
         try:
             counts = deliver.upload_conversions(
                 spec.config,
@@ -475,7 +503,7 @@ def sync_suppression(
         ) as dests,
     ):
         if dests.audiences and not validate_only:
-            ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock())
+            claim_target(spec, engine, target)
         for name, audience in dests.audiences.items():
             try:
                 counts = deliver.sync_audience(

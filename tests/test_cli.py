@@ -717,3 +717,96 @@ def test_what_a_run_writes_is_readable_by_its_user_only(tmp_path: Path) -> None:
     assert any(p.suffix == ".jsonl" for p in written) and any(p.suffix == ".sqlite" for p in written)
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.relative_to(tmp_path)
+
+
+def _sent(url: str) -> int:
+    with store.engine_for(url) as engine, engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() or 0)
+
+
+def test_a_real_run_on_a_database_that_is_not_the_clinics_ledger_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    # a mistyped --database (or a replaced file) opened a new, empty ledger with a warning, and
+    # every conversion already sent went again
+    config = _sandbox_clinic(tmp_path)
+    kept, typo = tmp_path / "var" / "sunrise-medspa.sqlite", tmp_path / "var" / "sunrise-medpsa.sqlite"
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    record = tmp_path / "var" / "ledgers" / "sunrise-medspa.sandbox.json"
+    assert json.loads(record.read_text(encoding="utf-8"))["target"] == "sandbox"
+    sent = _sent(f"sqlite:///{kept}")
+    assert sent > 0
+
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox", "--database", f"sqlite:///{typo}"))
+    assert result.exit_code == ConfigError.exit_code, result.output
+    said = " ".join(result.stderr.split())
+    assert "has never sent for it" in said and "--new-database" in said and "first send was run" in said
+    assert not typo.exists()  # not even an empty file is left at the mistyped path
+    runs = tmp_path / "var" / "runs"
+    assert not [p for p in runs.rglob("*") if p.parent.name == "extract"]  # refused before the extract
+
+    # on purpose: the old database is lost, this one starts a new ledger and the record follows
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox", "--database", f"sqlite:///{typo}",
+                                          "--new-database"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _sent(f"sqlite:///{typo}") == sent
+    # ... and now the old database is the wrong one: its first send is named
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
+    assert result.exit_code == ConfigError.exit_code, result.output
+    said = " ".join(result.stderr.split())
+    assert "first sandbox send was run sunrise-medspa__" in said and said.count(" at 20") == 2
+    assert _sent(f"sqlite:///{kept}") == sent  # nothing more recorded there
+
+
+def test_a_send_refused_for_the_wrong_ledger_does_not_claim_the_database(tmp_path: Path) -> None:
+    # the check at each send (the DAG's tasks meet it there): refused inside the claim's
+    # transaction, so the wrong database is not left claimed either
+    from datetime import UTC, datetime
+
+    record = tmp_path / "var" / "ledgers" / "sunrise-medspa.live.json"
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 'a.sqlite'}") as first:
+        ledger.claim_target(first, "sunrise-medspa", "live", run_id="night-1", at=at, record=record)
+        ledger.claim_target(
+            first, "sunrise-medspa", "live", run_id="night-2", at=at, record=record
+        )  # same: fine
+    with store.engine_for(f"sqlite:///{tmp_path / 'b.sqlite'}") as other:
+        with pytest.raises(ConfigError, match="first send was run night-1"):
+            ledger.claim_target(other, "sunrise-medspa", "live", run_id="night-3", at=at, record=record)
+        with other.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(store.ledger_targets)).scalar() == 0
+        # a sandbox ledger is recorded apart: this database may still send to the sandbox
+        ledger.claim_target(other, "sunrise-medspa", "sandbox", run_id="night-3", at=at,
+                            record=record.with_name("sunrise-medspa.sandbox.json"))  # fmt: skip
+
+
+def test_doctor_names_a_database_that_is_not_the_clinics_live_ledger(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    config = _sandbox_clinic(tmp_path)
+    record = tmp_path / "var" / "ledgers" / "sunrise-medspa.live.json"
+    with store.engine_for(f"sqlite:///{tmp_path / 'live.sqlite'}") as engine:
+        ledger.claim_target(engine, "sunrise-medspa", "live", run_id="night-1",
+                            at=datetime(2026, 6, 1, tzinfo=UTC), record=record)  # fmt: skip
+    other = tmp_path / "other.sqlite"
+    result = RUNNER.invoke(app, ["doctor", "--config", str(config), "--database", f"sqlite:///{other}"])
+    assert "send ledger" in result.stdout and "run night-1" in result.stdout, result.output
+    assert not other.exists()
+    result = RUNNER.invoke(app, ["doctor", "--config", str(config), "--database",
+                                 f"sqlite:///{tmp_path / 'live.sqlite'}"])  # fmt: skip
+    assert "run night-1" not in result.stdout, result.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--target", "live"], ["--validate-only"], ["--meta-test-event-code", "TEST1"], ["--new-database"]],
+    ids=["target-live", "validate-only", "meta-test-event-code", "new-database"],
+)
+def test_options_that_only_mean_something_when_sending_are_refused_with_dry_run(
+    extra: list[str], tmp_path: Path
+) -> None:
+    config = _sandbox_clinic(tmp_path)
+    result = RUNNER.invoke(app, _run_args(config, "--dry-run", *extra))
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert f"--dry-run sends nothing, so {extra[0]}" in " ".join(result.stderr.split())
+    assert not (tmp_path / "var" / "runs").exists()

@@ -859,13 +859,15 @@ def test_a_stopped_platform_without_a_list_does_not_hold_back_the_other_platform
     assert len(sandboxes["meta"].audience_members(cfg.meta.suppression_audience_id)) > 20
 
 
+@pytest.mark.parametrize("started", [True, False], ids=["upload-stopped", "upload-never-started"])
 @pytest.mark.parametrize("family", ["google", "meta"])
 def test_an_older_runs_upload_does_not_send_a_person_who_revoked_since(
-    family: str, sandboxes: dict[str, Any], tmp_path: Path
+    family: str, started: bool, sandboxes: dict[str, Any], tmp_path: Path
 ) -> None:
-    # night one plans Ann's conversion, but its upload is stopped by the kill switch; Ann
-    # revokes on Nov 9, and night two's real plan drops the conversion as consent_revoked.
-    # Night one's upload, retried after the resume, sent it anyway
+    # night one plans Ann's conversion, but its upload is stopped by the kill switch (or its
+    # task never ran: publishing the outbox already planned it in the ledger); Ann revokes on
+    # Nov 9, and night two's real plan drops the conversion as consent_revoked. Night one's
+    # upload, retried after the resume, sent it anyway
     from etl import audit
 
     cfg = make_config(tmp_path)
@@ -879,11 +881,14 @@ def test_an_older_runs_upload_does_not_send_a_person_who_revoked_since(
     (old_id,) = [r["event_id" if family == "meta" else "order_id"] for r in _rows(one, name)]
     engine = store.open_engine(db)
     platform = "meta" if family == "meta" else "google_ads"
-    switches.stop(engine, cfg.clinic_id, [platform], reason="incident", by="test", at=datetime(2026, 11, 8))
-    with pytest.raises(SendingStopped):
-        upload(one, family, sandboxes, batch=100)
+    if started:
+        switches.stop(
+            engine, cfg.clinic_id, [platform], reason="incident", by="test", at=datetime(2026, 11, 8)
+        )
+        with pytest.raises(SendingStopped):
+            upload(one, family, sandboxes, batch=100)
+        switches.resume(engine, cfg.clinic_id, [platform], by="test", at=datetime(2026, 11, 9))
     assert ledger.read_ledger(engine, cfg.clinic_id, name)[old_id].status == "planned"
-    switches.resume(engine, cfg.clinic_id, [platform], by="test", at=datetime(2026, 11, 9))
     revoked = ONE_LEAD.replace("yes,2026-11-01 10:00,,", "yes,2026-11-01 10:00,2026-11-09 09:00,")
     assert revoked != ONE_LEAD
     (tmp_path / "leads.csv").write_text(revoked, encoding="utf-8")
