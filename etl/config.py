@@ -36,6 +36,33 @@ DEVELOPMENT_ID_SECRET = "medspa-conversions-DEVELOPMENT-KEY-not-for-real-sends"
 ProfileName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 DATABASE_URL_ENV = "MEDSPA_DATABASE_URL"  # the staging database, when the YAML names none
 _GENERIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
+# Event names reach Meta verbatim, so SPEC section 2's "never a service, treatment, condition,
+# provider or location name" is enforced by building them from these words only (an allowlist:
+# no list of treatments could be complete). Meta's standard events, then generic funnel words;
+# health words (treatment, procedure, clinic) are left out on purpose.
+# fmt: off
+GENERIC_EVENT_WORDS = frozenset([
+    # Meta's standard events
+    "add", "application", "cart", "checkout", "complete", "content", "contact", "customize", "donate",
+    "find", "info", "initiate", "lead", "location", "payment", "product", "purchase", "registration",
+    "schedule", "search", "start", "submit", "subscribe", "to", "trial", "view", "wishlist",
+    # generic funnel words
+    "appointment", "appt", "arrived", "attend", "attended", "book", "booked", "booking", "checked",
+    "client", "closed", "consult", "consultation", "converted", "conversion", "customer", "deposit",
+    "event", "existing", "first", "follow", "high", "in", "initial", "invoice", "low", "member",
+    "membership", "new", "offline", "order", "out", "package", "paid", "patient", "qualified",
+    "repeat", "returning", "revenue", "sale", "sales", "second", "show", "showed", "signed", "stage",
+    "store", "third", "transaction", "up", "value", "visit", "visited", "won",
+])
+# fmt: on
+_NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+
+
+def non_generic_words(name: str) -> list[str]:
+    """The words of a CamelCase or snake_case ``name`` not in ``GENERIC_EVENT_WORDS`` (numbers and
+    single letters, as in V2, name nothing)."""
+    words = _NAME_WORDS.findall(name)
+    return [w for w in words if len(w) > 1 and not w.isdigit() and w.lower() not in GENERIC_EVENT_WORDS]
 
 
 class _Model(BaseModel):
@@ -232,6 +259,13 @@ class EventNames(_Model):
     def _generic(cls, name: str) -> str:
         if not _GENERIC_NAME.match(name):
             raise ValueError("must be a generic name: letters, digits and '_' (no spaces)")
+        if odd := non_generic_words(name):
+            raise ValueError(
+                f"{', '.join(repr(w) for w in odd)} is not a generic word: Meta receives event names as they "
+                "are, so they are built from generic words only (e.g. ConsultationAttended, Purchase, "
+                "Lead, Schedule, FirstVisit; the list is etl.config.GENERIC_EVENT_WORDS), never a "
+                "service, treatment, condition, provider or location name"
+            )
         return name
 
 

@@ -190,6 +190,15 @@ def test_a_key_that_is_no_name_is_not_repeated_in_the_error(tmp_path: Path) -> N
         ({"action_source": "phone_call", "max_event_age_days": 30}, "Meta takes phone_call"),
         ({"ldu_state": 1001}, "meta.ldu_state"),
         ({"ldu_country": 2}, "meta.ldu_country"),
+        # sent to Meta as they are: a treatment in the name tells Meta what each person had done
+        (
+            {"event_names": {"consultation": "ConsultationAttended", "purchase": "BotoxLipFiller"}},
+            "meta.event_names.purchase: Value error, 'Botox', 'Lip', 'Filler' is not a generic word",
+        ),
+        (
+            {"event_names": {"consultation": "laser_consult", "purchase": "Purchase"}},
+            "meta.event_names.consultation: Value error, 'laser' is not a generic word",
+        ),
     ],
 )
 def test_meta_settings_meta_would_refuse_every_event_for_are_config_errors(
@@ -202,7 +211,17 @@ def test_meta_settings_meta_would_refuse_every_event_for_are_config_errors(
         raw["meta"].pop("max_event_age_days", None)
     (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
     result = run(tmp_path / "clinic.yaml")
-    assert result.exit_code == 2 and expected in result.stderr and "meta" in result.stderr
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and expected in said and "meta" in said, said
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("name", ["ConsultationAttended", "Purchase", "Lead", "Schedule", "CompleteRegistration",
+                                  "first_visit_2", "NewPatientConsultV2", "DepositPaid"])  # fmt: skip
+def test_generic_event_names_pass(name: str) -> None:
+    from etl.config import non_generic_words
+
+    assert non_generic_words(name) == []
 
 
 def test_a_password_in_the_yaml_is_refused_and_the_environment_carries_it(
