@@ -196,7 +196,19 @@ def _table(accounting: Accounting) -> Table:
             f"{counts['members_now']} now",
             "",
         )
-    if not accounting.conversions and not any(counts["syncs"] for counts in accounting.lists.values()):
+    for (destination, target), counts in sorted(accounting.validated.items()):
+        # validate-only requests: the platform checked and kept nothing, but the hashes left
+        what = (
+            f"{counts['conversions']} row(s)"
+            if counts["conversions"]
+            else f"+{counts['list_adds']} / -{counts['list_removes']}"
+        )
+        table.add_row(destination, "validate only", f"{what} carried ({target})", "", "")
+    if (
+        not accounting.conversions
+        and not accounting.validated
+        and not any(counts["syncs"] for counts in accounting.lists.values())
+    ):
         table.caption = "nothing sent in this period"
     return table
 

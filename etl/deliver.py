@@ -79,6 +79,7 @@ def upload_conversions(
     run_id: str,
     clock: Clock,
     validate_only: bool = False,
+    target: str = "sandbox",
     on_batch: Callable[[int, int], None] | None = None,
     siblings: PlanSiblings | None = None,
 ) -> dict[str, Any]:
@@ -100,9 +101,9 @@ def upload_conversions(
     verify_published(outbox, name)  # the bytes the gates checked, not an edited copy
     rows = list(read_rows(outbox, name))
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
-    if validate_only:  # nothing is recorded, so nothing to race on
+    if validate_only:  # the ledger is not written (only what left, in validation_sends): no race
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
-                       validate_only=True, on_batch=on_batch)  # fmt: skip
+                       validate_only=True, target=target, on_batch=on_batch)  # fmt: skip
     with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
         if siblings is not None:
             _record_siblings(engine, config.clinic_id, siblings, run_id=run_id)
@@ -121,6 +122,7 @@ def _upload(
     lease: leases.Lease | None,
     validate_only: bool,
     on_batch: Callable[[int, int], None] | None,
+    target: str = "sandbox",
 ) -> dict[str, Any]:
     name = destination.name
     id_field = _ID_FIELD[name]
@@ -199,7 +201,11 @@ def _upload(
             # rows the platform already decided before it stopped us are recorded, not re-sent,
             # and counted, so summary.json and the ledger agree
             decided = _tally(exc.partial_results, stages, counts, rejected_codes)
-            if not validate_only:  # the batches not reached stay planned for the next run
+            if validate_only:
+                _record_validation(
+                    engine, config.clinic_id, name, decided, target=target, run_id=run_id, at=clock()
+                )
+            else:  # the batches not reached stay planned for the next run
                 _record_outcomes(engine, config.clinic_id, name, decided, run_id=run_id, at=clock())
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
@@ -215,7 +221,11 @@ def _upload(
             )
             break
         entries = _tally(results, stages, counts, rejected_codes)
-        if not validate_only:
+        if validate_only:
+            _record_validation(
+                engine, config.clinic_id, name, entries, target=target, run_id=run_id, at=clock()
+            )
+        else:
             _record_outcomes(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
         if on_batch is not None:
             on_batch(number, len(batches))
@@ -409,6 +419,23 @@ def consent_granted(conversions: Path) -> dict[str, tuple[datetime, bool | None]
     return out
 
 
+def _record_validation(
+    engine: Engine,
+    clinic_id: str,
+    name: str,
+    entries: Sequence[dict[str, Any]],
+    *,
+    target: str,
+    run_id: str,
+    at: datetime,
+) -> None:
+    """What a validate-only batch carried out of the building (``validation_sends``): the rows
+    a request held, whatever the platform thought of them."""
+    left = [(e["opaque_id"], e.get("stage"), e.get("code"), e.get("request_id")) for e in entries
+            if e.get("transmitted", True)]  # fmt: skip
+    ledger.record_validation(engine, clinic_id, name, target=target, run_id=run_id, at=at, conversions=left)
+
+
 def _tally(
     results: Sequence[RowResult],
     stages: dict[str, str | None],
@@ -457,6 +484,7 @@ def sync_audience(
     validate_only: bool = False,
     run_id: str | None = None,
     run_end: datetime | None = None,
+    target: str = "sandbox",
 ) -> dict[str, Any]:
     """Apply the outbox's membership delta, then record the platform's new state (and the
     ``run_end`` it mirrors, which keeps older runs from syncing afterwards).
@@ -508,6 +536,9 @@ def sync_audience(
         if not validate_only:
             _record_sync(config, engine, name, result, add_keys, remove_keys,
                          full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
+        elif result.request_ids:  # a validate-only request carried these members (Meta's checks are local)
+            ledger.record_validation(engine, config.clinic_id, name, target=target, run_id=run_id or "unnamed",
+                                     at=clock(), adds=result.adds, removes=result.removes)  # fmt: skip
         counts = {
             "adds": result.adds,
             "removes": result.removes,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl.store import audience_state, audience_sync_log, ledger_targets, send_ledger
+from etl.store import audience_state, audience_sync_log, ledger_targets, send_ledger, validation_sends
 
 # one line per conversion that left, in this column order (docs: README "Disclosures")
 CSV_COLUMNS = (
@@ -56,6 +56,9 @@ class Accounting:
     consent_recorded: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # destination -> {"syncs", "adds", "removes"} applied in the period, plus "members_now"
     lists: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (destination, target) -> {"conversions", "list_adds", "list_removes"} that validate-only
+    # requests carried in the period: the platform kept nothing, but the hashes left
+    validated: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,9 @@ class Accounting:
                 for (d, s, st), n in sorted(self.conversions.items())
             ],
             "lists": self.lists,
+            "validate_only": [
+                {"destination": d, "target": t, **counts} for (d, t), counts in sorted(self.validated.items())
+            ],
         }
 
 
@@ -165,7 +171,23 @@ def account(
                 result.lists[destination] = {
                     "syncs": syncs, "adds": adds, "removes": removes, "members_now": int(members)
                 }  # fmt: skip
+        if sa.inspect(conn).has_table("validation_sends"):  # a read-only copy an earlier version made
+            v = validation_sends.c
+            for destination, target, conversions, adds, removes in conn.execute(
+                sa.select(v.destination, v.target, sa.func.count(v.opaque_id), sa.func.sum(v.adds), sa.func.sum(v.removes))
+                .where(v.clinic_id == clinic_id, *_period(v.sent_at, lo, hi))
+                .group_by(v.destination, v.target)
+            ):  # fmt: skip
+                result.validated[(destination, target)] = {
+                    "conversions": int(conversions), "list_adds": int(adds or 0), "list_removes": int(removes or 0)
+                }  # fmt: skip
     return result
+
+
+def _period(
+    column: sa.ColumnElement[Any], lo: datetime | None, hi: datetime | None
+) -> list[sa.ColumnElement[bool]]:
+    return [*([] if lo is None else [column >= lo]), *([] if hi is None else [column < hi])]
 
 
 def _sent_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
@@ -192,38 +214,61 @@ def conversion_lines(
     *,
     since: datetime | None,
     until: datetime | None,
-    where: sa.ColumnElement[bool] | None = None,
+    ids: Sequence[str] | None = None,
     columns: Collection[str] | None = None,
 ) -> Iterator[tuple[str, ...]]:
-    """One tuple per conversion that left in ``[since, until)`` (and matches ``where``), in
+    """One tuple per conversion that left in ``[since, until)`` (only ``ids``, when given), in
     ``CSV_COLUMNS`` order, sorted by send time then destination and opaque ID; times in UTC
-    ISO 8601."""
+    ISO 8601. A validate-only request's rows are lines too, status ``validate_only`` (the
+    platform's verdict in ``code``; no consent recorded: the ledger was not written)."""
     lo, hi = _bound(engine, since), _bound(engine, until)
-    query = (
-        sa.select(
-            send_ledger.c.destination,
-            send_ledger.c.stage,
-            send_ledger.c.opaque_id,
-            send_ledger.c.status,
-            send_ledger.c.code,
-            send_ledger.c.request_id,
-            send_ledger.c.run_id,
-            send_ledger.c.sent_at,
-            _column("consent_at", columns).label("consent_at"),
-            _column("consent_stated", columns).label("consent_stated"),
-        )
-        .where(send_ledger.c.clinic_id == clinic_id, _sent_in(lo, hi), sa.true() if where is None else where)
-        .order_by(send_ledger.c.sent_at, send_ledger.c.destination, send_ledger.c.opaque_id)
+    sent = sa.select(
+        send_ledger.c.destination,
+        send_ledger.c.stage,
+        send_ledger.c.opaque_id,
+        send_ledger.c.status,
+        send_ledger.c.code,
+        send_ledger.c.request_id,
+        send_ledger.c.run_id,
+        send_ledger.c.sent_at,
+        _column("consent_at", columns).label("consent_at"),
+        _column("consent_stated", columns).label("consent_stated"),
+    ).where(
+        send_ledger.c.clinic_id == clinic_id,
+        _sent_in(lo, hi),
+        sa.true() if ids is None else send_ledger.c.opaque_id.in_(ids),
     )
     with engine.connect() as conn:
-        for row in conn.execution_options(stream_results=True).execute(query):
+        query: sa.Select[Any] | sa.CompoundSelect = sent
+        if sa.inspect(conn).has_table("validation_sends"):  # a read-only copy an earlier version made
+            v = validation_sends.c
+            checked = sa.select(
+                v.destination, v.stage, v.opaque_id, sa.literal("validate_only").label("status"), v.code,
+                v.request_id, v.run_id, v.sent_at,
+                sa.cast(sa.null(), send_ledger.c.consent_at.type).label("consent_at"),
+                sa.cast(sa.null(), sa.Boolean).label("consent_stated"),
+            ).where(
+                v.clinic_id == clinic_id, v.opaque_id.is_not(None), *_period(v.sent_at, lo, hi),
+                sa.true() if ids is None else v.opaque_id.in_(ids),
+            )  # fmt: skip
+            query = sa.union_all(sent, checked)
+        ordered = query.order_by(sa.literal_column("sent_at"), sa.literal_column("destination"),
+                                 sa.literal_column("opaque_id"))  # fmt: skip
+        for row in conn.execution_options(stream_results=True).execute(ordered):
             *head, sent_at, consent_at, stated = row
             yield (
                 *(value or "" for value in head),
-                _iso(sent_at),
-                _iso(consent_at),
+                _iso(_as_datetime(sent_at)),
+                _iso(_as_datetime(consent_at)),
                 "" if consent_at is None or stated is None else ("export" if stated else "row_time"),
             )
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    # a UNION's column may come back from SQLite as text: the column type no longer applies
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
 
 
 def _iso(value: datetime | None) -> str:
@@ -354,9 +399,8 @@ def recall(
     lines: list[tuple[str, ...]] = []
     for lo in range(0, len(ids), 500):
         chunk = ids[lo : lo + 500]
-        query = sa.and_(send_ledger.c.clinic_id == config.clinic_id, send_ledger.c.opaque_id.in_(chunk))
         lines.extend(
-            conversion_lines(engine, config.clinic_id, since=since, until=until, where=query, columns=columns)
+            conversion_lines(engine, config.clinic_id, since=since, until=until, ids=chunk, columns=columns)
         )
     lines.sort(key=lambda line: (line[7], line[0], line[2]))
     hashes = {

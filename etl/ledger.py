@@ -33,6 +33,7 @@ from etl.store import (
     ledger_targets,
     run_summaries,
     send_ledger,
+    validation_sends,
 )
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,38 @@ def claim_target(
             log.warning("first %s send for clinic %s: this staging database now holds its send ledger "
                         "(recorded in %s)", target, clinic_id, record)  # fmt: skip
         _write_record(record, claim)
+
+
+def record_validation(
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    *,
+    target: str,
+    run_id: str,
+    at: datetime,
+    conversions: Sequence[tuple[str, str | None, str | None, str | None]] = (),
+    adds: int = 0,
+    removes: int = 0,
+) -> None:
+    """Record what a validate-only request carried (``validation_sends``): ``conversions`` as
+    (opaque ID, stage, code, request id), or a list sync's ``adds`` and ``removes``. Called only
+    for rows that left this process; nothing in the send ledger changes."""
+    base = {"clinic_id": clinic_id, "destination": destination, "target": target, "run_id": run_id,
+            "sent_at": _utc(at)}  # fmt: skip
+    rows = [
+        {**base, "opaque_id": oid, "stage": stage, "code": code[:CODE_WIDTH] if code else None,
+         "request_id": None if request is None else str(request)[:128], "adds": None, "removes": None}
+        for oid, stage, code, request in conversions
+    ]  # fmt: skip
+    if adds or removes:
+        rows.append({**base, "opaque_id": None, "stage": None, "code": None, "request_id": None,
+                     "adds": adds, "removes": removes})  # fmt: skip
+    if not rows:
+        return
+    with engine.begin() as conn:
+        for lo in range(0, len(rows), _CHUNK):
+            conn.execute(validation_sends.insert(), rows[lo : lo + _CHUNK])
 
 
 def read_ledger(engine: Engine, clinic_id: str, destination: str) -> dict[str, LedgerEntry]:

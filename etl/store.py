@@ -217,6 +217,29 @@ audience_sync_log = sa.Table(
     sa.Column("full_resync", sa.Boolean, nullable=False),
 )
 
+# What validate-only requests carried (append-only): the platform checked these rows and kept
+# nothing, but hashed identifiers left all the same, so the disclosure record counts them. One
+# row per conversion a request carried (``opaque_id``), or per list sync's request (``adds`` and
+# ``removes``: the members handed to it). Nothing here is read by a send: the ledger is not
+# touched by a validate-only run.
+validation_sends = sa.Table(
+    "validation_sends",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("clinic_id", sa.String(64), nullable=False),
+    sa.Column("destination", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("opaque_id", sa.String(64)),
+    sa.Column("stage", sa.String(16)),
+    sa.Column("code", sa.String(CODE_WIDTH)),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("adds", sa.Integer),
+    sa.Column("removes", sa.Integer),
+    sa.Index("ix_validation_sends_clinic_time", "clinic_id", "sent_at"),
+)
+
 # Adds handed to a platform whose outcome is not recorded yet: written before the request,
 # cleared when the sync's result is recorded. A crash in between (or a failed batch the
 # platform may have applied) leaves them here, and the next plan removes every one of them no

@@ -444,6 +444,7 @@ def upload(
                 run_id=spec.run_id,
                 clock=_clock,
                 validate_only=validate_only,
+                target=target,
                 siblings=deliver.read_siblings(spec.paths.outbox),
             )
         except DestinationConfigError as stop:
@@ -516,6 +517,7 @@ def sync_suppression(
                     validate_only=validate_only,
                     run_id=spec.run_id,
                     run_end=spec.window.end,
+                    target=target,
                 )
             except (DestinationConfigError, QuotaExhausted, SendInProgress, StagingError) as stop:
                 # one platform refusing (or its state refused) does not hold back the other list's removals

@@ -214,4 +214,20 @@ CREATE TABLE send_stops (
 	stopped_at VARCHAR(40) NOT NULL,
 	PRIMARY KEY (clinic_id, platform)
 );
+CREATE TABLE validation_sends (
+	id SERIAL NOT NULL,
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	target VARCHAR(16) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	sent_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	opaque_id VARCHAR(64),
+	stage VARCHAR(16),
+	code VARCHAR(255),
+	request_id VARCHAR(128),
+	adds INTEGER,
+	removes INTEGER,
+	PRIMARY KEY (id)
+);
 CREATE INDEX ix_journey_siblings_reverse ON journey_siblings (clinic_id, sibling_id, opaque_id);
+CREATE INDEX ix_validation_sends_clinic_time ON validation_sends (clinic_id, sent_at);

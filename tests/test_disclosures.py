@@ -333,3 +333,51 @@ def test_list_syncs_are_counted_once_each_whatever_reruns_follow(sent: Path) -> 
         assert result.exit_code == 0, result.output
     both = {"syncs": 2, "adds": 2, "removes": 0, "members_now": 2}  # the rerun's sync applied nothing new
     assert lists() == {"google_customer_match": both, "meta_audience": both}
+
+
+def test_what_validate_only_requests_carried_is_accounted_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Google validates a request's rows without keeping them, but the hashes left the building:
+    # the account said "nothing sent in this period" after a validate-only run. Meta's checks
+    # are local (nothing leaves), so only Google's rows are counted
+    monkeypatch.setenv("MEDSPA_ID_SECRET", SECRET.decode())
+    config = _clinic(tmp_path)
+    result = RUNNER.invoke(app, ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30",
+                                 "--target", "sandbox", "--validate-only"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _ledger(tmp_path) == []  # the ledger is still untouched
+    out_csv = tmp_path / "disclosures.csv"
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(config), "--csv", str(out_csv), "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert counts["conversions"] == [] and counts["target"] is None
+    assert counts["validate_only"] == [
+        {"destination": "google_conversions", "target": "sandbox", "conversions": 4, "list_adds": 0, "list_removes": 0},
+        {"destination": "google_customer_match", "target": "sandbox", "conversions": 0, "list_adds": 2,
+         "list_removes": 0},
+    ]  # fmt: skip
+    with out_csv.open(newline="", encoding="utf-8") as handle:
+        lines = list(csv.DictReader(handle))
+    jane = opaque_id(SECRET, "sunrise-medspa", "purchase", "APPT-JANE-1")
+    assert {(line["destination"], line["status"]) for line in lines} == {
+        ("google_conversions", "validate_only")
+    }
+    assert jane in {line["opaque_id"] for line in lines} and len(lines) == 4
+    assert all(line["run_id"] and datetime.fromisoformat(line["sent_at"]).tzinfo for line in lines)
+    table = RUNNER.invoke(app, ["disclosures", "--config", str(config)])
+    assert "validate only" in table.stdout and "nothing sent" not in table.stdout, table.output
+    # one person's request finds them too
+    person = tmp_path / "person.txt"
+    person.write_text("email: jane.canary@gmail.com\n", encoding="utf-8")
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(config), "--person", str(person), "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(
+        (c["destination"], c["stage"], c["status"], c["rows"])
+        for c in json.loads(result.stdout)["conversions"]
+    ) == [
+        ("google_conversions", "consultation", "validate_only", 1),
+        ("google_conversions", "purchase", "validate_only", 1),
+    ]
+    everything = result.output + out_csv.read_text(encoding="utf-8") + table.output
+    assert not [raw for raw in RAW if raw in everything]

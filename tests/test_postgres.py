@@ -576,3 +576,27 @@ def test_postgres_a_complete_export_deletes_the_records_it_no_longer_holds(
     from tests.test_pipeline import complete_export_case
 
     complete_export_case(tmp_path, _fresh_database(postgres_url, "complete_export"), complete=True)
+
+
+def test_postgres_disclosures_list_validate_only_rows_beside_the_ledgers(postgres_url: str) -> None:
+    # the disclosure lines are one UNION of the ledger and validation_sends, sorted by send time
+    from etl import disclosures, ledger
+
+    sent, checked = datetime(2026, 6, 2, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(postgres_url) as engine:
+        ledger.write_ledger(engine, "pg-disclose", "google_conversions",
+                            [{"opaque_id": "a" * 64, "status": "accepted", "stage": "purchase"}], run_id="r2", at=sent)  # fmt: skip
+        ledger.record_validation(engine, "pg-disclose", "google_conversions", target="live", run_id="r1", at=checked,
+                                 conversions=[("b" * 64, "purchase", None, "req-1")])  # fmt: skip
+        ledger.record_validation(engine, "pg-disclose", "google_customer_match", target="live", run_id="r1",
+                                 at=checked, adds=3)  # fmt: skip
+        lines = list(disclosures.conversion_lines(engine, "pg-disclose", since=None, until=None))
+        counted = disclosures.account(engine, "pg-disclose", since=None, until=None)
+    assert [(line[2], line[3], line[7]) for line in lines] == [
+        ("b" * 64, "validate_only", checked.isoformat()),
+        ("a" * 64, "accepted", sent.isoformat()),
+    ]
+    assert counted.validated == {
+        ("google_conversions", "live"): {"conversions": 1, "list_adds": 0, "list_removes": 0},
+        ("google_customer_match", "live"): {"conversions": 0, "list_adds": 3, "list_removes": 0},
+    }
