@@ -182,6 +182,9 @@ def paths_for(
     return RunPaths(run_dir=run_dir, outbox=outbox.resolve() if outbox else run_dir / "outbox")
 
 
+REPORT_FILE = "report.html"  # in the run's folder (``etl.report``)
+
+
 def start_attempt(paths: RunPaths) -> None:
     """Clear what an earlier attempt of this run left: its outbox, upload results, stop marker.
 
@@ -198,6 +201,10 @@ def start_attempt(paths: RunPaths) -> None:
         clear_folder(folder)
     paths.stopped.unlink(missing_ok=True)
     paths.conversions.unlink(missing_ok=True)
+    # the earlier attempt's page: an attempt that fails before its report must not leave it
+    # looking like this attempt's (``report --run-id`` renders the recorded summary, and says so)
+    if (page := paths.run_dir / REPORT_FILE).is_file():
+        page.unlink()
     (paths.run_dir / PRUNED_FILE).unlink(missing_ok=True)  # this attempt's files are new
 
 

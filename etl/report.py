@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from etl import store, switches
 from etl.config import ClinicConfig
 from etl.outbox import SUMMARY_FILE
-from etl.pipeline import RunPaths, paths_for
+from etl.pipeline import REPORT_FILE, RunPaths, paths_for
 from etl.quality import CheckResult, read_results
 from etl.quality_suites import (
     DEFAULT_THRESHOLDS,
@@ -33,7 +33,6 @@ from etl.quality_suites import (
 )
 from etl.rules.stages import RunWindow
 
-REPORT_FILE = "report.html"
 _STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1f2933}
 header{background:#1f2933;color:#fff;padding:20px 32px}header h1{margin:0 0 6px;font-size:22px}
@@ -61,17 +60,27 @@ def paths_for_run_id(config: ClinicConfig, run_id: str, outbox: Path | None = No
     return RunPaths(run_dir=run_dir, outbox=outbox or run_dir / "outbox")
 
 
-def load_summary(paths: RunPaths, engine: Engine, run_id: str) -> dict[str, Any] | None:
-    """The published summary.json, else the last one recorded in the database, else None."""
+def load_summary(paths: RunPaths, engine: Engine, run_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The published summary.json, else the last one recorded in the database (with the UTC
+    time it was recorded: the page says the folder had none), else None."""
     published = paths.outbox / SUMMARY_FILE
     if published.exists():
         loaded: dict[str, Any] = json.loads(published.read_text(encoding="utf-8"))
-        return loaded
+        return loaded, None
     table = store.run_summaries
-    query = sa.select(table.c.summary).where(table.c.run_id == run_id).order_by(table.c.recorded_at.desc())
+    query = (
+        sa.select(table.c.summary, table.c.recorded_at)
+        .where(table.c.run_id == run_id)
+        .order_by(table.c.recorded_at.desc())
+    )
     with engine.connect() as conn:
-        text = conn.execute(query.limit(1)).scalar()
-    return json.loads(text) if text else None
+        row = conn.execute(query.limit(1)).first()
+    if row is None:
+        return None, None
+    at = row.recorded_at
+    return json.loads(row.summary), (
+        at.replace(tzinfo=None).isoformat(timespec="seconds") + "Z" if at else None
+    )
 
 
 def conversions_table(config: ClinicConfig, directory: Path | None) -> pd.DataFrame:
@@ -202,9 +211,11 @@ def _tiles(summary: dict[str, Any] | None, results: list[CheckResult]) -> str:
 
 def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None, conversions: pd.DataFrame,
                results: list[CheckResult], *, stopped: str | None = None,
-               window: RunWindow | None = None, send_stops: list[switches.Stop] | None = None) -> str:  # fmt: skip
+               window: RunWindow | None = None, send_stops: list[switches.Stop] | None = None,
+               recorded_at: str | None = None) -> str:  # fmt: skip
     """The page as a string: header, then funnel, per-day, values, coverage, quality, uploads.
-    ``send_stops``: the kill switch's stops standing when the page is rendered, one banner each."""
+    ``send_stops``: the kill switch's stops standing when the page is rendered, one banner each;
+    ``recorded_at``: the summary is the database's record of an earlier attempt, not a file."""
     from plotly.offline import get_plotlyjs
 
     from etl import report_charts as charts
@@ -220,6 +231,10 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
     if stopped:
         sections.append(f'<div class="banner" id="stopped">The run stopped at <b>{_e(stopped)}</b>: a critical '
                         "data-quality check failed, so nothing was written to the outbox or sent.</div>")  # fmt: skip
+    if recorded_at:
+        sections.append(f'<div class="banner" id="recorded">The run\'s folder holds no published outbox (its '
+                        "latest attempt stopped before publishing, or retention pruned its files): the counts "
+                        f"below are the last summary recorded in the database, at {_e(recorded_at)}.</div>")  # fmt: skip
     for halt in send_stops or []:
         sections.append(f'<div class="banner" id="send-stop-{_e(halt.platform)}">Sending to <b>{_e(halt.platform)}</b> '
                         f"is {_e(halt.describe())} (kill switch, as of this report): its uploads and list sync "
@@ -278,13 +293,14 @@ def render_run_report(
     if summary is None and stopped is None and paths.stopped.exists():
         # re-rendering a run whose latest attempt a gate stopped: say so again
         stopped = paths.stopped.read_text(encoding="utf-8").strip() or None
+    recorded_at = None
     if summary is None and stopped is None:
-        summary = load_summary(paths, engine, run_id)
+        summary, recorded_at = load_summary(paths, engine, run_id)
     source = conversions_dir if conversions_dir is not None else (None if stopped else paths.outbox)
     with engine.connect() as conn:  # a database copied before the switch existed has no stops
         stops = switches.stopped(conn, config.clinic_id) if sa.inspect(conn).has_table("send_stops") else {}
     page = build_html(config, run_id, summary, conversions_table(config, source), read_results(engine, run_id),
-                      stopped=stopped, window=window, send_stops=list(stops.values()))  # fmt: skip
+                      stopped=stopped, window=window, send_stops=list(stops.values()), recorded_at=recorded_at)  # fmt: skip
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     target = paths.run_dir / REPORT_FILE
     tmp = target.with_name(REPORT_FILE + ".tmp")

@@ -829,3 +829,24 @@ def test_options_that_only_mean_something_when_sending_are_refused_with_dry_run(
     assert result.exit_code == ConfigError.exit_code, result.output
     assert f"--dry-run sends nothing, so {extra[0]}" in " ".join(result.stderr.split())
     assert not (tmp_path / "var" / "runs").exists()
+
+
+def test_an_attempt_that_fails_leaves_no_page_or_extracts_of_the_attempt_before(tmp_path: Path) -> None:
+    # the earlier attempt's report.html and hashed extracts stayed beside a rerun that failed at
+    # its extract, and read as this attempt's; `report --run-id` then showed the database's
+    # record of the earlier attempt without a word
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    assert (run_dir / "report.html").is_file()
+    (run_dir / "extract").mkdir(exist_ok=True)  # a gate-stopped attempt keeps its extracts
+    (run_dir / "extract" / "appointments.parquet").write_bytes(b"earlier attempt")
+    shutil.copy(DATA / "extract" / "missing_column.csv", tmp_path / "appointments.csv")
+    failed = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
+    assert failed.exit_code == 2, failed.output
+    assert not (run_dir / "report.html").exists() and not list((run_dir / "extract").glob("*"))
+    assert not (run_dir / "outbox").exists()
+    result = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name])
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="recorded"' in page and "last summary recorded in the database, at 20" in page
