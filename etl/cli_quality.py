@@ -50,9 +50,14 @@ def _results_table(results: list[CheckResult]) -> Any:
 def validate(
     config: Annotated[Path, typer.Option("--config", "-c", help="Clinic YAML file.")],
     start: Annotated[
-        str, typer.Option(help="Interval start: a clinic-local date or ISO datetime with offset.")
+        str,
+        typer.Option(
+            help="Interval start: a clinic-local date (2026-10-01) or ISO datetime (an offset, or none for clinic-local time)."
+        ),
     ],
-    end: Annotated[str, typer.Option(help="Interval end (exclusive), the run's 'now'.")],
+    end: Annotated[
+        str, typer.Option(help="Interval end (exclusive), the run's 'now'; same forms as --start.")
+    ],
     database: Annotated[
         str | None, typer.Option("--database", help="SQLAlchemy URL of the staging database.")
     ] = None,
@@ -90,6 +95,8 @@ def validate(
         spec = tasks.RunSpec(
             config=cfg, window=RunWindow(start=start_at, end=end_at), database=database, label="validate"
         )
+        with spec.engine():  # a wrong or unreachable database fails now, not after the extract
+            pass
         timings = pipeline.Timings(on_step=lambda name: cli.err.print(f"[dim]… {name}[/]"))
         inputs = tasks.extract(spec, timings)
         inputs.pop("run_id")

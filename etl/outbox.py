@@ -129,11 +129,21 @@ def check_outbox_folder(directory: Path) -> None:
     database with it when the new outbox replaces it.
 
     Raises:
-        ConfigError: ``directory`` is a file, or a folder with other entries (counted, not named).
+        ConfigError: ``directory`` is a file, a folder with other entries (counted, not named),
+            or cannot be created (under a file, or a folder this user may not write).
     """
+    import os
+
     from etl.errors import ConfigError
 
     if not directory.exists():
+        # found now, not when the plan is published minutes later: the folder must be creatable
+        existing = next((p for p in directory.parents if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"outbox {directory} cannot be created: {existing} is not a folder this user may write; "
+                "give a new or empty folder under one it may"
+            )
         return
     if not directory.is_dir():
         raise ConfigError(f"outbox {directory} exists and is not a folder; give a new or empty folder")

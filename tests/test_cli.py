@@ -317,6 +317,17 @@ def test_an_outbox_folder_holding_other_files_is_refused_and_kept(tmp_path: Path
     assert CliRunner().invoke(app, argv).exit_code == 0 and (fresh / "summary.json").exists()
 
 
+def test_an_outbox_under_a_file_is_refused_before_the_extract(tmp_path: Path) -> None:
+    # found only when the plan was published, after minutes of work, as a machine error
+    config = _sandbox_clinic(tmp_path)
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    result = RUNNER.invoke(app, _run_args(config, "--dry-run", "--outbox", str(tmp_path / "a-file" / "out")))
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert "cannot be created" in said and "is not a folder this user may write" in said
+    assert not list((tmp_path / "var" / "runs").rglob("*.parquet"))  # nothing extracted
+
+
 @pytest.mark.parametrize(
     ("database", "code", "expected"),
     [

@@ -664,6 +664,14 @@ def test_validate_runs_the_checks_alone_and_publishes_nothing(tmp_path: Path) ->
     assert_no_canary(result.stdout + result.stderr, "validate output")
 
 
+def test_validate_on_a_database_that_cannot_be_opened_stops_before_the_extract(tmp_path: Path) -> None:
+    config_path = write_clinic(tmp_path)
+    result = CliRunner().invoke(app, ["validate", "--config", str(config_path), "--start", START, "--end", END,
+                                      "--database", "postgresql+psycopg2://medspa@127.0.0.1:9/medspa"])  # fmt: skip
+    assert result.exit_code == 7 and "cannot open it" in result.stderr, result.output
+    assert "… extract" not in result.stderr
+
+
 def test_validate_exits_non_zero_on_a_critical_failure(synthetic: Path, tmp_path: Path) -> None:
     clinic = _clinic_copy(synthetic, tmp_path)
     _rewrite(clinic / "exports" / "appointments.csv", _shift("parseable"))
