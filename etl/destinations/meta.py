@@ -85,6 +85,15 @@ def member_key(data_row: Sequence[str]) -> str:
     return meta_member_key(list(data_row))
 
 
+# Code-100 subcodes known to describe one event, so a single event refused with one is rejected
+# for good: 2804003 (event too old; RudderStack's mapping) and the sandbox's own invalid and
+# future event. A single event refused with any other subcode is deferred (sent again next
+# run, until our own age check drops it): an unknown subcode may be a request-level problem
+# (a Test Events code no longer valid, a dataset setting) that would otherwise turn every event
+# into a final rejection, one bisected batch a night.
+EVENT_SUBCODES = frozenset({2804003, 9000001, 9000004})
+
+
 class MetaEvents:
     """``ConversionDestination`` for the Conversions API: ``POST /{pixel_id}/events``.
 
@@ -179,6 +188,7 @@ class MetaEvents:
         budget = [self._bisect_budget]
         for start in range(0, len(ready), self.max_batch):
             self._deliver(ready[start : start + self.max_batch], results, budget)
+        self._stop_if_every_event_refused(results, sent=results[prechecked:])
         counts = {o.value: sum(1 for r in results if r.outcome == o) for o in Outcome}
         log.info(
             "meta_events: %d rows for %s: %d failed local checks; outcomes %s",
@@ -251,7 +261,10 @@ class MetaEvents:
         elif failure.transient:
             out += _all(batch, Outcome.DEFERRED, f"transient/{failure.label}", failure.fbtrace_id)
         elif failure.code == 100 and len(batch) == 1:
-            out += _all(batch, Outcome.REJECTED, failure.label, failure.fbtrace_id)
+            known = failure.subcode in EVENT_SUBCODES
+            out += _all(
+                batch, Outcome.REJECTED if known else Outcome.DEFERRED, failure.label, failure.fbtrace_id
+            )
         elif failure.code == 100:
             log.info(
                 "meta_events: %s rejected a request of %d events (code %s, fbtrace_id %s); bisecting",
@@ -267,6 +280,25 @@ class MetaEvents:
             # not known to be event-specific, so bisecting could cost 2n requests for nothing
             log.warning("meta_events: unexpected Meta error %s; deferring", failure.label)
             out += _all(batch, Outcome.DEFERRED, failure.label, failure.fbtrace_id)
+
+    def _stop_if_every_event_refused(self, results: list[RowResult], *, sent: list[RowResult]) -> None:
+        """Two or more events, every one refused alone with the same unknown 100 subcode and
+        none accepted: the request, not the events, is what Meta refuses. Stop the run (exit 5,
+        the events stay unfinished) rather than defer them quietly night after night."""
+        labels = {r.code for r in sent if r.outcome is Outcome.DEFERRED and (r.code or "").startswith("100/")}
+        if len(labels) != 1 or any(r.outcome is Outcome.ACCEPTED for r in sent):
+            return
+        refused = sum(1 for r in sent if r.code in labels)
+        if refused < 2:
+            return
+        (label,) = labels
+        raise MetaDestinationConfigError(
+            f"Meta refused each of {refused} events sent to {self._target} alone with {label}, a subcode "
+            "not known to describe one event, and accepted none: most likely the request itself (a "
+            "--meta-test-event-code, the dataset's settings). They stay unfinished and go again with "
+            "the next run; the fbtrace_ids are in the send ledger (docs/meta.md, Error handling)",
+            results,
+        )
 
 
 def _all(

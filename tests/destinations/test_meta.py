@@ -20,6 +20,7 @@ import pytest
 from etl.config import ClinicConfig
 from etl.destinations.base import Outcome
 from etl.destinations.meta import (
+    MetaDestinationConfigError,
     MetaEvents,
     MetaGraphClient,
     MetaUnavailable,
@@ -198,19 +199,43 @@ def test_whole_request_rejection_is_bisected_and_the_rest_accepted(sandbox):
     # passes our 62-day check against the run's end, but Meta's clock is 5 days later
     server_stale = event_row("late", age_days=60)
     sandbox.now = NOW + timedelta(days=5)
-    sandbox.reject_event(rows[5]["event_id"], subcode=2804019)
+    sandbox.reject_event(rows[5]["event_id"], subcode=9000001)  # the sandbox's invalid event
+    # a subcode not known to describe one event: isolated the same way, but not rejected for good
+    sandbox.reject_event(rows[1]["event_id"], subcode=2804019)
 
     results = by_key(events.send([*rows[:3], server_stale, *rows[3:]]))
 
     assert results[server_stale["event_id"]].code == "100/2804003"
+    assert results[server_stale["event_id"]].outcome == Outcome.REJECTED
     assert results[rows[5]["event_id"]].outcome == Outcome.REJECTED
-    assert results[rows[5]["event_id"]].code == "100/2804019"
+    assert results[rows[5]["event_id"]].code == "100/9000001"
     assert results[rows[5]["event_id"]].request_id
+    assert (results[rows[1]["event_id"]].outcome, results[rows[1]["event_id"]].code) == (
+        Outcome.DEFERRED, "100/2804019")  # fmt: skip
+    assert results[rows[1]["event_id"]].transmitted
     accepted = [r for r in results.values() if r.outcome == Outcome.ACCEPTED]
-    assert len(accepted) == 7 and all(r.request_id for r in accepted)
+    assert len(accepted) == 6 and all(r.request_id for r in accepted)
     received = sandbox.event_ids_received()
-    assert received == {r["event_id"]: 1 for i, r in enumerate(rows) if i != 5}
-    assert len(sandbox.requests_to("events")) <= 13
+    assert received == {r["event_id"]: 1 for i, r in enumerate(rows) if i not in (1, 5)}
+    assert len(sandbox.requests_to("events")) <= 17
+
+
+def test_every_event_refused_alone_with_one_unknown_subcode_stops_the_run_and_rejects_none(sandbox):
+    # a request-level refusal that carries a subcode (a stale Test Events code, say) was bisected
+    # down to single events, and each was recorded rejected for good
+    events, _ = destinations(sandbox)
+    rows = [event_row(str(i)) for i in range(4)]
+    for _ in range(7):  # the batch, two halves, four singles
+        sandbox.refuse_next(100, subcode=2804019)
+
+    with pytest.raises(MetaDestinationConfigError, match="refused each of 4 events") as stopped:
+        events.send(rows)
+
+    decided = stopped.value.partial_results
+    assert decided is not None and len(decided) == 4
+    assert {(r.outcome, r.code, r.transmitted) for r in decided} == {(Outcome.DEFERRED, "100/2804019", True)}
+    assert len(sandbox.requests_to("events")) == 7 and not sandbox.event_ids_received()
+    assert not any(r.key in str(stopped.value) for r in decided)  # counts and codes, no event ID
 
 
 def test_throttling_backs_off_for_the_header_estimate_then_retries(sandbox):
