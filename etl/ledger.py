@@ -200,9 +200,17 @@ def claim_target(
                 f"would share their ledger (a {claim['target']} 'accepted' would read as sent). Use a separate "
                 "database for each target (--database, or database_url / MEDSPA_DATABASE_URL)"
             )
+        recorded = None if record is None else _read_record(record)
+        if first.rowcount == 1 and recorded is None:
+            # nothing names an earlier ledger: the first send from this clinic's folder (a folder
+            # moved or restored without its var/ledgers record is not told apart)
+            log.warning(
+                "first %s send for clinic %s recorded in this staging database%s; if this clinic sent "
+                "before from another database, restore that one instead (docs/decisions.md)",
+                target, clinic_id, "" if record is None else f" (its record: {record})",
+            )  # fmt: skip
         if record is None:
             return
-        recorded = _read_record(record)
         if recorded == claim:
             return
         if recorded is not None and not new_database:
@@ -215,11 +223,6 @@ def claim_target(
                 "the ledger of the database whose first send was run %s is no longer read",
                 clinic_id, target, recorded["first_run_id"],
             )  # fmt: skip
-        elif first.rowcount == 1:
-            # nothing names an earlier ledger: the first send from this clinic's folder (a folder
-            # moved without its var/ledgers record is not told apart: docs/decisions.md)
-            log.warning("first %s send for clinic %s: this staging database now holds its send ledger "
-                        "(recorded in %s)", target, clinic_id, record)  # fmt: skip
         _write_record(record, claim)
 
 

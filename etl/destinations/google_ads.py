@@ -179,19 +179,22 @@ def classify_ads_error(exc: BaseException) -> CallFailure | None:
     return CallFailure(Kind.DEFER_ALL, code, rid)
 
 
-def partial_failures(status: Any) -> tuple[dict[int, list[str]], str | None]:
-    """Row index -> error names, from a ``partial_failure_error`` google.rpc.Status."""
+def partial_failures(status: Any) -> tuple[dict[int, list[str]], list[str], str | None]:
+    """Row index -> error names, the names of errors that locate no row, and the request id,
+    from a ``partial_failure_error`` google.rpc.Status."""
     by_index: dict[int, list[str]] = {}
+    unlocated: list[str] = []
     request_id = None
     for detail in getattr(status, "details", ()):
         failure = GoogleAdsFailure.deserialize(detail.value)
         request_id = request_id or failure.request_id or None
         for error in failure.errors:
             path = error.location.field_path_elements
-            if not path:
+            if not path or "index" not in path[0]:
+                unlocated.append(_code_of(error)[1])
                 continue
             by_index.setdefault(int(path[0].index), []).append(_code_of(error)[1])
-    return by_index, request_id
+    return by_index, unlocated, request_id
 
 
 def _pick(codes: list[str]) -> str:
@@ -265,17 +268,29 @@ class GoogleAdsConversions:
                 method="UploadClickConversions",
                 customer_id=self._customer_id,
             )
-        by_index, request_id = partial_failures(response.partial_failure_error)
-        stop = next((c for codes in by_index.values() for c in codes if c in CONFIG_CODES), None)
+        by_index, unlocated, request_id = partial_failures(response.partial_failure_error)
+        if unlocated:
+            # an error that names no row may concern any of them: the rows with no error of their
+            # own are sent again next run (a re-sent order_id is answered as already there)
+            log.warning("google_ads UploadClickConversions: %d error(s) naming no row (%s, request %s); "
+                        "the rows without an error of their own are deferred", len(unlocated),
+                        ", ".join(sorted(set(unlocated))), request_id)  # fmt: skip
+        stop = next(
+            (c for codes in [*by_index.values(), unlocated] for c in codes if c in CONFIG_CODES), None
+        )
         for index, row in enumerate(sendable):
-            codes = by_index.get(index)
-            if codes and not CONFIG_CODES.isdisjoint(codes):
+            own = by_index.get(index)
+            if not CONFIG_CODES.isdisjoint(own or unlocated):
                 # stays planned: the account problem is fixed first, then it goes again (every
                 # row with one, whichever account problem the stop names)
                 continue
-            if codes:
-                code = _pick(codes)
+            if own:
+                code = _pick(own)
                 results.append(RowResult(row["order_id"], outcome_for(code), code, request_id))
+            elif unlocated:
+                results.append(
+                    RowResult(row["order_id"], Outcome.DEFERRED, f"unlocated/{_pick(unlocated)}", request_id)
+                )
             else:
                 results.append(RowResult(row["order_id"], Outcome.ACCEPTED, None, request_id))
         if stop:

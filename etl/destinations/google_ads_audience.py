@@ -275,8 +275,10 @@ class GoogleAdsCustomerMatch:
                 if remove_all and not removing_all:
                     return applied, False  # nothing else is sent to a job that will not run
                 continue
-            by_index, rid = partial_failures(response.partial_failure_error)
-            stop = next((c for codes in by_index.values() for c in codes if c in CONFIG_CODES), None)
+            by_index, unlocated, rid = partial_failures(response.partial_failure_error)
+            stop = next(
+                (c for codes in [*by_index.values(), unlocated] for c in codes if c in CONFIG_CODES), None
+            )
             if stop:
                 raise_stop(
                     CallFailure(Kind.CONFIG, stop, rid),
@@ -286,10 +288,16 @@ class GoogleAdsCustomerMatch:
                 )
             for index, (member, _) in enumerate(call_ops):
                 if member is None:
-                    removing_all = index not in by_index
+                    removing_all = index not in by_index and not unlocated
                     continue
                 if index in by_index:
                     self._reject(result, member_key(member), by_index[index][0], rid)
+                elif unlocated:
+                    # an error that names no operation may concern this one: not settled, so the
+                    # next sync sends it again (adds and removes are idempotent)
+                    code = f"unlocated/{unlocated[0]}"
+                    result.codes[code] = result.codes.get(code, 0) + 1
+                    result.unapplied.add(member_key(member))
                 else:
                     applied.append(member)
             if remove_all and not removing_all:

@@ -88,6 +88,7 @@ class GoogleSandbox:
     def __init__(self, *, job_polls: int = 1) -> None:
         self.received: list[tuple[str, Any]] = []
         self.job_polls = job_polls
+        self._job_polls = job_polls  # what reset() restores
         self.lock = threading.RLock()
         self.jobs: dict[str, SandboxJob] = {}
         self.members: dict[str, set[str]] = {}
@@ -98,6 +99,7 @@ class GoogleSandbox:
         self._clicks: dict[str, bool] = {}  # click id -> recent
         self._recent_actions: set[str] = set()
         self.leads_enabled = True  # enhanced conversions for leads turned on in the account
+        self.unlocated_errors = 0  # partial failures to answer with an error that names no row
         self._ids = itertools.count(1)
         self._server: grpc.Server | None = None
         self._port = 0
@@ -162,6 +164,20 @@ class GoogleSandbox:
         with self.lock:
             self._failures.setdefault(method, []).extend([kind] * times)
 
+    def unlocated_error_next(self, times: int = 1) -> None:
+        """The next ``times`` UploadClickConversions / AddOfflineUserDataJobOperations apply
+        their rows as usual but also report, in ``partial_failure_error``, an INTERNAL_ERROR
+        whose location names no row: which rows it concerns cannot be told."""
+        with self.lock:
+            self.unlocated_errors += times
+
+    def take_unlocated_error(self) -> bool:
+        with self.lock:
+            if self.unlocated_errors <= 0:
+                return False
+            self.unlocated_errors -= 1
+            return True
+
     def register_clicks(self, click_ids: list[str], *, recent: bool = False) -> None:
         """Known click ids; from the first call on, unregistered click ids are not found.
 
@@ -211,6 +227,8 @@ class GoogleSandbox:
             self._clicks.clear()
             self._recent_actions.clear()
             self.leads_enabled = True
+            self.unlocated_errors = 0
+            self.job_polls = self._job_polls  # a test that made jobs run for ever must not slow the next
 
     # used by the service modules
 

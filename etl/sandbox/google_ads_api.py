@@ -256,6 +256,8 @@ def _upload(sandbox: GoogleSandbox) -> Callable[[Any, grpc.ServicerContext], Any
                     if click:
                         sandbox.click_conversions.add((click, conversion.conversion_date_time, action))
                     sandbox.accepted[conversion.order_id] += 1
+        if sandbox.take_unlocated_error():
+            errors.append(("internal_error", "INTERNAL_ERROR", []))
         return cus.UploadClickConversionsResponse(
             partial_failure_error=partial_status(errors, call.rid),
             results=[] if request.validate_only else results,

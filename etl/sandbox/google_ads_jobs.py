@@ -158,6 +158,8 @@ def _add_operations(sandbox: GoogleSandbox) -> Callable[[Any, grpc.ServicerConte
                     continue
                 direction = which
                 ops.append((which, identifiers_key(identifiers)))
+            if sandbox.take_unlocated_error():  # the operations still go into the job
+                errors.append(("internal_error", "INTERNAL_ERROR", []))
             if errors and not request.enable_partial_failure:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, errors, call.rid)
             if not request.validate_only:

@@ -105,6 +105,32 @@ def test_google_ads_partial_failures_land_per_row(google_sandbox, google_config,
     assert google_sandbox.accepted_order_ids() == {good["order_id"]: 1}
 
 
+def test_google_ads_an_error_naming_no_row_defers_the_rows_without_their_own(
+    google_sandbox, google_config, google_conversion
+):
+    # an error without a field path was skipped, so every row without its own error read as
+    # ACCEPTED (final): whatever it concerned was never sent again
+    conversions, _ = destinations(google_config, google_sandbox, "google_ads")
+    rows = [
+        google_conversion("one"),
+        google_conversion("two"),
+        google_conversion("nf", gclid="unknown-click-1"),
+    ]
+    google_sandbox.unlocated_error_next()
+
+    first = conversions.send(rows)
+
+    assert [(r.outcome, r.code) for r in first] == [
+        (Outcome.DEFERRED, "unlocated/INTERNAL_ERROR"),
+        (Outcome.DEFERRED, "unlocated/INTERNAL_ERROR"),
+        (Outcome.REJECTED, "CLICK_NOT_FOUND"),  # its own error still decides it
+    ]
+    # sent again next run: Google answers the applied order IDs as already there, never twice
+    again = conversions.send(rows[:2])
+    assert {r.outcome for r in again} == {Outcome.ALREADY_SENT}
+    assert google_sandbox.accepted_order_ids() == {r["order_id"]: 1 for r in rows[:2]}
+
+
 def test_google_ads_too_recent_is_deferred(google_sandbox, google_config, google_conversion):
     conversions, _ = destinations(google_config, google_sandbox, "google_ads")
     google_sandbox.register_clicks(["click-old"])

@@ -143,6 +143,23 @@ def test_google_ads_rejected_members_are_reported_by_key(google_sandbox, google_
     assert google_sandbox.list_members(LIST) == {member_key(good)}
 
 
+def test_google_ads_an_error_naming_no_operation_settles_none_without_their_own(
+    google_sandbox, google_config, google_member
+):
+    # an error with no field path was skipped: the members it may concern counted as applied,
+    # so a remove it concerned would never be sent again
+    destination = audience(google_config, google_sandbox, "google_ads")
+    google_sandbox.unlocated_error_next()
+    joining = [google_member("u1"), google_member("u2")]
+    result = destination.sync(joining, [])
+    assert result.adds == 0 and result.rejected == 0
+    assert result.codes["unlocated/INTERNAL_ERROR"] == 2
+    assert result.unapplied == {member_key(m) for m in joining}  # sent again next sync
+    again = destination.sync(joining, [])
+    assert again.adds == 2 and not again.unapplied
+    assert google_sandbox.list_members(LIST) == {member_key(m) for m in joining}
+
+
 def test_data_manager_bisects_a_refused_member(google_sandbox, google_config, google_member):
     destination = audience(google_config, google_sandbox, "data_manager")
     members = [google_member(f"z{i}") for i in range(10)]

@@ -272,10 +272,16 @@ def test_knobs_are_checked_and_reset_forgets(google_sandbox):
         google_sandbox.fail_next("IngestEvents", "flaky")
     google_sandbox.fail_next("IngestEvents", "transient")
     google_sandbox.register_clicks(["a"])
+    polls = google_sandbox.job_polls
+    google_sandbox.job_polls, google_sandbox.leads_enabled = 1_000, False
+    google_sandbox.unlocated_error_next()
     google_sandbox.reset()
     assert google_sandbox.take_failure("IngestEvents") is None
     assert google_sandbox.click_problem("b") is None
     assert google_sandbox.received == []
+    # a test that made jobs run for ever slowed every later test of the module by minutes
+    assert google_sandbox.job_polls == polls and google_sandbox.leads_enabled
+    assert not google_sandbox.take_unlocated_error()
 
 
 def test_sandbox_serves_a_plain_process_like_the_cli(tmp_path: Path):
