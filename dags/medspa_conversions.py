@@ -67,9 +67,11 @@ def build_dag(clinic: steps.Clinic) -> DAG:
     def medspa_conversions() -> None:
         @task
         def extract(
-            data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
+            data_interval_start: datetime | None = None,
+            data_interval_end: datetime | None = None,
+            params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return steps.run_extract(path, data_interval_start, data_interval_end)
+            return steps.run_extract(path, data_interval_start, data_interval_end, params)
 
         @task
         def stage(

@@ -308,11 +308,19 @@ def _step_errors() -> Iterator[None]:
         _fail_without_retry(exc)
 
 
-def run_extract(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+def run_extract(
+    config_path: str, start: datetime | None, end: datetime | None, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Extract; a real run first checks that the database is the clinic's send ledger
+    (``tasks.check_ledger_record``), before anything is written to a mistyped one."""
     from etl import tasks
 
     with _step_errors():
-        return _done("extract", tasks.extract(run_spec(config_path, start, end)))
+        spec = run_spec(config_path, start, end)
+        dry_run, target = run_params(params)
+        if not dry_run:
+            tasks.check_ledger_record(spec, target)
+        return _done("extract", tasks.extract(spec))
 
 
 def run_stage(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:

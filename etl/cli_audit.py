@@ -130,9 +130,9 @@ def _secret_for(engine: Any, clinic_id: str) -> bytes:
     or dry-run database may use the development key (a warning says so)."""
     from etl import cli
     from etl.config import resolve_id_secret
-    from etl.disclosures import target_of
+    from etl.disclosures import sent_live
 
-    secret, development = resolve_id_secret(real_send=target_of(engine, clinic_id) == "live")
+    secret, development = resolve_id_secret(real_send=sent_live(engine, clinic_id))
     if development:
         cli.err.print("[bold yellow]WARNING: MEDSPA_ID_SECRET is not set; matching with the DEVELOPMENT key "
                       "(right only for sends made with it)[/]")  # fmt: skip

@@ -39,7 +39,7 @@ _GENERIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,49}$")
 # Event names reach Meta verbatim, so SPEC section 2's "never a service, treatment, condition,
 # provider or location name" is enforced by building them from these words only (an allowlist:
 # no list of treatments could be complete). Meta's standard events, then generic funnel words;
-# health words (treatment, procedure, clinic) are left out on purpose.
+# health words (patient, treatment, procedure, clinic) are left out on purpose.
 # fmt: off
 GENERIC_EVENT_WORDS = frozenset([
     # Meta's standard events
@@ -50,19 +50,21 @@ GENERIC_EVENT_WORDS = frozenset([
     "appointment", "appt", "arrived", "attend", "attended", "book", "booked", "booking", "checked",
     "client", "closed", "consult", "consultation", "converted", "conversion", "customer", "deposit",
     "event", "existing", "first", "follow", "high", "in", "initial", "invoice", "low", "member",
-    "membership", "new", "offline", "order", "out", "package", "paid", "patient", "qualified",
+    "membership", "new", "offline", "order", "out", "package", "paid", "qualified",
     "repeat", "returning", "revenue", "sale", "sales", "second", "show", "showed", "signed", "stage",
     "store", "third", "transaction", "up", "value", "visit", "visited", "won",
 ])
 # fmt: on
 _NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_VERSION = re.compile(r"_?[Vv][0-9]+$")
 
 
 def non_generic_words(name: str) -> list[str]:
-    """The words of a CamelCase or snake_case ``name`` not in ``GENERIC_EVENT_WORDS`` (numbers and
-    single letters, as in V2, name nothing)."""
-    words = _NAME_WORDS.findall(name)
-    return [w for w in words if len(w) > 1 and not w.isdigit() and w.lower() not in GENERIC_EVENT_WORDS]
+    """The words of a CamelCase or snake_case ``name`` not in ``GENERIC_EVENT_WORDS``. Numbers
+    name nothing; a single letter does not pass (``B_O_T_O_X`` spells a word), save the ``V``
+    of a trailing version (``ConsultationAttendedV2``)."""
+    words = _NAME_WORDS.findall(_VERSION.sub("", name))
+    return [w for w in words if not w.isdigit() and w.lower() not in GENERIC_EVENT_WORDS]
 
 
 class _Model(BaseModel):

@@ -525,9 +525,19 @@ def sync_audience(
         if not validate_only:  # write-ahead: a crash from here on cannot hide these adds
             ledger.record_pending_adds(engine, config.clinic_id, name, add_keys, at=clock(), run_id=run_id,
                                        replacing=full_resync)  # fmt: skip
+
+        def record_carried() -> None:
+            # the members handed to validate-only requests (a full resync carries no removes,
+            # only remove_all); counted as handed over, also when the platform then stopped the
+            # sync: a disclosure record may count high, never low
+            if validate_only and destination.validates_remotely:
+                ledger.record_validation(engine, config.clinic_id, name, target=target, run_id=run_id or "unnamed",
+                                         at=clock(), adds=len(adds), removes=0 if full_resync else len(removes))  # fmt: skip
+
         try:
             result = destination.sync(adds, removes, full_resync=full_resync, validate_only=validate_only)
         except (DestinationConfigError, QuotaExhausted) as stop:
+            record_carried()
             if stop.partial_audience is not None and not validate_only:
                 # the platform changed the list before the stop (emptied it): record that much
                 _record_sync(config, engine, name, stop.partial_audience, add_keys, remove_keys,
@@ -536,9 +546,8 @@ def sync_audience(
         if not validate_only:
             _record_sync(config, engine, name, result, add_keys, remove_keys,
                          full_resync=full_resync, clock=clock, run_id=run_id, run_end=run_end)  # fmt: skip
-        elif result.request_ids:  # a validate-only request carried these members (Meta's checks are local)
-            ledger.record_validation(engine, config.clinic_id, name, target=target, run_id=run_id or "unnamed",
-                                     at=clock(), adds=result.adds, removes=result.removes)  # fmt: skip
+        else:
+            record_carried()
         counts = {
             "adds": result.adds,
             "removes": result.removes,

@@ -115,6 +115,20 @@ def target_of(engine: Engine, clinic_id: str) -> str | None:
     return target
 
 
+def sent_live(engine: Engine, clinic_id: str) -> bool:
+    """Whether anything of the clinic left for the live platforms from this database: a live
+    claim, or a live validate-only request (made before any live send, often). Such rows carry
+    opaque IDs made with the real ``MEDSPA_ID_SECRET``."""
+    if target_of(engine, clinic_id) == "live":
+        return True
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("validation_sends"):
+            return False
+        v = validation_sends.c
+        query = sa.select(v.id).where(v.clinic_id == clinic_id, v.target == "live").limit(1)
+        return conn.execute(query).first() is not None
+
+
 def account(
     engine: Engine,
     clinic_id: str,

@@ -125,6 +125,10 @@ def send_ledger_check(config: ClinicConfig, database: str | None) -> list[tuple[
     record = ledger.record_path(config.base_dir, config.clinic_id, "live")
     url = config.resolved_database_url(database)
     try:
+        ledger.read_record(record)
+    except MedspaError as exc:  # a record run would refuse: say so here too
+        return [("send ledger", f"invalid: {exc}")]
+    try:
         if store.sqlite_file_missing(url):
             mismatch = ledger.ledger_mismatch(None, config.clinic_id, "live", record)
         else:

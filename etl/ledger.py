@@ -98,7 +98,7 @@ def _claim_of(conn: Connection, clinic_id: str) -> dict[str, str] | None:
     }
 
 
-def _read_record(record: Path) -> dict[str, str] | None:
+def read_record(record: Path) -> dict[str, str] | None:
     try:
         text = record.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -137,7 +137,7 @@ def ledger_mismatch(
     ``engine`` None stands for a database that does not exist yet (a SQLite file not made):
     it holds no claim.
     """
-    recorded = _read_record(record)
+    recorded = read_record(record)
     if recorded is None or recorded["target"] != target:
         return None
     claim = None
@@ -200,7 +200,7 @@ def claim_target(
                 f"would share their ledger (a {claim['target']} 'accepted' would read as sent). Use a separate "
                 "database for each target (--database, or database_url / MEDSPA_DATABASE_URL)"
             )
-        recorded = None if record is None else _read_record(record)
+        recorded = None if record is None else read_record(record)
         if first.rowcount == 1 and recorded is None:
             # nothing names an earlier ledger: the first send from this clinic's folder (a folder
             # moved or restored without its var/ledgers record is not told apart)
@@ -209,21 +209,21 @@ def claim_target(
                 "before from another database, restore that one instead (docs/decisions.md)",
                 target, clinic_id, "" if record is None else f" (its record: {record})",
             )  # fmt: skip
-        if record is None:
-            return
-        if recorded == claim:
+        if record is None or recorded == claim:
             return
         if recorded is not None and not new_database:
             raise mismatch_error(
                 record, recorded, None if first.rowcount == 1 else claim
             )  # rolls the claim back
-        if recorded is not None:
-            log.warning(
-                "send ledger: clinic %s's %s sends are now recorded in this database (--new-database); "
-                "the ledger of the database whose first send was run %s is no longer read",
-                clinic_id, target, recorded["first_run_id"],
-            )  # fmt: skip
-        _write_record(record, claim)
+    # only once the claim is committed: a record naming a claim the database never kept would
+    # refuse every send from the right database (a claim without its record is written next time)
+    if recorded is not None:
+        log.warning(
+            "send ledger: clinic %s's %s sends are now recorded in this database (--new-database); "
+            "the ledger of the database whose first send was run %s is no longer read",
+            clinic_id, target, recorded["first_run_id"],
+        )  # fmt: skip
+    _write_record(record, claim)
 
 
 def record_validation(

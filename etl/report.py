@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,10 @@ def load_summary(paths: RunPaths, engine: Engine, run_id: str) -> tuple[dict[str
         row = conn.execute(query.limit(1)).first()
     if row is None:
         return None, None
-    at = row.recorded_at
-    return json.loads(row.summary), (
-        at.replace(tzinfo=None).isoformat(timespec="seconds") + "Z" if at else None
-    )
+    at = row.recorded_at  # SQLite: naive UTC; PostgreSQL: aware, in the session's time zone
+    if at is not None:
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return json.loads(row.summary), (at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else None)
 
 
 def conversions_table(config: ClinicConfig, directory: Path | None) -> pd.DataFrame:
@@ -233,7 +234,7 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
                         "data-quality check failed, so nothing was written to the outbox or sent.</div>")  # fmt: skip
     if recorded_at:
         sections.append(f'<div class="banner" id="recorded">The run\'s folder holds no published outbox (its '
-                        "latest attempt stopped before publishing, or retention pruned its files): the counts "
+                        "latest attempt stopped before publishing): the counts "
                         f"below are the last summary recorded in the database, at {_e(recorded_at)}.</div>")  # fmt: skip
     for halt in send_stops or []:
         sections.append(f'<div class="banner" id="send-stop-{_e(halt.platform)}">Sending to <b>{_e(halt.platform)}</b> '

@@ -217,11 +217,20 @@ def test_meta_settings_meta_would_refuse_every_event_for_are_config_errors(
 
 
 @pytest.mark.parametrize("name", ["ConsultationAttended", "Purchase", "Lead", "Schedule", "CompleteRegistration",
-                                  "first_visit_2", "NewPatientConsultV2", "DepositPaid"])  # fmt: skip
+                                  "first_visit_2", "NewClientConsultV2", "DepositPaid", "lead_v3"])  # fmt: skip
 def test_generic_event_names_pass(name: str) -> None:
     from etl.config import non_generic_words
 
     assert non_generic_words(name) == []
+
+
+@pytest.mark.parametrize(("name", "odd"), [("Purchase_B_O_T_O_X", ["B", "O", "T", "O", "X"]),
+                                           ("Lead_i_p_l", ["i", "p", "l"]), ("PatientVisit", ["Patient"]),
+                                           ("V2Lead", ["V"])])  # fmt: skip
+def test_letters_spelling_a_word_and_health_words_do_not_pass(name: str, odd: list[str]) -> None:
+    from etl.config import non_generic_words
+
+    assert non_generic_words(name) == odd
 
 
 def test_a_password_in_the_yaml_is_refused_and_the_environment_carries_it(
@@ -810,6 +819,30 @@ def test_a_send_refused_for_the_wrong_ledger_does_not_claim_the_database(tmp_pat
                             record=record.with_name("sunrise-medspa.sandbox.json"))  # fmt: skip
 
 
+def test_the_ledger_record_is_written_only_once_the_claim_is_committed(tmp_path: Path) -> None:
+    # written inside the claim's transaction, a commit that failed left a record naming a
+    # claim the database never kept: every later send from the right database was refused
+    from datetime import UTC, datetime
+
+    record = tmp_path / "var" / "ledgers" / "sunrise-medspa.live.json"
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 'a.sqlite'}") as engine:
+        failing = {"commit": True}
+
+        @sa.event.listens_for(engine, "commit")
+        def lost(_conn: Any) -> None:
+            if failing.pop("commit", False):
+                raise RuntimeError("connection lost at commit")
+
+        with pytest.raises(RuntimeError, match="connection lost"):
+            ledger.claim_target(engine, "sunrise-medspa", "live", run_id="night-1", at=at, record=record)
+        assert not record.exists()
+        ledger.claim_target(
+            engine, "sunrise-medspa", "live", run_id="night-1", at=at, record=record
+        )  # the retry
+        assert json.loads(record.read_text(encoding="utf-8"))["first_run_id"] == "night-1"
+
+
 def test_doctor_names_a_database_that_is_not_the_clinics_live_ledger(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
@@ -825,6 +858,12 @@ def test_doctor_names_a_database_that_is_not_the_clinics_live_ledger(tmp_path: P
     result = RUNNER.invoke(app, ["doctor", "--config", str(config), "--database",
                                  f"sqlite:///{tmp_path / 'live.sqlite'}"])  # fmt: skip
     assert "run night-1" not in result.stdout, result.output
+    # a record a live run would refuse as unreadable is named here too, not passed over
+    record.write_text("{not json", encoding="utf-8")
+    result = RUNNER.invoke(app, ["doctor", "--config", str(config), "--database",
+                                 f"sqlite:///{tmp_path / 'live.sqlite'}"])  # fmt: skip
+    said = " ".join(result.stdout.split())
+    assert "send ledger" in said and "not JSON" in said, result.output
 
 
 @pytest.mark.parametrize(

@@ -906,3 +906,26 @@ def test_an_older_runs_upload_does_not_send_a_person_who_revoked_since(
         verdict = audit.verify(audit.snapshot(conn), cfg.clinic_id)
     engine.dispose()
     assert verdict.problems == [] and verdict.states_checked >= 1
+
+
+@pytest.mark.parametrize("full_resync", [False, True], ids=["delta", "full-resync"])
+def test_a_validate_only_list_sync_records_every_member_it_handed_over(
+    full_resync: bool, clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # recorded from what Google applied: members it left unsettled (an error naming no
+    # operation) were missing from the disclosure record though their hashes left; Meta's
+    # checks are local, so nothing is recorded for it
+    import sqlalchemy as sa
+
+    cfg = config_for(clinic_dir, "google_ads")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path, full_resync=full_resync)
+    adds = len([r for r in _rows(spec, "google_customer_match") if r["operation"] == "create"])
+    assert adds > 20
+    sandboxes["google"].unlocated_error_next(100)
+    tasks.sync_suppression(spec, target="sandbox", validate_only=True, sandboxes=sandboxes, retry_wait=0)
+    with store.engine_for(db) as engine, engine.connect() as conn:
+        rows = conn.execute(sa.select(store.validation_sends)).mappings().all()
+    assert [(r["destination"], r["target"], r["adds"], r["removes"], r["opaque_id"]) for r in rows] == [
+        ("google_customer_match", "sandbox", adds, 0, None)
+    ]

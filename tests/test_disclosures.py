@@ -381,3 +381,23 @@ def test_what_validate_only_requests_carried_is_accounted_for(
     ]
     everything = result.output + out_csv.read_text(encoding="utf-8") + table.output
     assert not [raw for raw in RAW if raw in everything]
+
+
+def test_one_persons_request_on_a_database_that_only_validated_live_needs_the_real_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only `--target live --validate-only` runs so far (before go-live): no live claim, so the
+    # development key was used to match, and the person's rows (made with the real secret)
+    # were not found, with only a warning
+    from etl import ledger
+
+    config = _clinic(tmp_path)
+    url = f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}"
+    with store.engine_for(url) as engine:
+        ledger.record_validation(engine, "sunrise-medspa", "google_conversions", target="live", run_id="r1",
+                                 at=datetime(2026, 6, 1, tzinfo=UTC), conversions=[("a" * 64, "purchase", None, None)])  # fmt: skip
+    person = tmp_path / "person.txt"
+    person.write_text("email: jane.canary@gmail.com\n", encoding="utf-8")
+    monkeypatch.delenv("MEDSPA_ID_SECRET", raising=False)
+    result = RUNNER.invoke(app, ["disclosures", "--config", str(config), "--person", str(person)])
+    assert result.exit_code == 2 and "MEDSPA_ID_SECRET is not set" in result.stderr, result.output

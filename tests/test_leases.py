@@ -238,6 +238,7 @@ def test_the_heartbeat_renews_and_a_lease_taken_over_stops_before_the_next_batch
 
 class _Audience:
     name = "meta_audience"
+    validates_remotely = False
 
     def __init__(self) -> None:
         self.calls = 0

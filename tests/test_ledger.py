@@ -300,6 +300,7 @@ class _RefusingAudience:
     """Applies a Meta-shaped delta except the member keys it is told to refuse (a failed batch)."""
 
     name = "meta_audience"
+    validates_remotely = False
 
     def __init__(self, refuse: set[str], *, replaced: bool = True) -> None:
         self.refuse, self.replace_ok = refuse, replaced

@@ -600,3 +600,19 @@ def test_postgres_disclosures_list_validate_only_rows_beside_the_ledgers(postgre
         ("google_conversions", "live"): {"conversions": 1, "list_adds": 0, "list_removes": 0},
         ("google_customer_match", "live"): {"conversions": 0, "list_adds": 3, "list_removes": 0},
     }
+
+
+def test_postgres_the_report_banner_gives_the_recorded_time_in_utc(postgres_url: str, tmp_path: Path) -> None:
+    # PostgreSQL hands back the session's time zone: the local clock time was labelled Z
+    from etl import ledger
+    from etl.pipeline import RunPaths
+    from etl.report import load_summary
+
+    summary = {"clinic_id": "pg-tz", "start": "a", "end": "b", "dry_run": False, "target": "sandbox"}
+    eastern = postgres_url + ("&" if "?" in postgres_url else "?") + "options=-ctimezone%3DAmerica/New_York"
+    with store.engine_for(eastern) as engine:
+        ledger.record_summary(engine, summary, run_id="pg-tz-1", at=datetime(2026, 11, 23, 12, 0, tzinfo=UTC))
+        loaded, recorded = load_summary(
+            RunPaths(run_dir=tmp_path, outbox=tmp_path / "outbox"), engine, "pg-tz-1"
+        )
+    assert loaded == summary and recorded == "2026-11-23T12:00:00Z"

@@ -60,6 +60,7 @@ class ConversionDestination(Protocol):
 
 class AudienceDestination(Protocol):
     name: str
+    validates_remotely: bool  # a validate-only sync sends the members (the hashes leave)
 
     def sync(
         self,

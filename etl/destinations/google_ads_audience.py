@@ -63,6 +63,7 @@ class GoogleAdsCustomerMatch:
     """``AudienceDestination`` over ``OfflineUserDataJobService`` (Customer Match)."""
 
     name = "google_customer_match"
+    validates_remotely = True  # validate-only requests carry the members to Google
 
     def __init__(
         self,

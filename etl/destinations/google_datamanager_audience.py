@@ -44,6 +44,7 @@ class DataManagerCustomerMatch(DataManagerBase):
     """``AudienceDestination`` over ``IngestAudienceMembers`` / ``RemoveAudienceMembers``."""
 
     name = "google_customer_match"
+    validates_remotely = True  # validate-only requests carry the members to Google
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class MetaAudience:
     """
 
     name = "meta_audience"
+    validates_remotely = False  # its validate-only checks are local: nothing leaves
 
     def __init__(
         self,

@@ -216,6 +216,32 @@ def test_a_writer_step_refused_for_a_run_in_progress_is_retried_and_bad_input_is
         support.run_extract(str(path), start, end)
 
 
+def test_a_real_runs_extract_refuses_a_database_that_is_not_the_clinics_ledger(tmp_path: Path) -> None:
+    # the DAG met the check only when publishing, after extract, stage and plan had filled the
+    # mistyped database; a dry run is not checked (it sends nothing)
+    import shutil
+
+    import yaml
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from etl import ledger, store
+    from tests.conftest import BASE_CONFIG, DATA
+
+    for name in ("appointments.csv", "leads.csv"):
+        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
+    path = tmp_path / "clinic.yaml"
+    path.write_text(yaml.safe_dump(BASE_CONFIG))
+    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    record = ledger.record_path(tmp_path, "sunrise-medspa", "sandbox")
+    with store.engine_for(f"sqlite:///{tmp_path / 'sent-from.sqlite'}") as engine:
+        ledger.claim_target(engine, "sunrise-medspa", "sandbox", run_id="night-1", at=start, record=record)
+    database = tmp_path / "var" / "sunrise-medspa.sqlite"  # the YAML's default: not that one
+    with pytest.raises(AirflowFailException, match="has never sent for it"):
+        support.run_extract(str(path), start, end, {"dry_run": False, "target": "sandbox"})
+    assert not database.exists()
+    assert support.run_extract(str(path), start, end, {"dry_run": True})["appointments_rows"] == 2
+
+
 def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
