@@ -185,22 +185,29 @@ def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
     assert window.start.isoformat() == "2026-11-22T03:00:00-08:00"
 
 
-def test_a_writer_step_refused_for_a_run_in_progress_is_retried_and_bad_input_is_not(tmp_path: Path) -> None:
-    # a CLI run of the same interval holds the run's folder: the DAG's extract failed the whole
-    # run (writer steps had no retries); a missing export fails at once, as before
+def _refund_clinic(tmp_path: Path) -> tuple[Path, datetime, datetime]:
+    """The refund rule's two exports under the base config, and the interval that holds them."""
     import shutil
 
     import yaml
-    from airflow.sdk.exceptions import AirflowFailException
 
     from tests.conftest import BASE_CONFIG, DATA
-    from tests.test_leases import _holding_the_folder
 
     for name in ("appointments.csv", "leads.csv"):
         shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
     path = tmp_path / "clinic.yaml"
     path.write_text(yaml.safe_dump(BASE_CONFIG))
-    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    return path, datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+
+
+def test_a_writer_step_refused_for_a_run_in_progress_is_retried_and_bad_input_is_not(tmp_path: Path) -> None:
+    # a CLI run of the same interval holds the run's folder: the DAG's extract failed the whole
+    # run (writer steps had no retries); a missing export fails at once, as before
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.test_leases import _holding_the_folder
+
+    path, start, end = _refund_clinic(tmp_path)
     holder = _holding_the_folder(support.run_spec(path, start, end).paths.run_dir, shared=False)
     try:
         with pytest.raises(Exception) as refused:
@@ -219,19 +226,11 @@ def test_a_writer_step_refused_for_a_run_in_progress_is_retried_and_bad_input_is
 def test_a_real_runs_extract_refuses_a_database_that_is_not_the_clinics_ledger(tmp_path: Path) -> None:
     # the DAG met the check only when publishing, after extract, stage and plan had filled the
     # mistyped database; a dry run is not checked (it sends nothing)
-    import shutil
-
-    import yaml
     from airflow.sdk.exceptions import AirflowFailException
 
     from etl import ledger, store
-    from tests.conftest import BASE_CONFIG, DATA
 
-    for name in ("appointments.csv", "leads.csv"):
-        shutil.copy(DATA / "rules" / "refund" / name, tmp_path / name)
-    path = tmp_path / "clinic.yaml"
-    path.write_text(yaml.safe_dump(BASE_CONFIG))
-    start, end = datetime(2026, 5, 1, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
+    path, start, end = _refund_clinic(tmp_path)
     record = ledger.record_path(tmp_path, "sunrise-medspa", "sandbox")
     with store.engine_for(f"sqlite:///{tmp_path / 'sent-from.sqlite'}") as engine:
         ledger.claim_target(engine, "sunrise-medspa", "sandbox", run_id="night-1", at=start, record=record)
