@@ -286,10 +286,14 @@ def run(
             _print_result(cfg, RunWindow(start=start_at, end=end_at), outbox, *done, json_out=json_out)
         raise _fail(exc) from None
     except OSError as exc:  # a full disk, a file size limit, a folder it may not write
-        raise _fail(MachineError.of(exc, step["name"])) from None
+        raise _fail(MachineError.of(exc, step["name"], sends=not dry_run)) from None
     except sa.exc.DBAPIError as exc:  # a write the database refused outside the load and the sends
-        raise _fail(store.refused(exc, f"{step['name']}: the staging database refused a write",
-                                  "rerun the interval once it is fixed (what was sent is in the send ledger)")) from None  # fmt: skip
+        after = "rerun the interval once it is fixed" + (
+            "" if dry_run else " (what was sent is in the send ledger)"
+        )
+        raise _fail(
+            store.refused(exc, f"{step['name']}: the staging database refused a write", after)
+        ) from None
     _print_result(
         cfg, RunWindow(start=start_at, end=end_at), outbox, summary, directory, seconds, json_out=json_out
     )

@@ -160,7 +160,8 @@ class MachineError(MedspaError):
     retryable = True  # space freed or a permission fixed between tries lets a retry pass
 
     @classmethod
-    def of(cls, exc: OSError, step: str) -> MachineError:
+    def of(cls, exc: OSError, step: str, *, sends: bool = True) -> MachineError:
+        """``sends``: the run could have sent (a dry run's rerun has no ledger to lean on)."""
         import errno
 
         reason = exc.strerror or str(exc)[:200] or type(exc).__name__
@@ -168,5 +169,5 @@ class MachineError(MedspaError):
         where = f" at {exc.filename}" if exc.filename else ""
         return cls(
             f"{step}: {reason}{f' ({code})' if code else ''}{where}; free the space or fix the permission, "
-            "then rerun the interval (what was sent is in the send ledger)"
+            "then rerun the interval" + (" (what was sent is in the send ledger)" if sends else "")
         )

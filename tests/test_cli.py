@@ -557,6 +557,19 @@ def test_a_report_the_disk_refuses_after_every_send_is_one_clear_error(tmp_path:
     assert accepted and {e.status for e in accepted.values()} == {"accepted"}  # the sends stand
 
 
+def test_a_dry_runs_machine_error_does_not_point_at_a_send_ledger(tmp_path: Path) -> None:
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--dry-run")).exit_code == 0
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    (run_dir / "report.html").unlink()
+    (run_dir / "report.html").mkdir()  # the report's atomic rename now fails
+    (run_dir / "report.html" / "keep").write_text("x")
+    result = RUNNER.invoke(app, _run_args(config, "--dry-run"))
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == MachineError.exit_code and "error: report:" in said, result.output
+    assert "rerun the interval" in said and "send ledger" not in said
+
+
 def test_upload_results_a_rerun_cannot_clear_stop_it_instead_of_being_folded_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
