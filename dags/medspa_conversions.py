@@ -36,7 +36,8 @@ Each run covers its data interval (`{schedule}` in {timezone}), is keyed by clin
 in the staging database, and sends nothing the send ledger already holds, so reruns and
 backfills are safe. XComs carry counts and paths only. The `report` task returns where the
 outbox, summary.json and the HTML report are. Params: `dry_run` (write the outbox, send
-nothing) and `target` (`sandbox` = local fakes of Google and Meta, `live`). See docs/airflow.md.
+nothing), `target` (`sandbox` = local fakes of Google and Meta, `live`) and `new_database`
+(start a new send ledger on purpose, as `run --new-database`). See docs/airflow.md.
 """
 
 
@@ -60,6 +61,13 @@ def build_dag(clinic: steps.Clinic) -> DAG:
                 type="string",
                 enum=list(steps.TARGETS),
                 description="sandbox: local fakes of Google and Meta; live: the real APIs.",
+            ),
+            "new_database": Param(
+                False,
+                type="boolean",
+                description="Start a new send ledger in this database although the clinic's earlier sends "
+                "are recorded in another (var/ledgers/): everything not in this one's ledger is sent "
+                "again. Only when the old database is lost.",
             ),
         },
         default_args={**steps.RETRIES, "on_failure_callback": steps.notify_failure},
@@ -96,9 +104,11 @@ def build_dag(clinic: steps.Clinic) -> DAG:
 
         @task
         def validate_outbound(
-            data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
+            data_interval_start: datetime | None = None,
+            data_interval_end: datetime | None = None,
+            params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return steps.run_validate_outbound(path, data_interval_start, data_interval_end)
+            return steps.run_validate_outbound(path, data_interval_start, data_interval_end, params)
 
         @task(**steps.SENDING_TASK)
         def upload_google(

@@ -207,15 +207,30 @@ def run_window(config: ClinicConfig, start: datetime | None, end: datetime | Non
                      end=datetime.fromtimestamp(end.timestamp(), tz=tz))  # fmt: skip
 
 
-def run_spec(config_path: str | Path, start: datetime | None, end: datetime | None) -> RunSpec:
-    """Rebuild the run in this task process: staging from the YAML, else ``MEDSPA_DATABASE_URL``."""
+def run_spec(
+    config_path: str | Path,
+    start: datetime | None,
+    end: datetime | None,
+    params: Mapping[str, Any] | None = None,
+) -> RunSpec:
+    """Rebuild the run in this task process: staging from the YAML, else ``MEDSPA_DATABASE_URL``
+    (and, for the steps that claim the database, the ``new_database`` param)."""
     from etl.tasks import RunSpec
 
     config = load_config(config_path)
     database = None if config.database_url else (os.environ.get(DATABASE_URL_ENV, "").strip() or None)
     quiet_third_party_loggers()
     private_files()
-    return RunSpec(config=config, window=run_window(config, start, end), database=database)
+    return RunSpec(config=config, window=run_window(config, start, end), database=database,
+                   new_database=new_database_param(params))  # fmt: skip
+
+
+def new_database_param(params: Mapping[str, Any] | None) -> bool:
+    """``new_database``: start a new send ledger in this database (``run --new-database``)."""
+    new = (params or {}).get("new_database", False)
+    if not isinstance(new, bool):
+        raise ConfigError("param new_database must be true or false")
+    return new
 
 
 def run_params(params: Mapping[str, Any] | None) -> tuple[bool, Target]:
@@ -316,7 +331,7 @@ def run_extract(
     from etl import tasks
 
     with _step_errors():
-        spec = run_spec(config_path, start, end)
+        spec = run_spec(config_path, start, end, params)
         dry_run, target = run_params(params)
         if not dry_run:
             tasks.check_ledger_record(spec, target)
@@ -360,11 +375,13 @@ def run_build_conversions(
         return _done("build_conversions", result)
 
 
-def run_validate_outbound(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+def run_validate_outbound(
+    config_path: str, start: datetime | None, end: datetime | None, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     from etl import tasks
 
     with _step_errors():
-        return _done("validate_outbound", tasks.validate_outbound(run_spec(config_path, start, end)))
+        return _done("validate_outbound", tasks.validate_outbound(run_spec(config_path, start, end, params)))
 
 
 def run_upload(
@@ -381,7 +398,7 @@ def run_upload(
         dry_run, target = run_params(params)
         if dry_run:
             _skip("dry run: the outbox is written, nothing is sent")
-        spec = run_spec(config_path, start, end)
+        spec = run_spec(config_path, start, end, params)
         if (refusal := tasks.upload_refusal(spec, family, target)) is not None:
             raise refusal  # legal basis, kill switch: before the platform's credentials are read
         environ = live_environ(spec.config, (family,)) if target == "live" else None
@@ -400,7 +417,7 @@ def run_sync_suppression(
         dry_run, target = run_params(params)
         if dry_run:
             _skip("dry run: suppression lists are not synced")
-        spec = run_spec(config_path, start, end)
+        spec = run_spec(config_path, start, end, params)
         environ = None
         if target == "live":  # only the credentials of platforms whose lists may be touched
             refused = {**tasks.list_refusals(spec.config), **tasks.stop_refusals(spec)}

@@ -239,6 +239,12 @@ def test_a_real_runs_extract_refuses_a_database_that_is_not_the_clinics_ledger(t
         support.run_extract(str(path), start, end, {"dry_run": False, "target": "sandbox"})
     assert not database.exists()
     assert support.run_extract(str(path), start, end, {"dry_run": True})["appointments_rows"] == 2
+    # on purpose (the old database is lost): the param lets the run through, as --new-database
+    with pytest.raises(AirflowFailException, match="new_database must be true or false"):
+        support.run_extract(str(path), start, end, {"target": "sandbox", "new_database": "yes"})
+    new = {"dry_run": False, "target": "sandbox", "new_database": True}
+    assert support.run_extract(str(path), start, end, new)["appointments_rows"] == 2
+    assert support.run_spec(path, start, end, new).new_database
 
 
 def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:

@@ -86,7 +86,7 @@ def test_nightly_dag_shape(parses: list[dict[str, Any]]) -> None:
     assert (dag["expression"], dag["timezone"]) == ("0 3 * * *", "America/Los_Angeles")
     assert dag["max_active_runs"] == 1
     assert dag["catchup"] is False
-    assert dag["params"] == {"dry_run": False, "target": "sandbox"}
+    assert dag["params"] == {"dry_run": False, "target": "sandbox", "new_database": False}
     assert dag["edges"] == EDGES
     assert dag["has_failure_callback"] is True and dag["watcher_alerts"] is False
     # every step retries (our own errors fail at once, see _fail_without_retry); the watcher not
