@@ -453,6 +453,8 @@ def run_report(config_path: str, start: datetime | None, end: datetime | None) -
     }
     if result.get("report"):
         out["report"] = str(result["report"])
+    if result.get("audit_head"):  # kept apart from the database: `verify-audit --head` checks it
+        out["audit_head"] = result["audit_head"]
     log.info(count_line("report", out["counts"]))
     log.info("report: outbox at %s%s", out["outbox"],
              f", HTML report at {out['report']}" if "report" in out else "")  # fmt: skip

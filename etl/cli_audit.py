@@ -222,7 +222,7 @@ def prune(
         ),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
+        bool, typer.Option("--dry-run", metavar="", help="List what would be deleted; delete nothing.")
     ] = False,
     database: Annotated[
         str | None,
@@ -242,8 +242,8 @@ def prune(
     folder a run is working in is left alone. What was sent stays in the send ledger; a pruned
     interval can be run again from its exports. An --outbox folder outside the run folder is
     not touched. Each folder pruned is also appended to the audit chain (run, files, bytes): a
-    staging database that cannot be opened stops the prune before anything is deleted (exit 7;
-    --dry-run does not open it).
+    staging database that is not there stops the prune before anything is deleted (exit 2), as
+    one that cannot be opened does (exit 7); --dry-run does not open it.
     With retention.run_files_days in the YAML every run's report step prunes too. Example:
 
         medspa-conversions prune --config clinic.yaml --older-than 90 --dry-run
@@ -263,8 +263,9 @@ def prune(
         now, older = datetime.now(UTC), timedelta(days=days)
         if dry_run:  # deletes nothing, so records nothing: the database is not opened
             results = list(prune_runs(cfg, older_than=older, now=now, dry_run=True))
-        else:  # a database that cannot be opened stops the prune before anything is deleted
-            with store.engine_for(cfg.resolved_database_url(database)) as engine:
+        else:  # a database that cannot be opened (or is not there) stops the prune before anything is deleted
+            say = lambda text: cli.err.print(text, highlight=False)  # noqa: E731
+            with store.engine_for_existing(cfg.resolved_database_url(database), say=say) as engine:
                 results = list(prune_runs(cfg, older_than=older, now=now,
                                           on_pruned=audit_recorder(engine, cfg.clinic_id, now)))  # fmt: skip
     except MedspaError as exc:
@@ -313,7 +314,8 @@ def verify_audit(
     run_summaries, audience_sync_log and send_stops with it: an
     edited or deleted row in any of them is named by table and sequence number, destination or
     opaque ID, never by value. Read-only. Exits 0 when everything agrees, 1 when anything does
-    not. A chain rewritten from some point on, with the tables, is found only against a head
+    not, 2 when the config is wrong or the database is not there (or is no staging database),
+    7 when the database cannot be opened. A chain rewritten from some point on, with the tables, is found only against a head
     logged before (each report logs "audit chain head: seq N sha256 ..."): pass it with --head.
 
         medspa-conversions verify-audit --config clinic.yaml

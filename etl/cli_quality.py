@@ -72,13 +72,16 @@ def validate(
     stored in quality_results under the run id with "__validate" appended: a run of the same
     interval keeps its own files, outbox and recorded checks (what was checked before it sent). Exit
     codes: 4 a critical check failed, 3 the PHI gate refused a row, 2 bad config or input,
-    7 the staging database.
+    7 the staging database refused a write or cannot be opened, 9 the machine refused a file
+    (a full disk, a folder it may not write).
 
         medspa-conversions validate --config clinic.yaml --start 2026-11-01 --end 2026-11-23
     """
-    from etl import cli, pipeline, quality, tasks
+    import sqlalchemy as sa
+
+    from etl import cli, pipeline, quality, store, tasks
     from etl.config import load_config, resolve_id_secret
-    from etl.errors import ConfigError, MedspaError
+    from etl.errors import ConfigError, MachineError, MedspaError
     from etl.gate import check_outbound
     from etl.outbox import OUTBOX_FILES, read_rows
     from etl.rules.stages import RunWindow
@@ -86,6 +89,12 @@ def validate(
     cli._setup_logging(verbose)
     results: list[CheckResult] = []
     spec: tasks.RunSpec | None = None
+    current = {"name": "start"}  # the step running, for an error the machine raises in it
+
+    def on_step(name: str) -> None:
+        current["name"] = name
+        cli.err.print(f"[dim]… {name}[/]")
+
     try:
         cfg = load_config(config)
         start_at, end_at = cli.parse_boundary(start, cfg), cli.parse_boundary(end, cfg)
@@ -97,7 +106,7 @@ def validate(
         )
         with spec.engine():  # a wrong or unreachable database fails now, not after the extract
             pass
-        timings = pipeline.Timings(on_step=lambda name: cli.err.print(f"[dim]… {name}[/]"))
+        timings = pipeline.Timings(on_step=on_step)
         inputs = tasks.extract(spec, timings)
         inputs.pop("run_id")
         now = datetime.now(UTC)  # audit stamp of the stored results only
@@ -124,6 +133,11 @@ def validate(
         quality.raise_on_critical(results, step)
     except MedspaError as exc:
         raise cli._fail(exc) from None
+    except OSError as exc:  # a full disk, a folder it may not write: as `run` says it (exit 9)
+        raise cli._fail(MachineError.of(exc, current["name"], sends=False)) from None
+    except sa.exc.DBAPIError as exc:  # a read-only or full database (exit 7)
+        raise cli._fail(store.refused(exc, f"{current['name']}: the staging database refused a write",
+                                      "rerun once it is fixed")) from None  # fmt: skip
     finally:  # the checks' results are stored; the hashed extracts they read are not needed
         if spec is not None:
             shutil.rmtree(spec.paths.run_dir, ignore_errors=True)
@@ -142,7 +156,7 @@ def report(
     ] = None,
 ) -> None:
     """Re-render a run's HTML report (<run_dir>/report.html) from its summary, outbox and stored checks."""
-    from etl import cli, store
+    from etl import cli, leases, store
     from etl.config import load_config
     from etl.errors import ConfigError, MedspaError
     from etl.report import paths_for_run_id, render_run_report
@@ -163,7 +177,12 @@ def report(
                 f"run {run_id}: its outbox rows were pruned at {pruned}; its report.html is kept as "
                 "rendered (rerun the interval to render it from new files)"
             )
-        with store.engine_for(cfg.resolved_database_url(database)) as engine:
+        # the run's own database (a mistyped one rendered an empty page over the real one), and
+        # the run's folder held as its report step holds it: not under a running attempt
+        with (
+            leases.hold_run_folder(paths.run_dir),
+            store.engine_for_existing(cfg.resolved_database_url(database)) as engine,
+        ):
             path = render_run_report(cfg, paths, engine, run_id=run_id)
     except MedspaError as exc:
         raise cli._fail(exc) from None

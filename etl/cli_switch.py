@@ -51,11 +51,8 @@ def _switch_database(config: Path, database: str | None, what: str) -> Iterator[
     try:
         cfg = load_config(config)
         url = cfg.resolved_database_url(database)
-        with store.existing_for_reading(url):  # exists, and is a staging database: not made here
-            pass
-        cli.err.print(f"staging database: {sa.engine.make_url(url).render_as_string(hide_password=True)}",
-                      highlight=False)  # fmt: skip
-        with store.engine_for(url) as engine:
+        # exists, and is a staging database: not made here
+        with store.engine_for_existing(url, say=lambda text: cli.err.print(text, highlight=False)) as engine:
             try:
                 yield cfg, engine
             except sa.exc.DBAPIError as exc:

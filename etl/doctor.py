@@ -52,8 +52,16 @@ def _database_check(config: ClinicConfig, database: str | None) -> tuple[str, st
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         return ("staging database", "invalid: not a database URL (e.g. sqlite:///var/clinic.sqlite)")
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        folder = Path(parsed.database).parent
+    from etl.store import sqlite_path
+
+    file = sqlite_path(url)  # a URI filename (file:...?mode=ro&uri=true) too
+    if file is not None and not file.exists():
+        if parsed.query.get("mode") == "ro":
+            return (
+                "staging database",
+                f"invalid: no SQLite file at {file} (a read-only URI opens only one that exists)",
+            )
+        folder = file.parent
         existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
             return ("staging database", f"invalid: the SQLite file's folder {folder} cannot be created")

@@ -14,8 +14,9 @@ PostgreSQL and several times faster to load and read back than text dates.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -359,8 +360,6 @@ def open_engine(url: str) -> Engine:
 
     # a URI filename (sqlite:///file:...?mode=ro&uri=true) names no folder to make
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not url.startswith("sqlite:///file:"):
-        from pathlib import Path
-
         folder = Path(url[len("sqlite:///") :]).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -424,21 +423,36 @@ def _cannot_open(exc: sa.exc.DBAPIError) -> Exception:
 _AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_sync_log")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names, plain (``sqlite:///var/x.sqlite``) or as a URI filename
+    (``sqlite:///file:/copy.sqlite?mode=ro&uri=true``); None for other databases, an in-memory
+    one, or a URL that is not one."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):
+        path = unquote(urlsplit(database).path)
+        return None if not path or parsed.query.get("mode") == "memory" else Path(path)
+    return Path(database)
+
+
 def sqlite_file_missing(url: str) -> bool:
     """A SQLite URL naming a file that is not there (or an in-memory database): opening it makes
-    a new, empty one. False for other databases and URI filenames (they say what they open)."""
-    from pathlib import Path
-
+    a new, empty one (a read-only URI filename fails instead). False for other databases."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         return False  # opening it says what is wrong
     if parsed.get_backend_name() != "sqlite":
         return False
-    database = parsed.database or ""
-    if bool(parsed.query.get("uri")) or database.startswith("file:"):
-        return False
-    return database in ("", ":memory:") or not Path(database).is_file()
+    path = sqlite_path(url)
+    return path is None or not path.is_file()
 
 
 @contextmanager
@@ -647,6 +661,23 @@ def engine_for(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@contextmanager
+def engine_for_existing(url: str, *, say: Callable[[str], None] | None = None) -> Iterator[Engine]:
+    """``engine_for`` a staging database that must exist already: a command that records
+    something in it (a stop, a prune) or renders from it must not make a new, empty one at a
+    mistyped URL and report success. ``say`` is given which database it is (no password).
+
+    Raises:
+        ConfigError: no such SQLite file, or not a staging database (``existing_for_reading``).
+    """
+    with existing_for_reading(url):
+        pass
+    if say is not None:
+        say(f"staging database: {sa.engine.make_url(url).render_as_string(hide_password=True)}")
+    with engine_for(url) as engine:
+        yield engine
 
 
 def schema_ddl(dialect: str = "postgresql") -> str:

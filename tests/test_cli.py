@@ -913,3 +913,73 @@ def test_an_attempt_that_fails_leaves_no_page_or_extracts_of_the_attempt_before(
     assert result.exit_code == 0, result.output
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert 'id="recorded"' in page and "last summary recorded in the database, at 20" in page
+
+
+@pytest.mark.parametrize(
+    ("command", "start", "end", "expected"),
+    [
+        ("run", "0026-11-01", "2026-11-23", "'0026-11-01': the year must be between 1900 and 2199"),
+        ("run", "2026-11-01", "9999-12-31", "'9999-12-31': the year must be between 1900 and 2199"),
+        ("run", "2026-13-01", "2026-11-23", "'2026-13-01' is not a date"),
+        ("validate", "1026-11-01", "2026-11-23", "'1026-11-01': the year must be between 1900 and 2199"),
+    ],
+    ids=["run-year-typo", "run-far-end", "run-no-month-13", "validate-year-typo"],
+)
+def test_a_mistyped_date_is_one_clear_error_before_any_work(
+    command: str, start: str, end: str, expected: str, tmp_path: Path
+) -> None:
+    # a year like 0026 passed the parse and crashed after the extract (OverflowError, exit 1),
+    # leaving a run folder of hashed extracts behind
+    config = _sandbox_clinic(tmp_path)
+    args = [command, "--config", str(config), "--start", start, "--end", end]
+    result = RUNNER.invoke(app, args + (["--dry-run"] if command == "run" else []))
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "var" / "runs").exists()
+
+
+def test_prune_and_report_refuse_a_database_that_is_not_there_and_report_waits_for_the_run(
+    tmp_path: Path,
+) -> None:
+    # a mistyped --database made a new, empty staging database: prune recorded its deletions in
+    # it (the clinic's audit chain never got them) and report rendered an empty page over the
+    # real one, both exiting 0; report also wrote into a run folder another process held
+    from tests.test_leases import _holding_the_folder
+
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--dry-run")).exit_code == 0
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    page = (run_dir / "report.html").read_bytes()
+    typo = tmp_path / "var" / "sunrise-medpsa.sqlite"
+    for args in (["prune", "--config", str(config), "--older-than", "1"],
+                 ["report", "--config", str(config), "--run-id", run_dir.name]):  # fmt: skip
+        result = RUNNER.invoke(app, [*args, "--database", f"sqlite:///{typo}"])
+        assert result.exit_code == ConfigError.exit_code and "no SQLite file" in result.stderr, result.output
+        assert not typo.exists()
+    assert (run_dir / "report.html").read_bytes() == page
+    holder = _holding_the_folder(run_dir, shared=False)
+    try:
+        result = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 8, result.output
+    assert RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name]).exit_code == 0
+
+
+def test_doctor_reads_a_read_only_uri_filename_as_the_file_it_names(tmp_path: Path) -> None:
+    # the README's read-only form was taken for a file still to be created ("will be created on
+    # the first run"), existing or not
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--dry-run")).exit_code == 0
+    database = tmp_path / "var" / "sunrise-medspa.sqlite"
+    for path, expected in (
+        (database, "│ ok (sqlite)"),
+        (tmp_path / "gone.sqlite", "│ invalid: no SQLite file at"),
+    ):
+        url = f"sqlite:///file:{path}?mode=ro&uri=true"
+        result = RUNNER.invoke(
+            app, ["doctor", "--config", str(config), "--database", url], env={"COLUMNS": "250"}
+        )
+        (line,) = [line for line in result.stdout.splitlines() if "staging database" in line]
+        assert expected in line and "will be created" not in line, result.output

@@ -672,6 +672,30 @@ def test_validate_on_a_database_that_cannot_be_opened_stops_before_the_extract(t
     assert "… extract" not in result.stderr
 
 
+def test_validate_says_what_the_machine_or_database_refused_without_a_traceback(tmp_path: Path) -> None:
+    # only our own errors were caught: a read-only database or a run folder it may not write
+    # ended in a traceback and exit 1
+    import shutil
+
+    config_path = write_clinic(tmp_path)
+    args = ["validate", "--config", str(config_path), "--start", START, "--end", END]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    database = tmp_path / "var" / "sunrise-medspa.sqlite"
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(database, copy)
+    read_only = CliRunner().invoke(app, [*args, "--database", f"sqlite:///file:{copy}?mode=ro&uri=true"])
+    said = " ".join(read_only.stderr.split())
+    assert read_only.exit_code == 7 and "the staging database refused a write" in said, read_only.output
+    assert "Traceback" not in read_only.output
+    shutil.rmtree(tmp_path / "var" / "runs", ignore_errors=True)
+    (tmp_path / "var" / "runs").write_text("not a folder", encoding="utf-8")
+    blocked = CliRunner().invoke(app, args)
+    said = " ".join(blocked.stderr.split())
+    assert blocked.exit_code == 9 and "Not a directory" in said and "Traceback" not in blocked.output, (
+        blocked.output
+    )
+
+
 def test_validate_exits_non_zero_on_a_critical_failure(synthetic: Path, tmp_path: Path) -> None:
     clinic = _clinic_copy(synthetic, tmp_path)
     _rewrite(clinic / "exports" / "appointments.csv", _shift("parseable"))

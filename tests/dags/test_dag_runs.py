@@ -112,16 +112,19 @@ def test_dags_test_runs_the_nightly_interval_against_the_sandboxes(
     for dest in ("google_customer_match", "meta_audience"):
         assert summary["destinations"][dest]["sent_adds"] > 0
 
-    # XComs carry counts and paths only: every string in them is the run id, a path, the target
-    # or the name of a data-quality check ("suite.check")
+    report = json.loads(xcoms["report"])
+    # the audit chain's head, kept apart from the database for `verify-audit --head`
+    head = report["audit_head"]
+    assert head["seq"] >= 1 and re.fullmatch(r"[0-9a-f]{64}", head["sha256"])
+    # XComs carry counts and paths only: every string in them is the run id, a path, the target,
+    # the name of a data-quality check ("suite.check") or that head
     for task, raw in xcoms.items():
         for text in string_leaves(json.loads(raw)):
             assert (
-                text in (summary["run_id"], "sandbox")
+                text in (summary["run_id"], "sandbox", head["sha256"])
                 or text.startswith(str(demo_clinics))
                 or re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+", text)
             ), (task, text)
-    report = json.loads(xcoms["report"])
     assert report["counts"]["destinations"] == summary["destinations"]
     assert Path(report["outbox"]) == outbox
     if "report" in report:
