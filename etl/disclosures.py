@@ -205,21 +205,11 @@ def _period(
 
 
 def _sent_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
-    clauses: list[sa.ColumnElement[bool]] = [send_ledger.c.sent_at.is_not(None)]
-    if lo is not None:
-        clauses.append(send_ledger.c.sent_at >= lo)
-    if hi is not None:
-        clauses.append(send_ledger.c.sent_at < hi)
-    return sa.and_(*clauses)
+    return sa.and_(send_ledger.c.sent_at.is_not(None), *_period(send_ledger.c.sent_at, lo, hi))
 
 
 def _synced_in(lo: datetime | None, hi: datetime | None) -> sa.ColumnElement[bool]:
-    clauses: list[sa.ColumnElement[bool]] = [sa.true()]
-    if lo is not None:
-        clauses.append(audience_sync_log.c.synced_at >= lo)
-    if hi is not None:
-        clauses.append(audience_sync_log.c.synced_at < hi)
-    return sa.and_(*clauses)
+    return sa.and_(sa.true(), *_period(audience_sync_log.c.synced_at, lo, hi))
 
 
 def conversion_lines(
