@@ -321,6 +321,16 @@ class CsvExport:
             return None
         return [table.column(i) for i in range(len(names))], lines
 
+    def _ragged(self, line: int, found: int) -> RowProblem:
+        """A row of the wrong width, named at the column where it parts from the header: the first
+        column it does not reach, or the header's last column when it runs past it."""
+        width = len(self.header)
+        if found < width:
+            where, how = self.header[found], "the row ends before this column"
+        else:
+            where, how = self.header[-1], f"{found - width} more after this, the header's last column"
+        return RowProblem(self.name, line, where, f"expected {width} fields, found {found}: {how}")
+
     def _read_exact(
         self, indices: Sequence[int], amounts: Sequence[int] = ()
     ) -> tuple[list[pa.Array], np.ndarray]:
@@ -363,8 +373,7 @@ class CsvExport:
                 trimmed.append((start, len(row)))
                 row = row[:width]
             if len(row) != width:
-                reason = f"expected {width} fields, found {len(row)}"
-                problems.append(RowProblem(self.name, start, None, reason))
+                problems.append(self._ragged(start, len(row)))
                 continue
             for column, i in zip(columns, indices, strict=True):
                 column.append(row[i])
@@ -372,10 +381,7 @@ class CsvExport:
         if trimmed and len(trimmed) < len(lines):
             # trailing empty cells on every row are an export's habit; on some rows only, they
             # can be a shift (an unquoted "$1,200.00" pushing a cell into a blank last column)
-            problems += [
-                RowProblem(self.name, line, None, f"expected {width} fields, found {n}")
-                for line, n in trimmed
-            ]
+            problems += [self._ragged(line, n) for line, n in trimmed]
             problems.sort(key=lambda problem: problem.line or 0)
         if problems:
             raise InputError(problems)

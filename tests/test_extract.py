@@ -443,11 +443,12 @@ def test_unreadable_boolean_is_reported():
 
 def test_ragged_rows_are_reported_by_line():
     error = input_error("ragged_row.csv")
-    assert [(p.line, p.reason) for p in error.problems] == [
-        (3, "expected 3 fields, found 2"),
-        (4, "expected 3 fields, found 4"),
+    past = "1 more after this, the header's last column"
+    assert [(p.line, p.column, p.reason) for p in error.problems] == [
+        (3, "start_at", "expected 3 fields, found 2: the row ends before this column"),
+        (4, "start_at", f"expected 3 fields, found 4: {past}"),
         # a blank extra cell on some rows only may be a shifted row (see the "$1,200.00" test)
-        (5, "expected 3 fields, found 4"),
+        (5, "start_at", f"expected 3 fields, found 4: {past}"),
     ]
     assert "extra" not in str(error)
 
