@@ -87,13 +87,34 @@ GOOGLE_POSTAL_CODE: Final = re.compile(r"(?=[^0-9]*[0-9])(?=.{2,10}\Z)[0-9A-Z]+(
 # "@" and spaces: gclid, gbraid, wbraid and fbclid are URL-safe base64 (letters, digits, "_",
 # "-"; no dot), tens of characters long. A name ("jane.doe134"), phone digits or a record number
 # filed in a click-ID column is none.
-CLICK_ID: Final = re.compile(r"[A-Za-z0-9_\-]{20,512}")
-# fb.<subdomain index>.<creation ms>.<fbclid>[.<appendix Meta's parameter builder adds>]
-FBC: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[A-Za-z0-9_\-]{20,512}(?:\.[A-Za-z0-9_\-]{1,64})?")
+_TOKEN = r"[A-Za-z0-9_\-]{20,512}"
+# ... and a slug of words is none either ("botox_lip_filler", "Jane-Doe-1985", "JaneDoeBotox",
+# "patient-000123"): split at "_"/"-", every segment is words (lower, Capitalized, UPPER or
+# camelCase, two letters or more each) with digits between, or one letter alone. Random base64
+# almost never reads so: a one-letter run between digits, or a capital after a lowercase letter
+# that starts no word, turns up within a few characters (of 200,000 random tokens, 1 in 700
+# read as words at 20 characters, 1 in 10,000 at 30, none at 60; real click IDs run 60 to 100).
+# A word-shaped cell is left out, counted like any other unusable click ID.
+_WORD = r"(?:[A-Z]{2,}|[A-Z]?[a-z]{2,})(?:[A-Z][a-z]{2,})*"
+_SEGMENT = rf"(?:[0-9]*(?:{_WORD}[0-9]+)*(?:{_WORD})?[0-9]*|[A-Za-z])"
+WORDS: Final = re.compile(rf"[_\-]*{_SEGMENT}(?:[_\-]+{_SEGMENT})*")
+CLICK_ID: Final = re.compile(rf"(?!{WORDS.pattern}\Z){_TOKEN}")
+# what Meta's parameter builder appends: a language token (AQ, Ag, Aw, BA, BQ, Bg) or, since its
+# versioned appendix, 8 characters starting "AQ" (its format byte, base64)
+_APPENDIX = r"\.(?:[AB][A-Za-z0-9_\-]|AQ[A-Za-z0-9_\-]{6})"
+_FBC_HEAD = r"fb\.[0-9]\.[0-9]{10,16}\."
+# fb.<subdomain index>.<creation ms>.<fbclid>[.<appendix>]
+FBC: Final = re.compile(rf"{_FBC_HEAD}(?!{WORDS.pattern}(?:{_APPENDIX})?\Z){_TOKEN}(?:{_APPENDIX})?")
 # fb.<subdomain index>.<creation ms>.<random number>[.<appendix>]
-FBP: Final = re.compile(r"fb\.[0-9]\.[0-9]{10,16}\.[0-9]{1,20}(?:\.[A-Za-z0-9_\-]{1,64})?")
+FBP: Final = re.compile(rf"fb\.[0-9]\.[0-9]{{10,16}}\.[0-9]{{1,20}}(?:{_APPENDIX})?")
 CLICK_COLUMNS: Final = {"gclid": CLICK_ID, "gbraid": CLICK_ID, "wbraid": CLICK_ID, "fbclid": CLICK_ID,
                         "fbc": FBC, "fbp": FBP}  # fmt: skip
+# the same shapes for RE2 (Arrow's regex engine has no lookahead): (shape, words it must not be)
+_RE2_SHAPES: Final = {
+    CLICK_ID: (_TOKEN, WORDS.pattern),
+    FBC: (rf"{_FBC_HEAD}{_TOKEN}(?:{_APPENDIX})?", rf"{_FBC_HEAD}{WORDS.pattern}(?:{_APPENDIX})?"),
+    FBP: (FBP.pattern, None),
+}
 
 
 def usable_click_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -112,7 +133,7 @@ def usable_click_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
             continue
         # RE2 over Arrow strings: a Python regex call per cell cost a second at 400k leads
         cells = pa.array(values[present].astype(str).to_numpy(dtype=object), pa.string())
-        fits = pc.match_substring_regex(cells, f"^(?:{shape.pattern})$").to_numpy(zero_copy_only=False)
+        fits = _re2_fullmatch(cells, shape)
         if fits.all():
             continue
         if out is df:
@@ -121,6 +142,15 @@ def usable_click_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         out.loc[out.index[bad], column] = None
         blanked += len(bad)
     return out, blanked
+
+
+def _re2_fullmatch(cells: pa.Array, shape: re.Pattern[str]) -> np.ndarray:
+    """Which ``cells`` fully match ``shape`` (one of ``CLICK_COLUMNS``), matched by Arrow."""
+    positive, words = _RE2_SHAPES[shape]
+    fits = pc.match_substring_regex(cells, f"^(?:{positive})$")
+    if words is not None:
+        fits = pc.and_(fits, pc.invert(pc.match_substring_regex(cells, f"^(?:{words})$")))
+    return fits.to_numpy(zero_copy_only=False)
 
 
 def sha256_hex(text: str) -> str:

@@ -138,6 +138,16 @@ def test_good_rows_pass() -> None:
         ("google_conversions", ("gbraid",), "4155550135", "not a click ID"),
         ("google_conversions", ("wbraid",), "PT-000261", "not a click ID"),
         ("meta_events", ("user_data", "fbc"), "fb.1.1792702786000.4155550135", "not an fbc value"),
+        # words filed in a click-ID column: the right characters and length, but a slug
+        ("google_conversions", ("gclid",), "CANARY_SERVICE_Botox_hyperhidrosis", "not a click ID"),
+        ("google_conversions", ("wbraid",), "semaglutide_weight_loss_nov", "not a click ID"),
+        ("meta_events", ("user_data", "fbc"), "fb.1.1793552400000.Jane-Doe-sweaty-palms", "not an fbc value"),
+        (
+            "meta_events",
+            ("user_data", "fbp"),
+            "fb.1.1754670832319.4717288100.Jane_Doe_Botox",
+            "not an fbp value",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 30 and " " not in v else None,
 )

@@ -7,6 +7,7 @@ import base64
 import functools
 import math
 import re
+import string
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 
 from etl.identifiers import (
     CLEAR_COLUMNS,
+    CLICK_ID,
+    FBC,
+    FBP,
     HASHED_COLUMNS,
     RAW_COLUMNS,
     hash_identifiers,
@@ -791,3 +795,50 @@ def test_click_ids_not_shaped_like_one_are_left_out() -> None:
     assert out["fbc"].tolist() == [fbc, None, None, fbc + ".AQ"]
     assert out["fbp"].tolist() == ["fb.1.1777100000000.1116446470", None, None, None]
     assert frame["gclid"][1] == "jane.doe134"  # the input is not changed
+
+
+WORD_SLUGS = [
+    "CANARY_SERVICE_Botox_hyperhidrosis",
+    "semaglutide_weight_loss_nov",
+    "Jane_A_Doe_botox_lip_filler",
+    "mary-o-connor-lip-filler-2026",
+    "JaneDoeBotoxHyperhidrosis",
+    "BOTOXTreatment_janeDoe22",
+    "appt-000123-patient-000456",
+    "12345678901234567890123",
+]
+CLICK_TOKENS = [
+    "IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk",  # Meta's documented fbclid
+    "Cj0KCQiA8fW9BhC8ARIsACwHqYrLrIOUSaSLDtI1xZgxOP7R1d9rS6gcL8Cml3-VyD0jpjsMcBpCj9saAgGsEALw_wcB",
+    "Cj0abc_testclickid0000",
+]
+
+
+def test_click_ids_that_read_as_words_are_left_out() -> None:
+    """A slug has a click ID's characters and length, but it is text (a campaign, a treatment,
+    a name) and would leave in clear; extract (RE2) and the gate's pattern agree on each."""
+    fbclid = CLICK_TOKENS[0]
+    fbc = [f"fb.1.1793552400000.{v}" for v in (*WORD_SLUGS, fbclid)]
+    fbc += [f"fb.1.1793552400000.{fbclid}.{a}" for a in ("AQ", "Bg", "AQEBAQ8Y", "Botox", "JaneDoe")]
+    fbp = [f"fb.1.1754670832319.4717288100{a}" for a in ("", ".AQ", ".AQEAAQAB", ".Jane_Doe_Botox")]
+    frame = pd.DataFrame({"gclid": WORD_SLUGS + CLICK_TOKENS})
+    out, blanked = usable_click_ids(frame)
+    assert out["gclid"].tolist() == [None] * len(WORD_SLUGS) + CLICK_TOKENS
+    assert blanked == len(WORD_SLUGS)
+    kept_fbc = usable_click_ids(pd.DataFrame({"fbc": fbc}))[0]["fbc"].notna().tolist()
+    assert kept_fbc == [False] * len(WORD_SLUGS) + [True, True, True, True, False, False]
+    kept_fbp = usable_click_ids(pd.DataFrame({"fbp": fbp}))[0]["fbp"].notna().tolist()
+    assert kept_fbp == [True, True, True, False]
+    for shape, values, kept in ((CLICK_ID, WORD_SLUGS + CLICK_TOKENS, out["gclid"].notna()),
+                                (FBC, fbc, kept_fbc), (FBP, fbp, kept_fbp)):  # fmt: skip
+        assert [bool(shape.fullmatch(v)) for v in values] == list(kept)
+
+
+def test_random_click_ids_of_real_length_are_kept() -> None:
+    """Real click IDs are 60 to 100 random URL-safe base64 characters: none of them reads as words."""
+    alphabet = np.array(list(string.ascii_letters + string.digits + "_-"))
+    rng = np.random.default_rng(7)
+    tokens = ["".join(row) for row in rng.choice(alphabet, size=(20_000, 60))]
+    _, blanked = usable_click_ids(pd.DataFrame({"gclid": tokens, "fbclid": tokens}))
+    assert blanked == 0
+    assert all(CLICK_ID.fullmatch(t) for t in tokens[:2_000])

@@ -288,7 +288,7 @@ CASES: dict[str, Fault] = {
     "google_conversions_outbound.conversion_value_not_negative": Fault(
         pending=_valued("google_conversions", _put("conversion_value", -1250.0))),
     "google_conversions_outbound.click_id_charset": Fault(
-        pending=_edit("google_conversions", _put("gclid", "not a click id!")), layer="gate"),
+        pending=_edit("google_conversions", _put("gclid", "botox_lip_filler_for-JaneDoe")), layer="gate"),
     "google_conversions_outbound.one_click_id": Fault(pending=_edit("google_conversions", _put("gbraid", "Cj0abc_testclickid0000"))),
     "google_conversions_outbound.user_identifiers_batch": Fault(
         pending=_edit("google_conversions", _put("user_identifiers", [{"hashed_email": HASH}] * 6)), layer="gate"),
@@ -302,7 +302,8 @@ CASES: dict[str, Fault] = {
     "meta_events_outbound.currency_iso_4217": Fault(pending=_valued("meta_events", _custom("currency", "US$")),
                                                     layer="gate"),
     "meta_events_outbound.value_not_negative": Fault(pending=_valued("meta_events", _custom("value", -5.0))),
-    "meta_events_outbound.fbc_format": Fault(pending=_edit("meta_events", _user("fbc", "fb.1.CNRY")), layer="gate"),
+    "meta_events_outbound.fbc_format": Fault(
+        pending=_edit("meta_events", _user("fbc", "fb.1.1792702786000.sweaty-palms-jane-doe.AQ")), layer="gate"),
     "meta_events_outbound.fbp_format": Fault(pending=_edit("meta_events", _user("fbp", "fb.1.x.y")), layer="gate"),
     "meta_events_outbound.has_match_key": Fault(pending=_edit("meta_events", _put("user_data", {}))),
     "google_customer_match_outbound.operation_known": Fault(

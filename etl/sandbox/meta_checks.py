@@ -29,7 +29,7 @@ SUBCODE_BAD_PAYLOAD = 9000005
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FBC = re.compile(r"^fb\.\d\.\d{10,13}\.\S+$")
-_FBP = re.compile(r"^fb\.\d\.\d{10,13}\.\d+$")
+_FBP = re.compile(r"^fb\.\d\.\d{10,13}\.\d+(?:\.[A-Za-z0-9_\-]+)?$")  # with the parameter builder's appendix
 _HASHED_USER_KEYS = ("em", "ph", "fn", "ln", "ct", "st", "zp", "country", "ge", "db")
 _CLEAR_USER_KEYS = ("external_id", "fbc", "fbp", "client_ip_address", "client_user_agent")
 _ACTION_SOURCES = frozenset(

@@ -30,6 +30,7 @@ from etl.destinations.meta import (
 )
 from etl.destinations.meta_audience import MetaAudience
 from etl.errors import ConfigError, DestinationConfigError
+from etl.identifiers import FBC, FBP
 from etl.sandbox import meta as sandbox_module
 from etl.sandbox.meta import MetaSandbox
 
@@ -191,6 +192,20 @@ def test_stale_and_malformed_events_are_rejected_before_batching(sandbox):
     (request,) = sandbox.requests_to("events")  # the second send had nothing to send
     assert len(json.loads(request.form["data"][0])) == 4
     assert set(sandbox.event_ids_received()) == {r["event_id"] for r in good}
+
+
+def test_browser_ids_with_the_parameter_builder_appendix_are_sent(sandbox):
+    """Meta's parameter builder appends a language token or its 8-character appendix to fbc and
+    fbp; the PHI gate lets them out, so the adapter must not refuse them as malformed."""
+    events, _ = destinations(sandbox)
+    fbc, fbp = "fb.1.1763600000000.IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYX", "fb.1.1763600000000.4717288100"
+    rows = [
+        event_row("a", user_data={"fbc": f"{fbc}.AQ", "fbp": f"{fbp}.Bg"}),
+        event_row("b", user_data={"fbc": f"{fbc}.AQEBAQ8Y", "fbp": f"{fbp}.AQEAAQAB"}),
+    ]
+    assert all(FBC.fullmatch(r["user_data"]["fbc"]) and FBP.fullmatch(r["user_data"]["fbp"]) for r in rows)
+    results = events.send(rows)
+    assert [r.outcome for r in results] == [Outcome.ACCEPTED, Outcome.ACCEPTED]
 
 
 def test_whole_request_rejection_is_bisected_and_the_rest_accepted(sandbox):
