@@ -162,7 +162,11 @@ def run(
         typer.Option(
             "--dry-run",
             metavar="",
-            help="Write the outbox only; send nothing and write nothing to the ledger.",
+            help=(
+                "Write the outbox only; send nothing and write nothing to the ledger. The exports"
+                " are still staged (the clinic's history, which later real runs read): preview an"
+                " edited export against its own --database."
+            ),
         ),
     ] = False,
     target: Annotated[

@@ -175,7 +175,7 @@ class Rules(_Model):
     late_arrival_days: int = Field(7, ge=0, le=365)
     suppression_lookback_days: int = Field(365, ge=1, le=3650)
     suppression_requires_consent: bool = True
-    consultation_value: float | None = Field(None, ge=0)
+    consultation_value: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class Exclude(_Model):

@@ -66,10 +66,18 @@ def _is_utf8(data: bytes) -> bool:
 
 def _decode(raw: bytes, name: str, encoding: str | None, columns: frozenset[str] = frozenset()) -> bytes:
     """Return the file as UTF-8 bytes without a BOM (the only input pyarrow parses)."""
-    if encoding is None and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if encoding is None and raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        encoding = "utf-32"  # before UTF-16: UTF-32's little-endian mark starts with UTF-16's
+    elif encoding is None and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"  # a UTF-16 CSV (Excel's "Unicode text" save is UTF-16 too, tab-separated)
     if encoding is None:
         body = raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+        head = body[:4096].partition(b"\n")[0]
+        if head.count(b"\x00") * 4 >= len(head) > 0:
+            # ASCII headers in UTF-16 or UTF-32 are half or more NUL bytes; read as UTF-8 every
+            # required column would be "missing": say what it is instead
+            reason = "UTF-16 or UTF-32 text without a byte-order mark; save the export as CSV UTF-8"
+            raise _problem(name, 1, reason)
         if _is_utf8(body):
             return body
         _refuse_mixed_utf8(body, name, columns)
@@ -86,7 +94,7 @@ def _decode(raw: bytes, name: str, encoding: str | None, columns: frozenset[str]
         text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         raise _problem(name, _line_at(raw, exc.start), f"not valid {codec} text") from None
-    except LookupError:  # rot13, base64, zlib...: codecs, but not text encodings
+    except (LookupError, UnicodeError):  # rot13, base64, zlib, undefined: codecs, not text encodings
         raise _problem(
             name, None, f"the source's 'encoding' setting ({codec}) is not a text encoding"
         ) from None

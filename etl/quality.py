@@ -288,7 +288,8 @@ def validate_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds | Non
     staging, is still checked) plus the volume suite, which needs the staged history. When the
     extracts are provably the files the stage gate checked in this run (same size, mtime and
     SHA-256, same suites), its stored results are reused instead of running the extract suites
-    a second time; they are stored and logged again exactly as a second run would.
+    a second time; they are stored again exactly as a second run would, and the warnings among
+    them are named in one line (their descriptions were logged by the stage gate).
 
     Raises:
         QualityGateFailed: a critical input check failed (results are stored first).
@@ -301,7 +302,10 @@ def validate_inputs(spec: RunSpec, *, at: datetime, thresholds: Thresholds | Non
         log.info("extract suites: the extracts are the files the stage gate checked; its results are reused")
         with spec.engine() as engine:
             store_results(engine, spec.config.clinic_id, spec.run_id, reused, at)
-        _log_warnings(reused)
+        if warned := [r.label for r in reused if r.severity == WARNING and not r.success]:
+            # described where the stage gate found them (earlier in the CLI's output, or the
+            # DAG's stage task log); named here so this step's log still says which stand
+            log.info("data-quality warnings standing from the stage gate: %s", ", ".join(warned))
         results = reused + check_inputs(spec, at=at, thresholds=thresholds, suites=["appointment_volume"])
     if has_critical(results):
         raise_on_critical(results, "validate_inputs", _report_stopped(spec, "validate_inputs", None))

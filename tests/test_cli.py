@@ -137,6 +137,17 @@ def test_yaml_booleans_are_no_numbers(key: str, value: bool, tmp_path: Path) -> 
     assert run(config).exit_code == 0
 
 
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_a_consultation_value_that_is_no_amount_is_a_config_error(value: str, tmp_path: Path) -> None:
+    # YAML reads .inf as infinity: the PHI gate would refuse every consultation after staging
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    config.write_text(config.read_text() + f"rules:\n  consultation_value: {value}\n")
+    result = run(config)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "rules.consultation_value:" in " ".join(result.stderr.split())
+    assert not (tmp_path / "var").exists()  # refused before anything was written
+
+
 def test_a_repeated_key_is_an_error_not_a_silent_reset(tmp_path: Path) -> None:
     config = clinic(tmp_path, GOOD / "appointments.csv")
     with config.open("a") as out:

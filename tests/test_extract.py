@@ -256,6 +256,25 @@ def test_excel_unicode_text_is_named_for_what_it_is(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-32"])
+def test_utf16_and_utf32_without_a_byte_order_mark_are_named_for_what_they_are(
+    codec: str, tmp_path: Path
+) -> None:
+    # read as UTF-8, every required column would be "missing": one error that says what it is
+    text = "appointment_id,status,start_at\r\nA1,completed,2026-01-05 10:00\r\n"
+    (tmp_path / "export.csv").write_bytes(text.encode(codec))
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    if codec == "utf-32":  # with its byte-order mark: read as what it is
+        frame = extract.read_appointments(config.sources.appointments, config)
+        assert frame["appointment_id"].tolist() == ["A1"]
+        return
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.line, p.reason) for p in info.value.problems] == [
+        (1, "UTF-16 or UTF-32 text without a byte-order mark; save the export as CSV UTF-8")
+    ]
+
+
 def test_an_id_wider_than_its_staging_column_is_an_error_by_line(tmp_path: Path) -> None:
     error = _tmp_error(tmp_path, HEADER + f"{'A' * 129},completed,2026-01-05 10:00,45,x,\n")
     assert [(p.line, p.column, p.reason) for p in error.problems] == [
@@ -363,6 +382,24 @@ def test_zenoti_profile():
     assert frame["revenue"].iloc[0] == 1200.0
     assert frame["location_id"].iloc[0] == "C1"
     assert frame["consent_marketing"].tolist() == [False] * 7
+
+
+@pytest.mark.parametrize(("profile", "dropped"), [("zenoti", "Invoice Total"), ("mindbody", "Amount")])
+def test_a_vendor_export_without_a_mapped_column_is_named_in_a_warning(
+    profile: str, dropped: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a renamed revenue column would otherwise drop every purchase as no_revenue without a word
+    source = DATA / f"{profile}.csv"
+    header, _, body = source.read_text(encoding="utf-8").partition("\n")
+    (tmp_path / "export.csv").write_text(
+        header.replace(dropped, "Amount Paid") + "\n" + body, encoding="utf-8"
+    )
+    config = make_config(tmp_path, appointments={"path": "export.csv", "profile": profile})
+    with caplog.at_level("WARNING", logger="etl.extract"):
+        frame = extract.read_appointments(config.sources.appointments, config)
+    assert (frame["revenue"] == 0).all()
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "etl.extract"]
+    assert f"'{dropped}'" in message and "read as blank" in message
 
 
 def test_mindbody_profile():
@@ -1014,6 +1051,8 @@ def test_an_export_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> Non
     (tmp_path / "rot.csv").write_text(HEADER)
     with pytest.raises(InputError, match="is not a text encoding"):
         CsvExport(tmp_path / "rot.csv", "rot13")
+    with pytest.raises(InputError, match="is not a text encoding"):
+        CsvExport(tmp_path / "rot.csv", "undefined")  # a codec whose decoding always fails
 
 
 def test_a_stray_quote_in_the_header_is_one_clear_error(tmp_path: Path) -> None:

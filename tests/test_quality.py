@@ -739,8 +739,15 @@ def test_broken_extract_is_refused_before_staging(tmp_path: Path) -> None:
 # validate_inputs reuses the stage gate's extract results only for the very files it checked ------
 
 
-def _staged(tmp_path: Path) -> tasks.RunSpec:
-    config = load_config(write_clinic(tmp_path))
+def _staged(tmp_path: Path, *, unknown_status: bool = False) -> tasks.RunSpec:
+    path = write_clinic(tmp_path)
+    if unknown_status:  # one visit of 50 in a status no profile knows: a standing warning
+        export = tmp_path / "appointments.csv"
+        header, row = export.read_text().splitlines()[:2]
+        more = [row.replace(CANARIES["appointment_id"], f"CNRY-APPT-{i}", 1) for i in range(49)]
+        more[0] = more[0].replace("Completed", "Mystery", 1)
+        export.write_text("\n".join([header, row, *more]) + "\n")
+    config = load_config(path)
     spec = tasks.RunSpec(config=config, window=_window(config))
     tasks.extract(spec)
     tasks.stage(spec)
@@ -768,13 +775,22 @@ def _stored_rows(spec: tasks.RunSpec) -> list[tuple[Any, ...]]:
 
 
 def test_validate_inputs_reuses_the_stage_gate_results_for_unchanged_extracts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spec = _staged(tmp_path)
+    spec = _staged(tmp_path, unknown_status=True)
     gated = _stored_rows(spec)
     ran = _suites_run(monkeypatch)
-    reused = tasks.validate_inputs(spec)
+    caplog.clear()  # the stage gate's own lines
+    with caplog.at_level("INFO", logger="etl.quality"):
+        reused = tasks.validate_inputs(spec)
     assert ran == ["appointment_volume"]
+    # the stage gate described its warnings; they are named once here, not described again
+    warned = [r for r in gated if r[2] == "warning" and not r[3] and r[0] != "appointment_volume"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "etl.quality"]
+    assert not [m for m in messages if m.startswith("data-quality warning ") and "_extract." in m]
+    assert [r[:2] for r in warned] == [("appointments_extract", "unknown_statuses_present")]
+    (named,) = [m for m in messages if m.startswith("data-quality warnings standing")]
+    assert all(f"{suite}.{name}" in named for suite, name, *_ in warned)
     stored = _stored_rows(spec)
     assert [r for r in stored if r[0] != "appointment_volume"] == gated
     # the same outcome, stored the same way, as running every input suite again
