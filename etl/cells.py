@@ -27,6 +27,9 @@ STRING = pd.StringDtype("pyarrow")
 UNKNOWN_STATUS = "unknown"
 
 _ISO = r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:?\d{2})?)?$"
+# an offset of hours alone (``-07``, ISO 8601's short form and PostgreSQL's text for a
+# timestamptz): given its minutes, the one form Arrow and the pattern above read
+_HOURS_ONLY = r"([T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?[+-]\d{2})$"
 # "$1,200.00", "-45.50", "$-45", "1200"; accounting "(45.50)" is unwrapped before this
 _AMOUNT = r"^(?:[-+]?\$?|\$[-+]?)\s*(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?$"
 _TRUE = pa.array(["true", "yes", "y", "1"])
@@ -121,6 +124,7 @@ def timestamps(values: pa.Array, tz: tzinfo | None) -> tuple[pd.Series, np.ndarr
 
 
 def _timestamps(values: pa.Array, tz: tzinfo | None) -> Parsed:
+    values = pc.replace_substring_regex(values, _HOURS_ONLY, r"\1:00")
     valid = as_bool(pc.match_substring_regex(values, _ISO))
     # past the date, only an offset has a sign or a Z (plain substring tests beat a regex)
     clock = pc.utf8_slice_codeunits(values, 10)

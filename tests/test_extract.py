@@ -344,6 +344,8 @@ def test_offset_bearing_timestamps_ignore_the_clinic_zone():
         utc("2026-03-02 18:00"),
         utc("2026-03-02 08:00"),
         utc("2026-03-02 18:00:00.250"),
+        utc("2026-03-02 18:00"),  # hours only: PostgreSQL's text for a timestamptz
+        utc("2026-03-02 18:30"),
     ]
 
 
