@@ -256,6 +256,10 @@ def extract_sources(
             if unusable:
                 log.warning("leads: %d click-ID cell(s) not shaped like a click ID were left out", unusable)
         log.info("extracted %s: %d rows", kind, len(frame))
+        if not len(frame):
+            # an export that failed upstream often still has its header: say so, do not stop
+            # (a quiet day, or an incremental export with nothing new, is an empty file too)
+            log.warning("%s: the export holds no rows (a quiet day, or an export cut short upstream?)", kind)
     (paths.extracts / SOURCES_FILE).write_text(
         json.dumps(fingerprints, sort_keys=True) + "\n", encoding="utf-8"
     )

@@ -57,6 +57,22 @@ def test_good_run_prints_counts_and_the_outbox(tmp_path: Path) -> None:
     assert not (run_dir / "extract").exists()
 
 
+def test_a_header_only_export_runs_but_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = clinic(tmp_path, GOOD / "appointments.csv")
+    leads = tmp_path / "leads.csv"
+    leads.write_text(leads.read_text().splitlines()[0] + "\n")  # the header alone
+    result = run(config)
+    assert result.exit_code == 0, result.output
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "holds no rows" in r.getMessage()
+    ]
+    assert warned == ["leads: the export holds no rows (a quiet day, or an export cut short upstream?)"]
+
+
 @pytest.mark.parametrize(
     ("fixture", "encoding", "expected"),
     [
