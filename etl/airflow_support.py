@@ -135,17 +135,18 @@ def clinic_files(root: Path) -> list[Path]:
 def discover_clinics(root: Path, *, only_dag_id: str | None = None) -> list[Clinic]:
     """Read and validate every clinic YAML under ``root``; parse-time safe (no DB, no network).
 
-    A YAML that does not validate, has a bad cron, or repeats a clinic_id is skipped with a
-    warning naming the file and the key path (never a value), so one broken clinic does not hide
-    the DAGs of the others.
+    A YAML that does not validate or has a bad cron is skipped with a warning naming the file
+    and the key path (never a value), so one broken clinic does not hide the DAGs of the others.
+    A clinic_id in more than one file skips every one of them: which file is the clinic's is
+    unknowable (the copy may sort first), and the wrong one's folder holds another staging
+    database and ledger record, so its DAG would send every conversion again.
 
     Args:
         only_dag_id: when Airflow parses the file to run one DAG's task, build only that DAG.
     """
     from croniter import croniter
 
-    clinics: list[Clinic] = []
-    seen: dict[str, Path] = {}
+    found: dict[str, list[Clinic]] = {}
     for path in clinic_files(root):
         try:
             config = load_config(path)
@@ -155,13 +156,18 @@ def discover_clinics(root: Path, *, only_dag_id: str | None = None) -> list[Clin
         if not croniter.is_valid(config.schedule):
             _parse_warning(f"clinic skipped: {path}: schedule is not a valid cron expression")
             continue
-        if config.clinic_id in seen:
-            _parse_warning(f"clinic skipped: {path}: clinic_id also used by {seen[config.clinic_id]}")
-            continue
-        seen[config.clinic_id] = path
         clinic = Clinic(config.clinic_id, path.resolve(), config.timezone, config.schedule)
-        if only_dag_id is None or clinic.dag_id == only_dag_id:
-            clinics.append(clinic)
+        found.setdefault(config.clinic_id, []).append(clinic)
+    clinics: list[Clinic] = []
+    for clinic_id, same in found.items():
+        if len(same) > 1:
+            files = ", ".join(str(c.config_path) for c in same)
+            _parse_warning(
+                f"clinic {clinic_id} skipped: its clinic_id is in more than one file ({files}); keep one"
+            )
+            continue
+        if only_dag_id is None or same[0].dag_id == only_dag_id:
+            clinics.append(same[0])
     return clinics
 
 

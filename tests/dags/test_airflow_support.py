@@ -177,6 +177,26 @@ def test_clinics_root_and_default_target(monkeypatch: pytest.MonkeyPatch, tmp_pa
         assert support.default_target() == "sandbox"
 
 
+def test_a_clinic_id_in_two_files_skips_both(tmp_path: Path) -> None:
+    # a clinic folder copied and not renamed: whichever file won, its folder holds another
+    # staging database and no ledger record, and its DAG would send every conversion again
+    import shutil
+
+    for name in ("a-copy", "demo"):
+        shutil.copytree(DEMO_CLINIC, tmp_path / name, ignore=shutil.ignore_patterns("var"))
+    other = tmp_path / "other"
+    shutil.copytree(DEMO_CLINIC, other, ignore=shutil.ignore_patterns("var"))
+    text = (other / "clinic.yaml").read_text()
+    (other / "clinic.yaml").write_text(text.replace("clinic_id: sunrise-medspa", "clinic_id: other-spa"))
+    with pytest.warns(UserWarning) as caught:
+        clinics = support.discover_clinics(tmp_path)
+    assert [c.clinic_id for c in clinics] == ["other-spa"]
+    (message,) = [str(w.message) for w in caught]
+    assert "sunrise-medspa" in message and "a-copy" in message and str(tmp_path / "demo") in message
+    with pytest.warns(UserWarning):  # a worker building one DAG skips it too
+        assert support.discover_clinics(tmp_path, only_dag_id=support.DAG_ID_PREFIX + "sunrise-medspa") == []
+
+
 def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
     config = load_config(DEMO_CLINIC / "clinic.yaml")
     start, end = support.latest_interval(config, datetime(2026, 11, 23, 17, 30, tzinfo=UTC))
