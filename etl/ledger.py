@@ -7,6 +7,8 @@ is never sent again to that destination. Tables are defined in ``etl.store``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -107,10 +109,40 @@ def read_record(record: Path) -> dict[str, str] | None:
         data = json.loads(text)
     except ValueError:
         raise ConfigError(f"send ledger record {record}: not JSON; restore it or delete it") from None
-    keys = ("clinic_id", "target", "first_run_id", "claimed_at")
+    keys = _CLAIM_KEYS
     if not isinstance(data, dict) or any(not isinstance(data.get(k), str) for k in keys):
         raise ConfigError(f"send ledger record {record}: lacks {', '.join(keys)}; restore it or delete it")
-    return {k: data[k] for k in keys}
+    extra = {KEY_CHECK: data[KEY_CHECK]} if isinstance(data.get(KEY_CHECK), str) else {}
+    return {k: data[k] for k in keys} | extra
+
+
+_CLAIM_KEYS = ("clinic_id", "target", "first_run_id", "claimed_at")
+KEY_CHECK = "id_key_check"
+
+
+def _claim_part(recorded: Mapping[str, str]) -> dict[str, str]:
+    return {k: recorded[k] for k in _CLAIM_KEYS}
+
+
+def id_key_check(secret: bytes) -> str:
+    """A fingerprint of the opaque-ID key (an HMAC of a fixed text, not of any data), kept in the
+    ledger record: IDs made with another key match nothing in the ledger, so every conversion
+    would be sent again under new IDs the platforms cannot de-duplicate."""
+    return hmac.new(secret, b"medspa-conversions: opaque ID key check", hashlib.sha256).hexdigest()[:16]
+
+
+def key_mismatch_error(record: Path, key_check: str) -> ConfigError | None:
+    """The refusal when the clinic's record names another opaque-ID key than ``key_check``."""
+    recorded = read_record(record)
+    if recorded is None or recorded.get(KEY_CHECK) in (None, key_check):
+        return None
+    return ConfigError(
+        f"MEDSPA_ID_SECRET: clinic {recorded['clinic_id']}'s {recorded['target']} sends were made with "
+        f"another opaque-ID key than this run's ({record} holds its fingerprint). Every order_id and "
+        "event_id would change, and every conversion be sent again under IDs Google and Meta cannot "
+        "de-duplicate. Restore the key (the Airflow connection or variable medspa_id_secret, or the "
+        "environment); to start over on purpose, rerun with --new-database (or delete that file)"
+    )
 
 
 def _write_record(record: Path, claim: Mapping[str, str]) -> None:
@@ -144,7 +176,7 @@ def ledger_mismatch(
     if engine is not None:
         with engine.connect() as conn:
             claim = _claim_of(conn, clinic_id)
-    return None if claim == recorded else (recorded, claim)
+    return None if claim == _claim_part(recorded) else (recorded, claim)
 
 
 def _first_send(claim: Mapping[str, str]) -> str:
@@ -175,17 +207,20 @@ def claim_target(
     at: datetime,
     record: Path | None = None,
     new_database: bool = False,
+    key_check: str | None = None,
 ) -> None:
     """Make sure this database's sends for the clinic all go to one target (sandbox or live),
     and, given the clinic's ``record`` (``record_path``), that it is the database the clinic's
     earlier sends were recorded in: a mistyped or replaced database holds an empty ledger, and
     everything would be sent again. The first send writes the record; ``new_database`` rewrites
-    it to this database (the old ledger is lost, on purpose).
+    it to this database (the old ledger is lost, on purpose). ``key_check`` (``id_key_check``
+    of the key the plan's IDs were made with) is kept in the record, and a record naming
+    another key refuses the send.
 
     Raises:
         ConfigError: the database already holds sends to the other target (its ledger would
             count them as sent: a sandbox "accepted" is not Google's or Meta's), or it is not
-            the one ``record`` names.
+            the one ``record`` names, or the record names another opaque-ID key.
     """
     with engine.begin() as conn:
         # insert-if-absent, then read: the three sends of a first night claim at the same time
@@ -209,9 +244,15 @@ def claim_target(
                 "before from another database, restore that one instead (docs/decisions.md)",
                 target, clinic_id, "" if record is None else f" (its record: {record})",
             )  # fmt: skip
-        if record is None or recorded == claim:
+        if record is None:
             return
-        if recorded is not None and not new_database:
+        if recorded is not None and _claim_part(recorded) == claim:
+            if key_check is None or recorded.get(KEY_CHECK) == key_check:
+                return
+            if not new_database and (refusal := key_mismatch_error(record, key_check)) is not None:
+                raise refusal
+            recorded = None  # a record from before key checks: it now names this key
+        elif recorded is not None and not new_database:
             raise mismatch_error(
                 record, recorded, None if first.rowcount == 1 else claim
             )  # rolls the claim back
@@ -223,7 +264,7 @@ def claim_target(
             "the ledger of the database whose first send was run %s is no longer read",
             clinic_id, target, recorded["first_run_id"],
         )  # fmt: skip
-    _write_record(record, claim)
+    _write_record(record, claim | ({KEY_CHECK: key_check} if key_check else {}))
 
 
 def record_validation(

@@ -108,10 +108,17 @@ def _in_run_folder(
     return wrap
 
 
+KEY_CHECK_FILE = "id_key_check"  # in the run folder: the fingerprint of the key its plan's IDs use
+
+
 def claim_target(spec: RunSpec, engine: Engine, target: str) -> None:
+    try:
+        key_check: str | None = (spec.paths.run_dir / KEY_CHECK_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:  # a plan from before key checks
+        key_check = None
     ledger.claim_target(engine, spec.config.clinic_id, target, run_id=spec.run_id, at=_clock(),
                         record=ledger.record_path(spec.config.base_dir, spec.config.clinic_id, target),
-                        new_database=spec.new_database)  # fmt: skip
+                        new_database=spec.new_database, key_check=key_check or None)  # fmt: skip
 
 
 def check_ledger_record(spec: RunSpec, target: str) -> None:
@@ -213,8 +220,19 @@ def build_conversions(
     inputs: dict[str, int] | None = None,
     timings: pipeline.Timings | None = None,
 ) -> dict[str, Any]:
-    """Apply the rules and write the gated plan as ``pending`` (not yet an outbox)."""
+    """Apply the rules and write the gated plan as ``pending`` (not yet an outbox).
+
+    Raises:
+        ConfigError: a real run whose key is not the one the clinic's sends were made with
+            (``ledger.key_mismatch_error``): every opaque ID would differ, and everything be
+            sent again.
+    """
     refuse_future_end(spec.window, dry_run=dry_run)
+    key_check = ledger.id_key_check(secret)
+    if not dry_run and target in ("sandbox", "live") and not spec.new_database:
+        record = ledger.record_path(spec.config.base_dir, spec.config.clinic_id, target)
+        if (refusal := ledger.key_mismatch_error(record, key_check)) is not None:
+            raise refusal
     with spec.engine() as engine:
         plan = pipeline.plan_run(
             spec.config,
@@ -232,6 +250,7 @@ def build_conversions(
             consent_as_of=_clock(),
         )
     pipeline.build_pending(plan, spec.paths)
+    (spec.paths.run_dir / KEY_CHECK_FILE).write_text(key_check + "\n", encoding="utf-8")
     return {
         "run_id": spec.run_id,
         "stages": plan.summary["stages"],

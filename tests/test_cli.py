@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -835,6 +836,39 @@ def test_a_real_run_on_a_database_that_is_not_the_clinics_ledger_is_refused_befo
     said = " ".join(result.stderr.split())
     assert "first sandbox send was run sunrise-medspa__" in said and said.count(" at 20") == 2
     assert _sent(f"sqlite:///{kept}") == sent  # nothing more recorded there
+
+
+def test_a_real_run_with_another_id_key_is_refused_before_it_plans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # another key makes every order_id and event_id new: the ledger matched none of them, and
+    # every conversion went again under IDs the platforms cannot de-duplicate
+    config = _sandbox_clinic(tmp_path)
+    kept = f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}"
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "first-key-0123456789abcdef")
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    record = tmp_path / "var" / "ledgers" / "sunrise-medspa.sandbox.json"
+    fingerprint = json.loads(record.read_text(encoding="utf-8"))["id_key_check"]
+    assert fingerprint == ledger.id_key_check(b"first-key-0123456789abcdef")
+    assert "first-key" not in record.read_text(encoding="utf-8")
+    sent = _sent(kept)
+    assert sent > 0
+
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "rotated-key-0123456789abcd")
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
+    assert result.exit_code == ConfigError.exit_code, result.output
+    said = " ".join(result.stderr.split())
+    assert "another opaque-ID key" in said and "--new-database" in said and "rotated-key" not in said
+    assert _sent(kept) == sent  # nothing planned, nothing sent
+
+    # the same key again: the rerun sends nothing new and is not refused
+    monkeypatch.setenv("MEDSPA_ID_SECRET", "first-key-0123456789abcdef")
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    assert _sent(kept) == sent
+    # the check at each send: a plan made with another key (a DAG's upload task) is refused too
+    with store.engine_for(kept) as engine, pytest.raises(ConfigError, match="another opaque-ID key"):
+        ledger.claim_target(engine, "sunrise-medspa", "sandbox", run_id="later", at=datetime.now(UTC),
+                            record=record, key_check=ledger.id_key_check(b"rotated"))  # fmt: skip
 
 
 def test_a_send_refused_for_the_wrong_ledger_does_not_claim_the_database(tmp_path: Path) -> None:
