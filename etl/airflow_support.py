@@ -438,7 +438,7 @@ def run_sync_suppression(
 
 def run_report(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
     """Fold the upload results into summary.json; return its counts and where the reports are."""
-    from etl import tasks
+    from etl import store, tasks
     from etl.outbox import SUMMARY_FILE
 
     with _step_errors():
@@ -447,6 +447,10 @@ def run_report(config_path: str, start: datetime | None, end: datetime | None) -
             # the report runs after failed sends too (trigger rule all_done); before a published
             # outbox there is nothing to fold, and the failed step has already said why
             _skip("nothing was published: the run stopped before the outbox")
+        if store.sqlite_file_missing(spec.config.resolved_database_url(spec.database)):
+            # this attempt's extract refused the database (a mistyped one) before clearing an
+            # earlier attempt's outbox: folding that into a new, empty file would record it there
+            _skip("the staging database is not there: nothing of this attempt to report")
         result = tasks.report(spec)
     summary = result["summary"]
     out: dict[str, Any] = {

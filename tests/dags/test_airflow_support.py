@@ -267,6 +267,21 @@ def test_a_real_runs_extract_refuses_a_database_that_is_not_the_clinics_ledger(t
     assert support.run_spec(path, start, end, new).new_database
 
 
+def test_the_report_records_nothing_into_a_database_that_is_not_there(tmp_path: Path) -> None:
+    # an earlier attempt published; this attempt's extract refused a mistyped database before
+    # clearing the folder: the report (all_done) folded the old outbox into a new, empty file
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    path, start, end = _refund_clinic(tmp_path)
+    spec = support.run_spec(path, start, end)
+    spec.paths.outbox.mkdir(parents=True)
+    (spec.paths.outbox / "summary.json").write_text("{}\n", encoding="utf-8")
+    database = tmp_path / "var" / "sunrise-medspa.sqlite"
+    with pytest.raises(AirflowSkipException, match="staging database is not there"):
+        support.run_report(str(path), start, end)
+    assert not database.exists()
+
+
 def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
