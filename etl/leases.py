@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 TTL = timedelta(minutes=5)
 HEARTBEAT_SECONDS = 60.0
+# a holder whose heartbeat has not renewed for this long stops before its next request: another
+# machine may take the lease over at TTL, and a batch in flight must not cross that
+UNRENEWED_LIMIT_SECONDS = TTL.total_seconds() / 2
 
 Clock = Callable[[], datetime]
 
@@ -52,6 +56,7 @@ class Lease:
         self.holder = holder
         self._clock = clock
         self._lost = threading.Event()
+        self._renewed = time.monotonic()  # acquired just now
 
     def _where(self) -> sa.ColumnElement[bool]:
         return sa.and_(
@@ -65,12 +70,18 @@ class Lease:
             renewed = conn.execute(send_leases.update().where(self._where()).values(renewed_at=self._clock()))
         if renewed.rowcount != 1:
             self._lost.set()
+        else:
+            self._renewed = time.monotonic()
 
     def check(self) -> None:
         """Raises:
         SendInProgress: the lease went to another sender (this one's heartbeat could not renew
-            it for ``TTL``); stop before the next request.
+            it for ``TTL``), or it has not been renewed for ``UNRENEWED_LIMIT_SECONDS`` (a
+            renewal that fails, say on a busy database, does not tell this holder it lost the
+            lease; another may take it over at ``TTL``); stop before the next request.
         """
+        if time.monotonic() - self._renewed >= UNRENEWED_LIMIT_SECONDS:
+            self._lost.set()
         if self._lost.is_set():
             raise SendInProgress(
                 f"{self._destination} for clinic {self._clinic_id}: this sender's lease was taken over "

@@ -236,6 +236,31 @@ def test_the_heartbeat_renews_and_a_lease_taken_over_stops_before_the_next_batch
     assert renewed_at > acquired_at  # renewed by the heartbeat while the first batch was out
 
 
+def test_a_holder_whose_renewals_fail_stops_before_another_can_take_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a renewal that raised (a busy database) was only logged: the holder never learned that
+    # another sender could take over at TTL, and both sent the same batch
+    monkeypatch.setattr(leases, "HEARTBEAT_SECONDS", 0.02)
+    monkeypatch.setattr(leases, "UNRENEWED_LIMIT_SECONDS", 0.15)
+
+    def busy(self: leases.Lease) -> None:
+        raise sa.exc.OperationalError("UPDATE send_leases", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(leases.Lease, "renew", busy)
+    config = make_config(tmp_path)
+    ids = [f"{i:064x}" for i in range(4)]
+    received: list[str] = []
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        with pytest.raises(SendInProgress, match="taken over"):
+            deliver.upload_conversions(config, engine, _outbox(tmp_path, ids),
+                                       _SlowPlatform(received, pause=0.3),  # type: ignore[arg-type]
+                                       run_id="mine", clock=lambda: AT)  # fmt: skip
+        recorded = {k: e.status for k, e in ledger.read_ledger(engine, CLINIC, DEST).items()}
+    assert received == ids[:2]  # the batch in flight finished; the next was never started
+    assert recorded == {**dict.fromkeys(ids[:2], "accepted"), **dict.fromkeys(ids[2:], "planned")}
+
+
 class _Audience:
     name = "meta_audience"
     validates_remotely = False
