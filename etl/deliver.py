@@ -506,10 +506,17 @@ def sync_audience(
         name = destination.name
         if (halt := switches.refusal(engine, config.clinic_id, switches.platform_of(name))) is not None:
             raise halt  # before anything is written ahead or sent
-        newest = ledger.latest_synced_end(engine, config.clinic_id, name) if run_end is not None else None
-        if newest is not None and run_end is not None and newest > run_end.astimezone(UTC):
+        newest = (
+            ledger.latest_synced_end(engine, config.clinic_id, name, excluding_run=run_id)
+            if run_end is not None
+            else None
+        )
+        if newest is not None and run_end is not None and newest >= run_end.astimezone(UTC):
             # planned before a later run synced (e.g. backfill runs side by side): this delta is
-            # stale, and applying it would put back people who revoked since
+            # stale, and applying it would put back people who revoked since. Another run of the
+            # same end counts as later too (which plan is newer is not recorded): at worst a
+            # removal waits for the next night, never a revoked person put back; this run's own
+            # earlier sync (a retried task) is no reason
             log.info("%s: a run ending %s synced the list after this plan; left alone", name, newest)
             return {
                 "adds": 0,

@@ -772,14 +772,16 @@ def apply_audience_delta(
             audit.append(conn, clinic_id, "audience_sync", run_id, sync, at)
 
 
-def latest_synced_end(engine: Engine, clinic_id: str, destination: str) -> datetime | None:
-    """The newest run end a sync of ``destination`` mirrored, or None before the first sync."""
+def latest_synced_end(
+    engine: Engine, clinic_id: str, destination: str, *, excluding_run: str | None = None
+) -> datetime | None:
+    """The newest run end a sync of ``destination`` mirrored (by a run other than
+    ``excluding_run``), or None before the first sync."""
+    where = [audience_syncs.c.clinic_id == clinic_id, audience_syncs.c.destination == destination]
+    if excluding_run is not None:
+        where.append(audience_syncs.c.run_id != excluding_run)
     with engine.connect() as conn:
-        ends = conn.execute(
-            sa.select(audience_syncs.c.run_end).where(
-                audience_syncs.c.clinic_id == clinic_id, audience_syncs.c.destination == destination
-            )
-        ).scalars()
+        ends = conn.execute(sa.select(audience_syncs.c.run_end).where(*where)).scalars()
         # compared as instants: SQLite hands back naive UTC values
         values = [e if e.tzinfo else e.replace(tzinfo=UTC) for e in ends]
     return max(values, default=None)

@@ -400,6 +400,32 @@ def test_a_delta_planned_before_a_later_run_synced_is_not_applied(tmp_path: Path
         assert ledger.latest_synced_end(engine, CLINIC, "meta_audience") == newer_end
 
 
+def test_a_delta_planned_before_another_run_of_the_same_end_synced_is_not_applied(tmp_path: Path) -> None:
+    # a CLI backfill and the nightly run share an end: the backfill planned, the nightly run
+    # (planned after a revocation) synced, then the backfill's stale delta put the person back
+    config = make_config(tmp_path)
+    a = [f"{1:064x}", *[""] * 7]
+    end = datetime(2026, 6, 30, 7, tzinfo=UTC)
+    with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
+        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=AT,
+                                    run_id="nightly", run_end=end)  # fmt: skip
+        calls: list[Any] = []
+
+        def audience() -> Any:
+            destination = _RefusingAudience(set())
+            real = destination.sync
+            destination.sync = lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs)  # type: ignore[method-assign]
+            return destination
+
+        def sync(run_id: str) -> dict[str, Any]:
+            return deliver.sync_audience(config, engine, _audience_outbox(tmp_path / run_id, [a], []), audience(),  # type: ignore[arg-type]
+                                         full_resync=False, clock=lambda: AT, run_id=run_id, run_end=end)  # fmt: skip
+
+        assert sync("backfill")["skipped_newer_sync"] == 1 and calls == []
+        # the nightly run's own sync retried (a cleared task) is not stale: it goes through
+        assert "skipped_newer_sync" not in sync("nightly") and len(calls) == 1
+
+
 def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     # the consent_revoked case: a patient revoked on 05-25; a backfill ending 05-20 still sees
     # them granted, and must not put them back on the lists the nightly run of 06-30 mirrored
