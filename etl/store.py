@@ -413,11 +413,15 @@ def _cannot_open(exc: sa.exc.DBAPIError) -> Exception:
         if storage
         else "check --database / database_url / MEDSPA_DATABASE_URL and that it is reachable"
     )
-    return StagingError(
+    error = StagingError(
         f"staging database: cannot open it ({type(exc.orig).__name__}"
         + (f", {code}" if code else "")
         + f"); {hint}"
     )
+    # a server restarting or a file another night holds locked lets a later try pass (a DAG
+    # task's retries take it up); a full disk, a read-only file or a wrong schema does not
+    error.retryable = exc.orig is not None and not storage and passes_on_retry(exc.orig)
+    return error
 
 
 _AUDIT_TABLES = ("ledger_targets", "audience_state", "audience_sync_log")

@@ -282,6 +282,32 @@ def test_the_report_records_nothing_into_a_database_that_is_not_there(tmp_path: 
     assert not database.exists()
 
 
+def test_a_database_that_cannot_be_reached_now_is_retried_and_one_that_is_no_database_is_not(
+    tmp_path: Path,
+) -> None:
+    # a PostgreSQL restart at 03:00 failed the whole night at once (no retry)
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from etl import store
+    from etl.errors import StagingError
+
+    with (
+        pytest.raises(StagingError) as down,
+        store.engine_for("postgresql+psycopg2://medspa@127.0.0.1:9/medspa"),
+    ):
+        pass
+    assert down.value.retryable
+    with pytest.raises(Exception) as retried:
+        support._fail_without_retry(down.value)
+    assert not isinstance(retried.value, AirflowFailException)  # Airflow's retries take it up
+    (tmp_path / "folder.sqlite").mkdir()  # a folder where the file should be: no retry helps
+    with pytest.raises(StagingError) as broken, store.engine_for(f"sqlite:///{tmp_path / 'folder.sqlite'}"):
+        pass
+    assert not broken.value.retryable
+    with pytest.raises(AirflowFailException):
+        support._fail_without_retry(broken.value)
+
+
 def test_a_send_refused_for_another_sender_is_retried_and_other_errors_are_not() -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
