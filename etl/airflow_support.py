@@ -231,6 +231,9 @@ def run_spec(
                    new_database=new_database_param(params))  # fmt: skip
 
 
+PARAM_NAMES = ("dry_run", "target", "new_database")  # the DAG's params (dags/medspa_conversions.py)
+
+
 def new_database_param(params: Mapping[str, Any] | None) -> bool:
     """``new_database``: start a new send ledger in this database (``run --new-database``)."""
     new = (params or {}).get("new_database", False)
@@ -240,8 +243,16 @@ def new_database_param(params: Mapping[str, Any] | None) -> bool:
 
 
 def run_params(params: Mapping[str, Any] | None) -> tuple[bool, Target]:
-    """``dry_run`` and ``target`` from the run's params (checked again: conf can be anything)."""
+    """``dry_run`` and ``target`` from the run's params (checked again: conf can be anything).
+
+    A key the DAG does not take is refused: Airflow merges a run's conf into its params
+    unchecked, and ``{"dryrun": true}`` would otherwise run, and send, as if it were absent.
+    """
     params = params or {}
+    if unknown := sorted(str(k)[:40] for k in params if k not in PARAM_NAMES):
+        raise ConfigError(
+            f"unknown param {', '.join(map(repr, unknown))}: the DAG takes {', '.join(PARAM_NAMES)}"
+        )
     dry_run = params.get("dry_run", False)
     target = params.get("target", "sandbox")
     if not isinstance(dry_run, bool):

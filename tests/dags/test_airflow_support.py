@@ -103,7 +103,9 @@ def test_live_send_without_a_secret_refuses_and_sandbox_warns(
 
 
 @pytest.mark.parametrize(
-    "params", [{"target": "prod"}, {"dry_run": "yes"}], ids=["bad-target", "bad-dry-run"]
+    "params",
+    [{"target": "prod"}, {"dry_run": "yes"}, {"dryrun": True, "target": "sandbox"}],
+    ids=["bad-target", "bad-dry-run", "misspelled-dry-run"],  # the last one ran, and sent
 )
 def test_run_params_are_checked(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):

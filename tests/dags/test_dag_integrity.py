@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from etl import airflow_support as support
 from tests.dags.conftest import DAG_ID, DEMO_CLINIC, REPO, airflow_env, run
 
 PROBE = Path(__file__).with_name("parse_probe.py")
@@ -87,6 +88,7 @@ def test_nightly_dag_shape(parses: list[dict[str, Any]]) -> None:
     assert dag["max_active_runs"] == 1
     assert dag["catchup"] is False
     assert dag["params"] == {"dry_run": False, "target": "sandbox", "new_database": False}
+    assert sorted(dag["params"]) == sorted(support.PARAM_NAMES)  # what the tasks accept
     assert dag["edges"] == EDGES
     assert dag["has_failure_callback"] is True and dag["watcher_alerts"] is False
     # every step retries (our own errors fail at once, see _fail_without_retry); the watcher not
