@@ -250,7 +250,8 @@ def build_conversions(
             consent_as_of=_clock(),
         )
     pipeline.build_pending(plan, spec.paths)
-    (spec.paths.run_dir / KEY_CHECK_FILE).write_text(key_check + "\n", encoding="utf-8")
+    if not dry_run:  # what its sends check the clinic's ledger record against (claim_target)
+        (spec.paths.run_dir / KEY_CHECK_FILE).write_text(key_check + "\n", encoding="utf-8")
     return {
         "run_id": spec.run_id,
         "stages": plan.summary["stages"],
