@@ -153,7 +153,7 @@ def discover_clinics(root: Path, *, only_dag_id: str | None = None) -> list[Clin
         except ConfigError as exc:
             _parse_warning(f"clinic skipped: {exc}")
             continue
-        if not croniter.is_valid(config.schedule):
+        if not croniter.is_valid(config.schedule) or not _fires(config.schedule):
             _parse_warning(f"clinic skipped: {path}: schedule is not a valid cron expression")
             continue
         clinic = Clinic(config.clinic_id, path.resolve(), config.timezone, config.schedule)
@@ -169,6 +169,18 @@ def discover_clinics(root: Path, *, only_dag_id: str | None = None) -> list[Clin
         if only_dag_id is None or same[0].dag_id == only_dag_id:
             clinics.append(same[0])
     return clinics
+
+
+def _fires(schedule: str) -> bool:
+    """Whether a valid cron ever fires (``0 3 30 2 *`` is valid, and never does: Airflow then
+    fails to serialize the DAG)."""
+    from croniter import CroniterBadDateError, croniter
+
+    try:
+        croniter(schedule, datetime(2026, 1, 1)).get_next(datetime)  # any start: a wall time
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def _parse_warning(message: str) -> None:

@@ -199,6 +199,21 @@ def test_a_clinic_id_in_two_files_skips_both(tmp_path: Path) -> None:
         assert support.discover_clinics(tmp_path, only_dag_id=support.DAG_ID_PREFIX + "sunrise-medspa") == []
 
 
+@pytest.mark.parametrize(("schedule", "kept"), [("0 3 30 2 *", False), ("0 3 29 2 *", True)])
+def test_a_cron_that_never_fires_skips_its_clinic(schedule: str, kept: bool, tmp_path: Path) -> None:
+    # valid to croniter, but February 30 never comes: Airflow failed to serialize the DAG
+    import shutil
+
+    shutil.copytree(DEMO_CLINIC, tmp_path / "demo", ignore=shutil.ignore_patterns("var"))
+    path = tmp_path / "demo" / "clinic.yaml"
+    path.write_text(path.read_text() + f'schedule: "{schedule}"\n')
+    if kept:  # leap days come every four years: a rare night, but a night
+        assert [c.schedule for c in support.discover_clinics(tmp_path)] == [schedule]
+        return
+    with pytest.warns(UserWarning, match="schedule is not a valid cron expression"):
+        assert support.discover_clinics(tmp_path) == []
+
+
 def test_manual_run_without_logical_date_gets_the_last_complete_night() -> None:
     config = load_config(DEMO_CLINIC / "clinic.yaml")
     start, end = support.latest_interval(config, datetime(2026, 11, 23, 17, 30, tzinfo=UTC))
