@@ -83,15 +83,19 @@ def build_dag(clinic: steps.Clinic) -> DAG:
 
         @task
         def stage(
-            data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
+            data_interval_start: datetime | None = None,
+            data_interval_end: datetime | None = None,
+            params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return steps.run_stage(path, data_interval_start, data_interval_end)
+            return steps.run_stage(path, data_interval_start, data_interval_end, params)
 
         @task
         def validate_inputs(
-            data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
+            data_interval_start: datetime | None = None,
+            data_interval_end: datetime | None = None,
+            params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return steps.run_validate_inputs(path, data_interval_start, data_interval_end)
+            return steps.run_validate_inputs(path, data_interval_start, data_interval_end, params)
 
         @task
         def build_conversions(
@@ -138,9 +142,11 @@ def build_dag(clinic: steps.Clinic) -> DAG:
         # Google refused still gets its summary and report (it skips when nothing was published)
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def report(
-            data_interval_start: datetime | None = None, data_interval_end: datetime | None = None
+            data_interval_start: datetime | None = None,
+            data_interval_end: datetime | None = None,
+            params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return steps.run_report(path, data_interval_start, data_interval_end)
+            return steps.run_report(path, data_interval_start, data_interval_end, params)
 
         @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0, on_failure_callback=None)
         def sends_failed() -> None:

@@ -232,15 +232,19 @@ def run_spec(
     params: Mapping[str, Any] | None = None,
 ) -> RunSpec:
     """Rebuild the run in this task process: staging from the YAML, else ``MEDSPA_DATABASE_URL``
-    (and, for the steps that claim the database, the ``new_database`` param)."""
+    (and, for the steps that claim the database, the ``new_database`` param). A dry run works
+    under a run id and folder of its own (``pipeline.run_label``): every step must be given the
+    params, or it would look in the folder of the interval's real run."""
+    from etl.pipeline import run_label
     from etl.tasks import RunSpec
 
     config = load_config(config_path)
     database = None if config.database_url else (os.environ.get(DATABASE_URL_ENV, "").strip() or None)
     quiet_third_party_loggers()
     private_files()
+    dry_run, _ = run_params(params)
     return RunSpec(config=config, window=run_window(config, start, end), database=database,
-                   new_database=new_database_param(params))  # fmt: skip
+                   new_database=new_database_param(params), label=run_label(dry_run=dry_run))  # fmt: skip
 
 
 PARAM_NAMES = ("dry_run", "target", "new_database")  # the DAG's params (dags/medspa_conversions.py)
@@ -367,18 +371,22 @@ def run_extract(
         return _done("extract", tasks.extract(spec))
 
 
-def run_stage(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+def run_stage(
+    config_path: str, start: datetime | None, end: datetime | None, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     from etl import tasks
 
     with _step_errors():
-        return _done("stage", tasks.stage(run_spec(config_path, start, end)))
+        return _done("stage", tasks.stage(run_spec(config_path, start, end, params)))
 
 
-def run_validate_inputs(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+def run_validate_inputs(
+    config_path: str, start: datetime | None, end: datetime | None, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     from etl import tasks
 
     with _step_errors():
-        return _done("validate_inputs", tasks.validate_inputs(run_spec(config_path, start, end)))
+        return _done("validate_inputs", tasks.validate_inputs(run_spec(config_path, start, end, params)))
 
 
 def run_build_conversions(
@@ -398,7 +406,7 @@ def run_build_conversions(
     counts = {k: int(v) for k, v in (inputs or {}).items() if k != "run_id" and isinstance(v, int)}
     with _step_errors():
         dry_run, target = run_params(params)
-        spec = run_spec(config_path, start, end)
+        spec = run_spec(config_path, start, end, params)
         secret = id_secret(real_send=not dry_run and target == "live")
         result = tasks.build_conversions(spec, secret=secret, dry_run=dry_run, target=target, inputs=counts)
         return _done("build_conversions", result)
@@ -459,13 +467,15 @@ def run_sync_suppression(
     return _done("sync_suppression", result)
 
 
-def run_report(config_path: str, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+def run_report(
+    config_path: str, start: datetime | None, end: datetime | None, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Fold the upload results into summary.json; return its counts and where the reports are."""
     from etl import store, tasks
     from etl.outbox import SUMMARY_FILE
 
     with _step_errors():
-        spec = run_spec(config_path, start, end)
+        spec = run_spec(config_path, start, end, params)
         if spec.paths.stopped.exists() or not (spec.paths.outbox / SUMMARY_FILE).exists():
             # the report runs after failed sends too (trigger rule all_done); before a published
             # outbox there is nothing to fold, and the failed step has already said why

@@ -246,10 +246,12 @@ def run(
     import sqlalchemy as sa
 
     from etl import store
+    from etl.pipeline import run_label
     from etl.rules.stages import RunWindow
     from etl.tasks import refuse_future_end
 
     _setup_logging(verbose)
+    label = run_label(dry_run=dry_run, validate_only=validate_only)
     step = {"name": "start"}  # the step running, for an error the machine raises in it
 
     def on_step(name: str) -> None:
@@ -292,7 +294,8 @@ def run(
         if (done := getattr(exc, "run_result", None)) is not None:
             # a send stopped, the others and the report ran: their summary still goes to stdout
             # (a `--json | jq` pipeline reads what was sent), then the exit code says what stopped
-            _print_result(cfg, RunWindow(start=start_at, end=end_at), outbox, *done, json_out=json_out)
+            _print_result(cfg, RunWindow(start=start_at, end=end_at), outbox, *done, json_out=json_out,
+                          label=label)  # fmt: skip
         raise _fail(exc) from None
     except OSError as exc:  # a full disk, a file size limit, a folder it may not write
         raise _fail(MachineError.of(exc, step["name"], sends=not dry_run)) from None
@@ -304,8 +307,9 @@ def run(
             store.refused(exc, f"{step['name']}: the staging database refused a write", after)
         ) from None
     _print_result(
-        cfg, RunWindow(start=start_at, end=end_at), outbox, summary, directory, seconds, json_out=json_out
-    )
+        cfg, RunWindow(start=start_at, end=end_at), outbox, summary, directory, seconds, json_out=json_out,
+        label=label,
+    )  # fmt: skip
 
 
 def _refuse_with_dry_run(*, target: Target, validate_only: bool, meta_test_event_code: str | None,
@@ -339,6 +343,7 @@ def _print_result(
     seconds: dict[str, float],
     *,
     json_out: bool,
+    label: str | None,
 ) -> None:
     from etl.report import report_path
 
@@ -347,7 +352,7 @@ def _print_result(
     else:
         out.print(_summary_table(summary))
     err.print(f"outbox: {directory}")
-    err.print(f"report: {report_path(cfg, window, outbox)}", soft_wrap=True)
+    err.print(f"report: {report_path(cfg, window, outbox, label)}", soft_wrap=True)
     err.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
 
 
@@ -388,8 +393,9 @@ def execute_run(
 
     timings = pipeline.Timings(on_step=on_step)
     spec = tasks.RunSpec(
-        config=cfg, window=window, database=database, outbox=outbox, new_database=new_database
-    )
+        config=cfg, window=window, database=database, outbox=outbox, new_database=new_database,
+        label=pipeline.run_label(dry_run=dry_run, validate_only=validate_only),
+    )  # fmt: skip
     if not dry_run and not validate_only:  # a mistyped database would send everything again
         tasks.check_ledger_record(spec, "live" if target == "live" else "sandbox")
     with spec.engine():  # a wrong or unreachable database fails now, not after the extract

@@ -132,9 +132,23 @@ class Plan:
     conversions: pd.DataFrame | None = None
 
 
+DRY_RUN_LABEL = "dry-run"
+VALIDATE_ONLY_LABEL = "validate-only"
+
+
+def run_label(*, dry_run: bool, validate_only: bool = False) -> str | None:
+    """The label of a run that sends nothing for real: a dry run, or one the platforms only
+    validate. It gets a folder and run id of its own, so previewing an interval already sent
+    never replaces the outbox, summary and report that say what left for it."""
+    if dry_run:
+        return DRY_RUN_LABEL
+    return VALIDATE_ONLY_LABEL if validate_only else None
+
+
 def run_id_for(config: ClinicConfig, window: RunWindow, label: str | None = None) -> str:
     """The clinic and the interval (a rerun is the same run); ``label`` marks a run of another
-    kind over the same interval (``validate``), which must not write over the run's records."""
+    kind over the same interval (``validate``, ``run_label``), which must not write over the
+    run's records."""
     fmt = "%Y%m%dT%H%M%z"
     base = f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
     return f"{base}__{label}" if label else base

@@ -51,9 +51,11 @@ border-bottom:1px solid #e4e7eb}th{background:#f5f7fa}td.num{text-align:right;fo
 """
 
 
-def report_path(config: ClinicConfig, window: RunWindow, outbox: Path | None = None) -> Path:
+def report_path(
+    config: ClinicConfig, window: RunWindow, outbox: Path | None = None, label: str | None = None
+) -> Path:
     """Where a run's report is written (beside its outbox folder, in the run's folder)."""
-    return paths_for(config, window, outbox).run_dir / REPORT_FILE
+    return paths_for(config, window, outbox, label).run_dir / REPORT_FILE
 
 
 def paths_for_run_id(config: ClinicConfig, run_id: str, outbox: Path | None = None) -> RunPaths:

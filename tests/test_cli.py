@@ -566,15 +566,50 @@ def _run_args(config: Path, *mode: str) -> list[str]:
     return ["run", "--config", str(config), "--start", "2026-05-01", "--end", "2026-06-30", *mode]
 
 
+def test_a_dry_run_or_validate_only_run_after_a_real_run_leaves_what_was_sent_on_record(
+    tmp_path: Path,
+) -> None:
+    # they shared the interval's run id and folder: previewing an interval already sent replaced
+    # its outbox, summary.json and report.html, and its newest run_summaries row said dry_run
+    config = _sandbox_clinic(tmp_path)
+    assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
+    (real_dir,) = (tmp_path / "var" / "runs").iterdir()
+    files = {p: p.read_bytes() for p in (real_dir / "outbox").iterdir()} | {
+        real_dir / "report.html": (real_dir / "report.html").read_bytes()
+    }
+    assert json.loads((real_dir / "outbox" / "summary.json").read_text())["destinations"]["meta_events"][
+        "sent"
+    ]
+    for mode, label in (
+        (["--dry-run"], "dry-run"),
+        (["--target", "sandbox", "--validate-only"], "validate-only"),
+    ):
+        again = RUNNER.invoke(app, _run_args(config, *mode))
+        assert again.exit_code == 0, again.output
+        assert f"{real_dir.name}__{label}" in " ".join(again.stderr.split())  # its outbox and report
+        assert (real_dir.with_name(f"{real_dir.name}__{label}") / "outbox" / "summary.json").exists()
+    assert {p: p.read_bytes() for p in files} == files
+    database = f"sqlite:///{tmp_path / 'var' / 'sunrise-medspa.sqlite'}"
+    with store.engine_for(database) as engine, engine.connect() as conn:
+        rows = conn.execute(sa.select(store.run_summaries.c.run_id, store.run_summaries.c.dry_run)).all()
+    assert sorted(rows) == sorted(
+        [
+            (real_dir.name, False),
+            (f"{real_dir.name}__dry-run", True),
+            (f"{real_dir.name}__validate-only", False),
+        ]
+    )
+
+
 def test_a_report_the_disk_refuses_after_every_send_is_one_clear_error(tmp_path: Path) -> None:
     # the sends all went and are recorded; the report could not be written (a full disk, say):
     # exit 9 naming the step and the path, not a traceback exiting 1
     config = _sandbox_clinic(tmp_path)
     first = RUNNER.invoke(app, _run_args(config, "--dry-run"))
     assert first.exit_code == 0
-    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
-    (run_dir / "report.html").unlink()
-    (run_dir / "report.html").mkdir()  # the report's atomic rename now fails, as on a broken disk
+    (dry_dir,) = (tmp_path / "var" / "runs").iterdir()
+    run_dir = dry_dir.with_name(dry_dir.name.removesuffix("__dry-run"))  # the real run's folder
+    (run_dir / "report.html").mkdir(parents=True)  # the report's atomic rename now fails, as on a broken disk
     (run_dir / "report.html" / "keep").write_text("x")
     result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
     assert result.exit_code == MachineError.exit_code, result.output
@@ -601,13 +636,15 @@ def test_a_dry_runs_machine_error_does_not_point_at_a_send_ledger(tmp_path: Path
 def test_upload_results_a_rerun_cannot_clear_stop_it_instead_of_being_folded_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # results/ that cannot be removed (another user's files) was passed over in silence: the dry
-    # run that followed a real run reported the real run's sends as its own
+    # results/ that cannot be removed (another user's files) was passed over in silence: the
+    # rerun that followed a real run reported the earlier attempt's sends as its own
     import shutil as shutil_module
 
     config = _sandbox_clinic(tmp_path)
     assert RUNNER.invoke(app, _run_args(config, "--target", "sandbox")).exit_code == 0
     (results,) = (tmp_path / "var" / "runs").glob("*/results")
+    (published,) = (tmp_path / "var" / "runs").glob("*/outbox/summary.json")
+    sent = published.read_bytes()
     real_rmtree = shutil_module.rmtree
 
     def rmtree(path: Any, ignore_errors: bool = False, **kwargs: Any) -> None:
@@ -618,11 +655,11 @@ def test_upload_results_a_rerun_cannot_clear_stop_it_instead_of_being_folded_in(
         real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
 
     monkeypatch.setattr(shutil_module, "rmtree", rmtree)
-    result = RUNNER.invoke(app, _run_args(config, "--dry-run"))
+    result = RUNNER.invoke(app, _run_args(config, "--target", "sandbox"))
     assert result.exit_code == MachineError.exit_code, result.output
     assert "error: extract: Permission denied (EACCES) at" in " ".join(result.stderr.split())
-    summaries = list((tmp_path / "var" / "runs").glob("*/outbox/summary.json"))
-    assert all(not json.loads(p.read_text())["dry_run"] for p in summaries)  # no dry run claiming sends
+    # the rerun stopped at its extract: no summary of it folds the first attempt's results
+    assert not published.exists() or published.read_bytes() == sent
 
 
 def test_a_list_state_the_database_refuses_is_one_clear_error_after_the_other_sends(tmp_path: Path) -> None:

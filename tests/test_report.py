@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from etl import store, tasks
+from etl import pipeline, store, tasks
 from etl.cli import app
 from etl.config import load_config
 from etl.outbox import OUTBOX_FILES, read_rows
@@ -44,7 +44,7 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _spec(clinic: Path) -> tasks.RunSpec:
     config = load_config(clinic / "clinic.yaml")
     window = RunWindow(datetime(2026, 10, 1, tzinfo=config.tz), datetime(2026, 11, 23, tzinfo=config.tz))
-    return tasks.RunSpec(config=config, window=window)
+    return tasks.RunSpec(config=config, window=window, label=pipeline.run_label(dry_run=True))
 
 
 def _page(clinic: Path) -> str:

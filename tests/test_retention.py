@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from etl import tasks
+from etl import pipeline, tasks
 from etl.cli import app
 from etl.errors import NotPlanned
 from tests.conftest import BASE_CONFIG, DATA
@@ -112,6 +113,7 @@ def test_a_pruned_run_refuses_to_send_or_rerender_and_a_rerun_starts_afresh(tmp_
     assert RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30"]).exit_code == 0
     cfg_tz = tasks.load_config(config).tz
     spec = tasks.spec_for(config, datetime(2026, 5, 1, tzinfo=cfg_tz), datetime(2026, 6, 30, tzinfo=cfg_tz))
+    spec = dataclasses.replace(spec, label=pipeline.run_label(dry_run=True))
     assert spec.paths.run_dir == run_dir
     with pytest.raises(NotPlanned, match="pruned"):  # sending "nothing" would read as done
         tasks.upload(spec, "meta", target="sandbox")
