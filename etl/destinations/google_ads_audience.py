@@ -206,6 +206,7 @@ class GoogleAdsCustomerMatch:
             for key in {member_key(row) for row in rows} - result.unapplied:
                 self._reject(result, key, "REMOVE_ALL_FAILED", None)
             return
+        ran = False  # the job finished with SUCCESS: what it carried is on the list
         if validate_only:
             result.codes["VALIDATE_ONLY"] = result.codes.get("VALIDATE_ONLY", 0) + 1
         elif applied or remove_all:
@@ -221,8 +222,11 @@ class GoogleAdsCustomerMatch:
                 # is harmless), and a revoked person is not left on the list for good
                 result.unapplied |= {member_key(row) for row in applied}
                 applied = []
-        if remove_all and not validate_only:
-            result.replaced = True  # the job ran (or is running) with remove_all first
+            ran = status == "SUCCESS"
+        if remove_all and ran:
+            # only once the job finished: one still running may yet fail, and a list counted as
+            # replaced settles whoever left, so a revoked person would stay on it for good
+            result.replaced = True
         if direction == "create":
             result.adds += len(applied)
         else:

@@ -279,9 +279,12 @@ def classify_auth_error(exc: BaseException) -> CallFailure | None:
 
 
 def outcome_for(code: str) -> Outcome:
+    """A row's outcome from the error Google gave that row (partial failure)."""
     if code in ALREADY_SENT_CODES:
         return Outcome.ALREADY_SENT
-    if code in DEFERRED_CODES:
+    if code in DEFERRED_CODES or code in TRANSIENT_CODES:
+        # a transient fault says nothing final about the row: sent again next run, where an
+        # order_id Google had applied after all is answered as already there
         return Outcome.DEFERRED
     return Outcome.REJECTED
 

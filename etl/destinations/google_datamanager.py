@@ -208,13 +208,14 @@ class DataManagerBase:
         return destination
 
     def _request(
-        self, method: str, call: Callable[[], Any], keys: Sequence[str]
+        self, method: str, call: Callable[[], Any], keys: Sequence[str], *, bisect: bool = True
     ) -> tuple[Any, list[RowResult] | None]:
-        """Run one call; a content refusal propagates (to bisect), others become row results."""
+        """Run one call; a content refusal propagates (for the caller to bisect) unless
+        ``bisect`` is off (a call with no rows to split), others become row results."""
         try:
             return call_with_retry(call, classify_dm_error, self._policy, label=f"datamanager {method}"), None
         except CallFailed as exc:
-            if exc.failure.kind is Kind.INVALID and not exc.exhausted:
+            if bisect and exc.failure.kind is Kind.INVALID and not exc.exhausted:
                 raise
             return None, results_for_failure(exc, keys, api=API, method=method, customer_id=self._customer_id)
 

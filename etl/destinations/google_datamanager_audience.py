@@ -100,6 +100,7 @@ class DataManagerCustomerMatch(DataManagerBase):
                     request=request, retry=None, timeout=TIMEOUT_SECONDS
                 ),
                 ["remove_all"],
+                bisect=False,  # nothing to split: a refusal is this sync's answer
             )
             if failed:
                 result.codes[failed[0].code or "UNKNOWN"] = 1

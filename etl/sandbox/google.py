@@ -14,7 +14,8 @@ sandbox before creating any gRPC channel in the process. The Data Manager client
 same port through a secure channel built with ``root_certificates`` (no variable needed).
 
 Deterministic click rule (``docs/google.md``): a click id starting with ``unknown`` is
-CLICK_NOT_FOUND, ``recent`` is TOO_RECENT_EVENT, ``expired`` is EXPIRED_EVENT; once
+CLICK_NOT_FOUND, ``recent`` is TOO_RECENT_EVENT, ``expired`` is EXPIRED_EVENT, ``transient``
+is an INTERNAL_ERROR located at its row (the Google Ads API; the row is not applied); once
 ``register_clicks`` has been called, any click id not registered is CLICK_NOT_FOUND too.
 """
 
@@ -61,6 +62,7 @@ FAILURE_KINDS = (
     "too_recent_action",  # TOO_RECENT_CONVERSION_ACTION / CONVERSION_ACTION_TOO_RECENTLY_CREATED
     "account_refused",  # the request as a whole: HeaderError.INVALID_LOGIN_CUSTOMER_ID /
     #                     DESTINATION_ACCOUNT_TYPE_MISMATCH (INVALID_ARGUMENT)
+    "malformed",  # gRPC INVALID_ARGUMENT with no Google reason
 )
 
 
@@ -257,6 +259,8 @@ class GoogleSandbox:
                 return "TOO_RECENT_EVENT"
             if click.startswith("expired"):
                 return "EXPIRED_EVENT"
+            if click.startswith("transient"):
+                return "INTERNAL_ERROR"
         return None
 
     def action_is_recent(self, action_id: str) -> bool:

@@ -78,6 +78,7 @@ _KINDS: dict[str, tuple[grpc.StatusCode, str | None, str | None]] = {
         "TOO_RECENT_CONVERSION_ACTION",
     ),
     "account_refused": (grpc.StatusCode.INVALID_ARGUMENT, "header_error", "INVALID_LOGIN_CUSTOMER_ID"),
+    "malformed": (grpc.StatusCode.INVALID_ARGUMENT, None, None),
 }
 _CM_OVERRIDES = {  # Customer Match methods report account problems with their own enums
     "unauthorized": (
@@ -202,7 +203,7 @@ def _conversion_errors(
     if click:
         problem = sandbox.click_problem(click)
         if problem:
-            return err(cu, problem, "gclid")
+            return err("internal_error" if problem == "INTERNAL_ERROR" else cu, problem, "gclid")
         triple = (click, c.conversion_date_time, action)
         if triple in seen["clicks"]:
             return err(cu, "DUPLICATE_CLICK_CONVERSION_IN_REQUEST", "gclid")

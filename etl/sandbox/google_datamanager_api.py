@@ -55,6 +55,7 @@ _KINDS: dict[str, tuple[grpc.StatusCode, str | None, dict[str, str]]] = {
     "unauthenticated": (_C.UNAUTHENTICATED, None, {}),
     "too_recent_action": (_C.FAILED_PRECONDITION, "CONVERSION_ACTION_TOO_RECENTLY_CREATED", {}),
     "account_refused": (_C.INVALID_ARGUMENT, "DESTINATION_ACCOUNT_TYPE_MISMATCH", {}),
+    "malformed": (_C.INVALID_ARGUMENT, None, {}),
 }
 Violation = tuple[str, str]  # (reason, field path)
 _POSTAL = {"US": r"\d{5}(-\d{4})?"}

@@ -105,6 +105,22 @@ def test_google_ads_partial_failures_land_per_row(google_sandbox, google_config,
     assert google_sandbox.accepted_order_ids() == {good["order_id"]: 1}
 
 
+def test_google_ads_a_transient_error_naming_one_row_defers_that_row(
+    google_sandbox, google_config, google_conversion
+):
+    # INTERNAL_ERROR located at one row was recorded REJECTED (final): a conversion Google could
+    # not take for a moment was never sent again
+    conversions, _ = destinations(google_config, google_sandbox, "google_ads")
+    rows = [google_conversion("one"), google_conversion("hiccup", gclid="transient-click-1")]
+    results = conversions.send(rows)
+    assert [(r.outcome, r.code) for r in results] == [
+        (Outcome.ACCEPTED, None),
+        (Outcome.DEFERRED, "INTERNAL_ERROR"),
+    ]
+    assert google_sandbox.accepted_order_ids() == {rows[0]["order_id"]: 1}
+    assert len(google_sandbox.requests("UploadClickConversions")) == 1  # not retried in the run
+
+
 def test_google_ads_an_error_naming_no_row_defers_the_rows_without_their_own(
     google_sandbox, google_config, google_conversion
 ):

@@ -48,6 +48,22 @@ def test_google_ads_a_job_still_running_when_polling_ends_settles_none_of_its_me
     assert {member_key(joining), member_key(leaving)} <= result.unapplied  # sent again next sync
 
 
+def test_google_ads_a_full_resync_whose_job_is_still_running_has_not_replaced_the_list(
+    google_sandbox, google_config, google_member
+):
+    # counted replaced while Google still ran (and could fail) the remove_all job: the sync
+    # settled everyone who left, so a revoked person stayed on the list when the job failed
+    destination = audience(google_config, google_sandbox, "google_ads")
+    destination._poll_timeout, google_sandbox.job_polls = 0.0, 1_000
+    result = destination.sync([google_member("a1")], [], full_resync=True)
+    assert result.codes["JOB_PENDING"] == 1 and not result.replaced  # the next sync redoes it
+    google_sandbox.job_polls = 1
+    finished = audience(google_config, google_sandbox, "google_ads").sync(
+        [google_member("a1")], [], full_resync=True
+    )
+    assert finished.replaced and "JOB_PENDING" not in finished.codes
+
+
 @pytest.mark.parametrize("api", BOTH)
 def test_adds_then_removes_mirror_the_list(api, google_sandbox, google_config, google_member):
     destination = audience(google_config, google_sandbox, api)
@@ -107,6 +123,19 @@ def test_remove_all_only_with_full_resync(api, google_sandbox, google_config, go
         assert order.index("RemoveAllAudienceMembers") < len(order) - 1
         assert order[-1] == "IngestAudienceMembers"
     assert not destination.sync(fresh, []).replaced  # a delta sync replaces nothing
+
+
+def test_data_manager_a_remove_all_refused_without_a_reason_replaces_nothing_and_adds_nothing(
+    google_sandbox, google_config, google_member
+):
+    # the refusal was raised for bisecting, which remove-all never does: an internal error left
+    # the sync instead of its answer
+    destination = audience(google_config, google_sandbox, "data_manager")
+    destination.sync([google_member("old")], [])
+    google_sandbox.fail_next("RemoveAllAudienceMembers", "malformed")
+    result = destination.sync([google_member("new")], [], full_resync=True)
+    assert result.codes == {"INVALID_ARGUMENT": 1} and not result.replaced and result.adds == 0
+    assert google_sandbox.list_members(LIST) == {member_key(google_member("old"))}
 
 
 def test_google_ads_add_calls_hold_about_ten_thousand_identifiers(
