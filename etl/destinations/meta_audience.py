@@ -187,13 +187,16 @@ class MetaAudience:
 
     def _check_status(self, result: AudienceResult) -> None:
         """Read ``operation_status`` first: a health-flagged audience refuses every edit."""
+        failure: GraphFailure | None = None
         try:
             body, trace = self._client.request(
                 "GET", (str(self._audience_id),), {"fields": "operation_status"}
             )
         except GraphCallError as exc:
-            self._raise_for(exc.failure)
-            log.warning("meta_audience: could not read %s status (%s)", self._target, exc.failure.label)
+            failure = exc.failure
+        if failure is not None:  # outside the except block: see ``_upload``
+            self._raise_for(failure)
+            log.warning("meta_audience: could not read %s status (%s)", self._target, failure.label)
             return
         if trace:
             result.request_ids.append(trace)
@@ -221,6 +224,7 @@ class MetaAudience:
                 "remove": ("DELETE", "users"),
                 "replace": ("POST", "usersreplace"),
             }[kind]
+            failure: GraphFailure | None = None
             try:
                 body, trace = self._client.request(
                     method,
@@ -230,6 +234,9 @@ class MetaAudience:
                 )
             except GraphCallError as exc:
                 failure = exc.failure
+            if failure is not None:
+                # outside the except block, so nothing we raise carries the SDK error (whose
+                # text holds the request's params: the batch's hashes) as its context
                 self._raise_for(failure)
                 if failure.fbtrace_id:
                     result.request_ids.append(failure.fbtrace_id)

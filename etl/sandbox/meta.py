@@ -79,6 +79,7 @@ class MetaSandbox(GraphEndpoints):
         app_secret: when set, ``appsecret_proof`` must be HMAC-SHA256(app_secret, token).
         now: the sandbox's clock for event-age checks (tests set it; None = wall clock).
         pixel_ids: when given, events to other ids get code 100/33 (unknown object).
+        audience_ids: when given, reads and member edits of other ids get code 100/33.
     """
 
     def __init__(
@@ -88,11 +89,13 @@ class MetaSandbox(GraphEndpoints):
         app_secret: str | None = None,
         now: datetime | None = None,
         pixel_ids: set[str] | None = None,
+        audience_ids: set[str] | None = None,
     ) -> None:
         self.access_token = access_token
         self.app_secret = app_secret
         self.now = now
         self.pixel_ids = pixel_ids
+        self.audience_ids = audience_ids
         self.received: list[ReceivedRequest] = []
         self._accepted: list[AcceptedEvent] = []
         self._members: dict[str, dict[str, list[str]]] = {}

@@ -90,6 +90,7 @@ class GraphEndpoints:
     app_secret: str | None
     now: datetime | None
     pixel_ids: set[str] | None
+    audience_ids: set[str] | None
     received: list[ReceivedRequest]
     _accepted: list[AcceptedEvent]
     _members: dict[str, dict[str, list[str]]]
@@ -188,6 +189,9 @@ class GraphEndpoints:
         if method == "POST" and (form.get("method") or [""])[0].lower() == "delete":
             method = "DELETE"
         edge = parts[1] if len(parts) == 2 else None
+        on_audience = edge in ("users", "usersreplace") or (method == "GET" and len(parts) == 1)
+        if on_audience and self.audience_ids is not None and object_id not in self.audience_ids:
+            raise unknown_object(method, object_id)
         if method == "GET" and len(parts) == 1:
             return self._read_object(object_id)
         if method == "POST" and edge == "events":

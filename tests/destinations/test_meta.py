@@ -94,7 +94,7 @@ def audience_row(operation: str, tags: list[str]) -> dict[str, Any]:
 
 @pytest.fixture
 def sandbox():
-    with MetaSandbox(now=NOW, pixel_ids={PIXEL}) as sb:
+    with MetaSandbox(now=NOW, pixel_ids={PIXEL}, audience_ids={AUDIENCE}) as sb:
         yield sb
 
 
@@ -329,6 +329,15 @@ def test_permission_and_unknown_pixel_stop_the_run(sandbox):
         other.send([event_row("x")])
 
 
+def test_an_unknown_audience_stops_the_sync(sandbox):
+    # the sandbox took members for any audience id, so a mistyped suppression_audience_id
+    # synced "fine" in every test
+    _, audience = destinations(sandbox, config=make_config(suppression_audience_id="99999999999"))
+    with pytest.raises(DestinationConfigError, match=r"audience 99999999999 does not exist.*100/33"):
+        audience.sync([audience_row("add", ["a"])], [])
+    assert not sandbox.audience_members("99999999999")
+
+
 def test_app_secret_proof_is_sent_and_checked():
     with MetaSandbox(now=NOW, app_secret="s3cret") as sb:
         good = MetaEvents(make_config(), client_for(sb, "sandbox-token", app_secret="s3cret"), now=NOW)
@@ -467,6 +476,8 @@ def test_health_flagged_audience_is_reported_clearly(sandbox, status_471):
     message = str(caught.value)
     assert f"audience {AUDIENCE}" in message and "health condition" in message
     assert "471" in message and "1713230" in message
+    # the SDK's error (its text holds the batch's hashes) was the stop's __context__
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
     assert not sandbox.audience_members(AUDIENCE)
 
 
@@ -474,8 +485,9 @@ def test_audience_throttled_past_back_off_raises_unavailable(sandbox):
     _, audience = destinations(sandbox)
     sandbox.throttle_next(10, code=80003, regain_minutes=1)
 
-    with pytest.raises(MetaUnavailable, match="80003"):
+    with pytest.raises(MetaUnavailable, match="80003") as caught:
         audience.sync([audience_row("add", ["a"])], [])
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
 
 
 def test_audience_disabled_or_validate_only_sends_nothing(sandbox):
