@@ -102,11 +102,11 @@ CLICK_ID: Final = re.compile(rf"(?!{WORDS.pattern}\Z){_TOKEN}")
 # what Meta's parameter builder appends: a language token (AQ, Ag, Aw, BA, BQ, Bg) or, since its
 # versioned appendix, 8 characters starting "AQ" (its format byte, base64)
 _APPENDIX = r"\.(?:[AB][A-Za-z0-9_\-]|AQ[A-Za-z0-9_\-]{6})"
-_FBC_HEAD = r"fb\.[0-9]\.[0-9]{10,16}\."
+_FBC_HEAD = r"fb\.[0-9]\.[0-9]{10,13}\."
 # fb.<subdomain index>.<creation ms>.<fbclid>[.<appendix>]
 FBC: Final = re.compile(rf"{_FBC_HEAD}(?!{WORDS.pattern}(?:{_APPENDIX})?\Z){_TOKEN}(?:{_APPENDIX})?")
 # fb.<subdomain index>.<creation ms>.<random number>[.<appendix>]
-FBP: Final = re.compile(rf"fb\.[0-9]\.[0-9]{{10,16}}\.[0-9]{{1,20}}(?:{_APPENDIX})?")
+FBP: Final = re.compile(rf"fb\.[0-9]\.[0-9]{{10,13}}\.[0-9]{{1,20}}(?:{_APPENDIX})?")
 CLICK_COLUMNS: Final = {"gclid": CLICK_ID, "gbraid": CLICK_ID, "wbraid": CLICK_ID, "fbclid": CLICK_ID,
                         "fbc": FBC, "fbp": FBP}  # fmt: skip
 # the same shapes for RE2 (Arrow's regex engine has no lookahead): (shape, words it must not be)

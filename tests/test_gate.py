@@ -142,6 +142,14 @@ def test_good_rows_pass() -> None:
         ("google_conversions", ("gclid",), "CANARY_SERVICE_Botox_hyperhidrosis", "not a click ID"),
         ("google_conversions", ("wbraid",), "semaglutide_weight_loss_nov", "not a click ID"),
         ("meta_events", ("user_data", "fbc"), "fb.1.1793552400000.Jane-Doe-sweaty-palms", "not an fbc value"),
+        # a creation time in microseconds: the gate let it out, Meta's sandbox refused the request
+        (
+            "meta_events",
+            ("user_data", "fbc"),
+            "fb.1.1793552400000000.IwAR2F4-dbP0l7Mn1IawQQ",
+            "not an fbc value",
+        ),
+        ("meta_events", ("user_data", "fbp"), "fb.1.17935524000001.1116446470", "not an fbp value"),
         (
             "meta_events",
             ("user_data", "fbp"),

@@ -23,8 +23,8 @@ from facebook_business.adobjects.serverside.user_data import UserData
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # what Meta reads as fbc/fbp (looser than the PHI gate's etl.identifiers.FBC/FBP, which every row
 # here has passed): the parameter builder's appendix included, so no row the gate let out is refused
-_FBC = re.compile(r"^fb\.\d\.\d{10,16}\.\S+$")
-_FBP = re.compile(r"^fb\.\d\.\d{10,16}\.\d+(?:\.[A-Za-z0-9_\-]+)?$")
+_FBC = re.compile(r"^fb\.\d\.\d{10,13}\.\S+$")
+_FBP = re.compile(r"^fb\.\d\.\d{10,13}\.\d+(?:\.[A-Za-z0-9_\-]+)?$")
 _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 _EVENT_KEYS = frozenset(
     {
