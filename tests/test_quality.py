@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import yaml
 from typer.testing import CliRunner
 
-from etl import quality, quality_frames, store, tasks
+from etl import pipeline, quality, quality_frames, store, tasks
 from etl.cli import app, execute_run
 from etl.config import load_config
 from etl.errors import GateViolation, InputError, QualityGateFailed
@@ -35,6 +35,7 @@ from tests.conftest import SECRET
 from tests.test_canary import CANARIES, DERIVED, assert_no_canary, write_clinic
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
+DRY = pipeline.run_label(dry_run=True)  # a dry run's run id and folder (its own, beside the real run's)
 
 
 # the committed suites are what the code builds ------------------------------------------------
@@ -462,7 +463,7 @@ def test_a_volume_drop_is_a_warning_and_the_run_goes_on(
             "(days 2026-11-18, 2026-11-19, 2026-11-20, ...)") in warned  # fmt: skip
     config = load_config(clinic / "clinic.yaml")
     spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
-                                                         datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
+                                                         datetime(2026, 11, 23, tzinfo=config.tz)), label=DRY)  # fmt: skip
     assert spec.paths.outbox.exists()
     with spec.engine() as engine:
         stored = {r.label: r for r in quality.read_results(engine, spec.run_id)}
@@ -535,7 +536,7 @@ def test_warnings_are_reported_and_the_run_goes_on(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(tasks, "build_conversions", build)
     summary, outbox, _ = execute_run(config, window, secret=SECRET, dry_run=True, target="none")
     assert outbox.exists() and summary["stages"] == {"consultation": 1, "purchase": 1}
-    spec = tasks.RunSpec(config=config, window=window)
+    spec = tasks.RunSpec(config=config, window=window, label=DRY)
     with spec.engine() as engine:
         failed = {r.label: r for r in quality.read_results(engine, spec.run_id) if not r.success}
     assert set(failed) == {
@@ -1030,7 +1031,7 @@ def test_a_rerun_stopped_at_the_first_gate_keeps_no_results_of_the_earlier_attem
     assert CliRunner().invoke(app, argv).exit_code == 0
     config = load_config(clinic / "clinic.yaml")
     spec = tasks.RunSpec(config=config, window=RunWindow(datetime(2026, 10, 1, tzinfo=config.tz),
-                                                         datetime(2026, 11, 23, tzinfo=config.tz)))  # fmt: skip
+                                                         datetime(2026, 11, 23, tzinfo=config.tz)), label=DRY)  # fmt: skip
     with spec.engine() as engine:
         assert "conversions_staged" in {r.suite for r in quality.read_results(engine, spec.run_id)}
     _rewrite(clinic / "exports" / "appointments.csv", _shift("parseable"))
@@ -1065,7 +1066,7 @@ def test_validate_leaves_a_published_run_in_place(tmp_path: Path) -> None:
     argv = ["--config", str(config_path), "--start", START, "--end", END]
     assert CliRunner().invoke(app, ["run", *argv, "--dry-run"]).exit_code == 0
     config = load_config(config_path)
-    spec = tasks.RunSpec(config=config, window=_window(config))
+    spec = tasks.RunSpec(config=config, window=_window(config), label=DRY)
     before = (spec.paths.outbox / SUMMARY_FILE).read_bytes()
     files = {p: p.read_bytes() for p in spec.paths.run_dir.rglob("*") if p.is_file()}
     with spec.engine() as engine:
