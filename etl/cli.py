@@ -62,7 +62,8 @@ class Target(StrEnum):
 
 def parse_boundary(text: str, config: ClinicConfig) -> datetime:
     """A date is the clinic-local midnight starting it; an ISO datetime without an offset is
-    clinic-local time."""
+    clinic-local time, one with an offset is the same instant in clinic time (the run id is the
+    interval read locally: ``...T07:00Z`` and the date it is must name one run)."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
@@ -79,7 +80,7 @@ def parse_boundary(text: str, config: ClinicConfig) -> datetime:
         raise ConfigError(f"'{text}': the year must be between 1900 and 2199")
     if value.tzinfo is None:
         return value.replace(tzinfo=config.tz)
-    return value
+    return value.astimezone(config.tz)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -150,7 +150,8 @@ def run_id_for(config: ClinicConfig, window: RunWindow, label: str | None = None
     kind over the same interval (``validate``, ``run_label``), which must not write over the
     run's records."""
     fmt = "%Y%m%dT%H%M%z"
-    base = f"{config.clinic_id}__{window.start.strftime(fmt)}__{window.end.strftime(fmt)}"
+    start, end = window.start.astimezone(config.tz), window.end.astimezone(config.tz)
+    base = f"{config.clinic_id}__{start.strftime(fmt)}__{end.strftime(fmt)}"
     return f"{base}__{label}" if label else base
 
 

@@ -601,6 +601,21 @@ def test_a_dry_run_or_validate_only_run_after_a_real_run_leaves_what_was_sent_on
     )
 
 
+def test_one_interval_written_with_another_offset_is_the_same_run(tmp_path: Path) -> None:
+    # the run id took the offset as typed: 07:00Z and the clinic-local date it is made two runs
+    # (two folders, two locks, and a rerun's list sync skipped as another run's)
+    config = _sandbox_clinic(tmp_path)
+    by_date = RUNNER.invoke(app, _run_args(config, "--dry-run", "--json"))
+    by_utc = RUNNER.invoke(app, ["run", "--config", str(config), "--start", "2026-05-01T07:00Z",
+                                 "--end", "2026-06-30T07:00:00+00:00", "--dry-run", "--json"])  # fmt: skip
+    assert by_date.exit_code == by_utc.exit_code == 0, by_utc.output
+    assert [p.name for p in (tmp_path / "var" / "runs").iterdir()] == [
+        "sunrise-medspa__20260501T0000-0700__20260630T0000-0700__dry-run"
+    ]
+    first, second = json.loads(by_date.stdout), json.loads(by_utc.stdout)
+    assert (first["start"], first["end"]) == (second["start"], second["end"])
+
+
 def test_a_report_the_disk_refuses_after_every_send_is_one_clear_error(tmp_path: Path) -> None:
     # the sends all went and are recorded; the report could not be written (a full disk, say):
     # exit 9 naming the step and the path, not a traceback exiting 1
