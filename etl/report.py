@@ -198,9 +198,11 @@ def _tiles(summary: dict[str, Any] | None, results: list[CheckResult]) -> str:
     if summary:
         for stage, n in summary.get("stages", {}).items():
             tiles.append((f"{int(n):,}", f"{stage} conversions"))
-        for dest, label in (("google_conversions", "Google planned"), ("meta_events", "Meta planned")):
-            if dest in summary.get("destinations", {}):
-                tiles.append((f"{int(summary['destinations'][dest].get('planned', 0)):,}", label))
+        for dest, label in (("google_conversions", "Google"), ("meta_events", "Meta")):
+            if (counts := summary.get("destinations", {}).get(dest)) is not None:
+                tiles.append((f"{int(counts.get('planned', 0)):,}", f"{label} planned"))
+                if int(counts.get("already_sent", 0)):
+                    tiles.append((f"{int(counts['already_sent']):,}", f"{label} already sent"))
     critical = sum(1 for r in results if r.severity == "critical" and not r.success)
     warnings = sum(1 for r in results if r.severity == "warning" and not r.success)
     tiles.append((f"{critical}", "critical checks failed"))
@@ -255,9 +257,15 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
                         f"{_figure(charts.value_distribution(conversions), 'chart-values')}"
                         f"{_figure(charts.identifier_coverage(conversions), 'chart-coverage')}</div></section>")  # fmt: skip
     else:
-        sections.append(
-            '<section><h2>Conversions</h2><p class="note">No outbound conversions for this run.</p></section>'
+        earlier = sum(int(c.get("already_sent", 0)) for d, c in (summary or {}).get("destinations", {}).items()
+                      if d in ("google_conversions", "meta_events"))  # fmt: skip
+        note = "No outbound conversions for this run." + (
+            f" {earlier:,} were left out as already sent (by earlier runs of these conversions, or"
+            " an earlier attempt of this one): see the funnel and the upload outcomes."
+            if earlier
+            else ""
         )
+        sections.append(f'<section><h2>Conversions</h2><p class="note">{note}</p></section>')
     overview = _figure(charts.quality_overview(results), "chart-quality") if results else ""
     sections.append(f"<section><h2>Data quality</h2>{overview}{_quality_table(results, config)}</section>")
     if summary:

@@ -36,11 +36,13 @@ def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
 
 
 def conversion_funnel(summary: dict[str, Any]) -> go.Figure:
-    """Conversion candidates -> kept by the rules -> planned, sent, accepted, per destination."""
+    """Conversion candidates -> kept by the rules -> already sent or planned, sent, accepted,
+    per destination (a rerun of an interval plans none of what its first run sent)."""
     kept = sum(int(v) for v in summary.get("stages", {}).values())
     drops = summary.get("drops", {})
     candidates = kept + sum(int(drops.get(r, 0)) for r in _CONVERSION_DROPS)
-    steps = ["conversion candidates", "kept after rules", "planned (new)", "sent", "accepted"]
+    steps = ["conversion candidates", "kept after rules", "already sent (earlier runs)", "planned (new)",
+             "sent", "accepted"]  # fmt: skip
     fig = go.Figure()
     for dest, label in DESTINATION_LABELS.items():
         counts = summary.get("destinations", {}).get(dest)
@@ -49,6 +51,7 @@ def conversion_funnel(summary: dict[str, Any]) -> go.Figure:
         values = [
             candidates,
             kept,
+            counts.get("already_sent", 0) - counts.get("already_sent_at_upload", 0),
             counts.get("planned", 0),
             counts.get("sent", 0),
             counts.get("accepted", 0),

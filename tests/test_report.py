@@ -11,6 +11,7 @@ import zlib
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -233,3 +234,28 @@ def test_the_list_table_says_why_a_list_was_not_synced() -> None:
     google, meta = html.split("<td>google_customer_match</td>")[1], html.split("<td>meta_audience</td>")[1]
     assert "a later run already synced it" in google.split("</tr>")[0]
     assert "no list ID is set" in meta.split("</tr>")[0]
+
+
+def test_a_rerun_that_plans_nothing_new_shows_what_was_already_sent(tmp_path: Path) -> None:
+    # a rerun of an interval its first run sent: the funnel went kept 150 -> planned 0 and the
+    # page said "no outbound conversions", as if the rules had dropped everything
+    from etl import report_charts
+    from etl.report import build_html
+
+    counts = {"planned": 0, "sent": 0, "accepted": 0, "rejected": 0, "deferred": 0,
+              "already_sent": 135, "already_sent_at_upload": 0}  # fmt: skip
+    summary = {"start": "2026-10-01T00:00:00-07:00", "end": "2026-11-23T00:00:00-08:00", "dry_run": False,
+               "target": "sandbox", "stages": {"consultation": 100, "purchase": 50}, "drops": {},
+               "destinations": {"google_conversions": counts, "meta_events": {**counts, "already_sent": 121}}}  # fmt: skip
+    funnel = {
+        trace.name: dict(zip(trace.y, trace.x, strict=True))
+        for trace in report_charts.conversion_funnel(summary).data
+    }
+    assert funnel["Google Ads"]["already sent (earlier runs)"] == 135 and funnel["Meta"]["planned (new)"] == 0
+    config = load_config(write_clinic(tmp_path))
+    page = build_html(config, "a-run", summary, pd.DataFrame(), [])
+    assert (
+        "<b>135</b><span>Google already sent</span>" in page
+        and "<b>121</b><span>Meta already sent</span>" in page
+    )
+    assert "256 were left out as already sent" in page
