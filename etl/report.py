@@ -238,7 +238,8 @@ def build_html(config: ClinicConfig, run_id: str, summary: dict[str, Any] | None
                         "data-quality check failed, so nothing was written to the outbox or sent.</div>")  # fmt: skip
     if recorded_at:
         sections.append(f'<div class="banner" id="recorded">The run\'s folder holds no published outbox (its '
-                        "latest attempt stopped before publishing): the counts "
+                        "latest attempt stopped before publishing, or the run wrote its outbox elsewhere: "
+                        "<code>report --outbox</code> renders from that folder): the counts "
                         f"below are the last summary recorded in the database, at {_e(recorded_at)}.</div>")  # fmt: skip
     for halt in send_stops or []:
         sections.append(f'<div class="banner" id="send-stop-{_e(halt.platform)}">Sending to <b>{_e(halt.platform)}</b> '

@@ -1007,6 +1007,24 @@ def test_options_that_only_mean_something_when_sending_are_refused_with_dry_run(
     assert not (tmp_path / "var" / "runs").exists()
 
 
+def test_report_of_a_run_whose_outbox_is_elsewhere_says_to_pass_its_outbox(tmp_path: Path) -> None:
+    # rendered without --outbox, the page said the run "stopped before publishing" although it
+    # had published, into the folder --outbox named
+    config = _sandbox_clinic(tmp_path)
+    elsewhere = tmp_path / "scratch-outbox"
+    assert RUNNER.invoke(app, _run_args(config, "--dry-run", "--outbox", str(elsewhere))).exit_code == 0
+    (run_dir,) = (tmp_path / "var" / "runs").iterdir()
+    result = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name])
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="recorded"' in page and "wrote its outbox elsewhere" in page and "report --outbox" in page
+    again = RUNNER.invoke(app, ["report", "--config", str(config), "--run-id", run_dir.name,
+                                "--outbox", str(elsewhere)])  # fmt: skip
+    assert again.exit_code == 0 and 'id="recorded"' not in (run_dir / "report.html").read_text(
+        encoding="utf-8"
+    )
+
+
 def test_an_attempt_that_fails_leaves_no_page_or_extracts_of_the_attempt_before(tmp_path: Path) -> None:
     # the earlier attempt's report.html and hashed extracts stayed beside a rerun that failed at
     # its extract, and read as this attempt's; `report --run-id` then showed the database's
