@@ -33,6 +33,7 @@ from etl.errors import (
     MachineError,
     MedspaError,
     QuotaExhausted,
+    SendingStopped,
     SendInProgress,
     StagingError,
 )
@@ -404,8 +405,8 @@ def execute_run(
     if not dry_run:  # the kill switch (etl.switches), before minutes of extract and plan
         halted = tasks.stop_refusals(spec)
         configured = [p for p in PLATFORM_DESTINATIONS if getattr(cfg, p) is not None]
-        if halted and len(halted) == len(configured):
-            raise next(iter(halted.values()))  # nothing could be sent
+        if halted and len(halted) == len(configured):  # nothing could be sent: say so for each
+            raise SendingStopped("; ".join(str(halt) for halt in halted.values()))
         for halt in halted.values():
             err.print(f"[bold yellow]{rich.markup.escape(str(halt))}[/]", highlight=False)
     # the whole run holds its folder: a second run of this interval started meanwhile is refused

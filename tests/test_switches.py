@@ -163,6 +163,8 @@ def test_a_run_with_every_platform_stopped_stops_before_the_extract_and_a_dry_ru
     result = invoke(*base, "--target", "sandbox")
     assert result.exit_code == 10, result.output
     assert "sending is stopped since" in result.output and "kill switch" in result.output
+    told = " ".join(result.stderr.split())
+    assert "google_ads" in told and "meta" in told  # each stopped platform named, not the first alone
     assert not list((clinic.parent / "var" / "runs").glob("*/extract"))  # nothing extracted
     with store.engine_for(url) as engine, engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.send_ledger)).scalar() == 0
