@@ -94,6 +94,8 @@ ROW_REASONS = frozenset(
         "REQUIRED_FIELD_MISSING",
         "INVALID_FORMAT",
         "INVALID_HEX_ENCODING",
+        "INVALID_SHA256_FORMAT",  # what our sandbox answers, after the Google Ads API's reason
+        "INVALID_BASE64_ENCODING",
         "INVALID_POSTAL_CODE",
         "INVALID_COUNTRY_CODE",
         "INVALID_REGION_CODE",

@@ -138,6 +138,22 @@ def test_data_manager_a_remove_all_refused_without_a_reason_replaces_nothing_and
     assert google_sandbox.list_members(LIST) == {member_key(google_member("old"))}
 
 
+def test_data_manager_a_member_google_refuses_as_not_sha256_is_rejected_not_a_stop(
+    google_sandbox, google_config, google_member, monkeypatch
+):
+    # INVALID_SHA256_FORMAT was not a row reason: one member our own checks let through stopped
+    # the whole sync as an account problem instead of being found (bisected) and rejected
+    from etl.destinations import google_datamanager_audience
+
+    monkeypatch.setattr(google_datamanager_audience, "check_member_row", lambda *a, **k: None)
+    destination = audience(google_config, google_sandbox, "data_manager")
+    short = google_member("short")
+    short["user_identifiers"] = [{"hashed_email": "a" * 63}]
+    result = destination.sync([google_member("a1"), short, google_member("a2")], [])
+    assert (result.adds, result.rejected) == (2, 1) and result.codes == {"INVALID_SHA256_FORMAT": 1}
+    assert google_sandbox.list_members(LIST) == {member_key(google_member(t)) for t in ("a1", "a2")}
+
+
 def test_google_ads_add_calls_hold_about_ten_thousand_identifiers(
     google_sandbox, google_config, google_member
 ):
