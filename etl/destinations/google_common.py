@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -301,6 +302,18 @@ def _check_identifier_value(value: object, *, strict: bool) -> str | None:
     return None
 
 
+def _real_date_time(text: str) -> bool:
+    """The format, and a time that exists (2026-02-30 has the format; building the request
+    from it failed the whole batch instead of refusing the one row)."""
+    if not DATE_TIME.match(text):
+        return False
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_conversion_row(row: Mapping[str, Any], *, strict: bool, max_ids: int) -> str | None:
     """Return a reason code when a conversion row cannot be sent, else None.
 
@@ -317,7 +330,7 @@ def check_conversion_row(row: Mapping[str, Any], *, strict: bool, max_ids: int) 
     ):
         return "INVALID_CONVERSION_ACTION_ID"
     when = row.get("conversion_date_time")
-    if not isinstance(when, str) or (strict and not DATE_TIME.match(when)):
+    if not isinstance(when, str) or (strict and not _real_date_time(when)):
         return "EVENT_TIME_INVALID"
     clicks = [k for k in CLICK_ID_KEYS if row.get(k) is not None]
     if (strict and len(clicks) > 1) or any(not isinstance(row[k], str) or not row[k] for k in clicks):

@@ -319,6 +319,8 @@ def test_data_manager_checks_rows_before_batching(google_sandbox, google_config,
         google_conversion("key", landing_page_url="https://x"),
         google_conversion("two", gbraid="g"),
         google_conversion("date", conversion_date_time="2026-10-05T14:30:00-07:00"),
+        # the format, but no such day: building the request from it failed the whole batch
+        google_conversion("feb30", conversion_date_time="2026-02-30 14:30:00-08:00"),
     ]
     results = conversions.send(rows)
     assert [(r.outcome, r.code) for r in results] == [
@@ -327,9 +329,10 @@ def test_data_manager_checks_rows_before_batching(google_sandbox, google_config,
         (Outcome.REJECTED, "INVALID_EVENT"),
         (Outcome.REJECTED, "INVALID_EVENT"),
         (Outcome.REJECTED, "EVENT_TIME_INVALID"),
+        (Outcome.REJECTED, "EVENT_TIME_INVALID"),
         (Outcome.ACCEPTED, None),
     ]
-    assert [r.transmitted for r in results] == [False] * 5 + [True]  # refused here: never left
+    assert [r.transmitted for r in results] == [False] * 6 + [True]  # refused here: never left
     (request,) = google_sandbox.requests("IngestEvents")
     assert len(request.events) == 1
 
