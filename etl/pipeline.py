@@ -234,9 +234,17 @@ def clear_folder(folder: Path) -> None:
 
 
 def extract_sources(
-    config: ClinicConfig, window: RunWindow, paths: RunPaths, timings: Timings
+    config: ClinicConfig,
+    window: RunWindow,
+    paths: RunPaths,
+    timings: Timings,
+    *,
+    read_at: datetime | None = None,
 ) -> dict[str, int]:
     """Read both exports, flag test records, hash identifiers; write hashed Parquet extracts.
+
+    ``read_at`` (the clock as the exports are read) goes beside them: staging orders exports by
+    it, whenever each run's stage step runs (``staging.load_extract``).
 
     Raw identifiers live only inside this function's frames: what reaches disk is the
     ``is_test`` flag and the per-platform hashes (plus the clinic's own record IDs).
@@ -278,10 +286,20 @@ def extract_sources(
     (paths.extracts / SOURCES_FILE).write_text(
         json.dumps(fingerprints, sort_keys=True) + "\n", encoding="utf-8"
     )
+    if read_at is not None:
+        (paths.extracts / READ_AT_FILE).write_text(read_at.isoformat() + "\n", encoding="utf-8")
     return counts
 
 
 SOURCES_FILE = "sources.json"  # beside the extracts: each source's fingerprint, for the summary
+READ_AT_FILE = "read_at"  # beside the extracts: when the exports were read (ISO 8601)
+
+
+def _read_at(extracts: Path) -> datetime | None:
+    try:
+        return datetime.fromisoformat((extracts / READ_AT_FILE).read_text(encoding="utf-8").strip())
+    except FileNotFoundError:  # extracted and staged in one call: staged after everything so far
+        return None
 
 
 def read_fingerprints(extracts: Path | None) -> dict[str, str]:
@@ -321,6 +339,7 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
     """
     counts: dict[str, int] = {}
     loaded: dict[str, staging.Loaded] = {}
+    read_at = _read_at(paths.extracts)
     (paths.extracts / staging.MARKER).unlink(missing_ok=True)
     for kind in ("appointments", "leads"):
         source = getattr(config.sources, kind)
@@ -330,7 +349,12 @@ def stage_extracts(config: ClinicConfig, engine: Engine, paths: RunPaths, timing
             deletions = staging.Deletions(source=Path(str(named)).name, max_share=source.max_deleted_share)
         with timings.step(f"stage_{kind}"):
             loaded[kind] = staging.load_extract(
-                engine, kind, config.clinic_id, paths.extracts / f"{kind}.parquet", deletions
+                engine,
+                kind,
+                config.clinic_id,
+                paths.extracts / f"{kind}.parquet",
+                deletions,
+                extracted_at=read_at,
             )
             counts[f"{kind}_staged"] = loaded[kind].rows
             if source.complete:

@@ -78,7 +78,11 @@ class Loaded:
 
 
 def _merge_sql(kind: str, source: str | None) -> str:
-    """Latest wins: appointments by ``updated_at`` (the later load when either lacks one), leads always.
+    """Latest wins: appointments by ``updated_at``, else (either lacks one, or they are equal)
+    by the later export, as leads always are. The later export is the one with the higher
+    ``load_seq``, its extraction time (``load_extract``): an older night's extract staged after a
+    newer one's (a stage step retried, backfill nights staging out of order) must not put its
+    older rows, a consent since revoked, back over the newer.
 
     With ``source`` None the statement takes one row of parameters (for ``executemany``, which
     applies rows in export order); otherwise it merges a whole table set-wise.
@@ -87,11 +91,13 @@ def _merge_sql(kind: str, source: str | None) -> str:
     cols = [c.name for c in table.columns]
     col_list = ", ".join(cols)
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("clinic_id", key))
-    newer = ""
+    newer = f" WHERE excluded.load_seq >= {table.name}.load_seq"
     if kind == "appointments":
         newer = (
-            " WHERE excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
-            " OR excluded.updated_at >= appointments.updated_at"
+            " WHERE (excluded.updated_at > appointments.updated_at)"
+            " OR ((excluded.updated_at IS NULL OR appointments.updated_at IS NULL"
+            " OR excluded.updated_at = appointments.updated_at)"
+            " AND excluded.load_seq >= appointments.load_seq)"
         )
     rows = (
         f"VALUES ({', '.join('?' for _ in cols)})"
@@ -213,10 +219,20 @@ class Deletions:
 
 
 def load_extract(
-    engine: Engine, kind: str, clinic_id: str, path: Path, deletions: Deletions | None = None
+    engine: Engine,
+    kind: str,
+    clinic_id: str,
+    path: Path,
+    deletions: Deletions | None = None,
+    *,
+    extracted_at: datetime | None = None,
 ) -> Loaded:
     """Upsert one hashed extract into staging, latest wins, in one transaction; with
     ``deletions`` (a complete export), also delete the clinic's staged records it does not hold.
+
+    The load's sequence number is ``extracted_at`` (when the extract read the export) in
+    microseconds, so exports order by when they were read, whatever order their stage steps run
+    in; without it (an extract made and staged at once), it follows every load staged so far.
 
     Raises:
         StagingError: the database refused the load (nothing of it was kept); the driver's
@@ -225,7 +241,7 @@ def load_extract(
             staged records (nothing of the load was kept).
     """
     try:
-        return _load_extract(engine, kind, clinic_id, path, deletions)
+        return _load_extract(engine, kind, clinic_id, path, deletions, extracted_at)
     except _DRIVER_ERRORS as exc:
         raise store.refused(
             exc, f"staging {kind}: the database refused the load", "nothing of this load was kept"
@@ -249,13 +265,19 @@ _DRIVER_ERRORS = _driver_errors()
 
 
 def _load_extract(
-    engine: Engine, kind: str, clinic_id: str, path: Path, deletions: Deletions | None
+    engine: Engine,
+    kind: str,
+    clinic_id: str,
+    path: Path,
+    deletions: Deletions | None,
+    extracted_at: datetime | None,
 ) -> Loaded:
     rows = pq.ParquetFile(path).metadata.num_rows
     deleted = 0
     with engine.begin() as conn:
-        staged, _, seq = _state(conn, kind, clinic_id)
-        seq += 1
+        store.exclusive(conn, "stage", kind, clinic_id)  # two loads at once: one after the other
+        staged, _, highest = _state(conn, kind, clinic_id)
+        seq = highest + 1 if extracted_at is None else int(extracted_at.timestamp() * 1_000_000)
         if conn.dialect.name == "sqlite":
             raw = conn.connection.dbapi_connection
             assert raw is not None

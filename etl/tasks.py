@@ -143,7 +143,7 @@ def check_ledger_record(spec: RunSpec, target: str) -> None:
 
 
 def _clock() -> datetime:
-    return datetime.now(UTC)  # audit stamps only, never a rule input
+    return datetime.now(UTC)  # audit stamps and the order exports were read in, never a rule input
 
 
 @_in_run_folder()
@@ -154,7 +154,9 @@ def extract(spec: RunSpec, timings: pipeline.Timings | None = None) -> dict[str,
     clears a published run's outbox for it.
     """
     pipeline.start_attempt(spec.paths)
-    counts = pipeline.extract_sources(spec.config, spec.window, spec.paths, timings or pipeline.Timings())
+    counts = pipeline.extract_sources(
+        spec.config, spec.window, spec.paths, timings or pipeline.Timings(), read_at=_clock()
+    )
     return {"run_id": spec.run_id, **counts}
 
 

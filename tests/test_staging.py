@@ -36,10 +36,10 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> ClinicConfig:
     return load_config(out / "clinic.yaml")
 
 
-def _extract(config: ClinicConfig, folder: Path) -> pipeline.RunPaths:
+def _extract(config: ClinicConfig, folder: Path, read_at: datetime | None = None) -> pipeline.RunPaths:
     paths = pipeline.RunPaths(run_dir=folder, outbox=folder / "outbox")
     window = RunWindow(start=datetime(2026, 8, 1, tzinfo=UTC), end=END)
-    pipeline.extract_sources(config, window, paths, pipeline.Timings())
+    pipeline.extract_sources(config, window, paths, pipeline.Timings(), read_at=read_at)
     return paths
 
 
@@ -149,6 +149,41 @@ def test_a_later_load_or_a_rewritten_extract_sends_the_read_to_the_database(
         assert not staging._extract_is_staging(engine, "leads", clinic.clinic_id, two.extracts)
         via_file, via_db = _both(engine, clinic, one, "leads")
         pd.testing.assert_frame_equal(via_file, via_db)
+
+
+def test_an_older_export_staged_after_a_newer_one_does_not_replace_it(tmp_path: Path) -> None:
+    # the later *stage step* won: night 1's stage retried after night 2 had staged put the lead's
+    # consent back (its revocation came with night 2's export), and an appointment without an
+    # updated_at back to its old status; exports now order by when they were read
+    from tests.conftest import DATA
+
+    source = DATA / "rules" / "consent_revoked"
+    for version in ("before", "after"):
+        (tmp_path / version).mkdir()
+        leads = (source / "leads.csv").read_text(encoding="utf-8")
+        appointments = (
+            (source / "appointments.csv").read_text(encoding="utf-8").replace(",2026-05-05 10:00,,,", ",,,,")
+        )
+        if version == "before":
+            leads = leads.replace(",2026-05-25 12:00,", ",,")
+            appointments = appointments.replace(",Completed,", ",Booked,")
+        (tmp_path / version / "leads.csv").write_text(leads, encoding="utf-8")
+        (tmp_path / version / "appointments.csv").write_text(appointments, encoding="utf-8")
+    night1 = _extract(
+        make_config(tmp_path / "before"), tmp_path / "night1", read_at=datetime(2026, 5, 26, 11, tzinfo=UTC)
+    )
+    night2 = _extract(
+        make_config(tmp_path / "after"), tmp_path / "night2", read_at=datetime(2026, 5, 27, 11, tzinfo=UTC)
+    )
+    config = make_config(tmp_path / "after")
+    with store.engine_for(f"sqlite:///{tmp_path / 's.sqlite'}") as engine:
+        _stage(config, engine, night2)
+        _stage(config, engine, night1)  # night 1's stage step, retried late
+        staged_leads = staging.load_staged(engine, "leads", config.clinic_id, before=END)
+        staged_appointments = staging.load_staged(engine, "appointments", config.clinic_id, before=END)
+        assert not staging._extract_is_staging(engine, "leads", config.clinic_id, night1.extracts)
+    assert staged_leads["consent_revoked_at"].notna().tolist() == [True]
+    assert staged_appointments["status"].tolist() == ["attended"]
 
 
 def test_duplicates_in_one_export_resolve_by_updated_at(tmp_path: Path) -> None:
