@@ -11,6 +11,7 @@
 --     consent_marketing   boolean,        -- HIPAA marketing authorization on file (SPEC rule 6)
 --     consent_at          timestamptz,
 --     consent_revoked_at  timestamptz,
+--     updated_at          timestamptz not null,
 --     date_of_birth       date            -- PHI, never selected
 --   )
 --   appointments (
@@ -29,7 +30,10 @@
 -- Bound parameters (SQLAlchemy text, never string formatting): clinic_id and the run's window
 -- [start, end) as timezone-aware UTC timestamps. The window is on updated_at, so a visit
 -- closed, cancelled or refunded after its start date is picked up by the night it changed;
--- staging keeps the history and the newest updated_at wins.
+-- staging keeps the history and the newest updated_at wins. The patient's updated_at counts
+-- too: consent, email and phone live on the patient, and a revocation recorded there changes
+-- no appointment, so the night it changed selects every visit of that patient again, each
+-- with the later of the two times as its updated_at.
 -- A timestamp column without a time zone is read as clinic-local time; prefer timestamptz.
 -- On PostgreSQL the session's time zone is set to the clinic's, so such a column is also
 -- compared with the start and end parameters as clinic-local time.
@@ -58,7 +62,7 @@ SELECT
     a.paid_total AS revenue,
     a.currency,
     a.location_id,
-    a.updated_at,
+    CASE WHEN p.updated_at > a.updated_at THEN p.updated_at ELSE a.updated_at END AS updated_at,
     p.consent_marketing,
     p.consent_at,
     p.consent_revoked_at
@@ -66,6 +70,8 @@ FROM appointments AS a
 LEFT JOIN patients AS p
     ON p.patient_id = a.patient_id
 WHERE a.clinic_id = :clinic_id
-    AND a.updated_at >= :start
-    AND a.updated_at < :end
-ORDER BY a.updated_at, a.appointment_id
+    AND (
+        (a.updated_at >= :start AND a.updated_at < :end)
+        OR (p.updated_at >= :start AND p.updated_at < :end)
+    )
+ORDER BY updated_at, a.appointment_id

@@ -659,7 +659,7 @@ def source_db(tmp_path: Path) -> str:
             CREATE TABLE patients (patient_id TEXT PRIMARY KEY, clinic_id TEXT, first_name TEXT,
               last_name TEXT, email TEXT, phone TEXT, zip TEXT, city TEXT, state TEXT,
               country TEXT, consent_marketing INTEGER, consent_at TEXT, consent_revoked_at TEXT,
-              date_of_birth TEXT);
+              updated_at TEXT, date_of_birth TEXT);
             CREATE TABLE appointments (appointment_id TEXT PRIMARY KEY, clinic_id TEXT,
               patient_id TEXT, status TEXT, start_at TEXT, paid_total REAL, currency TEXT,
               location_id TEXT, updated_at TEXT, service TEXT, provider TEXT, notes TEXT);
@@ -670,7 +670,7 @@ def source_db(tmp_path: Path) -> str:
               treatment_interest TEXT, notes TEXT, landing_page_url TEXT);
             INSERT INTO patients VALUES
               ('P1', 'spa-one', 'Ana', 'Ruiz', 'ana@mail.test', '5550001', '90210', 'LA', 'CA',
-               'US', 1, '2026-02-01 10:00:00+00:00', NULL, '1980-01-01');
+               'US', 1, '2026-02-01 10:00:00+00:00', NULL, '2026-02-01 10:00:00+00:00', '1980-01-01');
             INSERT INTO appointments VALUES
               ('A1', 'spa-one', 'P1', 'completed', '2026-03-02 18:00:00+00:00', 350.5, 'USD',
                'L1', '2026-03-02 20:00:00+00:00', 'Botox', 'Dr X', 'secret note'),
@@ -694,6 +694,20 @@ def source_db(tmp_path: Path) -> str:
 
 
 WINDOW = {"start": datetime(2026, 3, 1, tzinfo=UTC), "end": datetime(2026, 3, 8, tzinfo=UTC)}
+
+
+def test_the_example_query_selects_visits_again_when_their_patient_changed(source_db: str):
+    # consent lives on the patient: a revocation recorded there changed no appointment's
+    # updated_at, so the night it happened selected nothing and it was never staged
+    with sqlite3.connect(source_db.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE patients SET consent_revoked_at = '2026-04-02 09:00:00+00:00', "
+                   "updated_at = '2026-04-02 09:00:00+00:00' WHERE patient_id = 'P1'")  # fmt: skip
+    config = make_config(SQL, appointments={"sql_url": source_db, "query": "appointments.sql"})
+    night = {"start": datetime(2026, 4, 2, tzinfo=UTC), "end": datetime(2026, 4, 3, tzinfo=UTC)}
+    frame = extract.read_appointments(config.sources.appointments, config, **night)
+    assert sorted(frame["appointment_id"]) == ["A1", "A2", "A3"]  # every visit of P1, none of spa-two
+    assert frame["consent_revoked_at"].notna().all()
+    assert (frame["updated_at"] == utc("2026-04-02 09:00")).all()  # newer than what staging holds
 
 
 def test_sql_source_binds_clinic_and_window(source_db: str):
