@@ -897,6 +897,12 @@ def test_an_older_runs_upload_does_not_send_a_person_who_revoked_since(
     assert json.loads((two.paths.outbox / "summary.json").read_text())["destinations"][name]["withdrawn"] == 1
     entry = ledger.read_ledger(engine, cfg.clinic_id, name)[old_id]
     assert (entry.status, entry.code) == ("withdrawn", "consent_revoked")
+    row = store.send_ledger.c
+    with engine.connect() as conn:
+        sent_at = conn.execute(
+            sa.select(row.sent_at).where(row.opaque_id == old_id, row.destination == name)
+        ).scalar_one()
+    assert sent_at is None  # never carried by a request: `disclosures` does not count it as left
 
     counts = upload(one, family, sandboxes, batch=100)
     assert old_id not in sent_once(sandboxes, family)
