@@ -447,7 +447,10 @@ def withdraw(
         # never carried by a request for this: a withdrawal sets no sent_at (a row a request did
         # carry before, deferred after it, keeps the sent_at it has), so disclosures never count
         # a withdrawn conversion as having left
-        entries = [{"opaque_id": oid, "status": WITHDRAWN, "code": reason, "transmitted": False} for oid in unfinished]
+        entries = [
+            {"opaque_id": oid, "status": WITHDRAWN, "code": reason, "transmitted": False}
+            for oid in unfinished
+        ]
         write_ledger(engine, clinic_id, destination, entries, run_id=run_id, at=at)
         log.info("%s: %d unsent conversions withdrawn (%s)", destination, len(unfinished), reason)
     return len(unfinished)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -153,6 +154,13 @@ def run_id_for(config: ClinicConfig, window: RunWindow, label: str | None = None
     start, end = window.start.astimezone(config.tz), window.end.astimezone(config.tz)
     base = f"{config.clinic_id}__{start.strftime(fmt)}__{end.strftime(fmt)}"
     return f"{base}__{label}" if label else base
+
+
+def is_run_of(name: str, clinic_id: str) -> bool:
+    """Whether ``name`` is a run id of ``clinic_id`` (not of ``<clinic_id>__west``, another clinic
+    whose id merely starts the same)."""
+    moment = r"[0-9]{8}T[0-9]{4}[+-][0-9]{4}"
+    return re.fullmatch(rf"{re.escape(clinic_id)}__{moment}__{moment}(?:__[a-z-]+)?", name) is not None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from etl.config import ClinicConfig
 from etl.errors import RunInProgress
 from etl.leases import hold_run_folder
 from etl.outbox import OUTBOX_FILES
+from etl.pipeline import is_run_of
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def prune_runs(
     base = runs_dir(config)
     if not base.is_dir():
         return
-    mine = f"{config.clinic_id}__"
-    for run_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith(mine)):
+    for run_dir in sorted(p for p in base.iterdir() if p.is_dir() and is_run_of(p.name, config.clinic_id)):
         if run_dir.name == keep:
             continue
         try:

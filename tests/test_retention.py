@@ -230,3 +230,19 @@ def test_a_prune_the_audit_chain_cannot_record_deletes_nothing_and_a_preview_ope
     )
     assert result.exit_code == 7, result.output
     assert _holds_hashes(old) and not (old / "pruned.json").exists()  # nothing deleted unrecorded
+
+
+def test_prune_leaves_the_run_folders_of_a_clinic_whose_id_starts_the_same(tmp_path: Path) -> None:
+    # run folders were matched by the prefix "<clinic_id>__": pruning sunrise-medspa deleted the
+    # outbox rows of sunrise-medspa__west, whose YAML shares the folder, and chained it as its own
+    config = _clinic(tmp_path)
+    mine = _run(config, "2026-05-01", "2026-06-30", "--dry-run")
+    west = mine.with_name(mine.name.replace("sunrise-medspa__", "sunrise-medspa__west__", 1))
+    shutil.copytree(mine, west)
+    _age(mine, 40)
+    _age(west, 40)
+    before = _files(west)
+    result = RUNNER.invoke(app, ["prune", "--config", str(config), "--older-than", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["run_id"] for r in json.loads(result.stdout)["runs"]] == [mine.name]
+    assert _files(west) == before and _holds_hashes(west)
