@@ -98,6 +98,14 @@ def _summary_key(run_id: str, recorded_at: str, text: str) -> tuple[Any, ...]:
             summary["target"], hashlib.sha256(text.encode("utf-8")).hexdigest())  # fmt: skip
 
 
+def chain_dropped(conn: Connection) -> bool:
+    """No ``audit_chain`` in a database a chain-keeping version made: ``send_stops`` came after
+    the chain, so a database holding it once held a chain, and its absence is a removal (a table
+    dropped to hide edits), not an earlier version's database to start a chain for."""
+    inspector = sa.inspect(conn)
+    return not inspector.has_table("audit_chain") and inspector.has_table("send_stops")
+
+
 def write_baselines(conn: Connection) -> None:
     """Start each clinic's chain from what the tables already hold, in the transaction that
     creates ``audit_chain``: rows an earlier version wrote are then judged like any other (a row

@@ -337,12 +337,16 @@ def verify_audit(
             engine.connect() as connection,
         ):
             conn = audit.snapshot(connection)  # an upload committing meanwhile is not tampering
-            if not sa.inspect(conn).has_table("audit_chain"):
+            if audit.chain_dropped(conn):
+                verdict = audit.Verdict()
+                verdict.problem("audit_chain: the table is gone from a database made with one (dropped)")
+            elif not sa.inspect(conn).has_table("audit_chain"):
                 raise ConfigError(
                     "staging database: it holds no audit chain yet (made by an earlier version; "
                     "the next run, which opens it with this version, starts it)"
                 )
-            verdict = audit.verify(conn, cfg.clinic_id, anchor=head)
+            else:
+                verdict = audit.verify(conn, cfg.clinic_id, anchor=head)
     except MedspaError as exc:
         raise cli._fail(exc) from None
     result = {

@@ -376,12 +376,15 @@ def open_engine(url: str) -> Engine:
                 # the first night of a deployment opens an empty database from several task
                 # processes at once; without the lock all but one lose the CREATE TABLE race
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            from etl.audit import chain_dropped, write_baselines
+
             chained = sa.inspect(conn).has_table("audit_chain")
+            # a dropped chain is not restarted from the tables as they are now: that would
+            # certify whatever was edited before the drop (verify-audit reports it instead)
+            dropped = chain_dropped(conn)
             metadata.create_all(conn)
             _upgrade(conn)
-            if not chained:  # the chain starts from what an earlier version left (etl.audit)
-                from etl.audit import write_baselines
-
+            if not chained and not dropped:  # the chain starts from what an earlier version left
                 write_baselines(conn)
     except sa.exc.DBAPIError as exc:
         engine.dispose()

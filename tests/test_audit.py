@@ -158,10 +158,30 @@ def test_a_database_from_before_the_chain_is_told_apart_from_a_broken_chain(tmp_
     database = tmp_path / "old.sqlite"
     with store.engine_for(f"sqlite:///{database}"):
         pass
-    with sqlite3.connect(database) as conn:
-        conn.execute("DROP TABLE audit_chain")
+    with sqlite3.connect(database) as conn:  # as an earlier version made it: no chain, and none
+        for table in ("audit_chain", "send_stops", "validation_sends"):  # of the tables added after
+            conn.execute(f"DROP TABLE {table}")
     result = verify(tmp_path / "clinic.yaml", database)
     assert result.exit_code == 2 and "holds no audit chain yet" in result.stderr.replace("\n", " ")
+
+
+def test_a_dropped_chain_is_reported_and_not_restarted_from_the_edited_tables(
+    sent: tuple[Path, Path, tuple[int, str]], tmp_path: Path
+) -> None:
+    # a ledger row edited, then the chain dropped: read as an earlier version's database, the
+    # next command that opened it started a new chain from the edited tables, "intact"
+    config, database, _head = sent
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(database, copy)
+    with sqlite3.connect(copy) as conn:
+        conn.execute(f"UPDATE send_ledger SET status = 'planned' WHERE opaque_id = {FINAL_ROW}")
+        conn.execute("DROP TABLE audit_chain")
+    result = verify(config, copy)
+    assert result.exit_code == 1 and "audit_chain: the table is gone" in result.stdout
+    with store.engine_for(f"sqlite:///{copy}"):  # any command that opens it to write
+        pass
+    again = verify(config, copy)
+    assert again.exit_code == 1 and "NOT intact" in again.stdout
 
 
 def test_a_batch_committed_while_verifying_is_not_taken_for_tampering(
@@ -233,9 +253,10 @@ def test_a_database_an_earlier_version_filled_starts_its_chain_from_what_it_held
     url = f"sqlite:///{tmp_path / 's.sqlite'}"
     with store.engine_for(url):
         pass
-    earlier = sa.create_engine(url)  # the earlier version's database: every table but the chain
+    earlier = sa.create_engine(url)  # the earlier version's database: no chain, nor what came after it
     with earlier.begin() as conn:
-        conn.execute(sa.text("DROP TABLE audit_chain"))
+        for table in ("audit_chain", "send_stops", "validation_sends"):
+            conn.execute(sa.text(f"DROP TABLE {table}"))
         for opaque_id, status, sent in (
             ("a", "accepted", old),
             ("b", "planned", None),
