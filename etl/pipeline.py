@@ -586,7 +586,11 @@ def plan_run(
         stage_of = dict(zip(conv["opaque_id"], conv["stage"], strict=True))
         for dest in CONVERSION_DESTINATIONS:
             id_col = _ID_COLUMN[dest]
-            final = done[dest] | {
+            # final under this very run's id: an earlier attempt of it sent them (killed, then the
+            # interval run again). They stay in its plan, so the upload counts them as this run's
+            # (``deliver._count_finished``) and its summary says what it sent, not "already sent"
+            own = {oid for oid in done[dest] if recorded[dest][oid].run_id == run_id}
+            final = (done[dest] - own) | {
                 r[id_col] for r in outbound[dest] if not held[dest].isdisjoint(siblings.get(r[id_col], ()))
             }
             fresh = [r for r in outbound[dest] if r[id_col] not in final]
@@ -825,14 +829,20 @@ def build_pending(plan: Plan, paths: RunPaths) -> Path:
 
 
 def publish_outbox(
-    config: ClinicConfig, paths: RunPaths, checks: Callable[[Path], None] | None = None
+    config: ClinicConfig,
+    paths: RunPaths,
+    checks: Callable[[Path], None] | None = None,
+    *,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Re-check the pending plan (PHI gate, then any data-quality checks) and make it the outbox.
 
     The gate runs on the rows as read back from disk, so what the uploaders will read is
     exactly what was checked. A plan the gates refuse is deleted: no outbox appears. Any other
     failure (a locked database while the check results are stored, say) keeps it, so a retry
-    checks the same plan again instead of finding nothing to publish.
+    checks the same plan again instead of finding nothing to publish. ``before_publish`` gets
+    the checked plan's folder just before it becomes the outbox (a real run records its rows
+    ``planned`` there: no published outbox is ever missing from the ledger).
     """
     import shutil
 
@@ -849,6 +859,8 @@ def publish_outbox(
     except (GateViolation, QualityGateFailed):
         shutil.rmtree(paths.pending, ignore_errors=True)
         raise
+    if before_publish is not None:
+        before_publish(paths.pending)
     check_outbox_folder(paths.outbox)
     old = paths.outbox.with_name(f".{paths.outbox.name}.old")
     shutil.rmtree(old, ignore_errors=True)

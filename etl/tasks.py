@@ -291,16 +291,22 @@ def validate_outbound(
     if sends_to:
         with spec.engine() as engine:
             claim_target(spec, engine, sends_to)
+    def record_planned(folder: Path) -> None:
+        with spec.engine() as engine:
+            deliver.plan_conversions(spec.config, engine, folder, run_id=spec.run_id, at=_clock(),
+                                     consent=deliver.consent_granted(spec.paths.conversions))  # fmt: skip
+
     outbox = spec.paths.outbox
     if pending:
+        # planned in the ledger before the outbox appears: a run killed between the two, and
+        # never rerun, left a published plan whose rows nothing would carry over
         outbox = pipeline.publish_outbox(
-            spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock())
-        )
+            spec.config, spec.paths, checks or quality.outbound_checks(spec, at=_clock()),
+            before_publish=record_planned if sends_to else None,
+        )  # fmt: skip
         pipeline.clear_folder(spec.paths.results)
-    if sends_to:
-        with spec.engine() as engine:
-            deliver.plan_conversions(spec.config, engine, outbox, run_id=spec.run_id, at=_clock(),
-                                     consent=deliver.consent_granted(spec.paths.conversions))  # fmt: skip
+    elif sends_to:
+        record_planned(outbox)
     return {"run_id": spec.run_id, "outbox": str(outbox)}
 
 

@@ -160,6 +160,30 @@ def test_killed_between_batches_then_rerun_sends_each_once(
     assert counts["sent"] == counts["accepted"] == len(planned)
 
 
+def test_killed_then_the_whole_interval_run_again_reports_the_first_attempts_sends_as_its_own(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
+) -> None:
+    # the rerun re-plans from extract: its plan left out what the killed attempt had sent under
+    # this same run id as "already sent", so the run's summary said it sent 25 of 75
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
+    planned = _rows(spec, "meta_events")
+    with pytest.raises(Killed):
+        upload(spec, "meta", sandboxes, batch=25, kill_after=2)
+    again = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)  # the same run, from extract
+    assert again.run_id == spec.run_id and _rows(again, "meta_events") == planned
+    tasks.upload(again, "meta", target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    assert max(sent_once(sandboxes, "meta").values()) == 1  # nothing sent twice
+    summary = tasks.report(again)["summary"]["destinations"]["meta_events"]
+    assert (summary["planned"], summary["sent"], summary["accepted"]) == (
+        len(planned),
+        len(planned),
+        len(planned),
+    )
+    assert summary["finished_by_an_earlier_attempt"] == 50 and summary["already_sent"] == 0
+
+
 @pytest.mark.parametrize(("family", "api"), FAMILIES, ids=IDS)
 def test_rerun_and_overlapping_backfill_send_only_what_is_missing(
     family: str, api: str, clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
@@ -169,9 +193,15 @@ def test_rerun_and_overlapping_backfill_send_only_what_is_missing(
     name = "meta_events" if family == "meta" else "google_conversions"
     first = build(cfg, "2026-08-15", "2026-10-15", db, tmp_path)
     upload(first, family, sandboxes, batch=500)
+    sent_first = dict(sent_once(sandboxes, family))
     again = build(cfg, "2026-08-15", "2026-10-15", db, tmp_path / "again")
-    assert _rows(again, name) == []  # the ledger left everything out while planning
-    assert upload(again, family, sandboxes, batch=500)["sent"] == 0
+    # the same run (clinic and interval): its plan holds its own conversions, all final in the
+    # ledger under its id, so the upload sends nothing and counts them as the run's own
+    assert again.run_id == first.run_id and _rows(again, name) == _rows(first, name)
+    counts = upload(again, family, sandboxes, batch=500)
+    assert dict(sent_once(sandboxes, family)) == sent_first  # nothing went again
+    assert counts["requests"] == 0 and counts["already_sent"] == 0
+    assert counts["finished_by_an_earlier_attempt"] == len(_rows(first, name))
     overlap = build(cfg, "2026-10-01", "2026-11-23", db, tmp_path / "overlap")
     new_ids = {r["event_id" if family == "meta" else "order_id"] for r in _rows(overlap, name)}
     before = set(sent_once(sandboxes, family))
@@ -410,6 +440,32 @@ def test_validate_outbound_retried_after_it_published_records_the_same_plan(
     for step in (tasks.stage, tasks.validate_inputs):
         with pytest.raises(NotPlanned, match="clear the run from extract"):
             step(spec)
+
+
+def test_a_plan_is_in_the_ledger_before_its_outbox_appears(
+    clinic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the outbox was published, then its rows recorded planned: a run killed between the two,
+    # and never rerun, left conversions nothing would carry over (a backfill's older nights)
+    from etl import outbox as outbox_module
+    from etl.outbox import read_rows
+
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path, publish=False)
+
+    def killed(folder: Path) -> None:  # the last check before the rename
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(outbox_module, "check_outbox_folder", killed)
+    with pytest.raises(SystemExit):
+        tasks.validate_outbound(spec)
+    assert not spec.paths.outbox.exists()
+    with store.engine_for(db) as engine:
+        for name, key in (("google_conversions", "order_id"), ("meta_events", "event_id")):
+            planned = {r[key] for r in read_rows(spec.paths.pending, name)}
+            recorded = ledger.read_ledger(engine, cfg.clinic_id, name)
+            assert planned and {k for k, e in recorded.items() if e.status == "planned"} == planned
 
 
 def test_validate_outbound_failing_for_a_locked_database_is_retried_on_the_same_plan(
