@@ -164,7 +164,7 @@ def test_killed_then_the_whole_interval_run_again_reports_the_first_attempts_sen
     clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path
 ) -> None:
     # the rerun re-plans from extract: its plan left out what the killed attempt had sent under
-    # this same run id as "already sent", so the run's summary said it sent 25 of 75
+    # this same run id as "already sent", so the run's summary counted only the rerun's own sends
     cfg = config_for(clinic_dir, "data_manager")
     db = f"sqlite:///{tmp_path / 's.sqlite'}"
     spec = build(cfg, "2026-09-01", "2026-11-23", db, tmp_path)
