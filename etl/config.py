@@ -251,6 +251,28 @@ class GoogleAds(_Model):
     )
     login_customer_id: str | None = Field(None, pattern=r"^\d{10}$")
 
+    @model_validator(mode="after")
+    def _data_manager_sends_to_the_owner(self) -> GoogleAds:
+        """The Data Manager API sends to ``customer_id`` as the operating account, which must be
+        the account owning the conversion actions and the list (ad-platforms.md A5: not a
+        manager's, as the Google Ads API allows); another account there would go unnoticed in
+        the sandbox and be refused, or land elsewhere, live."""
+        if self.api != "data_manager":
+            return self
+        named = {
+            "conversion_actions.consultation": self.conversion_actions.consultation,
+            "conversion_actions.purchase": self.conversion_actions.purchase,
+            "suppression_user_list": self.suppression_user_list,
+        }
+        for key, resource in named.items():
+            if resource is not None and (owner := resource.split("/")[1]) != self.customer_id:
+                raise ValueError(
+                    f"{key} belongs to customer {owner}, not customer_id {self.customer_id}: the Data "
+                    "Manager API sends to customer_id, which must own it (api: google_ads can send "
+                    "through a manager account)"
+                )
+        return self
+
 
 class EventNames(_Model):
     consultation: str = "ConsultationAttended"

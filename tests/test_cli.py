@@ -261,6 +261,29 @@ def test_letters_spelling_a_word_and_health_words_do_not_pass(name: str, odd: li
     assert non_generic_words(name) == odd
 
 
+def test_data_manager_refuses_a_conversion_action_or_list_of_another_customer(tmp_path: Path) -> None:
+    # Data Manager sends to customer_id as the operating account, which must own the action
+    # (ad-platforms.md A5); a manager's action passed config and the sandbox, and would be
+    # refused or land elsewhere live. The Google Ads API may send through a manager.
+    raw = yaml.safe_load(yaml.safe_dump(BASE_CONFIG))
+    raw["google_ads"]["conversion_actions"]["purchase"] = "customers/9999999999/conversionActions/222"
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    result = run(tmp_path / "clinic.yaml")
+    assert result.exit_code == 2
+    told = " ".join(result.stderr.split())
+    assert "google_ads" in told and "conversion_actions.purchase belongs to customer 9999999999" in told
+    raw["google_ads"]["conversion_actions"]["purchase"] = "customers/1234567890/conversionActions/222"
+    raw["google_ads"]["suppression_user_list"] = "customers/9999999999/userLists/333"
+    (tmp_path / "clinic.yaml").write_text(yaml.safe_dump(raw))
+    assert "suppression_user_list belongs to customer" in " ".join(
+        run(tmp_path / "clinic.yaml").stderr.split()
+    )
+    raw["google_ads"]["api"] = "google_ads"
+    from etl.config import ClinicConfig
+
+    assert ClinicConfig.model_validate({**raw, "base_dir": tmp_path}).google_ads is not None
+
+
 def test_a_password_in_the_yaml_is_refused_and_the_environment_carries_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
