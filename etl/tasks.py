@@ -291,6 +291,7 @@ def validate_outbound(
     if sends_to:
         with spec.engine() as engine:
             claim_target(spec, engine, sends_to)
+
     def record_planned(folder: Path) -> None:
         with spec.engine() as engine:
             deliver.plan_conversions(spec.config, engine, folder, run_id=spec.run_id, at=_clock(),
