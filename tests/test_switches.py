@@ -206,7 +206,8 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
     assert result.exit_code == 10, result.output  # after Google's sends and the report
     (run_dir,) = (clinic.parent / "var" / "runs").iterdir()
     results = run_dir / "results"
-    assert json.loads((results / "google_conversions.json").read_text())["accepted"] > 0
+    google_sent = json.loads((results / "google_conversions.json").read_text())["accepted"]
+    assert google_sent > 0
     # stdout still carries the summary (a `--json | jq` pipeline), and stderr where things are
     assert json.loads(result.stdout) == json.loads((run_dir / "outbox" / "summary.json").read_text())
     assert "report: " in result.stderr
@@ -237,7 +238,10 @@ def test_one_stopped_platform_holds_back_only_its_own_sends_and_the_report_says_
     summary = json.loads(again.stdout)
     assert summary["destinations"]["meta_events"]["accepted"] > 0
     assert "stopped" not in summary["destinations"]["meta_events"]  # the sending attempt replaced it
-    assert summary["destinations"]["google_conversions"]["sent"] == 0
+    # Google's: no request went again; the first attempt's sends are counted as the run's own
+    google = summary["destinations"]["google_conversions"]
+    assert google["requests"] == 0 and google["already_sent"] == 0
+    assert google["finished_by_an_earlier_attempt"] == google["sent"] == google_sent
     assert 'id="send-stop-meta"' not in (run_dir / "report.html").read_text(encoding="utf-8")
 
 
