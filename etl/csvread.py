@@ -115,17 +115,18 @@ def _refuse_mixed_utf8(body: bytes, name: str, columns: frozenset[str]) -> None:
     UTF-8 is told from cp1252 by counting: more well-formed multi-byte UTF-8 characters than
     malformed bytes. A cp1252 file rarely forms even one (an accented capital followed by a
     curly quote or a no-break space does), and its accented letters are all malformed UTF-8.
+
+    Each problem is put where the minority encoding is, the cell to retype: the first byte that
+    is not UTF-8 in UTF-8 text, the first UTF-8 letter in cp1252 text. On a tie (one of each)
+    neither is the odd one out, so both places are named, each saying what is there.
     """
     text = body.decode("utf-8", errors="replace")
     malformed = text.count("\ufffd")
     wellformed = len(text) - len(text.encode("ascii", "ignore")) - malformed
+    save = "(mixed encodings); save the export as CSV UTF-8"
     if wellformed > malformed:
-        line, column = None, None
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line, column = _where(body, exc.start, "utf-8", columns)
-        reason = "UTF-8 text with bytes that are not UTF-8 (mixed encodings); save the export as CSV UTF-8"
+        line, column = _not_utf8_at(body, columns)
+        reason = f"UTF-8 text with bytes that are not UTF-8 {save}"
         raise InputError([RowProblem(name, line, column, reason)])
     for seen, letter in enumerate(_UTF8_LETTER.finditer(body)):
         # mostly cp1252, but with a UTF-8 accented letter ("é" as C3 A9, which cp1252 would read
@@ -133,10 +134,28 @@ def _refuse_mixed_utf8(body: bytes, name: str, columns: frozenset[str]) -> None:
         # of its own holds "Ã" before a symbol such as © or ± in no name
         line, column = _where(body, letter.start(), "cp1252", columns)
         if column is not None:
-            reason = "cp1252 text with UTF-8 characters in it (mixed encodings); save the export as CSV UTF-8"
-            raise InputError([RowProblem(name, line, column, reason)])
+            if wellformed < malformed:
+                reason = f"cp1252 text with a UTF-8 character here {save}"
+                raise InputError([RowProblem(name, line, column, reason)])
+            byte_line, byte_column = _not_utf8_at(body, columns)
+            letter_here = f"a UTF-8 character, in a file with as many bytes that are not UTF-8 {save}"
+            byte_here = f"a byte that is not UTF-8, in a file with as many UTF-8 characters {save}"
+            problems = [
+                RowProblem(name, line, column, letter_here),
+                RowProblem(name, byte_line, byte_column, byte_here),
+            ]
+            raise InputError(sorted(problems, key=lambda problem: problem.line or 0))
         if seen >= 20:  # in columns never read (notes): not this check's business
             break
+
+
+def _not_utf8_at(body: bytes, columns: frozenset[str]) -> tuple[int | None, str | None]:
+    """The line and known column of the first byte of ``body`` that is not UTF-8."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _where(body, exc.start, "utf-8", columns)
+    return None, None
 
 
 def _where(body: bytes, offset: int, codec: str, columns: frozenset[str]) -> tuple[int, str | None]:
@@ -265,6 +284,7 @@ class CsvExport:
         header cell above the bad byte only when it is one of them (a file without its header
         row would otherwise have a patient's name read as a column's)."""
         self.name = path.name
+        self._columns = columns
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))  # process-wide, only ever raised
         try:
             raw = path.read_bytes()
@@ -329,14 +349,28 @@ class CsvExport:
             return None
         return [table.column(i) for i in range(len(names))], lines
 
+    def _known(self, index: int) -> str | None:
+        """The header cell at ``index`` if it is one of the profile's columns, else None: a row
+        of data glued onto the header line (``cat header.csv rows.csv`` without a final
+        newline) still holds the required columns, and its other cells are a patient's."""
+        if index < len(self.header) and self.header[index].strip().lower() in self._columns:
+            return self.header[index]
+        return None
+
     def _ragged(self, line: int, found: int) -> RowProblem:
         """A row of the wrong width, named at the column where it parts from the header: the first
-        column it does not reach, or the header's last column when it runs past it."""
+        column it does not reach, or the header's last column when it runs past it. The column
+        is named only when the profile knows it, else by its 1-based position."""
         width = len(self.header)
+        index = found if found < width else width - 1
+        where = self._known(index)
+        at = f"column {index + 1}"  # by position: the header cell there may be a patient's
         if found < width:
-            where, how = self.header[found], "the row ends before this column"
+            how = f"the row ends before {'this column' if where is not None else at}"
         else:
-            where, how = self.header[-1], f"{found - width} more after this, the header's last column"
+            how = (
+                f"{found - width} more after {'this' if where is not None else at}, the header's last column"
+            )
         return RowProblem(self.name, line, where, f"expected {width} fields, found {found}: {how}")
 
     def _read_exact(
@@ -371,7 +405,7 @@ class CsvExport:
             if len(row) > width and not any(cell.strip() for cell in row[width:]):
                 if (split := _split_amount(row, amounts)) is not None:
                     # a shift even when every row has one: blank trailing cells do not excuse it
-                    where = self.header[split] if split < width else None
+                    where = self._known(split)
                     reason = (
                         f"an amount with a thousands separator is not quoted (the row has {len(row)} "
                         f"fields, the header {width}); quote it or export without separators"

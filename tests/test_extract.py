@@ -1002,7 +1002,7 @@ def test_a_utf8_export_with_a_byte_that_is_not_utf8_is_refused_not_misread(tmp_p
     with pytest.raises(InputError) as info:
         extract.read_appointments(config.sources.appointments, config)
     assert [(p.line, p.column, p.reason.split(";")[0]) for p in info.value.problems] == [
-        (5, "first_name", "cp1252 text with UTF-8 characters in it (mixed encodings)")]  # fmt: skip
+        (5, "first_name", "cp1252 text with a UTF-8 character here (mixed encodings)")]  # fmt: skip
     assert "Jos" not in str(info.value)
     # cp1252 names of their own with a capital Ä or Å before a no-break space, a dash or a
     # curly apostrophe read as they are, and so does such a pair in a column never read
@@ -1115,3 +1115,58 @@ def test_a_missing_spec_column_is_named_in_a_warning_and_read_as_blank(
     assert message.startswith("export.csv: no column 'patient_id', 'first_name'")
     assert "'revenue'" in message and "'updated_at'" in message and "'email'" not in message
     assert "ann@mail.test" not in message
+
+
+CANARY = "qzvx.person@gmail.com"
+LEADS_HEADER = "lead_id,email,created_at,first_name,last_name,phone,zip,gclid,consent_marketing,consent_at"
+LEAD_ROWS = [
+    f"L1,{CANARY},2026-11-01 09:00,Qzvxfirst,Qzvxlast,(415) 555-0123,94110,,yes,2026-11-01 09:00",
+    "L2,ann.bee@yahoo.com,2026-11-02 09:00,Ann,Bee,(415) 555-0124,94110,,yes,2026-11-02 09:00",
+]
+
+
+def _leads_error(tmp_path: Path, text: str) -> InputError:
+    (tmp_path / "leads.csv").write_text(text, encoding="utf-8")
+    config = make_config(tmp_path, leads={"path": "leads.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_leads(config.sources.leads, config)
+    return info.value
+
+
+def test_a_row_glued_onto_the_header_never_names_a_cell_as_a_short_rows_column(tmp_path: Path) -> None:
+    # `cat header.csv rows.csv` with no final newline in header.csv: L1 joins the header line,
+    # the required columns are still found, and every later row is "too short" at a header
+    # cell that is a patient's email
+    error = _leads_error(tmp_path, LEADS_HEADER + LEAD_ROWS[0] + "\n" + LEAD_ROWS[1] + "\n")
+    assert [(p.file, p.line, p.column) for p in error.problems] == [("leads.csv", 2, None)]
+    assert error.problems[0].reason == "expected 19 fields, found 10: the row ends before column 11"
+    assert error.exit_code == 2
+    for text in (str(error), repr(error.problems), *(p.reason for p in error.problems)):
+        assert CANARY not in text and "qzvx" not in text.lower() and "555-0123" not in text
+
+
+def test_a_value_glued_onto_the_headers_last_cell_never_names_a_long_rows_column(tmp_path: Path) -> None:
+    error = _leads_error(tmp_path, LEADS_HEADER + f",{CANARY}\n" + LEAD_ROWS[1] + ",x,y\n")
+    assert [(p.file, p.line, p.column) for p in error.problems] == [("leads.csv", 2, None)]
+    assert error.problems[0].reason == (
+        "expected 11 fields, found 12: 1 more after column 11, the header's last column"
+    )
+    assert error.exit_code == 2
+    assert CANARY not in str(error) and CANARY not in repr(error.problems)
+
+
+def test_a_tie_of_utf8_and_cp1252_names_the_byte_that_is_not_utf8(tmp_path: Path) -> None:
+    # one UTF-8 "ë" on line 2, one cp1252 "é" on line 3: only line 2 was named, and an analyst
+    # looking there for the undecodable byte found a name that reads fine
+    path = tmp_path / "export.csv"
+    path.write_bytes("appointment_id,status,start_at,first_name\n"
+                     "A1,completed,2026-01-05 09:00,Zoë\n".encode()
+                     + "A2,completed,2026-01-05 09:00,Renée\n".encode("cp1252"))  # fmt: skip
+    config = make_config(tmp_path, appointments={"path": "export.csv"})
+    with pytest.raises(InputError) as info:
+        extract.read_appointments(config.sources.appointments, config)
+    assert [(p.file, p.line, p.column, p.reason.split(" (")[0]) for p in info.value.problems] == [
+        ("export.csv", 2, "first_name", "a UTF-8 character, in a file with as many bytes that are not UTF-8"),
+        ("export.csv", 3, "first_name", "a byte that is not UTF-8, in a file with as many UTF-8 characters"),
+    ]  # fmt: skip
+    assert "Zo" not in str(info.value) and "Ren" not in str(info.value)
