@@ -21,14 +21,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from etl import leases, ledger, store, switches
+from etl import confirm, leases, ledger, store, switches
 from etl.config import ClinicConfig
 from etl.destinations.base import (
     AudienceDestination,
@@ -82,8 +83,13 @@ def upload_conversions(
     target: str = "sandbox",
     on_batch: Callable[[int, int], None] | None = None,
     siblings: PlanSiblings | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Send every outbox row of one destination not yet final in the ledger, batch by batch.
+
+    ``progress``, when given, is the counts dict itself, kept current batch by batch: a caller
+    whose upload fails half way (a lost lease, a database that refused an outcome) still has
+    what the platform took, for ``summary.json``.
 
     A row whose journey the ledger holds under another of its IDs is not sent either (it is
     recorded ``superseded``), as the recorded views of its journey that saw the most relate them
@@ -103,12 +109,23 @@ def upload_conversions(
     check_outbound(config, {name: rows})  # the egress gate again, on exactly what is about to leave
     if validate_only:  # the ledger is not written (only what left, in validation_sends): no race
         return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=None,
-                       validate_only=True, target=target, on_batch=on_batch)  # fmt: skip
+                       validate_only=True, target=target, on_batch=on_batch, progress=progress)  # fmt: skip
     with leases.hold(engine, config.clinic_id, name, run_id=run_id) as lease:
         if siblings is not None:
             _record_siblings(engine, config.clinic_id, siblings, run_id=run_id)
-        return _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
-                       validate_only=False, on_batch=on_batch)  # fmt: skip
+        # what Google made of earlier requests, before this upload adds its own (etl.confirm)
+        checked = (
+            confirm.confirm(engine, config.clinic_id, destination, now=clock())
+            if confirm.checks_requests(destination)
+            else {}
+        )
+        if checked and progress is not None:
+            progress["request_statuses"] = checked
+        counts = _upload(config, engine, rows, destination, run_id=run_id, clock=clock, lease=lease,
+                         validate_only=False, on_batch=on_batch, progress=progress)  # fmt: skip
+        if checked:
+            counts["request_statuses"] = checked
+        return counts
 
 
 def _upload(
@@ -123,6 +140,7 @@ def _upload(
     validate_only: bool,
     on_batch: Callable[[int, int], None] | None,
     target: str = "sandbox",
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     name = destination.name
     id_field = _ID_FIELD[name]
@@ -139,16 +157,20 @@ def _upload(
         # 11): a newer run sent it after a late export moved the conversion to another visit
         elsewhere = _held_under_another_id(engine, config.clinic_id, name, [r[id_field] for r in todo])  # fmt: skip
         todo = [r for r in todo if r[id_field] not in elsewhere]
-    counts: dict[str, Any] = {
-        "planned": len(rows),
-        "sent": 0,
-        "accepted": 0,
-        "rejected": 0,
-        "already_sent": 0,
-        "deferred": 0,
-        "requests": 0,
-    }
+    counts: dict[str, Any] = progress if progress is not None else {}
+    counts.update(
+        {
+            "planned": len(rows),
+            "sent": 0,
+            "accepted": 0,
+            "rejected": 0,
+            "already_sent": 0,
+            "deferred": 0,
+            "requests": 0,
+        }
+    )
     rejected_codes: dict[str, int] = {}
+    counts["rejected_codes"] = rejected_codes  # the same dict: current in ``progress`` too
     _count_finished(final.values(), run_id, counts, rejected_codes)
     if elsewhere:
         counts["already_sent"] += len(elsewhere)
@@ -206,7 +228,8 @@ def _upload(
                     engine, config.clinic_id, name, decided, target=target, run_id=run_id, at=clock()
                 )
             else:  # the batches not reached stay planned for the next run
-                _record_outcomes(engine, config.clinic_id, name, decided, run_id=run_id, at=clock())
+                _record_outcomes(engine, config.clinic_id, name, decided, run_id=run_id, at=clock(),
+                                 track=confirm.checks_requests(destination))  # fmt: skip
             if isinstance(exc, DestinationConfigError):
                 counts["stopped"] = "destination_config"
                 counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -226,7 +249,8 @@ def _upload(
                 engine, config.clinic_id, name, entries, target=target, run_id=run_id, at=clock()
             )
         else:
-            _record_outcomes(engine, config.clinic_id, name, entries, run_id=run_id, at=clock())
+            _record_outcomes(engine, config.clinic_id, name, entries, run_id=run_id, at=clock(),
+                             track=confirm.checks_requests(destination))  # fmt: skip
         if on_batch is not None:
             on_batch(number, len(batches))
     counts["rejected_codes"] = dict(sorted(rejected_codes.items()))
@@ -244,10 +268,26 @@ RECORD_WAIT = wait_exponential_jitter(multiplier=0.5, max=20)
 
 
 def _record_outcomes(
-    engine: Engine, clinic_id: str, name: str, entries: list[dict[str, Any]], *, run_id: str, at: datetime
+    engine: Engine,
+    clinic_id: str,
+    name: str,
+    entries: list[dict[str, Any]],
+    *,
+    run_id: str,
+    at: datetime,
+    track: bool = False,
 ) -> None:
+    """Record a batch's outcomes; with ``track``, also the requests that carried them, to read
+    their processing status later (Data Manager, ``etl.confirm``), in the same transaction."""
+    requests = confirm.requests_of(entries, "IngestEvents") if track else {}
+
+    def then(conn: Connection) -> None:
+        confirm.track(conn, clinic_id, name, requests, run_id=run_id, at=at)
+
     _recorded(
-        lambda: ledger.write_ledger(engine, clinic_id, name, entries, run_id=run_id, at=at),
+        lambda: ledger.write_ledger(
+            engine, clinic_id, name, entries, run_id=run_id, at=at, then=then if requests else None
+        ),
         f"{name}: the send ledger refused the outcome of a batch the platform answered",
         "its rows stay planned, so the next run sends them again",
     )
@@ -526,6 +566,11 @@ def sync_audience(
                 "requests": 0,
                 "skipped_newer_sync": 1,
             }
+        checked = (
+            confirm.confirm(engine, config.clinic_id, destination, now=clock())
+            if confirm.checks_requests(destination) and not validate_only
+            else {}
+        )  # a failure found here makes the next plan replace the list (confirm.resync_due)
         adds, removes = _audience_rows(outbox, name)
         check_outbound(config, {name: [*adds, *removes]})  # the egress gate again, just before upload
         add_keys, remove_keys = _member_keys(name, adds), list(_member_keys(name, removes))
@@ -567,6 +612,8 @@ def sync_audience(
         }
         if validate_only:
             counts["validate_only"] = True
+        if checked:
+            counts["request_statuses"] = checked
         log.info("%s: %s", name, counts)
         return counts
 
@@ -611,6 +658,14 @@ def _record_sync(
                 run_id=run_id,
                 run_end=run_end,
                 settled=settled,
+                then=partial(
+                    confirm.track,
+                    clinic_id=config.clinic_id,
+                    destination=name,
+                    requests=getattr(result, "checks", {}),
+                    run_id=run_id or "unnamed",
+                    at=at,
+                ),
             ),
             f"{name}: the list state refused what the platform applied",
             "the state stays as before this sync, so the next sync repeats these adds and removes "

@@ -213,9 +213,9 @@ def _raced(destination: str, clinic_id: str) -> SendInProgress:
 
 
 def _insert_if_absent(conn: Connection, row: dict[str, object]) -> bool:
-    from etl.ledger import _dialect_insert
+    from etl.ledger import dialect_insert
 
-    insert = _dialect_insert(conn, send_leases).on_conflict_do_nothing(
+    insert = dialect_insert(conn, send_leases).on_conflict_do_nothing(
         index_elements=["clinic_id", "destination"]
     )
     return bool(conn.execute(insert, row).rowcount == 1)

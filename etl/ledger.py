@@ -224,7 +224,7 @@ def claim_target(
     """
     with engine.begin() as conn:
         # insert-if-absent, then read: the three sends of a first night claim at the same time
-        insert = _dialect_insert(conn, ledger_targets)
+        insert = dialect_insert(conn, ledger_targets)
         first = conn.execute(insert.on_conflict_do_nothing(index_elements=["clinic_id"]),
                              {"clinic_id": clinic_id, "target": target, "run_id": run_id, "claimed_at": at})  # fmt: skip
         claim = _claim_of(conn, clinic_id)
@@ -321,9 +321,10 @@ def write_ledger(
     *,
     run_id: str,
     at: datetime,
+    then: Callable[[Connection], Any] | None = None,
 ) -> None:
     """Record one state per opaque ID (planned, sent, accepted, rejected, deferred, already_sent,
-    superseded).
+    superseded); ``then`` runs in the same transaction (what the states' request left to track).
 
     Each call commits on its own: the pipeline calls it before and after every batch, so a
     process killed between batches leaves an exact record of what went out. A row already in a
@@ -358,7 +359,7 @@ def write_ledger(
                 else bool(entry["consent_stated"]),
             }
         )
-    if not rows:
+    if not rows and then is None:
         return
 
     def upsert(insert: Any) -> Any:
@@ -393,6 +394,8 @@ def write_ledger(
         _upsert_rows(conn, send_ledger, rows, upsert)
         if record is not None:  # the same transaction: no outcome without its audit record
             audit.append(conn, clinic_id, "outcomes", run_id, record, at)
+        if then is not None:
+            then(conn)
 
 
 CONVERSION_DESTINATIONS = ("google_conversions", "meta_events")  # the ledger's conversion uploads
@@ -596,7 +599,7 @@ def _upsert_rows(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], 
     VALUES statements on PostgreSQL, whose driver runs an executemany of an upsert as one
     statement (one round trip) per row: 30,000 ledger rows took 8x SQLite's time."""
     if conn.dialect.name != "postgresql":
-        stmt = upsert(_dialect_insert(conn, table))
+        stmt = upsert(dialect_insert(conn, table))
         for lo in range(0, len(rows), _CHUNK):
             conn.execute(stmt, rows[lo : lo + _CHUNK])
         return
@@ -606,12 +609,12 @@ def _upsert_rows(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], 
         chunk = rows[lo : lo + per]
         if len({tuple(r[k] for k in keys) for r in chunk}) < len(chunk):
             # one statement may not touch a row twice: a repeated key goes row by row, in order
-            conn.execute(upsert(_dialect_insert(conn, table)), chunk)
+            conn.execute(upsert(dialect_insert(conn, table)), chunk)
         else:
-            conn.execute(upsert(_dialect_insert(conn, table).values(chunk)))
+            conn.execute(upsert(dialect_insert(conn, table).values(chunk)))
 
 
-def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -692,7 +695,7 @@ def record_pending_adds(
                 sa.literal(run_id, sa.String),
                 sa.literal(at, sa.DateTime(timezone=True)),
             ).where(state)
-            moved = _dialect_insert(conn, audience_pending).from_select(columns, synced)
+            moved = dialect_insert(conn, audience_pending).from_select(columns, synced)
             conn.execute(
                 moved.on_conflict_do_nothing(index_elements=["clinic_id", "destination", "member_key"])
             )
@@ -713,6 +716,7 @@ def apply_audience_delta(
     run_id: str | None = None,
     run_end: datetime | None = None,
     settled: Sequence[str] = (),
+    then: Callable[[Connection], Any] | None = None,
 ) -> None:
     """Record what the platform now holds, after it confirmed the sync (and, with ``run_end``,
     which run's end the lists now mirror, in the same transaction).
@@ -728,7 +732,7 @@ def apply_audience_delta(
             chunk = list(settled[lo : lo + 500])
             conn.execute(audience_pending.delete().where(pending & audience_pending.c.member_key.in_(chunk)))
         if run_id is not None and run_end is not None:
-            insert = _dialect_insert(conn, audience_syncs)
+            insert = dialect_insert(conn, audience_syncs)
             conn.execute(
                 insert.on_conflict_do_update(
                     index_elements=["clinic_id", "destination", "run_id"],
@@ -740,7 +744,7 @@ def apply_audience_delta(
             )  # fmt: skip
         if run_id is not None:
             # upsert: a retry of this same transaction after its commit was lost writes it once
-            log_insert = _dialect_insert(conn, audience_sync_log)
+            log_insert = dialect_insert(conn, audience_sync_log)
             conn.execute(
                 log_insert.on_conflict_do_nothing(index_elements=["clinic_id", "destination", "run_id", "synced_at"]),
                 {"clinic_id": clinic_id, "destination": destination, "run_id": run_id, "synced_at": at,
@@ -776,6 +780,8 @@ def apply_audience_delta(
             sync = {"destination": destination, "adds": len(added), "removes": len(removed),
                     "full_resync": replace_all, "synced_at": at.isoformat()}  # fmt: skip
             audit.append(conn, clinic_id, "audience_sync", run_id, sync, at)
+        if then is not None:  # what the sync's requests left to track (etl.confirm)
+            then(conn)
 
 
 def latest_synced_end(

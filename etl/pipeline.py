@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from etl import extract, ledger, payloads, staging, store
+from etl import confirm, extract, ledger, payloads, staging, store
 from etl.config import ClinicConfig
 from etl.gate import check_outbound
 from etl.identifiers import hash_identifiers, usable_click_ids
@@ -113,6 +113,7 @@ class AudienceDelta:
     full_resync: bool
     skipped: bool = False  # a later run already synced this list (this run is a backfill)
     members: int = 0  # people this list holds at the run's end (Meta needs an email or a phone)
+    resync_due: bool = False  # replaced because Google failed a request of it (etl.confirm)
 
 
 @dataclass
@@ -655,6 +656,8 @@ def plan_run(
             }
             if delta is not None and delta.skipped:
                 destinations[dest]["skipped_newer_sync"] = 1
+            if delta is not None and delta.resync_due:  # the upload replaces this list
+                destinations[dest]["resync_due"] = 1
             if dest in lists_without_id:
                 destinations[dest]["skipped_no_list"] = 1
     with timings.step("gate"):
@@ -736,14 +739,22 @@ def _audience_deltas(
         # adds a crashed or failed sync may have applied: possibly on the list, so removed
         # when no longer wanted (and re-added, idempotently, when still wanted)
         maybe = {**ledger.read_pending_adds(engine, config.clinic_id, dest), **synced}
-        if full_resync:
+        # Google failed a request of this list in processing: the state may be wrong both ways
+        due = not full_resync and confirm.resync_due(engine, config.clinic_id, dest)
+        if due:
+            log.warning("%s: Google failed a list request in processing; this plan replaces the list", dest)
+        if full_resync or due:
             adds = dict(sorted(now_members.items()))
             removes: dict[str, Any] = {}
         else:
             adds = {k: v for k, v in sorted(now_members.items()) if k not in synced}
             removes = {k: _stored_payload(dest, maybe[k]) for k in sorted(maybe) if k not in now_members}
         deltas[dest] = AudienceDelta(
-            adds=adds, removes=removes, full_resync=full_resync, members=len(now_members)
+            adds=adds,
+            removes=removes,
+            full_resync=full_resync or due,
+            members=len(now_members),
+            resync_due=due,
         )
     return deltas
 
@@ -907,6 +918,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
                 counts["rejected_codes"] = result["rejected_codes"]
             if result.get("stopped"):
                 counts["stopped"] = result["stopped"]
+            if result.get("request_statuses"):  # earlier Data Manager requests read (etl.confirm)
+                counts["request_statuses"] = result["request_statuses"]
         else:
             counts["sent_adds"] = int(result.get("adds", 0))
             counts["sent_removes"] = int(result.get("removes", 0))
@@ -915,6 +928,8 @@ def finalize_summary(paths: RunPaths, summary: dict[str, Any]) -> dict[str, Any]
                 counts["skipped_newer_sync"] = 1
             if result.get("stopped"):  # refused before it began (kill switch, legal basis)
                 counts["stopped"] = result["stopped"]
+            if result.get("request_statuses"):
+                counts["request_statuses"] = result["request_statuses"]
     if paths.outbox.exists():
         write_summary(paths.outbox, merged)
     return merged

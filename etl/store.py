@@ -284,6 +284,28 @@ send_leases = sa.Table(
     sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Data Manager requests whose processing is checked later (``etl.confirm``): the API answers an
+# ingest with a request ID only, and processes it asynchronously (Google: retrieve the status
+# 30 minutes on, with backoff, until SUCCESS, PARTIAL_SUCCESS or FAILED). Written in the same
+# transaction as the outcomes the request carried, so no answered request goes unchecked.
+# ``errors`` is the status's error counts as JSON (reason -> records): counts, never values.
+request_checks = sa.Table(
+    "request_checks",
+    metadata,
+    sa.Column("clinic_id", sa.String(64), primary_key=True),
+    sa.Column("destination", sa.String(32), primary_key=True),
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("method", sa.String(40), nullable=False),
+    sa.Column("run_id", sa.String(200), nullable=False),
+    sa.Column("records", sa.Integer, nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("errors", sa.Text),
+    sa.Column("checks", sa.Integer, nullable=False),
+    sa.Column("checked_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_request_checks_open", "clinic_id", "destination", "status"),
+)
+
 # The kill switch (etl.switches): a row stops every send of the clinic to the platform, from
 # this database and so from every machine that sends from it; its removal resumes them. Both
 # go into the audit chain, so a row removed or edited outside the switch shows.

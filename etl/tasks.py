@@ -464,6 +464,7 @@ def upload(
             return {"run_id": spec.run_id, "skipped": f"{family} not configured"}
         if not validate_only:
             claim_target(spec, engine, target)
+        progress: dict[str, Any] = {}
         try:
             counts = deliver.upload_conversions(
                 spec.config,
@@ -475,10 +476,20 @@ def upload(
                 validate_only=validate_only,
                 target=target,
                 siblings=deliver.read_siblings(spec.paths.outbox),
+                progress=progress,
             )
         except DestinationConfigError as stop:
             if stop.counts is not None:  # what was decided before the stop reaches summary.json
                 deliver.write_result(spec.paths.results, name, stop.counts)
+            raise
+        except BaseException:
+            # any other failure half way (a lost lease, an outcome the database refused, a
+            # platform error): what the platform took before it still reaches summary.json and
+            # the report, which run whatever this step's end; a retry writes its own counts
+            if progress.get("sent"):
+                progress.setdefault("stopped", "failed")
+                progress["rejected_codes"] = dict(sorted(progress.get("rejected_codes", {}).items()))
+                deliver.write_result(spec.paths.results, name, progress)
             raise
     deliver.write_result(spec.paths.results, name, counts)
     return {"run_id": spec.run_id, name: {k: v for k, v in counts.items() if k != "rejected_codes"}}
@@ -541,7 +552,11 @@ def sync_suppression(
                     engine,
                     spec.paths.outbox,
                     audience,
-                    full_resync=bool(summary.get("full_resync")),
+                    # the run's --full-resync, or this list's replacement the plan found due
+                    full_resync=bool(
+                        summary.get("full_resync")
+                        or summary.get("destinations", {}).get(name, {}).get("resync_due")
+                    ),
                     clock=_clock,
                     validate_only=validate_only,
                     run_id=spec.run_id,

@@ -168,6 +168,20 @@ CREATE TABLE quality_results (
 	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	PRIMARY KEY (run_id, suite, expectation)
 );
+CREATE TABLE request_checks (
+	clinic_id VARCHAR(64) NOT NULL,
+	destination VARCHAR(32) NOT NULL,
+	request_id VARCHAR(128) NOT NULL,
+	method VARCHAR(40) NOT NULL,
+	run_id VARCHAR(200) NOT NULL,
+	records INTEGER NOT NULL,
+	sent_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	status VARCHAR(20) NOT NULL,
+	errors TEXT,
+	checks INTEGER NOT NULL,
+	checked_at TIMESTAMP WITH TIME ZONE,
+	PRIMARY KEY (clinic_id, destination, request_id)
+);
 CREATE TABLE run_summaries (
 	run_id VARCHAR(200) NOT NULL,
 	recorded_at TIMESTAMP WITH TIME ZONE NOT NULL,
@@ -230,4 +244,5 @@ CREATE TABLE validation_sends (
 	PRIMARY KEY (id)
 );
 CREATE INDEX ix_journey_siblings_reverse ON journey_siblings (clinic_id, sibling_id, opaque_id);
+CREATE INDEX ix_request_checks_open ON request_checks (clinic_id, destination, status);
 CREATE INDEX ix_validation_sends_clinic_time ON validation_sends (clinic_id, sent_at);

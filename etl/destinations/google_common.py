@@ -164,6 +164,9 @@ class GoogleAudienceResult(AudienceResult):
     """
 
     rejected_members: list[RowResult] = field(default_factory=list)
+    # Data Manager requests Google took, to check once processed (etl.confirm):
+    # request ID -> (method, members)
+    checks: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 T = TypeVar("T")

@@ -30,6 +30,7 @@ from google.api_core import exceptions as core_exceptions
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 
+from etl.confirm import RequestStatus
 from etl.destinations.base import Outcome, RowResult
 from etl.destinations.google_common import (
     CONFIG_CODES,
@@ -220,6 +221,47 @@ class DataManagerBase:
             if bisect and exc.failure.kind is Kind.INVALID and not exc.exhausted:
                 raise
             return None, results_for_failure(exc, keys, api=API, method=method, customer_id=self._customer_id)
+
+    def request_status(self, request_id: str) -> RequestStatus | None:
+        """What processing made of a request this adapter sent (``etl.confirm``), over all its
+        destinations: SUCCESS everywhere, FAILED everywhere, or else partial; PROCESSING while
+        any destination is. None when the status cannot be read now."""
+        request = dm.RetrieveRequestStatusRequest(request_id=request_id)
+        try:
+            response = call_with_retry(
+                lambda: self._client.retrieve_request_status(
+                    request=request, retry=None, timeout=TIMEOUT_SECONDS
+                ),
+                classify_dm_error,
+                self._policy,
+                label="datamanager RetrieveRequestStatus",
+            )
+        except CallFailed as exc:
+            if exc.failure.code == "NOT_FOUND":  # Google does not know the request (any more)
+                return RequestStatus("unconfirmed")
+            log.warning("datamanager RetrieveRequestStatus: not read now (%s)", exc.failure.code)
+            return None
+        names = [d.request_status.name for d in response.request_status_per_destination]
+        errors: dict[str, int] = {}
+        for item in response.request_status_per_destination:
+            for count in item.error_info.error_counts:
+                reason = _short_reason(count.reason.name)
+                errors[reason] = errors.get(reason, 0) + int(count.record_count)
+        if not names or any(n not in ("SUCCESS", "FAILED", "PARTIAL_SUCCESS") for n in names):
+            return RequestStatus("processing")
+        if all(n == "SUCCESS" for n in names):
+            return RequestStatus("success", errors)
+        if all(n == "FAILED" for n in names):
+            return RequestStatus("failed", errors)
+        return RequestStatus("partial_success", errors)
+
+
+def _short_reason(name: str) -> str:
+    """``PROCESSING_ERROR_REASON_EVENT_TOO_OLD`` -> ``EVENT_TOO_OLD`` (fits the ledger's code)."""
+    for prefix in ("PROCESSING_ERROR_REASON_", "PROCESSING_ERROR_"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def reject_row(key: str, failure: CallFailure) -> RowResult:

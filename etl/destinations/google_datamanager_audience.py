@@ -94,7 +94,7 @@ class DataManagerCustomerMatch(DataManagerBase):
             request = dm.RemoveAllAudienceMembersRequest(
                 destinations=[destination], validate_only=validate_only
             )
-            _, failed = self._request(
+            response, failed = self._request(
                 "RemoveAllAudienceMembers",
                 lambda: self._client.remove_all_audience_members(
                     request=request, retry=None, timeout=TIMEOUT_SECONDS
@@ -106,6 +106,9 @@ class DataManagerCustomerMatch(DataManagerBase):
                 result.codes[failed[0].code or "UNKNOWN"] = 1
                 return result
             result.codes["REMOVE_ALL"] = 1
+            if response.request_id and not validate_only:
+                result.request_ids.append(response.request_id)
+                result.checks[response.request_id] = ("RemoveAllAudienceMembers", 0)
             result.removes += len(good_removes)
             result.replaced = not validate_only
         else:
@@ -195,6 +198,9 @@ class DataManagerCustomerMatch(DataManagerBase):
                         result.removes += 1
                     if row_result.request_id and row_result.request_id not in result.request_ids:
                         result.request_ids.append(row_result.request_id)
+                    if row_result.request_id and not validate_only:
+                        _, members = result.checks.get(row_result.request_id, (method, 0))
+                        result.checks[row_result.request_id] = (method, members + 1)
                 else:
                     _record(result, row_result)
 

@@ -5,7 +5,11 @@ libraries' own message types, the Google Ads API v26 methods the adapters use
 (``ConversionUploadService.UploadClickConversions``; ``OfflineUserDataJobService`` Create / Add /
 Run; ``GoogleAdsService.Search`` for job status) and the Data Manager ``IngestionService``
 (``IngestEvents``, ``IngestAudienceMembers``, ``RemoveAudienceMembers``,
-``RemoveAllAudienceMembers``), validates requests the way Google does, and records everything.
+``RemoveAllAudienceMembers``, ``RetrieveRequestStatus``), validates requests the way Google
+does, and records everything. Data Manager processes a request it took later, as Google does:
+its status reads PROCESSING ``status_polls`` times, then SUCCESS (or what
+``fail_processing_next`` made it), and a request's records change the state only once it is
+processed.
 
 TLS: the real google-ads client only opens secure channels, so the server uses a self-signed
 certificate (``etl.sandbox.tls``). gRPC reads ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` once per
@@ -45,7 +49,10 @@ DM_METHODS = (
     "IngestAudienceMembers",
     "RemoveAudienceMembers",
     "RemoveAllAudienceMembers",
+    "RetrieveRequestStatus",
 )
+# the final processing statuses of a Data Manager request (RequestStatusPerDestination)
+PROCESSING_STATUSES = ("SUCCESS", "FAILED", "PARTIAL_SUCCESS")
 FAILURE_KINDS = (
     "transient",  # InternalError.TRANSIENT_ERROR / INTERNAL_ERROR reason
     "internal",  # InternalError.INTERNAL_ERROR
@@ -80,17 +87,37 @@ class SandboxJob:
     polls_left: int = 0
 
 
+@dataclass
+class SandboxRequest:
+    """A Data Manager ingest request the sandbox took: processed after ``polls_left`` status
+    reads answered PROCESSING, to ``status`` (one reason for every record it failed)."""
+
+    destinations: list[Any]
+    kind: str  # "events" | "add" | "remove" | "remove_all"
+    records: list[int]  # per destination
+    failed: list[int]  # records processing failed, per destination
+    status: str = "SUCCESS"
+    reason: str | None = None  # a ProcessingErrorReason name, for FAILED and PARTIAL_SUCCESS
+    polls_left: int = 0
+
+
 class GoogleSandbox:
     """A local stand-in for Google's upload endpoints; a context manager.
 
     Args:
         job_polls: status polls a run Customer Match job answers RUNNING before SUCCESS.
+        status_polls: RetrieveRequestStatus calls a Data Manager request answers PROCESSING
+            before its final status.
     """
 
-    def __init__(self, *, job_polls: int = 1) -> None:
+    def __init__(self, *, job_polls: int = 1, status_polls: int = 0) -> None:
         self.received: list[tuple[str, Any]] = []
         self.job_polls = job_polls
         self._job_polls = job_polls  # what reset() restores
+        self.status_polls = status_polls
+        self._status_polls = status_polls
+        self.dm_requests: dict[str, SandboxRequest] = {}  # request id -> what processing made of it
+        self._processing: dict[str, list[tuple[str, str]]] = {}  # method -> (status, reason) queue
         self.lock = threading.RLock()
         self.jobs: dict[str, SandboxJob] = {}
         self.members: dict[str, set[str]] = {}
@@ -166,6 +193,28 @@ class GoogleSandbox:
         with self.lock:
             self._failures.setdefault(method, []).extend([kind] * times)
 
+    def fail_processing_next(
+        self,
+        method: str,
+        reason: str = "PROCESSING_ERROR_REASON_INTERNAL_ERROR",
+        *,
+        partial: bool = False,
+        times: int = 1,
+    ) -> None:
+        """The next ``times`` accepted Data Manager ``method`` requests end FAILED (nothing
+        applied) or, with ``partial``, PARTIAL_SUCCESS (every record but the last applied),
+        with ``reason`` in the status's error counts; the call itself still succeeds."""
+        if method not in DM_METHODS[:-1]:
+            raise ValueError(f"unknown ingest method {method!r}; one of {DM_METHODS[:-1]}")
+        with self.lock:
+            status = "PARTIAL_SUCCESS" if partial else "FAILED"
+            self._processing.setdefault(method, []).extend([(status, reason)] * times)
+
+    def take_processing(self, method: str) -> tuple[str, str | None]:
+        with self.lock:
+            queue = self._processing.get(method)
+            return queue.pop(0) if queue else ("SUCCESS", None)
+
     def unlocated_error_next(self, times: int = 1) -> None:
         """The next ``times`` UploadClickConversions / AddOfflineUserDataJobOperations apply
         their rows as usual but also report, in ``partial_failure_error``, an INTERNAL_ERROR
@@ -226,11 +275,14 @@ class GoogleSandbox:
             self.click_conversions.clear()
             self.accepted.clear()
             self._failures.clear()
+            self._processing.clear()
+            self.dm_requests.clear()
             self._clicks.clear()
             self._recent_actions.clear()
             self.leads_enabled = True
             self.unlocated_errors = 0
             self.job_polls = self._job_polls  # a test that made jobs run for ever must not slow the next
+            self.status_polls = self._status_polls
 
     # used by the service modules
 

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from etl.destinations.google_common import HEX64
-from etl.sandbox.google import identifiers_key
+from etl.sandbox.google import SandboxRequest, identifiers_key
 
 if TYPE_CHECKING:
     from etl.sandbox.google import GoogleSandbox
@@ -200,8 +200,10 @@ def _ingest_events(sandbox: GoogleSandbox) -> Callable[[Any, grpc.ServicerContex
         if any(sandbox.action_is_recent(d.product_destination_id) for d in request.destinations):
             _abort(context, _C.FAILED_PRECONDITION, "CONVERSION_ACTION_TOO_RECENTLY_CREATED", rid)
         if not request.validate_only:
+            owners = [_owner(request.destinations, event) for event in request.events]
+            applied = _taken(sandbox, rid, "IngestEvents", request.destinations, "events", owners)
             with sandbox.lock:
-                for event in request.events:
+                for event in request.events[:applied]:
                     sandbox.accepted[event.transaction_id] += 1
         return dm.IngestEventsResponse(request_id=rid)
 
@@ -231,6 +233,9 @@ def _members(sandbox: GoogleSandbox, method: str, *, add: bool) -> Callable[[Any
             _abort(context, _C.INVALID_ARGUMENT, problems[0][0], rid, problems)
         if not request.validate_only:
             direction = "create" if add else "remove"
+            kind = "add" if add else "remove"
+            everywhere = [-1] * len(keys)  # each member goes to every destination of the request
+            keys = keys[: _taken(sandbox, rid, method, request.destinations, kind, everywhere)]
             for destination in request.destinations:
                 user_list = _user_list(destination)
                 sandbox.apply_members(user_list, [(direction, k) for k in keys], clear=False)
@@ -251,10 +256,106 @@ def _remove_all(sandbox: GoogleSandbox) -> Callable[[Any, grpc.ServicerContext],
         problems = _destination_problems(request.destinations)
         if problems:
             _abort(context, _C.INVALID_ARGUMENT, problems[0][0], rid, problems)
-        if not request.validate_only:
+        if not request.validate_only and _taken(
+            sandbox, rid, "RemoveAllAudienceMembers", request.destinations, "remove_all", [], whole=True
+        ):
             for destination in request.destinations:
                 sandbox.apply_members(_user_list(destination), [], clear=True)
         return dm.RemoveAllAudienceMembersResponse(request_id=rid)
+
+    return handle
+
+
+def _taken(
+    sandbox: GoogleSandbox,
+    rid: str,
+    method: str,
+    destinations: Any,
+    kind: str,
+    owners: list[int],
+    *,
+    whole: bool = False,
+) -> int:
+    """Keep a request Data Manager took, for its status; how many of its records (from the
+    first) processing applies: all, none (FAILED), or all but the last (PARTIAL_SUCCESS).
+    ``owners``: each record's destination index (-1: every destination). ``whole``: a request
+    with no records (remove-all) applies (1) or not (0)."""
+    status, reason = sandbox.take_processing(method)
+    records = len(owners)
+    failing = owners if status == "FAILED" else owners[-1:] if status == "PARTIAL_SUCCESS" else []
+    with sandbox.lock:
+        sandbox.dm_requests[rid] = SandboxRequest(
+            destinations=list(destinations), kind=kind, status=status, reason=reason,
+            records=[sum(1 for o in owners if o in (i, -1)) for i in range(len(destinations))],
+            failed=[sum(1 for o in failing if o in (i, -1)) for i in range(len(destinations))],
+            polls_left=sandbox.status_polls,
+        )  # fmt: skip
+    if status == "SUCCESS":
+        return 1 if whole else records
+    if status == "FAILED":
+        return 0
+    return 1 if whole else max(records - 1, 0)
+
+
+def _owner(destinations: Any, event: Any) -> int:
+    """The index of the destination an event names first (its conversion action)."""
+    references = [d.reference for d in destinations]
+    named = [r for r in event.destination_references if r in references]
+    return references.index(named[0]) if named else 0
+
+
+def _retrieve_status(sandbox: GoogleSandbox) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        rid = _preamble(sandbox, "RetrieveRequestStatus", request, context)
+        if not request.request_id:
+            _abort(
+                context,
+                _C.INVALID_ARGUMENT,
+                "REQUIRED_FIELD_MISSING",
+                rid,
+                [("REQUIRED_FIELD_MISSING", "request_id")],
+            )
+        with sandbox.lock:
+            taken = sandbox.dm_requests.get(request.request_id)
+            if taken is not None and taken.polls_left > 0:
+                taken.polls_left -= 1
+                processing = True
+            else:
+                processing = False
+        if taken is None:
+            _abort(context, _C.NOT_FOUND, None, rid)
+        assert taken is not None
+        per = dm.RequestStatusPerDestination
+        statuses = []
+        for destination, records, failed in zip(taken.destinations, taken.records, taken.failed, strict=True):
+            # a destination none of whose records failed processed fine (PARTIAL_SUCCESS is
+            # the request's status where some did); a failed request failed everywhere
+            final = taken.status if failed or taken.status == "FAILED" else "SUCCESS"
+            item = per(
+                destination=destination,
+                request_status=per.RequestStatus.PROCESSING
+                if processing
+                else getattr(per.RequestStatus, final),
+            )
+            if not processing and failed and taken.reason:
+                reason = getattr(dm.ProcessingErrorReason, taken.reason)
+                item.error_info = dm.ErrorInfo(
+                    error_counts=[dm.ErrorCount(record_count=failed, reason=reason)]
+                )
+            if taken.kind == "events":
+                item.events_ingestion_status = per.IngestEventsStatus(record_count=records)
+            elif taken.kind == "add":
+                item.audience_members_ingestion_status = per.IngestAudienceMembersStatus(
+                    user_data_ingestion_status=per.IngestUserDataStatus(record_count=records)
+                )
+            elif taken.kind == "remove":
+                item.audience_members_removal_status = per.RemoveAudienceMembersStatus(
+                    user_data_removal_status=per.RemoveUserDataStatus(record_count=records)
+                )
+            else:
+                item.remove_all_audience_members_status = per.RemoveAllAudienceMembersStatus()
+            statuses.append(item)
+        return dm.RetrieveRequestStatusResponse(request_status_per_destination=statuses)
 
     return handle
 
@@ -288,6 +389,11 @@ def datamanager_handlers(sandbox: GoogleSandbox) -> list[grpc.GenericRpcHandler]
                     _remove_all(sandbox),
                     dm.RemoveAllAudienceMembersRequest,
                     dm.RemoveAllAudienceMembersResponse,
+                ),
+                "RetrieveRequestStatus": unary(
+                    _retrieve_status(sandbox),
+                    dm.RetrieveRequestStatusRequest,
+                    dm.RetrieveRequestStatusResponse,
                 ),
             },
         )

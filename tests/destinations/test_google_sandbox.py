@@ -274,6 +274,8 @@ def test_knobs_are_checked_and_reset_forgets(google_sandbox):
     google_sandbox.register_clicks(["a"])
     polls = google_sandbox.job_polls
     google_sandbox.job_polls, google_sandbox.leads_enabled = 1_000, False
+    google_sandbox.status_polls = 1_000
+    google_sandbox.fail_processing_next("IngestEvents")
     google_sandbox.unlocated_error_next()
     google_sandbox.reset()
     assert google_sandbox.take_failure("IngestEvents") is None
@@ -281,6 +283,10 @@ def test_knobs_are_checked_and_reset_forgets(google_sandbox):
     assert google_sandbox.received == []
     # a test that made jobs run for ever slowed every later test of the module by minutes
     assert google_sandbox.job_polls == polls and google_sandbox.leads_enabled
+    assert google_sandbox.status_polls == 0 and google_sandbox.take_processing("IngestEvents") == (
+        "SUCCESS",
+        None,
+    )
     assert not google_sandbox.take_unlocated_error()
 
 
@@ -316,3 +322,49 @@ def test_sandbox_serves_a_plain_process_like_the_cli(tmp_path: Path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["accepted", "1", "accepted", "1"]
+
+
+def _status(ingestion: Any, request_id: str) -> list[tuple[str, dict[str, int]]]:
+    response = ingestion.retrieve_request_status(
+        request=dm.RetrieveRequestStatusRequest(request_id=request_id), retry=None
+    )
+    return [
+        (d.request_status.name, {c.reason.name: c.record_count for c in d.error_info.error_counts})
+        for d in response.request_status_per_destination
+    ]
+
+
+def _ingest(ingestion: Any, *transactions: str) -> str:
+    return ingestion.ingest_events(
+        request=dm.IngestEventsRequest(
+            destinations=[_destination()],
+            events=[_event(t) for t in transactions],
+            encoding=dm.Encoding.HEX,
+            consent=dm.Consent(ad_user_data=dm.ConsentStatus.CONSENT_GRANTED),
+        ),
+        retry=None,
+    ).request_id
+
+
+def test_data_manager_processes_a_request_after_taking_it(google_sandbox, ingestion):
+    # Google answers an ingest with a request id and processes it afterwards: the status reads
+    # PROCESSING first, then the outcome, and a failed request applies none of its records
+    google_sandbox.status_polls = 2
+    ok = _ingest(ingestion, "ok1", "ok2")
+    assert [_status(ingestion, ok) for _ in range(3)] == [
+        [("PROCESSING", {})],
+        [("PROCESSING", {})],
+        [("SUCCESS", {})],
+    ]
+    google_sandbox.status_polls = 0
+    google_sandbox.fail_processing_next("IngestEvents", "PROCESSING_ERROR_REASON_EVENT_TOO_OLD")
+    failed = _ingest(ingestion, "f1", "f2", "f3")
+    assert _status(ingestion, failed) == [("FAILED", {"PROCESSING_ERROR_REASON_EVENT_TOO_OLD": 3})]
+    google_sandbox.fail_processing_next("IngestEvents", partial=True)
+    partial = _ingest(ingestion, "p1", "p2")
+    assert _status(ingestion, partial) == [("PARTIAL_SUCCESS", {"PROCESSING_ERROR_REASON_INTERNAL_ERROR": 1})]
+    assert google_sandbox.accepted_order_ids() == {"ok1": 1, "ok2": 1, "p1": 1}
+    with pytest.raises(core_exceptions.NotFound):
+        _status(ingestion, "no-such-request")
+    with pytest.raises(ValueError, match="unknown ingest method"):
+        google_sandbox.fail_processing_next("RetrieveRequestStatus")
