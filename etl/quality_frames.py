@@ -35,6 +35,7 @@ __all__ = ["conversion_frames", "outbound_frames"]  # flattened in etl.quality_o
 
 _DAY_US = 86_400 * 1_000_000
 _QUARTER_US = 900 * 1_000_000
+_SAME_WEEKDAYS = 4  # weeks a weekday must have been empty to count as a day the clinic keeps closed
 GOOGLE_CONVERSION_AGE_DAYS = 90  # SPEC rule 10: a conversion at most 90 days old at the run's end
 
 
@@ -103,7 +104,9 @@ def volume_frame(
     if not days:
         return pd.DataFrame({c: pd.Series(dtype="float64" if c != "day" else object) for c in columns})
     trailing = thresholds.volume_trailing_days
-    history_start = (days[0] - pd.Timedelta(days=trailing)).tz_localize(config.tz, ambiguous=True,
+    # the closed-weekday check below looks four weeks back, whatever the trailing window
+    lookback = max(trailing, _SAME_WEEKDAYS * 7)
+    history_start = (days[0] - pd.Timedelta(days=lookback)).tz_localize(config.tz, ambiguous=True,
                                                                         nonexistent="shift_forward")  # fmt: skip
     table = store.appointments
     # counted per UTC quarter hour in SQL: every zone's offset is a multiple of 15 minutes
@@ -123,12 +126,14 @@ def volume_frame(
     local = pd.to_datetime(starts, unit="us", utc=True).tz_convert(config.tz).tz_localize(None)
     local_days = pd.DatetimeIndex(local.to_numpy().astype("datetime64[D]"))
     per_day = pd.Series([int(r[1]) for r in rows], index=local_days, dtype="int64").groupby(level=0).sum()
-    calendar = pd.date_range(days[0] - pd.Timedelta(days=trailing), days[-1], freq="D")
+    calendar = pd.date_range(days[0] - pd.Timedelta(days=lookback), days[-1], freq="D")
     counts = per_day.reindex(calendar, fill_value=0).astype("float64")
     median = counts.rolling(trailing, min_periods=trailing).median().shift(1)
     # a weekday the clinic keeps closed (the same weekday's median over the four weeks before is
     # under one appointment) is not a drop: its zeros are the clinic's week, not a lost export
-    same_weekday = pd.concat([counts.shift(7 * w) for w in range(1, 5)], axis=1).median(axis=1, skipna=False)
+    same_weekday = pd.concat([counts.shift(7 * w) for w in range(1, _SAME_WEEKDAYS + 1)], axis=1).median(
+        axis=1, skipna=False
+    )
     closed = same_weekday < 1
     judged = (median >= thresholds.volume_min_median) & ~closed
     ratio = (counts / median).where(judged)

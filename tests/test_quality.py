@@ -481,7 +481,14 @@ def test_a_volume_drop_is_a_warning_and_the_run_goes_on(
     assert night["day"].tolist() == ["2026-11-19"] and night["ratio_to_median"].iloc[0] < 1 / 3
 
 
-def test_a_weekday_the_clinic_is_closed_is_not_a_volume_drop(synthetic: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trailing", [28, 7], ids=["four-weeks", "one-week"])
+def test_a_weekday_the_clinic_is_closed_is_not_a_volume_drop(
+    synthetic: Path, tmp_path: Path, trailing: int
+) -> None:
+    # the closed-weekday check looks four weeks back: a shorter trailing window (7 to 365 days
+    # allowed) left it without history, and every closed Sunday was judged a drop
+    import dataclasses
+
     clinic = _clinic_copy(synthetic, tmp_path)
 
     def closed_on_sundays(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -495,7 +502,8 @@ def test_a_weekday_the_clinic_is_closed_is_not_a_volume_drop(synthetic: Path, tm
     tasks.extract(spec)
     tasks.stage(spec)
     with spec.engine() as engine:
-        volume = quality_frames.volume_frame(engine, config, spec.window, quality.DEFAULT_THRESHOLDS)
+        thresholds = dataclasses.replace(quality.DEFAULT_THRESHOLDS, volume_trailing_days=trailing)
+        volume = quality_frames.volume_frame(engine, config, spec.window, thresholds)
     sundays = volume[pd.to_datetime(volume["day"]).dt.weekday == 6]
     assert len(sundays) == 8 and (sundays["appointments"] <= 1).all()
     assert sundays["ratio_to_median"].isna().all()  # not judged: closed, not a truncated export
