@@ -180,6 +180,7 @@ def _audience_table(summary: dict[str, Any]) -> str:
                             for k in ("members", "adds", "removes", "sent_adds", "sent_removes", "rejected"))  # fmt: skip
             note = ("not synced: suppression is on but no list ID is set" if counts.get("skipped_no_list")
                     else "left alone: a later run already synced it" if counts.get("skipped_newer_sync")
+                    else "replaced: Google failed a request of it in processing" if counts.get("resync_due")
                     else "")  # fmt: skip
             rows.append(f"<tr><td>{_e(dest)}</td>{cells}<td>{_e(note)}</td></tr>")
     codes = []
@@ -190,6 +191,16 @@ def _audience_table(summary: dict[str, Any]) -> str:
            f"<th>sent adds</th><th>sent removes</th><th>rejected</th><th>note</th></tr>{''.join(rows)}</table>")  # fmt: skip
     if codes:
         out += f"<h3>Rejections by platform code</h3><table><tr><th>destination</th><th>code</th><th>rows</th></tr>{''.join(codes)}</table>"
+    checked = [
+        f'<tr><td>{_e(dest)}</td><td>{_e(status)}</td><td class="num">{int(n):,}</td></tr>'
+        for dest, counts in summary.get("destinations", {}).items()
+        for status, n in (counts.get("request_statuses") or {}).items()
+    ]
+    if checked:  # Data Manager processes a request after answering it (etl.confirm)
+        out += ("<h3>Earlier requests read back</h3><p class='note'>What Google made of earlier Data Manager "
+                "requests: a failed request's conversions are now recorded rejected; a failed list "
+                "request makes the next plan replace the list.</p><table><tr><th>destination</th>"
+                f"<th>status</th><th>requests</th></tr>{''.join(checked)}</table>")  # fmt: skip
     return out
 
 

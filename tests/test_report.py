@@ -236,6 +236,30 @@ def test_the_list_table_says_why_a_list_was_not_synced() -> None:
     assert "no list ID is set" in meta.split("</tr>")[0]
 
 
+def test_the_report_says_what_google_made_of_earlier_requests() -> None:
+    from etl.report import _audience_table
+
+    html = _audience_table({"destinations": {
+        "google_conversions": {"request_statuses": {"failed": 1, "success": 4}},
+        "google_customer_match": {"members": 5, "adds": 5, "resync_due": 1,
+                                  "request_statuses": {"partial_success": 1}},
+        "meta_audience": {"members": 5}}})  # fmt: skip
+    assert (
+        "replaced: Google failed a request of it in processing"
+        in html.split("<td>google_customer_match</td>")[1]
+    )
+    read = html.split("Earlier requests read back")[1]
+    rows = [r for r in read.split("</table>")[0].split("<tr>") if r.startswith("<td>")]
+    assert [r.replace("</td>", "").split("<td")[1:] for r in rows] == [
+        [">google_conversions", ">failed", ' class="num">1</tr>'],
+        [">google_conversions", ">success", ' class="num">4</tr>'],
+        [">google_customer_match", ">partial_success", ' class="num">1</tr>'],
+    ]
+    assert "Earlier requests read back" not in _audience_table(
+        {"destinations": {"meta_audience": {"members": 1}}}
+    )
+
+
 def test_a_rerun_that_plans_nothing_new_shows_what_was_already_sent(tmp_path: Path) -> None:
     # a rerun of an interval its first run sent: the funnel went kept 150 -> planned 0 and the
     # page said "no outbound conversions", as if the rules had dropped everything
