@@ -8,6 +8,7 @@ Secrets never live in YAML: the opaque-ID key comes from ``MEDSPA_ID_SECRET``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import zoneinfo
@@ -149,16 +150,30 @@ class SourceConfig(_Model):
         return url
 
 
+# query parameters a driver takes as the password (psycopg2/libpq, the MySQL drivers, ODBC)
+_PASSWORD_PARAMETERS = frozenset({"password", "passwd", "pwd"})
+
+
 def _has_password(url: str) -> bool:
+    """Whether a URL carries a password: in its ``user:password@`` part or as a query parameter
+    (``?password=``, which psycopg2 and the MySQL drivers honour as well)."""
+    from urllib.parse import parse_qsl, unquote
+
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    _, mark, query = url.partition("?")
+    # judged from the text as well: make_url drops a parameter it cannot read, and the URL may be
+    # no URL SQLAlchemy parses at all (reported where it is used)
+    keys = {unquote(key).strip().lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
+    if mark and keys & _PASSWORD_PARAMETERS:
+        return True
     try:
-        return bool(make_url(url).password)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
-        # not a URL SQLAlchemy parses (reported where it is used), but it may still carry a
-        # password in its user part (a typo in the port): judged from the text
+        # it may still carry a password in its user part (a typo in the port)
         return re.match(r"^[^:/@]+://[^/@:]*:[^@]*@", url) is not None
+    return bool(parsed.password) or any(key.lower() in _PASSWORD_PARAMETERS for key in parsed.query)
 
 
 class Sources(_Model):
@@ -408,6 +423,15 @@ PLATFORM_DESTINATIONS = {
 }
 
 
+_NOT_CLINIC_ZONES = frozenset({"Factory", "localtime", "posixrules"})
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """The zone names ``zoneinfo`` lists (without the posix/ and right/ copies of each)."""
+    return frozenset(zoneinfo.available_timezones())
+
+
 class ClinicConfig(_Model):
     clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     timezone: str
@@ -435,9 +459,17 @@ class ClinicConfig(_Model):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, name: str) -> str:
+        # zoneinfo also opens any file under its folders: the posix/ and right/ copies (right/
+        # counts leap seconds), localtime (whatever the host's zone is) and Factory (no zone at
+        # all); pytz, PostgreSQL or Airflow may not know them, so only the zones it lists count
+        if name in _NOT_CLINIC_ZONES or name not in _iana_zones():
+            raise ValueError(
+                "not an IANA time zone name (e.g. America/Los_Angeles; "
+                "not a posix/ or right/ copy, localtime or Factory)"
+            )
         try:
             zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):  # listed, but its file is unreadable
             raise ValueError("not an IANA time zone name (e.g. America/Los_Angeles)") from None
         return name
 
