@@ -151,7 +151,7 @@ class SourceConfig(_Model):
 
 
 # query parameters a driver takes as the password (psycopg2/libpq, the MySQL drivers, ODBC)
-_PASSWORD_PARAMETERS = frozenset({"password", "passwd", "pwd"})
+PASSWORD_PARAMETERS = frozenset({"password", "passwd", "pwd"})
 
 
 def _has_password(url: str) -> bool:
@@ -166,14 +166,14 @@ def _has_password(url: str) -> bool:
     # judged from the text as well: make_url drops a parameter it cannot read, and the URL may be
     # no URL SQLAlchemy parses at all (reported where it is used)
     keys = {unquote(key).strip().lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
-    if mark and keys & _PASSWORD_PARAMETERS:
+    if mark and keys & PASSWORD_PARAMETERS:
         return True
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         # it may still carry a password in its user part (a typo in the port)
         return re.match(r"^[^:/@]+://[^/@:]*:[^@]*@", url) is not None
-    return bool(parsed.password) or any(key.lower() in _PASSWORD_PARAMETERS for key in parsed.query)
+    return bool(parsed.password) or any(key.lower() in PASSWORD_PARAMETERS for key in parsed.query)
 
 
 class Sources(_Model):

@@ -692,6 +692,17 @@ def engine_for(url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
+def shown_url(url: str) -> str:
+    """A database URL fit to print: its password hidden, in the ``user:password@`` part and in
+    a query parameter a driver takes as the password (``?password=``: SQLAlchemy hides only
+    the first). A URL from ``--database`` or ``MEDSPA_DATABASE_URL`` may carry either."""
+    from etl.config import PASSWORD_PARAMETERS
+
+    parsed = sa.engine.make_url(url)
+    hidden = {k: "***" for k in parsed.query if k.lower() in PASSWORD_PARAMETERS}
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+
+
 @contextmanager
 def engine_for_existing(url: str, *, say: Callable[[str], None] | None = None) -> Iterator[Engine]:
     """``engine_for`` a staging database that must exist already: a command that records
@@ -704,7 +715,7 @@ def engine_for_existing(url: str, *, say: Callable[[str], None] | None = None) -
     with existing_for_reading(url):
         pass
     if say is not None:
-        say(f"staging database: {sa.engine.make_url(url).render_as_string(hide_password=True)}")
+        say(f"staging database: {shown_url(url)}")
     with engine_for(url) as engine:
         yield engine
 

@@ -334,3 +334,14 @@ def test_a_locked_database_is_one_clear_error_and_changes_nothing(
         holder.close()
     with store.engine_for(db_url(clinic)) as engine:
         assert switches.stopped(engine, CLINIC) == {}
+
+
+def test_the_switch_never_prints_a_password_given_in_the_database_urls_query(clinic: Path) -> None:
+    # SQLAlchemy hides only a URL's user:password part; a --database or MEDSPA_DATABASE_URL may
+    # carry ?password= (psycopg2 honours it), and the switch printed it in clear
+    url = f"{db_url(clinic)}?password=qzvxSECRET"
+    result = invoke(
+        "stop-sending", "-c", str(clinic), "--database", url, "-p", "meta", "--reason", "incident"
+    )
+    assert result.exit_code == 0 and "staging database: " in result.output
+    assert "qzvxSECRET" not in result.output
