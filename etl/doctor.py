@@ -164,6 +164,35 @@ def send_ledger_check(config: ClinicConfig, database: str | None) -> list[tuple[
                             "(`run --help`: --new-database)")]  # fmt: skip
 
 
+def zone_rules_check(config: ClinicConfig, now: datetime) -> tuple[str, str]:
+    """Whether the clinic's zone reads the same in the time-zone data Python uses (the
+    system's, when it has one) and in the pinned ``tzdata`` package, from a year before ``now``
+    to a year after. They part when one is older than a change of the rules (British Columbia's
+    in 2026): every clinic-local time, the schedule's midnights included, would then be an hour
+    off on this machine and right on another."""
+    import zoneinfo
+    from datetime import timedelta
+    from importlib import resources
+
+    try:
+        import tzdata
+
+        with resources.files("tzdata.zoneinfo").joinpath(*config.timezone.split("/")).open("rb") as fobj:
+            pinned = zoneinfo.ZoneInfo.from_file(fobj, key=config.timezone)
+    except (ImportError, OSError):
+        return ("time zone rules", "ok (the tzdata package is not installed; optional)")
+    used = config.tz
+    start = (now - timedelta(days=366)).replace(minute=0, second=0, microsecond=0)
+    for step in range(0, 2 * 366 * 24, 6):
+        at = start + timedelta(hours=step)
+        if at.astimezone(used).utcoffset() != at.astimezone(pinned).utcoffset():
+            return ("time zone rules", f"invalid: {config.timezone} reads differently from "
+                    f"{at:%Y-%m-%d} in this machine's time-zone data than in the pinned tzdata "
+                    f"{tzdata.IANA_VERSION}: update the system's tzdata, or set PYTHONTZPATH to an "
+                    "empty value so Python uses the pinned package")  # fmt: skip
+    return ("time zone rules", f"ok (the same as tzdata {tzdata.IANA_VERSION})")
+
+
 def needs_attention(status: str) -> bool:
     """Missing or invalid, unless the check itself says the item is optional."""
     return not status.startswith("ok") and "optional" not in status
@@ -193,6 +222,7 @@ def run_checks(
         checks.extend(doctor_google(config, environ))
     if config.meta is not None:
         checks.extend(doctor_meta(config, environ))
+    checks.append(zone_rules_check(config, now or datetime.now(UTC)))
     checks.extend(legal_basis_checks(config, now or datetime.now(UTC)))
     checks.extend(kill_switch_checks(config, database))
     checks.extend(send_ledger_check(config, database))

@@ -126,3 +126,29 @@ def test_a_password_in_a_yaml_urls_query_is_refused_without_showing_it(
     assert result.exit_code == 2 and key in result.stderr
     assert SECRET_TEXT.lower() not in result.output.lower()
     assert not (tmp_path / "var").exists()
+
+
+def _pinned(name: str, key: str) -> ZoneInfo:
+    with resources.files("tzdata.zoneinfo").joinpath(*name.split("/")).open("rb") as fobj:
+        return ZoneInfo.from_file(fobj, key=key)
+
+
+def test_doctor_says_when_this_machines_zone_rules_part_from_the_pinned_tzdata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a machine whose tzdata predates a change of the rules (British Columbia's in 2026) reads
+    # every clinic-local time an hour off, and the schedule's midnights with them
+    from etl.config import ClinicConfig
+    from etl.doctor import zone_rules_check
+
+    (tmp_path / "leads.csv").write_text(ONE_LEAD, encoding="utf-8")
+    config = make_config(tmp_path, timezone=VANCOUVER)
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    monkeypatch.setattr(ClinicConfig, "tz", property(lambda self: _pinned(VANCOUVER, VANCOUVER)))
+    name, status = zone_rules_check(config, now)
+    assert (name, status.split(" (")[0]) == ("time zone rules", "ok")
+    # rules that part from the pinned ones (Edmonton's: Mountain time) under Vancouver's name
+    monkeypatch.setattr(ClinicConfig, "tz", property(lambda self: _pinned("America/Edmonton", VANCOUVER)))
+    name, status = zone_rules_check(config, now)
+    assert status.startswith("invalid: America/Vancouver reads differently from 2025-11-24")
+    assert "PYTHONTZPATH" in status
