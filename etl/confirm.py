@@ -127,10 +127,16 @@ def confirm(
         & (request_checks.c.status == OPEN)
     )
     with engine.connect() as conn:
+        # the least recently read first: a request whose status cannot be read (a refusal that
+        # persists) goes to the back instead of taking the place of newer ones night after night
         due = conn.execute(
             sa.select(request_checks.c.request_id, request_checks.c.run_id, request_checks.c.sent_at)
             .where(where & (request_checks.c.sent_at <= (now - CHECK_AFTER).astimezone(UTC)))
-            .order_by(request_checks.c.sent_at, request_checks.c.request_id)
+            .order_by(
+                request_checks.c.checked_at.nulls_first(),
+                request_checks.c.sent_at,
+                request_checks.c.request_id,
+            )
             .limit(MAX_CHECKS_PER_UPLOAD)
         ).all()
     counts: Counter[str] = Counter()
@@ -138,13 +144,16 @@ def confirm(
         if on_check is not None:
             on_check(request_id)
         found = destination.request_status(request_id)
-        if found is None:  # not readable now (a transient error): the next upload asks again
-            counts["unread"] += 1
-            continue
-        status = found.status
+        status = OPEN if found is None else found.status
         if status == OPEN and now - _aware(sent_at) > GIVE_UP_AFTER:
-            status = UNCONFIRMED
-        _record(engine, clinic_id, name, request_id, run_id, status, found.errors, now)
+            status = UNCONFIRMED  # still processing, or never readable, a week on
+        elif found is None:  # not readable now: asked again by a later upload
+            counts["unread"] += 1
+            _record(engine, clinic_id, name, request_id, run_id, OPEN, {}, now)
+            continue
+        _record(
+            engine, clinic_id, name, request_id, run_id, status, {} if found is None else found.errors, now
+        )
         counts[status] += 1
     if counts:
         log.info("%s: request statuses read: %s", name, dict(sorted(counts.items())))
@@ -207,17 +216,6 @@ def resync_due(engine: Engine, clinic_id: str, destination: str) -> bool:
     """A request of this list was found failed (in whole or part) in processing since the list
     was last replaced: which members it left wrong is not known, so the next sync replaces it."""
     with engine.connect() as conn:
-        # when the failure became known, not when the request left: a full resync's own
-        # remove-all is sent before its sync is recorded, and may be the request that failed
-        failed = conn.execute(
-            sa.select(sa.func.max(request_checks.c.checked_at)).where(
-                (request_checks.c.clinic_id == clinic_id)
-                & (request_checks.c.destination == destination)
-                & request_checks.c.status.in_([FAILED, PARTIAL])
-            )
-        ).scalar()
-        if failed is None:
-            return False
         replaced = conn.execute(
             sa.select(sa.func.max(audience_sync_log.c.synced_at)).where(
                 (audience_sync_log.c.clinic_id == clinic_id)
@@ -225,4 +223,23 @@ def resync_due(engine: Engine, clinic_id: str, destination: str) -> bool:
                 & audience_sync_log.c.full_resync.is_(True)
             )
         ).scalar()
-    return replaced is None or _aware(replaced) <= _aware(failed)
+        failed = (
+            (request_checks.c.clinic_id == clinic_id)
+            & (request_checks.c.destination == destination)
+            & request_checks.c.status.in_([FAILED, PARTIAL])
+        )
+        if replaced is None:
+            return conn.execute(sa.select(sa.func.count()).where(failed)).scalar_one() > 0
+        since = replaced.astimezone(UTC) if replaced.tzinfo else replaced
+        found = failed & (request_checks.c.checked_at > since)
+        # not one of that replacement's own adds (tracked at its sync time): a record Google
+        # cannot process fails again in every replacement, which would then empty the list every
+        # other night. Its remove-all failing does count: the list was never emptied, so whoever
+        # left may still be on it
+        later = (request_checks.c.sent_at > since) | (request_checks.c.method == "RemoveAllAudienceMembers")
+        due = conn.execute(sa.select(sa.func.count()).where(found & later)).scalar_one() > 0
+        if not due and conn.execute(sa.select(sa.func.count()).where(found)).scalar_one():
+            log.warning("%s: Google failed requests of the last list replacement in processing; not "
+                        "replaced again on its own (a record Google cannot process would fail again): "
+                        "run with --full-resync once the cause is fixed", destination)  # fmt: skip
+        return due

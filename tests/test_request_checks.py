@@ -7,6 +7,7 @@ holds is made on the sandbox's own record.
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -201,3 +202,61 @@ def test_an_upload_failing_half_way_still_reports_what_the_platform_took(
         2,
         "failed",
     )
+
+
+def test_a_record_google_cannot_process_does_not_replace_the_list_every_other_night(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # every add request fails in part: the replacement's own adds fail again, and scheduling
+    # another replacement for them emptied the suppression list every other night for ever
+    monkeypatch.setattr(confirm, "CHECK_AFTER", timedelta(0))
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    google = sandboxes["google"]
+    nights = ["2026-09-01", *[f"2026-11-{d}" for d in range(12, 19)]]
+    replaced = []
+    for start, end in itertools.pairwise(nights):
+        if end in ("2026-11-12", "2026-11-14"):  # the first sync, and the replacement it causes
+            google.fail_processing_next(
+                "IngestAudienceMembers", "PROCESSING_ERROR_REASON_INVALID_FORMAT", partial=True
+            )
+        spec = build(cfg, start, end, db, tmp_path)
+        tasks.sync_suppression(spec, target="sandbox", sandboxes=sandboxes, retry_wait=0)
+        result = json.loads((spec.paths.results / "google_customer_match.json").read_text(encoding="utf-8"))
+        if "REMOVE_ALL" in result["codes"]:
+            replaced.append(end)
+    # the first night's partial failure is read on the second, and the third replaces the list;
+    # the replacement's own failure, read on the fourth, is logged and not replaced again
+    assert replaced == ["2026-11-14"]
+    assert "not replaced again on its own" in caplog.text
+
+
+def test_a_status_that_cannot_be_read_is_given_up_and_never_holds_back_newer_ones(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    google = sandboxes["google"]
+    monkeypatch.setattr(confirm, "MAX_CHECKS_PER_UPLOAD", 2)
+    monkeypatch.setattr(confirm, "GIVE_UP_AFTER", timedelta(hours=60))
+    google.fail_processing_next("IngestEvents", "PROCESSING_ERROR_REASON_EVENT_TOO_OLD", times=3)
+    upload(build(cfg, "2026-09-01", "2026-11-20", db, tmp_path), "google", sandboxes, batch=20)
+    first, second, third = [c.request_id for c in _checks(db)][:3]
+
+    def night(start: str, end: str, *, refused: int) -> dict[str, int]:
+        google.fail_next("RetrieveRequestStatus", "permission_denied", times=refused)  # not transient
+        return upload(build(cfg, start, end, db, tmp_path), "google", sandboxes, batch=20)["request_statuses"]
+
+    assert night("2026-11-20", "2026-11-21", refused=2) == {"unread": 2}  # the two oldest
+    reads = len(google.requests("RetrieveRequestStatus"))
+    # the next night the ones never read come first (before those read and refused), so the
+    # third request's failure is found
+    assert night("2026-11-21", "2026-11-22", refused=0)["failed"] == 1
+    read = [r.request_id for r in google.requests("RetrieveRequestStatus")[reads:]]
+    assert third in read and first not in read and second not in read
+    # read again (every status refused now), 72 hours on, the two still unreadable are given up
+    # rather than read for ever
+    monkeypatch.setattr(confirm, "MAX_CHECKS_PER_UPLOAD", 200)
+    assert night("2026-11-22", "2026-11-23", refused=100)["unconfirmed"] >= 2
+    held = {c.request_id: c.status for c in _checks(db)}
+    assert (held[first], held[second]) == ("unconfirmed", "unconfirmed")

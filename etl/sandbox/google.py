@@ -26,6 +26,7 @@ is an INTERNAL_ERROR located at its row (the Google Ads API; the row is not appl
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 from collections import Counter
 from concurrent import futures
@@ -130,6 +131,7 @@ class GoogleSandbox:
         self.leads_enabled = True  # enhanced conversions for leads turned on in the account
         self.unlocated_errors = 0  # partial failures to answer with an error that names no row
         self._ids = itertools.count(1)
+        self._run = secrets.token_hex(4)
         self._server: grpc.Server | None = None
         self._port = 0
         self._cert = b""
@@ -290,7 +292,8 @@ class GoogleSandbox:
         """Keep the request; return a fresh request id."""
         with self.lock:
             self.received.append((method, request))
-            return f"sandbox-{method}-{next(self._ids)}"
+            # unique across sandboxes too (the CLI starts one per run), as Google's request ids are
+            return f"sandbox-{method}-{self._run}-{next(self._ids)}"
 
     def next_id(self) -> int:
         return next(self._ids)

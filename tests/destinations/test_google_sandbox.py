@@ -368,3 +368,12 @@ def test_data_manager_processes_a_request_after_taking_it(google_sandbox, ingest
         _status(ingestion, "no-such-request")
     with pytest.raises(ValueError, match="unknown ingest method"):
         google_sandbox.fail_processing_next("RetrieveRequestStatus")
+
+
+def test_request_ids_are_unique_across_sandboxes():
+    # the CLI starts a sandbox per run: ids from a counter alone repeated the night before's, so
+    # a tracked request's status read the wrong request's (or NOT_FOUND)
+    from etl.sandbox.google import GoogleSandbox
+
+    ids = {GoogleSandbox().record("IngestEvents", None) for _ in range(3)}
+    assert len(ids) == 3
