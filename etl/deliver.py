@@ -547,7 +547,7 @@ def sync_audience(
         if (halt := switches.refusal(engine, config.clinic_id, switches.platform_of(name))) is not None:
             raise halt  # before anything is written ahead or sent
         newest = (
-            ledger.latest_synced_end(engine, config.clinic_id, name, excluding_run=run_id)
+            ledger.latest_synced_end(engine, config.clinic_id, name, excluding_run=run_id, now=clock())
             if run_end is not None
             else None
         )

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -784,18 +784,46 @@ def apply_audience_delta(
             then(conn)
 
 
+# how far a recorded sync may seem to precede its run's end, or follow now (clocks of two
+# machines apart): past it, the row cannot have come from a sync
+_CLOCK_SLACK = timedelta(hours=1)
+
+
 def latest_synced_end(
-    engine: Engine, clinic_id: str, destination: str, *, excluding_run: str | None = None
+    engine: Engine,
+    clinic_id: str,
+    destination: str,
+    *,
+    excluding_run: str | None = None,
+    now: datetime | None = None,
 ) -> datetime | None:
     """The newest run end a sync of ``destination`` mirrored (by a run other than
-    ``excluding_run``), or None before the first sync."""
+    ``excluding_run``), or None before the first sync.
+
+    A row no sync can have written is left out, with a warning: a run end after its own sync
+    (a real run's end is never after the time it runs), or a sync after ``now``. Such a row, a
+    run end of 2099 say, would otherwise leave every later delta of the list unsent
+    (``skipped_newer_sync``), and a person who revoked on it for good; ``audience_syncs`` is
+    not in the audit chain, so this is where an edit of it is caught."""
     where = [audience_syncs.c.clinic_id == clinic_id, audience_syncs.c.destination == destination]
     if excluding_run is not None:
         where.append(audience_syncs.c.run_id != excluding_run)
     with engine.connect() as conn:
-        ends = conn.execute(sa.select(audience_syncs.c.run_end).where(*where)).scalars()
+        rows = conn.execute(
+            sa.select(audience_syncs.c.run_id, audience_syncs.c.run_end, audience_syncs.c.synced_at).where(
+                *where
+            )
+        ).all()
+    values = []
+    for run_id, run_end, synced_at in rows:
         # compared as instants: SQLite hands back naive UTC values
-        values = [e if e.tzinfo else e.replace(tzinfo=UTC) for e in ends]
+        end, synced = _utc(run_end), _utc(synced_at)
+        if end > synced + _CLOCK_SLACK or (now is not None and synced > _utc(now) + _CLOCK_SLACK):
+            log.warning("audience_syncs: the %s sync recorded for run %s is dated as no sync can be (its "
+                        "run's end after it, or it after now): the table was changed outside the "
+                        "pipeline; the row is ignored", destination, run_id)  # fmt: skip
+            continue
+        values.append(end)
     return max(values, default=None)
 
 

@@ -632,7 +632,9 @@ def plan_run(
         appts = appts.drop(columns=list(store.HASH_COLUMNS))
         leads = leads.drop(columns=list(store.HASH_COLUMNS))
         release_memory()
-        audiences = _audience_deltas(config, engine, members, full_resync=full_resync, end=window.end)
+        audiences = _audience_deltas(
+            config, engine, members, full_resync=full_resync, end=window.end, now=consent_as_of
+        )
         lists_without_id = _lists_without_id(config)
         outbound["google_customer_match"] = payloads.google_audience_lines(
             list(audiences["google_customer_match"].adds.values())
@@ -714,7 +716,13 @@ def _lists_without_id(config: ClinicConfig) -> set[str]:
 
 
 def _audience_deltas(
-    config: ClinicConfig, engine: Engine, members: pd.DataFrame, *, full_resync: bool, end: datetime
+    config: ClinicConfig,
+    engine: Engine,
+    members: pd.DataFrame,
+    *,
+    full_resync: bool,
+    end: datetime,
+    now: datetime | None = None,
 ) -> dict[str, AudienceDelta]:
     """Adds and removes against the last synced membership (SPEC rule 12), per enabled list.
 
@@ -729,7 +737,7 @@ def _audience_deltas(
         current["meta_audience"] = dict(payloads.meta_member_rows(members))
     deltas: dict[str, AudienceDelta] = {}
     for dest, now_members in current.items():
-        newest = ledger.latest_synced_end(engine, config.clinic_id, dest)
+        newest = ledger.latest_synced_end(engine, config.clinic_id, dest, now=now)
         if newest is not None and newest > end:
             log.info("%s: a run ending %s already synced the list; this backfill leaves it", dest, newest)
             deltas[dest] = AudienceDelta(adds={}, removes={}, full_resync=False, skipped=True,

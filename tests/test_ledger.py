@@ -23,6 +23,7 @@ from etl.payloads import META_AUDIENCE_SCHEMA
 from tests.conftest import DATA, make_config, run_dry
 
 AT = datetime(2026, 6, 1, tzinfo=UTC)
+SYNCED = datetime(2026, 7, 1, tzinfo=UTC)  # after the runs ending 2026-06-30, as a real sync is
 CLINIC = "sunrise-medspa"
 DEST = "meta_events"
 
@@ -388,13 +389,13 @@ def test_a_delta_planned_before_a_later_run_synced_is_not_applied(tmp_path: Path
     a = [f"{1:064x}", *[""] * 7]
     older_end, newer_end = datetime(2026, 5, 20, 7, tzinfo=UTC), datetime(2026, 6, 30, 7, tzinfo=UTC)
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
-        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=AT,
+        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=SYNCED,
                                     run_id="newer", run_end=newer_end)  # fmt: skip
         destination = _RefusingAudience(set())
         calls: list[Any] = []
         destination.sync = lambda *args, **kwargs: calls.append(args)  # type: ignore[method-assign]
         counts = deliver.sync_audience(config, engine, _audience_outbox(tmp_path / "o", [a], []), destination,  # type: ignore[arg-type]
-                                       full_resync=False, clock=lambda: AT, run_id="older", run_end=older_end)  # fmt: skip
+                                       full_resync=False, clock=lambda: SYNCED, run_id="older", run_end=older_end)  # fmt: skip
         assert calls == [] and counts["skipped_newer_sync"] == 1
         assert ledger.read_pending_adds(engine, CLINIC, "meta_audience") == {}
         assert ledger.latest_synced_end(engine, CLINIC, "meta_audience") == newer_end
@@ -407,7 +408,7 @@ def test_a_delta_planned_before_another_run_of_the_same_end_synced_is_not_applie
     a = [f"{1:064x}", *[""] * 7]
     end = datetime(2026, 6, 30, 7, tzinfo=UTC)
     with store.engine_for(f"sqlite:///{tmp_path / 'l.sqlite'}") as engine:
-        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=AT,
+        ledger.apply_audience_delta(engine, CLINIC, "meta_audience", added={}, removed=[], at=SYNCED,
                                     run_id="nightly", run_end=end)  # fmt: skip
         calls: list[Any] = []
 
@@ -419,7 +420,7 @@ def test_a_delta_planned_before_another_run_of_the_same_end_synced_is_not_applie
 
         def sync(run_id: str) -> dict[str, Any]:
             return deliver.sync_audience(config, engine, _audience_outbox(tmp_path / run_id, [a], []), audience(),  # type: ignore[arg-type]
-                                         full_resync=False, clock=lambda: AT, run_id=run_id, run_end=end)  # fmt: skip
+                                         full_resync=False, clock=lambda: SYNCED, run_id=run_id, run_end=end)  # fmt: skip
 
         assert sync("backfill")["skipped_newer_sync"] == 1 and calls == []
         # the nightly run's own sync retried (a cleared task) is not stale: it goes through
@@ -434,8 +435,9 @@ def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     nightly_end = datetime(2026, 6, 30, 7, tzinfo=UTC)
     with store.engine_for(url) as engine:
         for dest in ("google_customer_match", "meta_audience"):
-            ledger.apply_audience_delta(engine, config.clinic_id, dest, added={}, removed=[], at=AT,
-                                        run_id="nightly", run_end=nightly_end)  # fmt: skip
+            # synced once its interval ended, as a real run is
+            ledger.apply_audience_delta(engine, config.clinic_id, dest, added={}, removed=[],
+                                        at=nightly_end + timedelta(hours=3), run_id="nightly", run_end=nightly_end)  # fmt: skip
             assert ledger.latest_synced_end(engine, config.clinic_id, dest) == nightly_end
     backfill = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "backfill", db_url=url)
     for dest in ("google_customer_match", "meta_audience"):
@@ -446,6 +448,29 @@ def test_a_backfill_leaves_lists_a_later_run_synced(tmp_path: Path) -> None:
     fresh = run_dry(config, "2026-05-01", "2026-05-20", tmp_path / "fresh")
     assert fresh.rows["google_customer_match"] == fresh.rows["meta_audience"] == []
     assert "skipped_newer_sync" not in fresh.summary["destinations"]["meta_audience"]
+
+
+@pytest.mark.parametrize(
+    ("run_end", "synced_at"),
+    [(datetime(2099, 1, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC)),
+     (datetime(2099, 1, 1, tzinfo=UTC), datetime(2099, 1, 2, tzinfo=UTC))],
+    ids=["end-after-its-sync", "sync-in-the-future"],
+)  # fmt: skip
+def test_a_sync_row_no_sync_can_have_written_does_not_stall_the_lists(
+    tmp_path: Path, run_end: datetime, synced_at: datetime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # audience_syncs is not in the audit chain: a run end of 2099 written into it made every
+    # later delta "skipped_newer_sync", and a patient who revoked stayed on the lists for good
+    config = make_config(DATA / "rules" / "consent_revoked")
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    with store.engine_for(url) as engine, engine.begin() as conn:
+        for dest in ("google_customer_match", "meta_audience"):
+            conn.execute(store.audience_syncs.insert().values(
+                clinic_id=config.clinic_id, destination=dest, run_id="forged", run_end=run_end, synced_at=synced_at))  # fmt: skip
+    planned = run_dry(config, "2026-05-01", "2026-06-30", tmp_path / "run", db_url=url)
+    for dest in ("google_customer_match", "meta_audience"):
+        assert "skipped_newer_sync" not in planned.summary["destinations"][dest]
+    assert "the table was changed outside the pipeline" in caplog.text and "forged" in caplog.text
 
 
 def test_an_outbox_changed_after_publishing_is_stopped_at_upload(tmp_path: Path) -> None:
