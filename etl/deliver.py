@@ -171,6 +171,8 @@ def _upload(
     )
     rejected_codes: dict[str, int] = {}
     counts["rejected_codes"] = rejected_codes  # the same dict: current in ``progress`` too
+    if validate_only:  # from the start: counts a failed attempt leaves say what they are
+        counts["validate_only"] = True
     _count_finished(final.values(), run_id, counts, rejected_codes)
     if elsewhere:
         counts["already_sent"] += len(elsewhere)

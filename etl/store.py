@@ -699,7 +699,7 @@ def shown_url(url: str) -> str:
     from etl.config import PASSWORD_PARAMETERS
 
     parsed = sa.engine.make_url(url)
-    hidden = {k: "***" for k in parsed.query if k.lower() in PASSWORD_PARAMETERS}
+    hidden = {k: "***" for k in parsed.query if k.strip().lower() in PASSWORD_PARAMETERS}
     return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 

@@ -485,8 +485,10 @@ def upload(
         except BaseException:
             # any other failure half way (a lost lease, an outcome the database refused, a
             # platform error): what the platform took before it still reaches summary.json and
-            # the report, which run whatever this step's end; a retry writes its own counts
-            if progress.get("sent"):
+            # the report, which run whatever this step's end. Only when this attempt sent a
+            # request: a retry failing before its first would replace an earlier attempt's
+            # counts (which its own include, as finished by an earlier attempt) with fewer
+            if progress.get("requests"):
                 progress.setdefault("stopped", "failed")
                 progress["rejected_codes"] = dict(sorted(progress.get("rejected_codes", {}).items()))
                 deliver.write_result(spec.paths.results, name, progress)

@@ -260,3 +260,69 @@ def test_a_status_that_cannot_be_read_is_given_up_and_never_holds_back_newer_one
     assert night("2026-11-22", "2026-11-23", refused=100)["unconfirmed"] >= 2
     held = {c.request_id: c.status for c in _checks(db)}
     assert (held[first], held[second]) == ("unconfirmed", "unconfirmed")
+
+
+def test_a_validate_only_upload_failing_half_way_says_it_only_validated(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the counts a failed attempt left lacked validate_only, so the report read them as applied
+    from etl.destinations.google_datamanager import DataManagerConversions
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-20", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    monkeypatch.setattr(DataManagerConversions, "max_batch", 20)
+    send, calls = DataManagerConversions.send, []
+
+    def the_network_drops_at_the_second(self: Any, rows: Any, *, validate_only: bool = False) -> Any:
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise ConnectionError("network dropped")
+        return send(self, rows, validate_only=validate_only)
+
+    monkeypatch.setattr(DataManagerConversions, "send", the_network_drops_at_the_second)
+    with pytest.raises(ConnectionError):
+        tasks.upload(spec, "google", target="sandbox", sandboxes=sandboxes, retry_wait=0, validate_only=True)
+    result = json.loads((spec.paths.results / "google_conversions.json").read_text(encoding="utf-8"))
+    assert (result["validate_only"], result["sent"], result["stopped"]) == (True, 20, "failed")
+    assert tasks.report(spec)["summary"]["validate_only"] is True
+
+
+def test_a_retry_failing_before_its_first_request_keeps_what_the_earlier_attempt_sent(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from etl import deliver, leases
+    from etl.destinations.google_datamanager import DataManagerConversions
+    from etl.errors import SendInProgress, StagingError
+
+    cfg = config_for(clinic_dir, "data_manager")
+    spec = build(cfg, "2026-09-01", "2026-11-20", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
+    monkeypatch.setattr(DataManagerConversions, "max_batch", 20)
+    monkeypatch.setattr(deliver, "RECORD_ATTEMPTS", 1)
+    written, outcomes = ledger.write_ledger, []
+
+    def the_database_refuses_the_second_outcome(
+        engine: Any, clinic: str, name: str, entries: Any, **kw: Any
+    ) -> None:
+        if entries and entries[0]["status"] != "planned":
+            outcomes.append(name)
+            if len(outcomes) == 2:
+                raise sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("disk I/O error"))
+        written(engine, clinic, name, entries, **kw)
+
+    monkeypatch.setattr(ledger, "write_ledger", the_database_refuses_the_second_outcome)
+    with pytest.raises(StagingError):
+        tasks.upload(spec, "google", target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    monkeypatch.setattr(ledger, "write_ledger", written)
+    results = spec.paths.results / "google_conversions.json"
+    first = json.loads(results.read_text(encoding="utf-8"))
+    assert (first["sent"], first["requests"]) == (40, 2)
+
+    def lost(self: Any) -> None:
+        raise SendInProgress("lease lost")
+
+    monkeypatch.setattr(leases.Lease, "check", lost)  # the retry loses its lease before sending
+    with pytest.raises(SendInProgress):
+        tasks.upload(spec, "google", target="sandbox", sandboxes=sandboxes, retry_wait=0)
+    assert json.loads(results.read_text(encoding="utf-8")) == first
