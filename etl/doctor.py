@@ -176,11 +176,16 @@ def zone_rules_check(config: ClinicConfig, now: datetime) -> tuple[str, str]:
 
     try:
         import tzdata
-
+    except ImportError:
+        return ("time zone rules", "ok (the tzdata package is not installed; optional)")
+    try:
         with resources.files("tzdata.zoneinfo").joinpath(*config.timezone.split("/")).open("rb") as fobj:
             pinned = zoneinfo.ZoneInfo.from_file(fobj, key=config.timezone)
-    except (ImportError, OSError):
-        return ("time zone rules", "ok (the tzdata package is not installed; optional)")
+    except OSError:
+        return (
+            "time zone rules",
+            f"ok (tzdata {tzdata.IANA_VERSION} has no {config.timezone} to compare; optional)",
+        )
     used = config.tz
     start = (now - timedelta(days=366)).replace(minute=0, second=0, microsecond=0)
     for step in range(0, 2 * 366 * 24, 6):
