@@ -160,19 +160,17 @@ def test_a_list_request_google_failed_makes_the_next_plan_replace_the_list(
     assert len(google.list_members(user_list)) == planned["members"]
 
 
-def test_an_upload_failing_half_way_still_reports_what_the_platform_took(
-    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the summary and report showed sent 0 against a ledger holding the first batch accepted:
-    # only a platform stop (account, quota) carried its counts out of a failed upload
+def _upload_whose_second_outcome_the_database_refuses(
+    cfg: Any, db: str, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tasks.RunSpec:
+    """A real run's Google upload in batches of 20 whose second batch left and was answered, but
+    whose outcome the database refused (the step fails with ``StagingError``)."""
     import sqlite3
 
     from etl import deliver
     from etl.destinations.google_datamanager import DataManagerConversions
     from etl.errors import StagingError
 
-    cfg = config_for(clinic_dir, "data_manager")
-    db = f"sqlite:///{tmp_path / 's.sqlite'}"
     spec = build(cfg, "2026-09-01", "2026-11-20", db, tmp_path)
     monkeypatch.setattr(DataManagerConversions, "max_batch", 20)
     monkeypatch.setattr(deliver, "RECORD_ATTEMPTS", 1)
@@ -191,6 +189,17 @@ def test_an_upload_failing_half_way_still_reports_what_the_platform_took(
     with pytest.raises(StagingError):
         tasks.upload(spec, "google", target="sandbox", sandboxes=sandboxes, retry_wait=0)
     monkeypatch.setattr(ledger, "write_ledger", written)
+    return spec
+
+
+def test_an_upload_failing_half_way_still_reports_what_the_platform_took(
+    clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the summary and report showed sent 0 against a ledger holding the first batch accepted:
+    # only a platform stop (account, quota) carried its counts out of a failed upload
+    cfg = config_for(clinic_dir, "data_manager")
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = _upload_whose_second_outcome_the_database_refuses(cfg, db, sandboxes, tmp_path, monkeypatch)
     summary = tasks.report(spec)["summary"]["destinations"]["google_conversions"]
     held = _ledger(db, cfg.clinic_id)
     accepted = sum(1 for e in held.values() if e.status == "accepted")
@@ -290,31 +299,12 @@ def test_a_validate_only_upload_failing_half_way_says_it_only_validated(
 def test_a_retry_failing_before_its_first_request_keeps_what_the_earlier_attempt_sent(
     clinic_dir: Path, sandboxes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
-
-    from etl import deliver, leases
-    from etl.destinations.google_datamanager import DataManagerConversions
-    from etl.errors import SendInProgress, StagingError
+    from etl import leases
+    from etl.errors import SendInProgress
 
     cfg = config_for(clinic_dir, "data_manager")
-    spec = build(cfg, "2026-09-01", "2026-11-20", f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path)
-    monkeypatch.setattr(DataManagerConversions, "max_batch", 20)
-    monkeypatch.setattr(deliver, "RECORD_ATTEMPTS", 1)
-    written, outcomes = ledger.write_ledger, []
-
-    def the_database_refuses_the_second_outcome(
-        engine: Any, clinic: str, name: str, entries: Any, **kw: Any
-    ) -> None:
-        if entries and entries[0]["status"] != "planned":
-            outcomes.append(name)
-            if len(outcomes) == 2:
-                raise sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("disk I/O error"))
-        written(engine, clinic, name, entries, **kw)
-
-    monkeypatch.setattr(ledger, "write_ledger", the_database_refuses_the_second_outcome)
-    with pytest.raises(StagingError):
-        tasks.upload(spec, "google", target="sandbox", sandboxes=sandboxes, retry_wait=0)
-    monkeypatch.setattr(ledger, "write_ledger", written)
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    spec = _upload_whose_second_outcome_the_database_refuses(cfg, db, sandboxes, tmp_path, monkeypatch)
     results = spec.paths.results / "google_conversions.json"
     first = json.loads(results.read_text(encoding="utf-8"))
     assert (first["sent"], first["requests"]) == (40, 2)
